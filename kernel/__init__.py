@@ -1,0 +1,25 @@
+"""The edgebus kernel: supervisor, bus router and capability checks.  Mechanism only."""
+
+from ._caps import ACTIONS, CapabilitySet, parse_capability
+from ._config import (
+    BusConfig,
+    OperatorConfig,
+    ServiceConfig,
+    SystemConfig,
+    default_config_text,
+    load_config,
+    parse_config,
+)
+from ._exceptions import BindError, CapabilityError, ConfigError, KernelError, SpawnError
+from ._kernel import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, Kernel, default_dirs
+from ._router import Principal, Router, RouterStatistics
+from ._supervisor import State, Supervisor
+
+__all__ = [
+    "ACTIONS", "CapabilitySet", "parse_capability",
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig",
+    "default_config_text", "load_config", "parse_config",
+    "KernelError", "ConfigError", "CapabilityError", "BindError", "SpawnError",
+    "Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG",
+    "Router", "Principal", "RouterStatistics", "State", "Supervisor",
+]

@@ -1,0 +1,206 @@
+"""The system config: TOML decoded straight into msgspec Structs.
+
+Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+import signal
+import tomllib
+from pathlib import Path
+import msgspec
+
+from ._caps import CapabilitySet
+from ._exceptions import CapabilityError, ConfigError
+
+__all__ = [
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig",
+    "load_config", "default_config_text", "SERVICE_NAME",
+]
+
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+RESERVED_NAMES = frozenset({"kernel", "operator"})
+
+
+class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Seconds between heartbeats, both directions.
+    heartbeat_interval: float = 1.0
+    #: A peer silent for this many intervals is declared dead.
+    heartbeat_liveness: int = 3
+    #: Largest message (all frames together) the kernel accepts, in bytes.
+    max_message_size: int = 64 * 1024 * 1024
+    #: Messages queued towards one peer before further requests get ``overloaded``.
+    queue_limit: int = 1000
+    #: Requests outstanding at one destination before further ones get ``overloaded``.
+    max_pending: int = 10000
+    #: Upper bound on the life of a request that carries no deadline, seconds.
+    request_timeout: float = 300.0
+
+
+class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What busctl (holding the operator credential in the run directory) may do."""
+
+    capabilities: list[str] = msgspec.field(
+        default_factory=lambda: ["call:*", "publish:*", "subscribe:*"]
+    )
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: argv; ``{python}`` is replaced by the kernel's interpreter.  Empty: the kernel does
+    #: not start this service, it connects on its own with the credential the kernel writes
+    #: to ``<run-dir>/credentials/<name>`` (mode 0600).
+    command: list[str] = []
+    capabilities: list[str] = []
+    #: Services that must be ready before this one starts.
+    requires: list[str] = []
+    #: Variables set in the service's (otherwise clean) environment.
+    environment: dict[str, str] = {}
+    #: Names of the kernel's own variables passed through unchanged.
+    pass_environment: list[str] = []
+    working_directory: str = ""
+    #: Seconds from spawn to READY before the start counts as failed.
+    start_timeout: float = 30.0
+    stop_signal: str = "SIGTERM"
+    #: Seconds between the stop signal and SIGKILL of the service's process group.
+    stop_timeout: float = 10.0
+    enabled: bool = True
+
+    @property
+    def managed(self) -> bool:
+        return bool(self.command)
+
+
+class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    operator: OperatorConfig = msgspec.field(default_factory=OperatorConfig)
+    services: dict[str, ServiceConfig] = {}
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("kernel").joinpath("default.toml").read_text()
+
+
+def load_config(path: str | Path | None = None) -> tuple[SystemConfig, str]:
+    """Read and validate a config file (the built-in default when ``path`` is None).
+
+    Returns the config and the source name used in messages.
+    """
+    if path is None:
+        source, text = "<built-in default>", default_config_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read the file: {exc.strerror}") from exc
+    return parse_config(text, source), source
+
+
+def parse_config(text: str, source: str = "<string>") -> SystemConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from exc
+    try:
+        config = msgspec.convert(raw, SystemConfig)
+    except msgspec.ValidationError as exc:
+        msg, _, path = str(exc).rpartition(" - at `")
+        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        raise ConfigError(source, key, msg or str(exc)) from exc
+    _validate(config, source)
+    return config
+
+
+def _validate(config: SystemConfig, source: str) -> None:
+    bus = config.bus
+    for key, value, low in (
+        ("bus.heartbeat_interval", bus.heartbeat_interval, 0.01),
+        ("bus.heartbeat_liveness", bus.heartbeat_liveness, 1),
+        ("bus.max_message_size", bus.max_message_size, 1024),
+        ("bus.queue_limit", bus.queue_limit, 1),
+        ("bus.max_pending", bus.max_pending, 1),
+        ("bus.request_timeout", bus.request_timeout, 0.01),
+    ):
+        if value < low:
+            raise ConfigError(source, key, f"must be at least {low}, got {value}")
+    _check_caps(config.operator.capabilities, source, "operator.capabilities")
+    names = set(config.services)
+    for name, svc in config.services.items():
+        key = f"services.{name}"
+        if not SERVICE_NAME.match(name) or name in RESERVED_NAMES:
+            raise ConfigError(
+                source, key,
+                "a service name is 1-63 of a-z, 0-9, '_' and '-', starting with a letter, "
+                f"and not one of {sorted(RESERVED_NAMES)}",
+            )
+        _check_caps(svc.capabilities, source, f"{key}.capabilities")
+        for dep in svc.requires:
+            if dep not in names:
+                raise ConfigError(source, f"{key}.requires", f"requires unknown service {dep!r}")
+            if svc.managed and not config.services[dep].managed:
+                raise ConfigError(source, f"{key}.requires",
+                                  f"{dep!r} has no command; a started service can only require started ones")
+        try:
+            signal.Signals[svc.stop_signal]
+        except KeyError:
+            raise ConfigError(source, f"{key}.stop_signal", f"unknown signal {svc.stop_signal!r}") from None
+        for field in ("start_timeout", "stop_timeout"):
+            if getattr(svc, field) <= 0:
+                raise ConfigError(source, f"{key}.{field}", "must be positive")
+    cycle = _find_cycle({n: s.requires for n, s in config.services.items()})
+    if cycle:
+        raise ConfigError(source, "services", "dependency cycle: " + " -> ".join(cycle))
+
+
+def _check_caps(patterns: list[str], source: str, key: str) -> None:
+    for i, pattern in enumerate(patterns):
+        try:
+            CapabilitySet([pattern])
+        except CapabilityError as exc:
+            raise CapabilityError(pattern, exc.reason, source=source, key=f"{key}[{i}]") from None
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for n in graph:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return []
+
+
+def dependency_order(config: SystemConfig) -> list[str]:
+    """Enabled services, each after everything it requires."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for dep in config.services[name].requires:
+            add(dep)
+        order.append(name)
+
+    for name in config.services:
+        add(name)
+    return order

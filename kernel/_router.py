@@ -1,0 +1,756 @@
+"""The bus router: one ROUTER socket, every message authenticated, checked and stamped.
+
+The hot path (``_route``) is deliberately plain: decode the header, look up the peer,
+check the capability through a per-peer cache, stamp sender and correlation id, and
+forward the body and tensor frames untouched (zero-copy ``zmq.Frame`` objects).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import anyio
+import msgspec
+import zmq
+
+from protocols import (
+    SIGNATURE,
+    BodyDecoder,
+    Bye,
+    CapabilityTable,
+    Control,
+    DecodeError,
+    Error,
+    ErrorCode,
+    GetService,
+    Header,
+    Heartbeat,
+    Hello,
+    Interface,
+    Introspect,
+    Kind,
+    KernelRequest,
+    ListCapabilities,
+    ListServices,
+    Monitor,
+    Monitoring,
+    ProtocolError,
+    Ready,
+    ServiceList,
+    ServiceStateChanged,
+    ServiceStatus,
+    StopMonitor,
+    Subscribe,
+    Subscribed,
+    Traffic,
+    Unsubscribe,
+    Welcome,
+    check_signature,
+)
+from protocols._transport import AsyncSocket
+from services import get_logger
+
+from ._caps import CapabilitySet
+from ._config import SERVICE_NAME, BusConfig
+from ._exceptions import BindError
+
+__all__ = ["Router", "Principal", "RouterStatistics"]
+
+log = get_logger(component="router")
+
+_REQ, _REPLY, _ERR, _EVENT, _CTRL = (int(k) for k in Kind)
+_KIND_NAMES = {int(k): k.name.lower() for k in Kind}
+_KERNEL = "kernel"
+
+
+@dataclass(eq=False)
+class Principal:
+    """Who a credential authenticates: a configured service, or the operator role."""
+
+    name: str
+    caps: CapabilitySet
+    #: Several peers may hold this credential at once (busctl); each gets ``name.N``.
+    shared: bool = False
+    credential: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+
+class Peer:
+    __slots__ = (
+        "identity", "name", "principal", "types", "hello", "ready", "last_seen", "cache",
+        "subscriptions", "inbox", "outbox", "requests_in", "requests_out", "events_out",
+        "denied", "dropped",
+    )
+
+    def __init__(self, identity: bytes, name: str, principal: Principal, hello: Hello) -> None:
+        self.identity = identity
+        self.name = name
+        self.principal = principal
+        self.hello = hello
+        self.types = frozenset(hello.types)
+        self.ready = False
+        self.last_seen = time.monotonic()
+        #: (kind, target) -> allowed; cleared whenever the capability table changes.
+        self.cache: dict[tuple[int, str, str], bool] = {}
+        self.subscriptions: set[str] = set()
+        #: kernel ids of requests this peer must answer / is waiting for.
+        self.inbox: set[int] = set()
+        self.outbox: set[int] = set()
+        self.requests_in = self.requests_out = self.events_out = self.denied = self.dropped = 0
+
+
+class _Pending:
+    __slots__ = ("requester", "orig_id", "target", "expires", "type")
+
+    def __init__(self, requester: Peer, orig_id: int, target: Peer, expires: float, type_: str) -> None:
+        self.requester = requester
+        self.orig_id = orig_id
+        self.target = target
+        self.expires = expires
+        self.type = type_
+
+
+@dataclass
+class RouterStatistics:
+    peers: int
+    pending: int
+    routed: int
+    denied: int
+    malformed: int
+    stray_replies: int
+    dropped_events: int
+
+
+class Router:
+    """Routes messages between peers.  Owned and run by the kernel.
+
+    ``on_ready(name)`` and ``on_gone(name)`` tell the supervisor about readiness and
+    disconnection; ``status(name)`` lets the kernel API describe managed services.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        config: BusConfig,
+        principals: Iterable[Principal],
+        *,
+        known_services: Iterable[str] = (),
+        on_ready: Callable[[str], None] = lambda name: None,
+        on_gone: Callable[[str, str], None] = lambda name, why: None,
+        status: Callable[[str], ServiceStatus | None] = lambda name: None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self._ctx = ctx or zmq.Context.instance()
+        self._peers: dict[bytes, Peer] = {}
+        self._by_name: dict[str, Peer] = {}
+        self._topic_cache: dict[str, list[Peer]] = {}
+        self._principals: dict[str, Principal] = {}
+        self._by_principal_name: dict[str, Principal] = {}
+        for p in principals:
+            self.add_principal(p)
+        self.known_services = set(known_services)
+        self._on_ready = on_ready
+        self._on_gone = on_gone
+        self._status = status
+        self._pending: dict[int, _Pending] = {}
+        self._expiry: list[tuple[float, int]] = []
+        self._ids = itertools.count(1)
+        self._shared_ids = itertools.count(1)
+        self._monitors: dict[bytes, Monitor] = {}
+        self._enc = msgspec.msgpack.Encoder()
+        self._hdr = msgspec.msgpack.Decoder(Header)
+        self._control = BodyDecoder(Control)
+        self._kernel_api = BodyDecoder(KernelRequest)
+        self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
+        self._sock: zmq.Socket | None = None
+        self._async: AsyncSocket | None = None
+
+    # -- principals and capabilities -------------------------------------------------------
+
+    def add_principal(self, principal: Principal) -> None:
+        old = self._by_principal_name.pop(principal.name, None)
+        if old is not None:
+            self._principals.pop(old.credential, None)
+        self._principals[principal.credential] = principal
+        self._by_principal_name[principal.name] = principal
+        for peer in self._peers.values():
+            if peer.principal.name == principal.name:
+                peer.principal = principal
+                peer.cache.clear()
+        self._topic_cache.clear()
+
+    def principal(self, name: str) -> Principal | None:
+        return self._by_principal_name.get(name)
+
+    def principals(self) -> list[Principal]:
+        return list(self._by_principal_name.values())
+
+    def capability_table(self) -> dict[str, list[str]]:
+        return {name: list(p.caps.patterns) for name, p in sorted(self._by_principal_name.items())}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, self.config.queue_limit)
+        sock.setsockopt(zmq.RCVHWM, max(self.config.queue_limit * 10, 10000))
+        # libzmq drops any single frame larger than this without telling us; keep it well
+        # above the per-message check in _route, which answers with a clear error.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size * 2)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BindError(self.endpoint, exc.strerror) from exc
+        if self.endpoint.startswith("ipc://"):
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        self._sock = sock
+        self._async = AsyncSocket(sock)
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Route until cancelled.  Reports started once the socket is bound."""
+        if self._sock is None:
+            self.bind()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._tick)
+                task_status.started()
+                await self._receive_loop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None and self._async is not None
+        recv = self._sock.recv_multipart
+        wait = self._async.wait
+        route = self._route
+        while True:
+            # Drain everything waiting before going back to the event loop: under load one
+            # wake-up routes many messages.
+            for _ in range(512):
+                try:
+                    parts = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    route(parts)
+                except Exception:  # a bug must not take the bus down; it is logged loudly
+                    self._malformed += 1
+                    log.exception("router_internal_error", frames=len(parts))
+            else:
+                await anyio.lowlevel.checkpoint()
+                continue
+            await wait(zmq.POLLIN)
+
+    async def _tick(self) -> None:
+        interval = self.config.heartbeat_interval
+        beat = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=_KERNEL))
+        body = self._enc.encode(Heartbeat())
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            self._expire(now)
+            if now >= next_beat:
+                next_beat = now + interval
+                limit = interval * self.config.heartbeat_liveness
+                for peer in list(self._peers.values()):
+                    if now - peer.last_seen > limit:
+                        self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s")
+                    else:
+                        self._send([peer.identity, SIGNATURE, beat, body], peer)
+            await anyio.sleep(min(interval, 0.1))
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    def _route(self, parts: list[zmq.Frame]) -> None:
+        identity = parts[0].bytes
+        if len(parts) < 4:
+            self._malformed += 1
+            self._reject(identity, None, ErrorCode.BAD_MESSAGE,
+                         f"expected at least 3 frames (signature, header, body), got {len(parts) - 1}")
+            return
+        sig = parts[1].bytes
+        if sig != SIGNATURE:
+            try:
+                check_signature(sig)  # a different minor version is fine
+            except ProtocolError as exc:
+                self._malformed += 1
+                self._reject(identity, None, ErrorCode.BAD_MESSAGE, str(exc))
+                return
+        try:
+            hdr = self._hdr.decode(parts[2].bytes)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed += 1
+            self._reject(identity, None, ErrorCode.BAD_MESSAGE, f"header does not decode: {exc}")
+            return
+        peer = self._peers.get(identity)
+        if len(parts) > 4 or len(parts[3]) > 65536:
+            size = sum(len(p) for p in parts[1:])
+            if size > self.config.max_message_size:
+                self._malformed += 1
+                self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
+                             f"message of {size} bytes exceeds the bus limit of "
+                             f"{self.config.max_message_size} bytes")
+                return
+        if peer is None:
+            if hdr.kind == _CTRL and hdr.type == "Hello":
+                self._hello(identity, hdr, parts[3].bytes)
+            else:
+                self._malformed += 1
+                self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
+                             "this peer has not said Hello; send Hello before anything else")
+            return
+        peer.last_seen = time.monotonic()
+        kind = hdr.kind
+        if kind == _REQ:
+            self._request(peer, hdr, parts)
+        elif kind == _REPLY or kind == _ERR:
+            self._reply(peer, hdr, parts)
+        elif kind == _EVENT:
+            self._publish(peer, hdr, parts)
+        else:
+            self._control_message(peer, hdr, parts[3].bytes)
+
+    def _allowed(self, peer: Peer, kind: int, action: str, target: str) -> bool:
+        key = (kind, action, target)
+        ok = peer.cache.get(key)
+        if ok is None:
+            ok = peer.cache[key] = peer.principal.caps.allows(action, target)
+        return ok
+
+    def _request(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+        dest = hdr.dest
+        typ = hdr.type
+        target_name = f"{dest}.{typ}"
+        if not self._allowed(peer, _REQ, "call", target_name):
+            self._deny(peer, hdr, f"call:{target_name}")
+            return
+        peer.requests_out += 1
+        if dest == _KERNEL:
+            self._kernel_request(peer, hdr, parts[3].bytes)
+            return
+        target = self._by_name.get(dest)
+        if target is None or not target.ready:
+            if target is None and dest not in self.known_services:
+                self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION,
+                             f"no service named {dest!r} is configured or connected")
+            else:
+                self._answer(peer, hdr, ErrorCode.UNAVAILABLE,
+                             f"service {dest!r} is not ready (not running, starting or restarting); retry later")
+            return
+        if typ not in target.types:
+            self._answer(peer, hdr, ErrorCode.UNKNOWN_TYPE,
+                         f"service {dest!r} does not serve {typ!r}; it serves {', '.join(sorted(target.types)) or 'nothing'}")
+            return
+        now = time.monotonic()
+        if hdr.deadline:
+            remaining = hdr.deadline - time.time()
+            if remaining <= 0:
+                self._answer(peer, hdr, ErrorCode.TIMEOUT,
+                             f"the deadline passed {-remaining * 1000:.1f} ms before the request reached the kernel")
+                return
+            expires = now + min(remaining, self.config.request_timeout)
+        else:
+            expires = now + self.config.request_timeout
+        if len(target.inbox) >= self.config.max_pending:
+            self._answer(peer, hdr, ErrorCode.OVERLOADED,
+                         f"service {dest!r} has {len(target.inbox)} requests outstanding (bus.max_pending)")
+            return
+        orig = hdr.id
+        kid = next(self._ids)
+        hdr.id = kid
+        hdr.sender = peer.name
+        parts[0] = target.identity
+        parts[2] = self._enc.encode(hdr)
+        try:
+            self._sock.send_multipart(parts, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+        except zmq.Again:
+            hdr.id = orig
+            self._answer(peer, hdr, ErrorCode.OVERLOADED,
+                         f"service {dest!r} has {self.config.queue_limit} messages queued (bus.queue_limit)")
+            return
+        except zmq.ZMQError:
+            hdr.id = orig
+            self.disconnect(target, "its connection is gone")
+            self._answer(peer, hdr, ErrorCode.UNAVAILABLE, f"service {dest!r} disconnected")
+            return
+        self._routed += 1
+        target.requests_in += 1
+        self._pending[kid] = _Pending(peer, orig, target, expires, typ)
+        heapq.heappush(self._expiry, (expires, kid))
+        target.inbox.add(kid)
+        peer.outbox.add(kid)
+        if self._monitors:
+            self._observe(hdr, peer.name, dest, parts)
+
+    def _reply(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+        kid = hdr.id
+        pending = self._pending.get(kid)
+        if pending is None or pending.target is not peer:
+            # Late (already timed out) or never asked for: a reply is only delivered to
+            # the requester of an outstanding request.
+            self._stray += 1
+            log.warning("reply_dropped", sender=peer.name, id=kid, type=hdr.type,
+                        reason="no outstanding request with this id for this sender "
+                               "(it timed out, its requester left, or it was never sent)")
+            return
+        del self._pending[kid]
+        peer.inbox.discard(kid)
+        requester = pending.requester
+        requester.outbox.discard(kid)
+        hdr.id = pending.orig_id
+        hdr.sender = peer.name
+        hdr.dest = ""
+        parts[0] = requester.identity
+        parts[2] = self._enc.encode(hdr)
+        self._send(parts, requester)
+        self._routed += 1
+        if self._monitors:
+            self._observe(hdr, peer.name, requester.name, parts)
+
+    def _publish(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+        topic = hdr.dest
+        if not self._allowed(peer, _EVENT, "publish", topic):
+            self._deny(peer, hdr, f"publish:{topic}")
+            return
+        peer.events_out += 1
+        hdr.sender = peer.name
+        hdr.id = 0
+        parts[2] = self._enc.encode(hdr)
+        subscribers = self._topic_cache.get(topic)
+        if subscribers is None:
+            subscribers = self._subscribers(topic)
+        for sub in subscribers:
+            parts[0] = sub.identity
+            self._send(parts, sub)
+        self._routed += 1
+        if self._monitors:
+            self._observe(hdr, peer.name, topic, parts)
+
+    def _subscribers(self, topic: str) -> list[Peer]:
+        subs = [
+            p for p in self._peers.values()
+            if any(topic.startswith(prefix) for prefix in p.subscriptions)
+            and self._allowed(p, _EVENT, "subscribe", topic)
+        ]
+        if len(self._topic_cache) > 10000:
+            self._topic_cache.clear()
+        self._topic_cache[topic] = subs
+        return subs
+
+    def _send(self, parts: list[Any], to: Peer | None = None) -> bool:
+        try:
+            self._sock.send_multipart(parts, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            return True
+        except zmq.Again:
+            if to is not None:
+                to.dropped += 1
+                self._dropped_events += 1
+                if to.dropped in (1, 10, 100, 1000) or to.dropped % 10000 == 0:
+                    log.warning("peer_queue_full", peer=to.name, dropped=to.dropped,
+                                limit=self.config.queue_limit)
+            return False
+        except zmq.ZMQError as exc:
+            if to is not None and to.identity in self._peers:
+                self.disconnect(to, f"send failed: {exc.strerror}")
+            return False
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def _answer(self, peer: Peer, hdr: Header, code: ErrorCode, message: str, capability: str = "") -> None:
+        """Answer ``hdr`` (a message from ``peer``) with an ERROR from the kernel."""
+        self._send_error(peer.identity, hdr, code, message, capability)
+        if self._monitors:
+            self._observe(hdr, peer.name, hdr.dest, (), outcome=code.value)
+
+    def _send_error(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str,
+                    capability: str = "") -> None:
+        err_hdr = Header(kind=Kind.ERROR, type="Error", id=hdr.id if hdr else 0, sender=_KERNEL)
+        body = Error(code=code, message=message, capability=capability)
+        try:
+            self._sock.send_multipart(  # type: ignore[union-attr]
+                [identity, SIGNATURE, self._enc.encode(err_hdr), self._enc.encode(body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone or flooded; nothing more can be said to it
+
+    def _reject(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str) -> None:
+        """A message the router cannot process: answer if possible, and always log."""
+        peer = self._peers.get(identity)
+        log.warning("message_rejected", peer=peer.name if peer else identity.hex(),
+                    code=code.value, problem=message,
+                    type=hdr.type if hdr else None)
+        # Errors are never answered with errors, or two confused peers would loop.
+        if hdr is None or hdr.kind != _ERR:
+            self._send_error(identity, hdr, code, message)
+
+    def _deny(self, peer: Peer, hdr: Header, capability: str) -> None:
+        peer.denied += 1
+        self._denied += 1
+        log.warning("denied", peer=peer.name, capability=capability, kind=_KIND_NAMES.get(hdr.kind),
+                    type=hdr.type, dest=hdr.dest)
+        self._answer(peer, hdr, ErrorCode.FORBIDDEN,
+                     f"{peer.name!r} lacks the capability {capability!r}", capability)
+
+    # -- handshake and control ---------------------------------------------------------------
+
+    def _hello(self, identity: bytes, hdr: Header, body: bytes) -> None:
+        try:
+            hello = self._control.decode(hdr.type, body)
+        except DecodeError as exc:
+            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        principal = self._principals.get(hello.credential) if hello.credential else None
+        if principal is None:
+            log.warning("authentication_failed", claimed=hello.service, pid=hello.pid,
+                        reason="missing credential" if not hello.credential else "unknown credential")
+            self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
+                             "Hello carries no valid credential; use the credential the kernel "
+                             "gave this service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
+            return
+        if principal.shared:
+            name = f"{hello.service or principal.name}.{next(self._shared_ids)}"
+            if not _valid_label(hello.service):
+                self._send_error(identity, hdr, ErrorCode.BAD_MESSAGE,
+                                 f"client label {hello.service!r} must be 1-63 of a-z, 0-9, '_' and '-'")
+                return
+        else:
+            name = principal.name
+            if hello.service and hello.service != name:
+                log.warning("authentication_failed", claimed=hello.service, credential_of=name)
+                self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
+                                 f"this credential belongs to {name!r}, not {hello.service!r}")
+                return
+            old = self._by_name.get(name)
+            if old is not None:
+                self.disconnect(old, "replaced by a new connection with the same credential")
+        peer = Peer(identity, name, principal, hello)
+        self._peers[identity] = peer
+        if not principal.shared:
+            self._by_name[name] = peer
+        welcome = Welcome(
+            name=name,
+            heartbeat_interval=self.config.heartbeat_interval,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            max_message_size=self.config.max_message_size,
+        )
+        self._send([identity, SIGNATURE,
+                    self._enc.encode(Header(kind=Kind.REPLY, type="Welcome", id=hdr.id, sender=_KERNEL)),
+                    self._enc.encode(welcome)])
+        log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
+
+    def _control_message(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        try:
+            msg = self._control.decode(hdr.type, body)
+        except DecodeError as exc:
+            code = ErrorCode.UNKNOWN_TYPE if _is_unknown_tag(exc) else ErrorCode.BAD_MESSAGE
+            self._reject(peer.identity, hdr, code, str(exc))
+            return
+        match msg:
+            case Heartbeat():
+                pass
+            case Ready():
+                if not peer.ready:
+                    peer.ready = True
+                    log.info("peer_ready", peer=peer.name)
+                    self._on_ready(peer.name)
+            case Subscribe(topics=topics):
+                for topic in topics:
+                    if not peer.principal.caps.covers_prefix("subscribe", topic):
+                        self._deny(peer, hdr, f"subscribe:{topic}*")
+                        return
+                peer.subscriptions.update(topics)
+                self._topic_cache.clear()
+                self._reply_to(peer, hdr, Subscribed(topics=sorted(peer.subscriptions)))
+            case Unsubscribe(topics=topics):
+                peer.subscriptions.difference_update(topics)
+                self._topic_cache.clear()
+                self._reply_to(peer, hdr, Subscribed(topics=sorted(peer.subscriptions)))
+            case Bye(reason=reason):
+                self.disconnect(peer, f"said bye: {reason}" if reason else "said bye")
+            case Hello():
+                # A peer that restarted its session on the same socket: start afresh.
+                self.disconnect(peer, "sent a new Hello")
+                self._hello(peer.identity, hdr, body)
+
+    def _reply_to(self, peer: Peer, hdr: Header, body: msgspec.Struct) -> None:
+        tag = type(body).__struct_config__.tag
+        self._send([peer.identity, SIGNATURE,
+                    self._enc.encode(Header(kind=Kind.REPLY, type=tag, id=hdr.id, sender=_KERNEL)),
+                    self._enc.encode(body)], peer)
+
+    # -- the kernel's own API ----------------------------------------------------------------
+
+    def _kernel_request(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        try:
+            msg = self._kernel_api.decode(hdr.type, body)
+        except DecodeError as exc:
+            self._answer(peer, hdr, ErrorCode.UNKNOWN_TYPE if _is_unknown_tag(exc) else ErrorCode.BAD_MESSAGE,
+                         str(exc))
+            return
+        match msg:
+            case ListServices():
+                self._reply_to(peer, hdr, ServiceList(services=self.statuses()))
+            case GetService(name=name) | Introspect(name=name) if not self._exists(name):
+                self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION, f"no service named {name!r}")
+            case GetService(name=name):
+                self._reply_to(peer, hdr, self.status(name))
+            case Introspect(name=name):
+                target = self._by_name.get(name)
+                if target is None:
+                    self._answer(peer, hdr, ErrorCode.UNAVAILABLE,
+                                 f"service {name!r} is not connected; its interface is known once it says Hello")
+                    return
+                h = target.hello
+                self._reply_to(peer, hdr, Interface(name=name, types=sorted(h.types), schema=h.schema,
+                                                    reply_schema=h.reply_schema, publishes=h.publishes))
+            case ListCapabilities(name=name):
+                table = self.capability_table()
+                if name:
+                    if name not in table:
+                        self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION, f"no principal named {name!r}")
+                        return
+                    table = {name: table[name]}
+                self._reply_to(peer, hdr, CapabilityTable(table=table))
+            case Monitor():
+                self._monitors[peer.identity] = msg
+                self._reply_to(peer, hdr, Monitoring())
+            case StopMonitor():
+                self._monitors.pop(peer.identity, None)
+                self._reply_to(peer, hdr, Monitoring())
+
+    def _exists(self, name: str) -> bool:
+        return name in self._by_name or name in self.known_services
+
+    def status(self, name: str) -> ServiceStatus:
+        st = self._status(name) or ServiceStatus(name=name, state="configured")
+        peer = self._by_name.get(name)
+        principal = self._by_principal_name.get(name)
+        if principal is not None:
+            st.capabilities = list(principal.caps.patterns)
+        if peer is not None:
+            st.connected = True
+            if not st.managed:
+                st.state = "ready" if peer.ready else "connected"
+                st.pid = peer.hello.pid
+            st.types = sorted(peer.types)
+            st.subscriptions = sorted(peer.subscriptions)
+            st.requests_in, st.requests_out = peer.requests_in, peer.requests_out
+            st.events_out, st.denied, st.pending = peer.events_out, peer.denied, len(peer.inbox)
+        return st
+
+    def statuses(self) -> list[ServiceStatus]:
+        return [self.status(n) for n in sorted(self.known_services | set(self._by_name))]
+
+    # -- monitoring --------------------------------------------------------------------------
+
+    def _observe(self, hdr: Header, sender: str, dest: str, parts: Any, outcome: str = "") -> None:
+        kind = _KIND_NAMES.get(hdr.kind, "?")
+        record = None
+        for identity, flt in list(self._monitors.items()):
+            if flt.service and flt.service not in (sender, dest):
+                continue
+            if flt.message_type and flt.message_type != hdr.type:
+                continue
+            if flt.topic and not (hdr.kind == _EVENT and dest.startswith(flt.topic)):
+                continue
+            mon = self._peers.get(identity)
+            if mon is None or sender == mon.name or dest == mon.name:
+                continue  # never report a monitor's own traffic back to it
+            if record is None:
+                size = sum(len(p) for p in parts[1:]) if parts else 0
+                record = self._enc.encode(Traffic(
+                    time=time.time(), kind=kind, message_type=hdr.type, sender=sender, dest=dest,
+                    id=hdr.id, size=size, frames=max(len(parts) - 4, 0), outcome=outcome))
+                ev_hdr = self._enc.encode(Header(kind=Kind.EVENT, type="Traffic", dest="kernel.monitor",
+                                                 sender=_KERNEL))
+            self._send([identity, SIGNATURE, ev_hdr, record], mon)
+
+    def publish_kernel_event(self, topic: str, body: msgspec.Struct) -> None:
+        """Publish an event from the kernel itself (service state changes)."""
+        hdr = Header(kind=Kind.EVENT, type=type(body).__struct_config__.tag, dest=topic, sender=_KERNEL)
+        frames: list[Any] = [b"", SIGNATURE, self._enc.encode(hdr), self._enc.encode(body)]
+        for sub in self._topic_cache.get(topic) or self._subscribers(topic):
+            frames[0] = sub.identity
+            self._send(frames, sub)
+
+    def service_state_changed(self, name: str, state: str, previous: str, pid: int = 0, detail: str = "") -> None:
+        if self._sock is not None:
+            self.publish_kernel_event("kernel.services", ServiceStateChanged(
+                name=name, state=state, previous=previous, pid=pid, detail=detail))
+
+    # -- disconnects and expiry ----------------------------------------------------------------
+
+    def disconnect_name(self, name: str, why: str) -> None:
+        peer = self._by_name.get(name)
+        if peer is not None:
+            self.disconnect(peer, why)
+
+    def disconnect(self, peer: Peer, why: str) -> None:
+        if self._peers.pop(peer.identity, None) is None:
+            return
+        if self._by_name.get(peer.name) is peer:
+            del self._by_name[peer.name]
+        self._monitors.pop(peer.identity, None)
+        if peer.subscriptions:
+            self._topic_cache.clear()
+        for kid in peer.inbox:
+            pending = self._pending.pop(kid, None)
+            if pending is not None:
+                pending.requester.outbox.discard(kid)
+                self._send_error(pending.requester.identity,
+                                 Header(kind=Kind.REQUEST, type=pending.type, id=pending.orig_id),
+                                 ErrorCode.UNAVAILABLE,
+                                 f"service {peer.name!r} went away before replying ({why})")
+        for kid in peer.outbox:
+            pending = self._pending.pop(kid, None)
+            if pending is not None:
+                pending.target.inbox.discard(kid)
+        peer.inbox.clear()
+        peer.outbox.clear()
+        log.info("peer_disconnected", peer=peer.name, reason=why)
+        if not peer.principal.shared:
+            self._on_gone(peer.name, why)
+
+    def _expire(self, now: float) -> None:
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, kid = heapq.heappop(heap)
+            pending = self._pending.pop(kid, None)
+            if pending is None:
+                continue
+            pending.target.inbox.discard(kid)
+            pending.requester.outbox.discard(kid)
+            self._send_error(pending.requester.identity,
+                             Header(kind=Kind.REQUEST, type=pending.type, id=pending.orig_id),
+                             ErrorCode.TIMEOUT,
+                             f"{pending.target.name!r} did not answer {pending.type!r} before the deadline")
+
+    def statistics(self) -> RouterStatistics:
+        return RouterStatistics(
+            peers=len(self._peers), pending=len(self._pending), routed=self._routed,
+            denied=self._denied, malformed=self._malformed, stray_replies=self._stray,
+            dropped_events=self._dropped_events,
+        )
+
+
+def _valid_label(label: str) -> bool:
+    return bool(SERVICE_NAME.match(label))
+
+
+def _is_unknown_tag(exc: DecodeError) -> bool:
+    return "Invalid value" in exc.detail and "$.type" in exc.detail

@@ -1,0 +1,27 @@
+"""The edgebus wire protocol: frame layout, headers, and the bus's own message types.
+
+The language-neutral specification is ``protocols/PROTOCOL.md``.
+"""
+
+from ._exceptions import DecodeError, FrameError, ProtocolError, TypeMismatch, VersionError
+from ._messages import *  # noqa: F401,F403  (the message types; __all__ is explicit there)
+from ._messages import __all__ as _message_names
+from ._tensors import pack_tensors, unpack_tensor
+from ._wire import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    SIGNATURE,
+    BodyDecoder,
+    Codec,
+    Header,
+    Kind,
+    body_tag,
+    check_signature,
+)
+
+__all__ = [
+    "ProtocolError", "FrameError", "VersionError", "DecodeError", "TypeMismatch",
+    "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "SIGNATURE", "Kind", "Header", "Codec", "BodyDecoder",
+    "body_tag", "check_signature", "pack_tensors", "unpack_tensor",
+    *_message_names,
+]

@@ -1,0 +1,232 @@
+"""Every message type the bus itself defines, one tagged union per channel.
+
+Channels:
+
+* ``Control``: handshake and liveness between a peer and the kernel (header kind CONTROL).
+* ``KernelRequest``: the kernel's own API, addressed to the destination ``"kernel"``.
+* ``KernelReply``: what the kernel answers to those.
+* ``KernelEvent``: what the kernel publishes (``kernel.services``, ``kernel.monitor``).
+* ``Error``: the body of every message of kind ERROR.
+
+New fields always get defaults, so older peers keep decoding newer messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ErrorCode", "Error",
+    "Hello", "Welcome", "Ready", "Heartbeat", "Bye", "Subscribe", "Unsubscribe", "Subscribed",
+    "Control", "ControlReply",
+    "ListServices", "GetService", "Introspect", "ListCapabilities", "Monitor", "StopMonitor",
+    "KernelRequest",
+    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "KernelReply",
+    "Traffic", "ServiceStateChanged", "KernelEvent",
+    "Tensor",
+]
+
+
+class ErrorCode(str, enum.Enum):
+    FORBIDDEN = "forbidden"
+    UNAUTHENTICATED = "unauthenticated"
+    UNKNOWN_DESTINATION = "unknown-destination"
+    UNKNOWN_TYPE = "unknown-type"
+    BAD_MESSAGE = "bad-message"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+class Error(msgspec.Struct, tag=True, omit_defaults=True):
+    code: ErrorCode
+    message: str
+    #: For ``forbidden``: the capability the sender lacks, e.g. ``call:modelstore.Activate``.
+    capability: str = ""
+
+
+# --- control channel -------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True, omit_defaults=True):
+    """First message of every peer.  Answered by a REPLY carrying ``Welcome`` or an ERROR."""
+
+    service: str
+    #: Secret handed to the service at spawn (see PROTOCOL.md "Credentials").
+    credential: str = ""
+    pid: int = 0
+    #: Request types this peer serves; empty for a pure client.
+    types: list[str] = []
+    #: JSON Schema (msgspec.json.schema) of the request union and of the replies.
+    schema: dict[str, Any] = {}
+    reply_schema: dict[str, Any] = {}
+    #: Topics this peer publishes on (informational, shown by introspection).
+    publishes: list[str] = []
+    minor: int = 0
+
+
+class Welcome(msgspec.Struct, tag=True, omit_defaults=True):
+    #: The name the kernel authenticated; the peer's messages are stamped with it.
+    name: str
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    max_message_size: int = 64 * 1024 * 1024
+    minor: int = 0
+
+
+class Ready(msgspec.Struct, tag=True):
+    """The peer finished its own initialisation and serves requests from now on."""
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    pass
+
+
+class Bye(msgspec.Struct, tag=True, omit_defaults=True):
+    reason: str = ""
+
+
+class Subscribe(msgspec.Struct, tag=True):
+    #: Topic prefixes; each needs a ``subscribe:`` capability covering it.
+    topics: list[str]
+
+
+class Unsubscribe(msgspec.Struct, tag=True):
+    topics: list[str]
+
+
+class Subscribed(msgspec.Struct, tag=True):
+    topics: list[str]
+
+
+Control = Hello | Ready | Heartbeat | Bye | Subscribe | Unsubscribe
+ControlReply = Welcome | Subscribed
+
+
+# --- the kernel's API (destination "kernel") ---------------------------------------------
+
+
+class ListServices(msgspec.Struct, tag=True):
+    pass
+
+
+class GetService(msgspec.Struct, tag=True):
+    name: str
+
+
+class Introspect(msgspec.Struct, tag=True):
+    name: str
+
+
+class ListCapabilities(msgspec.Struct, tag=True, omit_defaults=True):
+    #: One service, or every one when empty.
+    name: str = ""
+
+
+class Monitor(msgspec.Struct, tag=True, omit_defaults=True):
+    """Copy a summary of routed traffic to the caller as ``Traffic`` events.
+
+    Filters are exact names (``message_type`` is the header type) except ``topic``, which is a prefix.  Empty means any.
+    ``service`` matches the sender or the destination.
+    """
+
+    service: str = ""
+    message_type: str = ""
+    topic: str = ""
+
+
+class StopMonitor(msgspec.Struct, tag=True):
+    pass
+
+
+KernelRequest = ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
+
+
+class ServiceStatus(msgspec.Struct, tag=True, omit_defaults=True):
+    name: str
+    #: configured (not started) | starting | ready | stopping | stopped | failed |
+    #: backoff | connected (a peer the kernel did not start)
+    state: str
+    pid: int = 0
+    connected: bool = False
+    managed: bool = False
+    types: list[str] = []
+    requires: list[str] = []
+    capabilities: list[str] = []
+    subscriptions: list[str] = []
+    restarts: int = 0
+    uptime: float = 0.0
+    last_exit: str = ""
+    requests_in: int = 0
+    requests_out: int = 0
+    events_out: int = 0
+    denied: int = 0
+    pending: int = 0
+
+
+class ServiceList(msgspec.Struct, tag=True):
+    services: list[ServiceStatus]
+
+
+class Interface(msgspec.Struct, tag=True, omit_defaults=True):
+    name: str
+    types: list[str] = []
+    schema: dict[str, Any] = {}
+    reply_schema: dict[str, Any] = {}
+    publishes: list[str] = []
+
+
+class CapabilityTable(msgspec.Struct, tag=True):
+    #: service name -> capability patterns
+    table: dict[str, list[str]]
+
+
+class Monitoring(msgspec.Struct, tag=True):
+    topic: str = "kernel.monitor"
+
+
+KernelReply = ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring
+
+
+class Traffic(msgspec.Struct, tag=True, omit_defaults=True):
+    """One routed (or refused) message, as seen by the kernel."""
+
+    time: float
+    kind: str
+    message_type: str
+    sender: str
+    dest: str = ""
+    id: int = 0
+    size: int = 0
+    frames: int = 0
+    #: Empty when delivered; otherwise the error code the kernel answered with.
+    outcome: str = ""
+
+
+class ServiceStateChanged(msgspec.Struct, tag=True, omit_defaults=True):
+    name: str
+    state: str
+    previous: str = ""
+    pid: int = 0
+    detail: str = ""
+
+
+KernelEvent = Traffic | ServiceStateChanged
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+class Tensor(msgspec.Struct, omit_defaults=True, array_like=False):
+    """Describes one raw frame that carries a tensor's bytes (C order, little-endian).
+
+    ``frame`` indexes the raw frames that follow the body (0 is the first after the body).
+    """
+
+    dtype: str
+    shape: list[int]
+    frame: int = 0

@@ -1,0 +1,54 @@
+"""Tensors travel as raw frames after the body, described in the body by ``Tensor``.
+
+numpy is imported lazily: only processes that actually handle tensors pay for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ._exceptions import DecodeError
+from ._messages import Tensor
+
+__all__ = ["pack_tensors", "unpack_tensor"]
+
+
+def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tensor], list[Any]]:
+    """Describe ``arrays`` and return the buffers to send after the body, without copying
+    arrays that are already C-contiguous."""
+    import numpy as np
+
+    descs: list[Tensor] = []
+    buffers: list[Any] = []
+    for i, arr in enumerate(arrays):
+        a = np.ascontiguousarray(arr)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i))
+        buffers.append(memoryview(a).cast("B") if a.size else b"")
+    return descs, buffers
+
+
+def unpack_tensor(desc: Tensor, raw: Sequence[Any]) -> Any:
+    """A read-only numpy view over the frame ``desc`` points at (no copy)."""
+    import numpy as np
+
+    if not 0 <= desc.frame < len(raw):
+        raise DecodeError("tensor", f"frame {desc.frame} does not exist ({len(raw)} raw frames)")
+    try:
+        dtype = np.dtype(desc.dtype)
+    except TypeError as exc:
+        raise DecodeError("tensor", f"unknown dtype {desc.dtype!r}") from exc
+    if any(d < 0 for d in desc.shape):
+        raise DecodeError("tensor", f"negative dimension in shape {desc.shape}")
+    frame = raw[desc.frame]
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    expected = dtype.itemsize
+    for d in desc.shape:
+        expected *= d
+    if len(buf) != expected:
+        raise DecodeError(
+            "tensor",
+            f"frame {desc.frame} holds {len(buf)} bytes but {desc.dtype}{desc.shape} needs {expected}",
+        )
+    return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(desc.shape)

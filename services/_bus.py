@@ -1,0 +1,417 @@
+"""The bus client every service and tool uses: one DEALER to the kernel's ROUTER.
+
+    async with connect("example", endpoint=..., credential=...) as bus:
+        reply = await bus.call("other", Ping(), reply_type=Pong, timeout=2)
+        await bus.publish("example.tick", Tick(n=1))
+
+Runs under asyncio and trio alike (anyio); nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+import anyio
+import anyio.abc
+import msgspec
+import zmq
+
+from protocols import (
+    Bye,
+    Codec,
+    DecodeError,
+    Error,
+    Header,
+    Heartbeat,
+    Hello,
+    Kind,
+    ProtocolError,
+    Ready,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Welcome,
+    body_tag,
+    unpack_tensor,
+)
+from protocols._transport import AsyncSocket
+
+from ._exceptions import (
+    BusError,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    InternalError,
+    RemoteError,
+    Unavailable,
+    error_from_wire,
+)
+from ._logging import get_logger
+
+__all__ = ["BusClient", "Incoming", "connect", "endpoint_for_run_dir", "read_credential"]
+
+log = get_logger(component="bus")
+
+_REQ, _REPLY, _ERR, _EVENT, _CTRL = (int(k) for k in Kind)
+_any_decoder = msgspec.msgpack.Decoder()
+_error_decoder = msgspec.msgpack.Decoder(Error)
+
+
+def endpoint_for_run_dir(run_dir: str | os.PathLike[str]) -> str:
+    return f"ipc://{Path(run_dir).resolve() / 'bus.sock'}"
+
+
+def read_credential() -> str:
+    """The credential the kernel handed this process: from the inherited file descriptor
+    named by EDGEBUS_CREDENTIAL_FD (read once, then closed), or EDGEBUS_CREDENTIAL_FILE."""
+    fd = os.environ.pop("EDGEBUS_CREDENTIAL_FD", "")
+    if fd:
+        with os.fdopen(int(fd), "rb", closefd=True) as f:
+            return f.read().decode().strip()
+    path = os.environ.get("EDGEBUS_CREDENTIAL_FILE", "")
+    if path:
+        return Path(path).read_text().strip()
+    return ""
+
+
+class Incoming(msgspec.Struct):
+    """A message delivered to this peer: header (with the kernel-stamped sender), the body
+    still encoded, and any raw tensor frames (zero-copy ``zmq.Frame`` objects)."""
+
+    header: Header
+    body: Any
+    frames: list[Any]
+
+    @property
+    def sender(self) -> str:
+        return self.header.sender
+
+    @property
+    def type(self) -> str:
+        return self.header.type
+
+    def decode(self, type_: Any = Any) -> Any:
+        dec = _any_decoder if type_ is Any else msgspec.msgpack.Decoder(type_)
+        try:
+            return dec.decode(self.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise DecodeError(f"body of {self.header.type!r}", str(exc)) from exc
+
+    def tensor(self, desc: Any) -> Any:
+        return unpack_tensor(desc, self.frames)
+
+
+class _Slot:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: Incoming | None = None
+
+
+class BusClient:
+    """One connection to the kernel.  Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        service: str,
+        endpoint: str,
+        credential: str,
+        *,
+        hello: Hello | None = None,
+        on_request: Callable[[Incoming], Awaitable[Any]] | None = None,
+        max_concurrency: int = 64,
+        event_buffer: int = 1024,
+        default_timeout: float = 30.0,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self._hello = hello or Hello(service=service)
+        self._hello.credential = credential
+        self._hello.pid = os.getpid()
+        self._on_request = on_request
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self.default_timeout = default_timeout
+        self._ctx = ctx or zmq.Context.instance()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        self._asock = AsyncSocket(sock)
+        self._codec = Codec()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Slot] = {}
+        self._events_in, self.events = anyio.create_memory_object_stream[Incoming](event_buffer)
+        self._decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+        self.name = service
+        self.welcome: Welcome | None = None
+        self.draining = False
+        self.dropped_events = 0
+        self._last_rx = time.monotonic()
+        self._in_flight = 0
+        self._idle = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def _send(self, header: Header, body: msgspec.Struct | bytes, raw: Sequence[Any] = ()) -> None:
+        await self._asock.send_multipart(self._codec.pack(header, body, raw))
+
+    async def request(
+        self,
+        dest: str,
+        msg: msgspec.Struct,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        frames: Sequence[Any] = (),
+    ) -> Incoming:
+        """Send a request and wait for its reply; an ERROR reply raises its RemoteError."""
+        if deadline is None:
+            deadline = time.time() + (self.default_timeout if timeout is None else timeout)
+        header = Header(kind=Kind.REQUEST, type=body_tag(msg), dest=dest, id=next(self._ids), deadline=deadline)
+        incoming = await self._exchange(header, msg, frames, deadline)
+        if incoming.header.kind == _ERR:
+            raise self._remote_error(incoming)
+        return incoming
+
+    async def call(self, dest: str, msg: msgspec.Struct, reply_type: Any = Any, **kwargs: Any) -> Any:
+        """``request`` and decode the reply body into ``reply_type``."""
+        incoming = await self.request(dest, msg, **kwargs)
+        dec = self._decoders.get(reply_type)
+        if dec is None:
+            dec = self._decoders[reply_type] = msgspec.msgpack.Decoder(reply_type)
+        try:
+            return dec.decode(incoming.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise DecodeError(f"reply {incoming.header.type!r} from {dest!r}", str(exc)) from exc
+
+    async def _exchange(self, header: Header, body: msgspec.Struct, frames: Sequence[Any], deadline: float) -> Incoming:
+        slot = _Slot()
+        self._calls[header.id] = slot
+        try:
+            await self._send(header, body, frames)
+            with anyio.move_on_after(max(deadline - time.time(), 0.0)):
+                await slot.event.wait()
+        finally:
+            self._calls.pop(header.id, None)
+        if slot.value is None:
+            raise DeadlineExceeded(f"no reply to {header.type!r} from {header.dest or 'the kernel'!r} before the deadline")
+        return slot.value
+
+    def _remote_error(self, incoming: Incoming) -> RemoteError:
+        try:
+            err = _error_decoder.decode(incoming.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return InternalError(f"undecodable error body from {incoming.sender!r}: {exc}", sender=incoming.sender)
+        return error_from_wire(err, incoming.sender)
+
+    async def _control(self, msg: msgspec.Struct, reply_type: Any, timeout: float = 10.0) -> Any:
+        header = Header(kind=Kind.CONTROL, type=body_tag(msg), id=next(self._ids))
+        incoming = await self._exchange(header, msg, (), time.time() + timeout)
+        if incoming.header.kind == _ERR:
+            raise self._remote_error(incoming)
+        return incoming.decode(reply_type)
+
+    async def publish(self, topic: str, msg: msgspec.Struct, *, frames: Sequence[Any] = ()) -> None:
+        """Publish an event.  A denial comes back asynchronously and is logged."""
+        await self._send(Header(kind=Kind.EVENT, type=body_tag(msg), dest=topic), msg, frames)
+
+    async def subscribe(self, *prefixes: str) -> list[str]:
+        """Receive events whose topic starts with any of ``prefixes`` on ``self.events``.
+        Raises Forbidden naming the capability when one is not allowed."""
+        return (await self._control(Subscribe(topics=list(prefixes)), Subscribed)).topics
+
+    async def unsubscribe(self, *prefixes: str) -> list[str]:
+        return (await self._control(Unsubscribe(topics=list(prefixes)), Subscribed)).topics
+
+    async def ready(self) -> None:
+        """Tell the kernel this service finished initialising and serves requests now."""
+        await self._send(Header(kind=Kind.CONTROL, type="Ready"), Ready())
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _handshake(self, timeout: float) -> None:
+        msg_id = next(self._ids)
+        await self._send(Header(kind=Kind.CONTROL, type="Hello", id=msg_id), self._hello)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    frames = await self._asock.recv_multipart(copy=True)
+                    try:
+                        header, body, _ = self._codec.unpack(frames)
+                    except ProtocolError:
+                        continue
+                    if header.id == msg_id and header.kind in (_REPLY, _ERR):
+                        break
+        except TimeoutError:
+            raise ConnectError(self.endpoint, f"no answer to Hello within {timeout:g}s; is edgebus running?") from None
+        if header.kind == _ERR:
+            err = _error_decoder.decode(body)
+            raise ConnectError(self.endpoint, f"{err.code.value}: {err.message}")
+        self.welcome = msgspec.msgpack.decode(body, type=Welcome)
+        self.name = self.welcome.name
+        self._last_rx = time.monotonic()
+
+    async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        recv = self._asock.recv_multipart
+        unpack = self._codec.unpack
+        while True:
+            frames = await recv(copy=False)
+            self._last_rx = time.monotonic()
+            try:
+                header, body, raw = unpack(frames)
+            except ProtocolError as exc:
+                log.warning("bad_message_from_kernel", problem=str(exc))
+                continue
+            kind = header.kind
+            if kind == _REPLY or kind == _ERR:
+                slot = self._calls.pop(header.id, None)
+                if slot is not None:
+                    slot.value = Incoming(header, body, raw)
+                    slot.event.set()
+                elif kind == _ERR:
+                    err = self._remote_error(Incoming(header, body, raw))
+                    log.warning("error_from_bus", code=err.code.value, message=err.message,
+                                capability=err.capability or None)
+            elif kind == _REQ:
+                incoming = Incoming(header, body, raw)
+                if self.draining or self._on_request is None:
+                    await self._reply_error(header, Unavailable(
+                        f"{self.name!r} is stopping" if self.draining else f"{self.name!r} serves no requests"))
+                    continue
+                self._in_flight += 1
+                tg.start_soon(self._serve_one, incoming)
+            elif kind == _EVENT:
+                try:
+                    self._events_in.send_nowait(Incoming(header, body, raw))
+                except anyio.WouldBlock:
+                    self.dropped_events += 1
+                    if self.dropped_events in (1, 100) or self.dropped_events % 10000 == 0:
+                        log.warning("events_dropped", dropped=self.dropped_events,
+                                    reason="the events stream is full; consume bus.events faster")
+            # CONTROL from the kernel (Heartbeat) only refreshes _last_rx.
+
+    async def _serve_one(self, incoming: Incoming) -> None:
+        header = incoming.header
+        try:
+            async with self._limiter:
+                remaining = header.deadline - time.time() if header.deadline else math.inf
+                if remaining <= 0:
+                    await self._reply_error(header, DeadlineExceeded(
+                        f"{self.name!r} received {header.type!r} after its deadline; not run"))
+                    return
+                with anyio.move_on_after(remaining) as scope:
+                    result = await self._on_request(incoming)  # type: ignore[misc]
+                if scope.cancelled_caught:
+                    await self._reply_error(header, DeadlineExceeded(
+                        f"{self.name!r} did not finish {header.type!r} before its deadline"))
+                    return
+        except RemoteError as exc:
+            await self._reply_error(header, exc)
+            return
+        except Exception as exc:
+            log.exception("handler_failed", type=header.type, sender=header.sender)
+            await self._reply_error(header, InternalError(f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        if isinstance(result, tuple):
+            body, frames = result
+        else:
+            body, frames = result, ()
+        await self._send(Header(kind=Kind.REPLY, type=body_tag(body), id=header.id), body, frames)
+
+    async def _reply_error(self, header: Header, exc: RemoteError) -> None:
+        await self._send(Header(kind=Kind.ERROR, type="Error", id=header.id), exc.to_wire())
+
+    async def wait_idle(self) -> None:
+        """Wait until no request handler is running."""
+        while self._in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.welcome is not None
+        interval = self.welcome.heartbeat_interval
+        limit = interval * self.welcome.heartbeat_liveness
+        beat = Heartbeat()
+        while True:
+            await self._send(Header(kind=Kind.CONTROL, type="Heartbeat"), beat)
+            silent = time.monotonic() - self._last_rx
+            if silent > limit:
+                raise ConnectionLost(f"no message or heartbeat from the kernel for {silent:.1f}s")
+            await anyio.sleep(interval)
+
+    async def close(self, reason: str = "") -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._send(Header(kind=Kind.CONTROL, type="Bye"), Bye(reason=reason))
+            except zmq.ZMQError:
+                pass
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def connect(
+    service: str,
+    *,
+    endpoint: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    credential: str | None = None,
+    hello: Hello | None = None,
+    on_request: Callable[[Incoming], Awaitable[Any]] | None = None,
+    connect_timeout: float = 10.0,
+    **options: Any,
+) -> AsyncIterator[BusClient]:
+    """Join the bus, say Hello, and keep the connection alive for the ``async with`` body.
+
+    The endpoint comes from ``endpoint``, else ``run_dir``, else EDGEBUS_BUS, else
+    EDGEBUS_RUN_DIR; the credential from ``credential`` or :func:`read_credential`.
+    """
+    if endpoint is None:
+        if run_dir is None and not os.environ.get("EDGEBUS_BUS"):
+            run_dir = os.environ.get("EDGEBUS_RUN_DIR")
+        if run_dir is not None:
+            endpoint = endpoint_for_run_dir(run_dir)
+        else:
+            endpoint = os.environ.get("EDGEBUS_BUS", "")
+    if not endpoint:
+        raise ConnectError("<none>", "no bus endpoint: pass --run-dir/--bus or set EDGEBUS_RUN_DIR")
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        raise ConnectError(endpoint, "the bus socket does not exist; is edgebus running with that run directory?")
+    if credential is None:
+        credential = read_credential()
+    client = BusClient(service, endpoint, credential, hello=hello, on_request=on_request, **options)
+    sock = client._asock.sock
+    try:
+        sock.connect(endpoint)
+        await client._handshake(connect_timeout)
+        try:
+            async with anyio.create_task_group() as tg:
+                client._tg = tg
+                tg.start_soon(client._receive_loop, tg)
+                tg.start_soon(client._heartbeat_loop)
+                try:
+                    yield client
+                finally:
+                    await client.close()
+        except BaseExceptionGroup as group:
+            # Surface a lone bus error as itself: callers catch BusError, not groups.
+            errors = group.exceptions
+            if len(errors) == 1 and isinstance(errors[0], BusError):
+                raise errors[0] from None
+            raise
+    finally:
+        client._events_in.close()
+        sock.close(0)

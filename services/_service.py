@@ -1,0 +1,176 @@
+"""The Service base class and the ``run`` entry point.
+
+A service declares the union of requests it serves and dispatches with ``match``::
+
+    class Greeter(Service):
+        name = "greeter"
+        Request = Greet | Add
+        Reply = Greeting | Sum
+
+        async def handle(self, req: Request, ctx: Context) -> Reply:
+            match req:
+                case Greet(who=who):
+                    return Greeting(text=f"hello {who}")
+                case Add(a=a, b=b):
+                    return Sum(value=a + b)
+
+    if __name__ == "__main__":
+        run(Greeter)
+
+Lifecycle: connect and say Hello, ``setup()``, READY, then ``main()`` alongside request
+handling until SIGTERM/SIGINT; then drain in-flight requests (``stop_grace``), ``teardown()``,
+Bye, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, ClassVar
+
+import anyio
+import msgspec
+
+from protocols import BodyDecoder, DecodeError, Hello, Header
+
+from ._bus import BusClient, Incoming, connect
+from ._exceptions import BadMessage, BusError, UnknownType
+from ._logging import configure_logging, get_logger
+
+__all__ = ["Service", "Context", "run", "EXIT_CONFIG", "EXIT_BUS"]
+
+#: Exit codes of a service process: 0 after a clean stop on SIGTERM.
+EXIT_BUS = 3       # could not join the bus or lost the kernel
+EXIT_CONFIG = 78   # EX_CONFIG: permanent failure, restarting will not help
+
+
+class Context(msgspec.Struct):
+    """What a handler knows about the request besides its body."""
+
+    header: Header
+    frames: list[Any]
+    bus: BusClient
+
+    @property
+    def sender(self) -> str:
+        """The authenticated sender, stamped by the kernel."""
+        return self.header.sender
+
+    @property
+    def deadline(self) -> float:
+        return self.header.deadline
+
+    def tensor(self, desc: Any) -> Any:
+        from protocols import unpack_tensor
+
+        return unpack_tensor(desc, self.frames)
+
+
+def _union_members(union: Any) -> list[type]:
+    if union is None:
+        return []
+    args = getattr(union, "__args__", None)
+    return list(args) if args else [union]
+
+
+class Service:
+    #: Default name; the kernel's EDGEBUS_SERVICE overrides it.
+    name: ClassVar[str] = ""
+    #: The tagged union of request types served (``A | B``), or None for no requests.
+    Request: ClassVar[Any] = None
+    #: The union of reply types, for introspection.
+    Reply: ClassVar[Any] = None
+    #: Topics this service publishes on, for introspection.
+    publishes: ClassVar[list[str]] = []
+    max_concurrency: ClassVar[int] = 64
+    #: Seconds to let in-flight requests finish after SIGTERM.
+    stop_grace: ClassVar[float] = 5.0
+
+    def __init__(self, bus: BusClient) -> None:
+        self.bus = bus
+        self.log = get_logger()
+
+    # -- what subclasses override ----------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Initialise (open files, load models, subscribe) before READY is sent."""
+
+    async def handle(self, request: Any, ctx: Context) -> Any:
+        raise UnknownType(f"{type(self).__name__} has no handler")
+
+    async def main(self) -> None:
+        """Background work after READY (publishing loops...).  Default: nothing."""
+        await anyio.sleep_forever()
+
+    async def teardown(self) -> None:
+        """Release resources after requests drained; runs even when cancelled (shielded)."""
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @classmethod
+    def hello(cls, name: str) -> Hello:
+        requests = _union_members(cls.Request)
+        replies = _union_members(cls.Reply)
+        return Hello(
+            service=name,
+            types=[t.__struct_config__.tag for t in requests],
+            schema=msgspec.json.schema(cls.Request) if requests else {},
+            reply_schema=msgspec.json.schema(cls.Reply) if replies else {},
+            publishes=list(cls.publishes),
+        )
+
+
+async def serve(cls: type[Service], name: str | None = None, **connect_options: Any) -> None:
+    """Run ``cls`` on the bus until SIGTERM/SIGINT (or cancellation)."""
+    name = name or os.environ.get("EDGEBUS_SERVICE") or cls.name
+    log = get_logger()
+    decoder = BodyDecoder(cls.Request) if cls.Request is not None else None
+    service: Service | None = None
+
+    async def on_request(incoming: Incoming) -> Any:
+        if decoder is None:
+            raise UnknownType(f"{name!r} serves no requests")
+        try:
+            request = decoder.decode(incoming.header.type, incoming.body)
+        except DecodeError as exc:
+            raise BadMessage(str(exc)) from exc
+        assert service is not None
+        return await service.handle(request, Context(incoming.header, incoming.frames, service.bus))
+
+    async with connect(name, hello=cls.hello(name), on_request=on_request if decoder else None,
+                       max_concurrency=cls.max_concurrency, **connect_options) as bus:
+        service = cls(bus)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                try:
+                    await service.setup()
+                    await bus.ready()
+                    log.info("service_ready", name=bus.name)
+                    tg.start_soon(service.main)
+                    async for signum in signals:
+                        log.info("service_stopping", signal=signal.Signals(signum).name)
+                        break
+                    bus.draining = True
+                    with anyio.move_on_after(cls.stop_grace):
+                        await bus.wait_idle()
+                finally:
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await service.teardown()
+
+
+def run(cls: type[Service], *, backend: str | None = None) -> None:
+    """Process entry point: configure logging, pick the anyio backend (EDGEBUS_BACKEND:
+    asyncio or trio), run the service, and exit with a meaningful status."""
+    name = os.environ.get("EDGEBUS_SERVICE") or cls.name
+    log = configure_logging(name)
+    backend = backend or os.environ.get("EDGEBUS_BACKEND") or "asyncio"
+    try:
+        anyio.run(serve, cls, backend=backend)
+    except BusError as exc:
+        log.error("service_bus_error", error=str(exc))
+        sys.exit(EXIT_BUS)
+    except KeyboardInterrupt:
+        pass
+    log.info("service_stopped", backend=backend)
