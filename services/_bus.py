@@ -167,16 +167,21 @@ class BusClient:
     async def request(
         self,
         dest: str,
-        msg: msgspec.Struct,
+        msg: msgspec.Struct | bytes,
         *,
         timeout: float | None = None,
         deadline: float | None = None,
         frames: Sequence[Any] = (),
+        type: str | None = None,
     ) -> Incoming:
-        """Send a request and wait for its reply; an ERROR reply raises its RemoteError."""
+        """Send a request and wait for its reply; an ERROR reply raises its RemoteError.
+
+        ``msg`` may be pre-encoded msgpack bytes, with ``type`` naming the message type.
+        """
         if deadline is None:
             deadline = time.time() + (self.default_timeout if timeout is None else timeout)
-        header = Header(kind=Kind.REQUEST, type=body_tag(msg), dest=dest, id=next(self._ids), deadline=deadline)
+        header = Header(kind=Kind.REQUEST, type=type or body_tag(msg), dest=dest, id=next(self._ids),
+                        deadline=deadline)
         incoming = await self._exchange(header, msg, frames, deadline)
         if incoming.header.kind == _ERR:
             raise self._remote_error(incoming)
@@ -193,7 +198,7 @@ class BusClient:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DecodeError(f"reply {incoming.header.type!r} from {dest!r}", str(exc)) from exc
 
-    async def _exchange(self, header: Header, body: msgspec.Struct, frames: Sequence[Any], deadline: float) -> Incoming:
+    async def _exchange(self, header: Header, body: msgspec.Struct | bytes, frames: Sequence[Any], deadline: float) -> Incoming:
         slot = _Slot()
         self._calls[header.id] = slot
         try:

@@ -1,0 +1,277 @@
+"""``busctl``: inspect and steer a running edgebus from the command line.
+
+Connects with the operator credential in ``<run-dir>/credentials/operator``.  Every
+command takes ``--json``; failures print one clear line on stderr and exit non-zero:
+1 for a failed call or bad input, 2 for usage, 3 when the bus cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import anyio
+import msgspec
+
+from protocols import (
+    CapabilityTable,
+    GetService,
+    Interface,
+    Introspect,
+    ListCapabilities,
+    ListServices,
+    Monitor,
+    ServiceList,
+    ServiceStatus,
+    Traffic,
+)
+from services import BusClient, BusError, ConnectError, RemoteError, connect
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+class UsageError(Exception):
+    pass
+
+
+def _to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(_to_builtins(obj), indent=2, sort_keys=False, default=str))
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(c) for c in headers]] + [[("-" if c in ("", None) else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _uptime(seconds: float) -> str:
+    if not seconds:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+async def cmd_list(bus: BusClient, args: argparse.Namespace) -> int:
+    reply = await bus.call("kernel", ListServices(), ServiceList, timeout=args.timeout)
+    if args.json:
+        _print_json(reply.services)
+        return 0
+    rows = [(s.name, s.state, s.pid or "", s.restarts, _uptime(s.uptime), s.last_exit,
+             ",".join(s.types)) for s in reply.services]
+    print(_table(rows, ("NAME", "STATE", "PID", "RESTARTS", "UPTIME", "LAST EXIT", "TYPES")))
+    return 0
+
+
+async def cmd_status(bus: BusClient, args: argparse.Namespace) -> int:
+    s = await bus.call("kernel", GetService(name=args.name), ServiceStatus, timeout=args.timeout)
+    if args.json:
+        _print_json(s)
+        return 0
+    fields = msgspec.structs.asdict(s)
+    width = max(map(len, fields))
+    for key, value in fields.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        elif key == "uptime":
+            value = _uptime(value) or "-"
+        print(f"{key.replace('_', ' '):>{width}}: {value if value not in ('', None) else '-'}")
+    return 0
+
+
+async def cmd_call(bus: BusClient, args: argparse.Namespace) -> int:
+    try:
+        body = json.loads(args.body) if args.body else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise UsageError("the request body must be a JSON object, e.g. '{\"who\": \"world\"}'")
+    body["type"] = args.type
+    incoming = await bus.request(args.service, msgspec.msgpack.encode(body), type=args.type,
+                                 timeout=args.timeout)
+    reply = incoming.decode()
+    if args.json:
+        _print_json({"type": incoming.type, "sender": incoming.sender, "body": reply,
+                     "frames": [len(f) for f in incoming.frames]})
+    else:
+        _print_json(reply)
+    return 0
+
+
+async def cmd_introspect(bus: BusClient, args: argparse.Namespace) -> int:
+    iface = await bus.call("kernel", Introspect(name=args.service), Interface, timeout=args.timeout)
+    if args.json:
+        _print_json(iface)
+        return 0
+    print(f"service {iface.name}")
+    defs = iface.schema.get("$defs", {})
+    for t in iface.types:
+        schema = defs.get(t, {})
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        fields = ", ".join(
+            f"{k}{'' if k in required else '?'}: {_schema_type(v)}" for k, v in props.items() if k != "type"
+        )
+        print(f"  request {t}({fields})")
+    rdefs = iface.reply_schema.get("$defs", {})
+    for name, schema in rdefs.items():
+        if "properties" in schema and schema.get("properties", {}).get("type"):
+            props = schema["properties"]
+            fields = ", ".join(f"{k}: {_schema_type(v)}" for k, v in props.items() if k != "type")
+            print(f"  reply   {name}({fields})")
+    for topic in iface.publishes:
+        print(f"  publishes {topic}")
+    return 0
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_schema_type(s) for s in schema["anyOf"])
+    t = schema.get("type", "any")
+    if t == "array":
+        return f"[{_schema_type(schema.get('items', {}))}]"
+    return str(t)
+
+
+async def cmd_caps(bus: BusClient, args: argparse.Namespace) -> int:
+    table = await bus.call("kernel", ListCapabilities(name=args.name or ""), CapabilityTable, timeout=args.timeout)
+    if args.json:
+        _print_json(table.table)
+        return 0
+    rows = [(name, cap) for name, caps in table.table.items() for cap in (caps or ["(none: default deny)"])]
+    print(_table(rows, ("PRINCIPAL", "CAPABILITY")))
+    return 0
+
+
+async def cmd_monitor(bus: BusClient, args: argparse.Namespace) -> int:
+    await bus.call("kernel", Monitor(service=args.service or "", message_type=args.type or "",
+                                     topic=args.topic or ""), timeout=args.timeout)
+    decoder = msgspec.msgpack.Decoder(Traffic)
+    seen = 0
+    if not args.json:
+        print(_table([], ("TIME", "KIND", "TYPE", "SENDER", "DEST", "ID", "BYTES", "OUTCOME")), flush=True)
+    async for incoming in bus.events:
+        if incoming.type != "Traffic" or incoming.sender != "kernel":
+            continue
+        t = decoder.decode(incoming.body)
+        if args.json:
+            print(msgspec.json.encode(t).decode(), flush=True)
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(t.time)) + f".{int(t.time % 1 * 1000):03d}"
+            print(f"{stamp}  {t.kind:<8} {t.message_type:<20} {t.sender:<16} -> {t.dest or '-':<20} "
+                  f"{t.id:<6} {t.size:<8} {t.outcome or 'ok'}", flush=True)
+        seen += 1
+        if args.limit and seen >= args.limit:
+            break
+    return 0
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+def _credential(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    if args.bus:
+        endpoint, run_dir = args.bus, None
+    else:
+        run_dir = args.run_dir or os.environ.get("EDGEBUS_RUN_DIR")
+        if not run_dir:
+            from kernel import default_dirs
+
+            run_dir = str(default_dirs(None, None)[0])
+        endpoint = None
+    cred_file = args.credential_file or os.environ.get("EDGEBUS_CREDENTIAL_FILE")
+    if not cred_file and run_dir:
+        cred_file = str(Path(run_dir) / "credentials" / "operator")
+    if not cred_file:
+        raise UsageError("with --bus, give --credential-file (or EDGEBUS_CREDENTIAL_FILE)")
+    try:
+        credential = Path(cred_file).read_text().strip()
+    except FileNotFoundError:
+        raise ConnectError(endpoint or f"ipc://{run_dir}/bus.sock",
+                           f"no credential at {cred_file}; is edgebus running with that run directory?") from None
+    except PermissionError:
+        raise ConnectError(endpoint or f"ipc://{run_dir}/bus.sock",
+                           f"cannot read {cred_file}: permission denied (run busctl as the kernel's user)") from None
+    return endpoint or f"ipc://{Path(run_dir).resolve() / 'bus.sock'}", credential
+
+
+async def _run(func: Callable[[BusClient, argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    endpoint, credential = _credential(args)
+    async with connect("busctl", endpoint=endpoint, credential=credential,
+                       connect_timeout=args.timeout) as bus:
+        return await func(bus, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", help="the kernel's run directory (or EDGEBUS_RUN_DIR)")
+    common.add_argument("--bus", help="bus endpoint, e.g. ipc:///run/edgebus/bus.sock")
+    common.add_argument("--credential-file", help="credential to present (default: RUN_DIR/credentials/operator)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the bus (default 10)")
+    parser = argparse.ArgumentParser(prog="busctl", description="Inspect and steer a running edgebus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", parents=[common], help="services, their state, pid and restarts")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("status", parents=[common], help="one service in detail")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("call", parents=[common], help="send a request: call SERVICE TYPE JSON")
+    p.add_argument("service")
+    p.add_argument("type")
+    p.add_argument("body", nargs="?", default="{}")
+    p.set_defaults(func=cmd_call)
+    p = sub.add_parser("monitor", parents=[common], help="watch live traffic")
+    p.add_argument("--service", help="only messages from or to this service")
+    p.add_argument("--type", help="only this message type")
+    p.add_argument("--topic", help="only events whose topic starts with this")
+    p.add_argument("--limit", type=int, default=0, help="exit after N messages")
+    p.set_defaults(func=cmd_monitor)
+    p = sub.add_parser("introspect", parents=[common], help="a service's message types and schemas")
+    p.add_argument("service")
+    p.set_defaults(func=cmd_introspect)
+    p = sub.add_parser("caps", parents=[common], help="the capability table")
+    p.add_argument("name", nargs="?", help="one principal")
+    p.set_defaults(func=cmd_caps)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = anyio.run(_run, args.func, args)
+    except UsageError as exc:
+        print(f"busctl: {exc}", file=sys.stderr)
+        code = 2
+    except ConnectError as exc:
+        print(f"busctl: {exc}", file=sys.stderr)
+        code = EXIT_UNREACHABLE
+    except RemoteError as exc:
+        print(f"busctl: {args.command} failed: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    except BusError as exc:
+        print(f"busctl: {exc}", file=sys.stderr)
+        code = EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
