@@ -405,9 +405,10 @@ class Router:
             # Late (already timed out) or never asked for: a reply is only delivered to
             # the requester of an outstanding request.
             self._stray += 1
-            log.warning("reply_dropped", sender=peer.name, id=kid, type=hdr.type,
-                        reason="no outstanding request with this id for this sender "
-                               "(it timed out, its requester left, or it was never sent)")
+            if _worth_logging(self._stray):
+                log.warning("reply_dropped", count=self._stray, sender=peer.name, id=kid, type=hdr.type,
+                                    reason="no outstanding request with this id for this sender "
+                                   "(it timed out, its requester left, or it was never sent)")
             return
         del self._pending[kid]
         peer.inbox.discard(kid)
@@ -461,7 +462,7 @@ class Router:
             if to is not None:
                 to.dropped += 1
                 self._dropped_events += 1
-                if to.dropped in (1, 10, 100, 1000) or to.dropped % 10000 == 0:
+                if _worth_logging(to.dropped):
                     log.warning("peer_queue_full", peer=to.name, dropped=to.dropped,
                                 limit=self.config.queue_limit)
             return False
@@ -746,6 +747,11 @@ class Router:
             denied=self._denied, malformed=self._malformed, stray_replies=self._stray,
             dropped_events=self._dropped_events,
         )
+
+
+def _worth_logging(count: int) -> bool:
+    """Rate limit for repeated warnings: the 1st, 10th, 100th, 1000th, then every 10000th."""
+    return count in (1, 10, 100, 1000) or count % 10000 == 0
 
 
 def _valid_label(label: str) -> bool:

@@ -146,7 +146,7 @@ class StopMonitor(msgspec.Struct, tag=True):
 KernelRequest = ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
 
 
-class ServiceStatus(msgspec.Struct, tag=True, omit_defaults=True):
+class ServiceStatus(msgspec.Struct, tag=True):
     name: str
     #: configured (not started) | starting | ready | stopping | stopped | failed |
     #: backoff | connected (a peer the kernel did not start)

@@ -43,7 +43,6 @@ from protocols import (
 from protocols._transport import AsyncSocket
 
 from ._exceptions import (
-    BusError,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
@@ -180,6 +179,8 @@ class BusClient:
         """
         if deadline is None:
             deadline = time.time() + (self.default_timeout if timeout is None else timeout)
+        elif deadline <= time.time():
+            raise DeadlineExceeded(f"the deadline passed before {type or body_tag(msg)!r} was sent to {dest!r}")
         header = Header(kind=Kind.REQUEST, type=type or body_tag(msg), dest=dest, id=next(self._ids),
                         deadline=deadline)
         incoming = await self._exchange(header, msg, frames, deadline)
@@ -412,10 +413,10 @@ async def connect(
                 finally:
                     await client.close()
         except BaseExceptionGroup as group:
-            # Surface a lone bus error as itself: callers catch BusError, not groups.
-            errors = group.exceptions
-            if len(errors) == 1 and isinstance(errors[0], BusError):
-                raise errors[0] from None
+            # A lone error (from the body, or a bus error such as ConnectionLost) surfaces
+            # as itself: callers catch BusError or their own exceptions, not groups.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
             raise
     finally:
         client._events_in.close()

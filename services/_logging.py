@@ -50,4 +50,5 @@ def configure_logging(service: str, *, level: str | None = None, json: bool | No
 
 
 def get_logger(**bind: object) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger().bind(**bind) if bind else structlog.get_logger()
+    """A lazy logger: safe at import time, it picks up the configuration made later."""
+    return structlog.get_logger(**bind)

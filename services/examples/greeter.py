@@ -5,6 +5,8 @@ Run by the default config as ``python -m services.examples.greeter``.
 
 from __future__ import annotations
 
+import os
+
 import anyio
 import msgspec
 
@@ -66,7 +68,7 @@ class Greeter(Service):
     Request = Request
     Reply = Reply
     publishes = ["example.tick"]
-    tick_interval = 5.0
+    tick_interval = float(os.environ.get("GREETER_TICK_INTERVAL", "5"))
 
     async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
         match req:
