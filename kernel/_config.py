@@ -22,6 +22,7 @@ __all__ = [
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_NAMES = frozenset({"kernel", "operator"})
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
 class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,14 +104,29 @@ def parse_config(text: str, source: str = "<string>") -> SystemConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from exc
-    try:
-        config = msgspec.convert(raw, SystemConfig)
-    except msgspec.ValidationError as exc:
-        msg, _, path = str(exc).rpartition(" - at `")
-        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
-        raise ConfigError(source, key, msg or str(exc)) from exc
+    services = raw.pop("services", {})
+    if not isinstance(services, dict):
+        raise ConfigError(source, "services", "must be a table of [services.<name>] sections")
+    config = _convert(raw, SystemConfig, source, "")
+    # Each service separately, so an error names the service (msgspec says "[...]").
+    config.services = {
+        name: _convert(body, ServiceConfig, source, f"services.{name}") for name, body in services.items()
+    }
     _validate(config, source)
     return config
+
+
+def _convert(raw: object, type_: type, source: str, prefix: str):  # type: ignore[no-untyped-def]
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as exc:
+        msg, sep, path = str(exc).partition(" - at `")
+        path = path.rstrip("`").removeprefix("$") if sep else ""
+        unknown = _UNKNOWN_FIELD.match(msg)
+        if unknown:  # name the offending key itself
+            path += "." + unknown.group(1)
+        key = prefix + path if path.startswith("[") else ".".join(filter(None, (prefix, path.lstrip("."))))
+        raise ConfigError(source, key, msg) from exc
 
 
 def _validate(config: SystemConfig, source: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import secrets
 import time
@@ -359,6 +360,10 @@ class Router:
             return
         now = time.monotonic()
         if hdr.deadline:
+            if not math.isfinite(hdr.deadline):
+                self._answer(peer, hdr, ErrorCode.BAD_MESSAGE,
+                             f"deadline {hdr.deadline!r} is not a finite number of seconds since the epoch")
+                return
             remaining = hdr.deadline - time.time()
             if remaining <= 0:
                 self._answer(peer, hdr, ErrorCode.TIMEOUT,

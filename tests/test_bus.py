@@ -185,6 +185,9 @@ def test_malformed_frames_are_answered_and_the_kernel_keeps_running(system: Syst
         err = peer.recv_error()
         assert err.code == ErrorCode.BAD_MESSAGE and expected in err.message, (frames, err)
     peer.hello("client", system.credential("client"))
+    peer.send(Header(kind=Kind.REQUEST, type="Greet", dest="greeter", id=8, deadline=float("nan")), Greet(who="x"))
+    err = peer.recv_error()
+    assert err.code == ErrorCode.BAD_MESSAGE and "deadline nan" in err.message
     big = b"\0" * (1024 * 1024 + 1)
     peer.send(Header(kind=Kind.REQUEST, type="Echo", dest="greeter", id=9), Echo(), [big])
     err = peer.recv_error()

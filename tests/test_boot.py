@@ -1,0 +1,170 @@
+"""`edgebus boot` as a whole: the default system, shutdown, config errors, crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from protocols import ListServices, ServiceList
+from services import Unavailable
+from services.examples.greeter import Greet, Greeting, Sleep
+
+from conftest import BIN, System, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); count it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_default_system_boots_and_stops_cleanly(make_system) -> None:
+    system: System = make_system(None)
+    listing = await system.wait_ready("greeter")
+    pids = [s.pid for s in listing.services if s.pid]
+    assert pids and all(_alive(p) for p in pids)
+    out = system.busctl("call", "greeter", "Greet", '{"who": "operator"}', check=True).stdout
+    assert "hello, operator" in out
+    assert (system.run_dir / "state").is_dir()
+    assert system.stop() == 0
+    assert not any(_alive(p) for p in pids)
+    assert not (system.run_dir / "bus.sock").exists()
+    log = system.log()
+    # every child line is re-emitted as a structured line carrying the service name
+    lines = [msgspec.json.decode(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(r.get("service") == "greeter" and r.get("event") == "service_ready" for r in lines)
+    assert all("service" in r for r in lines)
+
+
+def test_invalid_config_exits_78_naming_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[services.a]\ncommand = ["true"]\ncapabilities = "call:*"\n')
+    proc = subprocess.run([str(BIN / "edgebus"), "boot", "--config", str(bad), "--run-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78
+    assert str(bad) in proc.stderr and "services.a.capabilities" in proc.stderr
+
+
+def test_a_second_kernel_on_the_same_run_dir_is_refused(make_system) -> None:
+    system: System = make_system(None)
+    proc = subprocess.run([str(BIN / "edgebus"), "boot", "--run-dir", str(system.run_dir)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "another edgebus kernel is running" in proc.stderr
+
+
+CRASH_CONFIG = """
+[bus]
+heartbeat_interval = 0.2
+
+[services.greeter]
+command = ["{python}", "-m", "services.examples.greeter"]
+
+[services.dependent]
+command = ["{python}", "-m", "services.examples.greeter"]
+requires = ["greeter"]
+
+[services.client]
+capabilities = ["call:greeter.*", "call:kernel.*", "subscribe:kernel.*"]
+"""
+
+
+async def test_a_killed_service_fails_its_pending_requests_and_comes_back(make_system) -> None:
+    system: System = make_system(CRASH_CONFIG)
+    listing = await system.wait_ready("greeter", "dependent")
+    old = {s.name: s.pid for s in listing.services}
+    async with system.client("client") as bus:
+        await bus.subscribe("kernel.services")
+        failed: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            async def slow_call() -> None:
+                try:
+                    await bus.call("greeter", Sleep(seconds=30), timeout=20)
+                except Unavailable as exc:
+                    failed.append(exc)
+            tg.start_soon(slow_call)
+            # kill once the request is pending at the greeter
+            with anyio.fail_after(5):
+                while True:
+                    st = await bus.call("kernel", ListServices(), ServiceList)
+                    if next(s for s in st.services if s.name == "greeter").pending:
+                        break
+                    await anyio.sleep(0.01)
+            killed_at = time.monotonic()
+            os.kill(old["greeter"], signal.SIGKILL)
+        assert failed and "went away" in str(failed[0])
+        assert time.monotonic() - killed_at < 2
+        with anyio.fail_after(15):
+            while True:
+                st = await bus.call("kernel", ListServices(), ServiceList)
+                g = next(s for s in st.services if s.name == "greeter")
+                if g.state == "ready" and g.pid != old["greeter"]:
+                    break
+                await bus.events.receive()
+        assert g.restarts == 1 and "SIGKILL" in g.last_exit
+        assert (await bus.call("greeter", Greet(who="again"), Greeting, timeout=5)).text == "hello, again"
+        dep = next(s for s in st.services if s.name == "dependent")
+        assert dep.pid == old["dependent"] and dep.state == "ready"  # untouched
+    assert system.stop() == 0
+
+
+STUBBORN = """
+[services.stubborn]
+command = ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"]
+stop_timeout = 0.5
+start_timeout = 60
+"""
+
+
+def test_stop_kills_the_whole_process_group_after_the_grace_period(make_system) -> None:
+    system: System = make_system(STUBBORN)
+    kernel_pid = system.proc.pid
+
+    def group_members() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(") ", 1)[1].split()
+                if int(fields[1]) == kernel_pid and fields[0] != "Z":  # ppid
+                    pids.append(int(entry.name))
+        return pids
+
+    leader = wait_for(group_members, 10, "the stubborn service to start")[0]
+    pgid = os.getpgid(leader)
+    wait_for(lambda: len([p for p in _group(pgid)]) >= 3, 10, "the stubborn service's children")
+    start = time.monotonic()
+    assert system.stop() == 0
+    assert time.monotonic() - start < 5
+    assert _group(pgid) == []
+    assert "service_kill" in system.log()
+
+
+def _group(pgid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
