@@ -71,7 +71,7 @@ class Kernel:
         self._lock_fd: int | None = None
         principals = [Principal("operator", CapabilitySet(config.operator.capabilities), shared=True)]
         for name, spec in config.services.items():
-            if not spec.managed:
+            if not spec.managed and spec.enabled:
                 principals.append(Principal(name, CapabilitySet(spec.capabilities)))
         self.supervisor = Supervisor(
             config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
@@ -81,20 +81,25 @@ class Kernel:
         self.router = Router(
             self.endpoint, config.bus, principals,
             known_services=[n for n, s in config.services.items() if s.enabled],
-            on_ready=self.supervisor.mark_ready, status=self.supervisor.status,
+            on_ready=self.supervisor.mark_ready, on_gone=self.supervisor.peer_gone,
+            status=self.supervisor.status,
         )
+
+    # The supervisor runs on the event loop; the router in its own thread.  Everything the
+    # supervisor asks of the router is queued with submit() and runs in the router thread,
+    # in order, before the router handles its next message.
 
     def _issue_credential(self, name: str, capabilities: list[str]) -> str:
         principal = Principal(name, CapabilitySet(capabilities))
-        self.router.add_principal(principal)
+        self.router.submit(self.router.add_principal, principal)
         return principal.credential
 
     def _state_changed(self, name: str, state: str, previous: str, pid: int, detail: str) -> None:
-        self.router.service_state_changed(name, state, previous, pid, detail)
+        self.router.submit(self.router.service_state_changed, name, state, previous, pid, detail)
 
     def _service_exited(self, name: str, why: str) -> None:
         # Answer its pending requests with `unavailable` now, not after missed heartbeats.
-        self.router.disconnect_name(name, f"process {why}")
+        self.router.submit(self.router.disconnect_name, name, f"process {why}")
 
     def prepare(self) -> None:
         """Create the directories, take the run-dir lock, write external credentials."""

@@ -7,12 +7,14 @@ forward the body and tensor frames untouched (zero-copy ``zmq.Frame`` objects).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
 import os
 import secrets
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -20,7 +22,9 @@ import anyio
 import msgspec
 import zmq
 
+from protocols._transport import recv_frames, send_frames
 from protocols import (
+    PROTOCOL_MINOR,
     SIGNATURE,
     BodyDecoder,
     Bye,
@@ -54,7 +58,6 @@ from protocols import (
     Welcome,
     check_signature,
 )
-from protocols._transport import AsyncSocket
 from services import get_logger
 
 from ._caps import CapabilitySet
@@ -68,6 +71,10 @@ log = get_logger(component="router")
 _REQ, _REPLY, _ERR, _EVENT, _CTRL = (int(k) for k in Kind)
 _KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 _KERNEL = "kernel"
+_WAKE_IDENTITY = b"edgebus-kernel-wake"
+_NOBLOCK = int(zmq.NOBLOCK)
+_CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
+_KERNEL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(KernelRequest))
 
 
 @dataclass(eq=False)
@@ -83,8 +90,8 @@ class Principal:
 
 class Peer:
     __slots__ = (
-        "identity", "name", "principal", "types", "hello", "ready", "last_seen", "cache",
-        "subscriptions", "inbox", "outbox", "requests_in", "requests_out", "events_out",
+        "identity", "name", "principal", "types", "hello", "ready", "last_seen", "cache", "calls",
+        "subscriptions", "pending", "requests_in", "requests_out", "events_out",
         "denied", "dropped",
     )
 
@@ -98,22 +105,14 @@ class Peer:
         self.last_seen = time.monotonic()
         #: (kind, target) -> allowed; cleared whenever the capability table changes.
         self.cache: dict[tuple[int, str, str], bool] = {}
+        #: (service, type) -> allowed, for requests: the per-message check is one lookup.
+        self.calls: dict[tuple[str, str], bool] = {}
         self.subscriptions: set[str] = set()
-        #: kernel ids of requests this peer must answer / is waiting for.
-        self.inbox: set[int] = set()
-        self.outbox: set[int] = set()
+        #: Requests routed to this peer and not yet answered.  (Which ones is found by a
+        #: scan of the pending table when the peer goes away: rare, so the hot path only
+        #: keeps a count.)
+        self.pending = 0
         self.requests_in = self.requests_out = self.events_out = self.denied = self.dropped = 0
-
-
-class _Pending:
-    __slots__ = ("requester", "orig_id", "target", "expires", "type")
-
-    def __init__(self, requester: Peer, orig_id: int, target: Peer, expires: float, type_: str) -> None:
-        self.requester = requester
-        self.orig_id = orig_id
-        self.target = target
-        self.expires = expires
-        self.type = type_
 
 
 @dataclass
@@ -160,7 +159,10 @@ class Router:
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._status = status
-        self._pending: dict[int, _Pending] = {}
+        #: kernel id -> (requester, requester's id, target, expiry (monotonic), type)
+        self._pending: dict[int, tuple[Peer, int, Peer, float, str]] = {}
+        self._request_timeout = config.request_timeout
+        self._max_pending = config.max_pending
         self._expiry: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
         self._shared_ids = itertools.count(1)
@@ -171,7 +173,13 @@ class Router:
         self._kernel_api = BodyDecoder(KernelRequest)
         self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
         self._sock: zmq.Socket | None = None
-        self._async: AsyncSocket | None = None
+        self._waker: zmq.Socket | None = None
+        self._wake_endpoint = f"inproc://edgebus-router-{id(self):x}"
+        self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._running = False
+        self._next_beat = 0.0
+        self._beat_header = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=_KERNEL))
+        self._beat_body = self._enc.encode(Heartbeat())
 
     # -- principals and capabilities -------------------------------------------------------
 
@@ -185,6 +193,7 @@ class Router:
             if peer.principal.name == principal.name:
                 peer.principal = principal
                 peer.cache.clear()
+                peer.calls.clear()
         self._topic_cache.clear()
 
     def principal(self, name: str) -> Principal | None:
@@ -203,89 +212,147 @@ class Router:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, self.config.queue_limit)
         sock.setsockopt(zmq.RCVHWM, max(self.config.queue_limit * 10, 10000))
-        # libzmq drops any single frame larger than this without telling us; keep it well
-        # above the per-message check in _route, which answers with a clear error.
+        # A hard ceiling for a single frame: libzmq disconnects a peer that exceeds it.
+        # The per-message check in _route sits well below and answers with a clear error.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size * 2)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, max(int(min(self.config.heartbeat_interval, 0.1) * 1000), 1))
         try:
             sock.bind(self.endpoint)
+            sock.bind(self._wake_endpoint)
         except zmq.ZMQError as exc:
             sock.close(0)
             raise BindError(self.endpoint, exc.strerror) from exc
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         self._sock = sock
-        self._async = AsyncSocket(sock)
+        self._waker = self._ctx.socket(zmq.DEALER)
+        self._waker.setsockopt(zmq.IDENTITY, _WAKE_IDENTITY)
+        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker.connect(self._wake_endpoint)
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Route until cancelled.  Reports started once the socket is bound."""
+        """Route until cancelled.  Reports started once the socket is bound.
+
+        Routing runs in a dedicated thread that blocks in libzmq (GIL released), so a
+        message costs no event-loop wake-up; the event loop keeps the supervisor."""
         if self._sock is None:
             self.bind()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._tick)
+                tg.start_soon(self._stop_when_cancelled)
                 task_status.started()
-                await self._receive_loop()
+                await anyio.to_thread.run_sync(self._run)
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 self.close()
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self._running = False
+            self._wake()
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        if self._waker is not None:
+            self._waker.close(0)
+            self._waker = None
 
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None and self._async is not None
-        recv = self._sock.recv_multipart
-        wait = self._async.wait
+    # -- commands from the supervisor's thread -----------------------------------------------
+
+    def submit(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` in the router thread (the only thread that may touch the
+        socket or the routing tables).  Non-blocking; call from the event-loop thread."""
+        self._commands.append((func, args))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            try:
+                self._waker.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # already full of wake-ups: the router will look at the queue anyway
+
+    def _run_commands(self) -> None:
+        commands = self._commands
+        while commands:
+            func, args = commands.popleft()
+            try:
+                func(*args)
+            except Exception:
+                log.exception("router_command_failed", command=getattr(func, "__name__", repr(func)))
+
+    def _notify(self, func: Callable[..., Any], *args: Any) -> None:
+        """Call back into the supervisor, on the event loop's thread."""
+        try:
+            anyio.from_thread.run_sync(func, *args)
+        except RuntimeError:  # no event loop (router driven directly, e.g. in a unit test)
+            func(*args)
+
+    # -- the router thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        recv = recv_frames
         route = self._route
-        while True:
-            # Drain everything waiting before going back to the event loop: under load one
-            # wake-up routes many messages.
-            for _ in range(512):
-                try:
-                    parts = recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+        commands = self._commands
+        interval = self.config.heartbeat_interval
+        tick_every = min(interval, 0.1)
+        next_tick = 0.0
+        self._running = True
+        while self._running:
+            if commands:
+                self._run_commands()
+            try:
+                # identity, signature, header, body as bytes; tensor frames stay zmq.Frame
+                # objects, forwarded without Python ever touching their bytes.
+                parts: list[Any] | None = recv(sock)
+            except zmq.Again:  # RCVTIMEO: time for the tick
+                parts = None
+            except zmq.ContextTerminated:
+                return
+            if parts is not None:
                 try:
                     route(parts)
                 except Exception:  # a bug must not take the bus down; it is logged loudly
                     self._malformed += 1
                     log.exception("router_internal_error", frames=len(parts))
-            else:
-                await anyio.lowlevel.checkpoint()
-                continue
-            await wait(zmq.POLLIN)
-
-    async def _tick(self) -> None:
-        interval = self.config.heartbeat_interval
-        beat = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=_KERNEL))
-        body = self._enc.encode(Heartbeat())
-        next_beat = 0.0
-        while True:
             now = time.monotonic()
-            self._expire(now)
-            if now >= next_beat:
-                next_beat = now + interval
-                limit = interval * self.config.heartbeat_liveness
-                for peer in list(self._peers.values()):
-                    if now - peer.last_seen > limit:
-                        self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s")
-                    else:
-                        self._send([peer.identity, SIGNATURE, beat, body], peer)
-            await anyio.sleep(min(interval, 0.1))
+            if now >= next_tick:
+                next_tick = now + tick_every
+                self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        self._expire(now)
+        if now < self._next_beat:
+            return
+        interval = self.config.heartbeat_interval
+        self._next_beat = now + interval
+        limit = interval * self.config.heartbeat_liveness
+        for peer in list(self._peers.values()):
+            if now - peer.last_seen > limit:
+                self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s")
+            else:
+                self._send([peer.identity, SIGNATURE, self._beat_header, self._beat_body], peer)
 
     # -- the hot path ----------------------------------------------------------------------
 
-    def _route(self, parts: list[zmq.Frame]) -> None:
-        identity = parts[0].bytes
+    def _route(self, parts: list[Any]) -> None:
+        identity = parts[0]
         if len(parts) < 4:
+            if identity == _WAKE_IDENTITY:
+                return
             self._malformed += 1
             self._reject(identity, None, ErrorCode.BAD_MESSAGE,
                          f"expected at least 3 frames (signature, header, body), got {len(parts) - 1}")
             return
-        sig = parts[1].bytes
+        sig = parts[1]
         if sig != SIGNATURE:
             try:
                 check_signature(sig)  # a different minor version is fine
@@ -294,38 +361,40 @@ class Router:
                 self._reject(identity, None, ErrorCode.BAD_MESSAGE, str(exc))
                 return
         try:
-            hdr = self._hdr.decode(parts[2].bytes)
+            hdr = self._hdr.decode(parts[2])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._malformed += 1
             self._reject(identity, None, ErrorCode.BAD_MESSAGE, f"header does not decode: {exc}")
             return
+        size = len(sig) + len(parts[2]) + len(parts[3])
+        if len(parts) > 4:
+            for p in parts[4:]:
+                size += len(p)
+        if size > self.config.max_message_size:
+            self._malformed += 1
+            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
+                         f"message of {size} bytes exceeds the bus limit of "
+                         f"{self.config.max_message_size} bytes")
+            return
         peer = self._peers.get(identity)
-        if len(parts) > 4 or len(parts[3]) > 65536:
-            size = sum(len(p) for p in parts[1:])
-            if size > self.config.max_message_size:
-                self._malformed += 1
-                self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
-                             f"message of {size} bytes exceeds the bus limit of "
-                             f"{self.config.max_message_size} bytes")
-                return
         if peer is None:
             if hdr.kind == _CTRL and hdr.type == "Hello":
-                self._hello(identity, hdr, parts[3].bytes)
+                self._hello(identity, hdr, parts[3])
             else:
                 self._malformed += 1
                 self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
                              "this peer has not said Hello; send Hello before anything else")
             return
-        peer.last_seen = time.monotonic()
+        peer.last_seen = now = time.monotonic()
         kind = hdr.kind
         if kind == _REQ:
-            self._request(peer, hdr, parts)
+            self._request(peer, hdr, parts, now)
         elif kind == _REPLY or kind == _ERR:
             self._reply(peer, hdr, parts)
         elif kind == _EVENT:
             self._publish(peer, hdr, parts)
         else:
-            self._control_message(peer, hdr, parts[3].bytes)
+            self._control_message(peer, hdr, parts[3])
 
     def _allowed(self, peer: Peer, kind: int, action: str, target: str) -> bool:
         key = (kind, action, target)
@@ -334,16 +403,18 @@ class Router:
             ok = peer.cache[key] = peer.principal.caps.allows(action, target)
         return ok
 
-    def _request(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+    def _request(self, peer: Peer, hdr: Header, parts: list[Any], now: float) -> None:
         dest = hdr.dest
         typ = hdr.type
-        target_name = f"{dest}.{typ}"
-        if not self._allowed(peer, _REQ, "call", target_name):
-            self._deny(peer, hdr, f"call:{target_name}")
+        ok = peer.calls.get((dest, typ))
+        if ok is None:
+            ok = peer.calls[(dest, typ)] = peer.principal.caps.allows("call", f"{dest}.{typ}")
+        if not ok:
+            self._deny(peer, hdr, f"call:{dest}.{typ}")
             return
         peer.requests_out += 1
         if dest == _KERNEL:
-            self._kernel_request(peer, hdr, parts[3].bytes)
+            self._kernel_request(peer, hdr, parts[3])
             return
         target = self._by_name.get(dest)
         if target is None or not target.ready:
@@ -358,7 +429,6 @@ class Router:
             self._answer(peer, hdr, ErrorCode.UNKNOWN_TYPE,
                          f"service {dest!r} does not serve {typ!r}; it serves {', '.join(sorted(target.types)) or 'nothing'}")
             return
-        now = time.monotonic()
         if hdr.deadline:
             if not math.isfinite(hdr.deadline):
                 self._answer(peer, hdr, ErrorCode.BAD_MESSAGE,
@@ -369,12 +439,12 @@ class Router:
                 self._answer(peer, hdr, ErrorCode.TIMEOUT,
                              f"the deadline passed {-remaining * 1000:.1f} ms before the request reached the kernel")
                 return
-            expires = now + min(remaining, self.config.request_timeout)
+            expires = now + min(remaining, self._request_timeout)
         else:
-            expires = now + self.config.request_timeout
-        if len(target.inbox) >= self.config.max_pending:
+            expires = now + self._request_timeout
+        if target.pending >= self._max_pending:
             self._answer(peer, hdr, ErrorCode.OVERLOADED,
-                         f"service {dest!r} has {len(target.inbox)} requests outstanding (bus.max_pending)")
+                         f"service {dest!r} has {target.pending} requests outstanding (bus.max_pending)")
             return
         orig = hdr.id
         kid = next(self._ids)
@@ -383,7 +453,7 @@ class Router:
         parts[0] = target.identity
         parts[2] = self._enc.encode(hdr)
         try:
-            self._sock.send_multipart(parts, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            self._sendv(parts)
         except zmq.Again:
             hdr.id = orig
             self._answer(peer, hdr, ErrorCode.OVERLOADED,
@@ -396,30 +466,29 @@ class Router:
             return
         self._routed += 1
         target.requests_in += 1
-        self._pending[kid] = _Pending(peer, orig, target, expires, typ)
+        self._pending[kid] = (peer, orig, target, expires, typ)
         heapq.heappush(self._expiry, (expires, kid))
-        target.inbox.add(kid)
-        peer.outbox.add(kid)
+        target.pending += 1
         if self._monitors:
+            hdr.id = orig  # monitors see the requester's id, as on the reply
             self._observe(hdr, peer.name, dest, parts)
 
     def _reply(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
         kid = hdr.id
         pending = self._pending.get(kid)
-        if pending is None or pending.target is not peer:
+        if pending is None or pending[2] is not peer:
             # Late (already timed out) or never asked for: a reply is only delivered to
             # the requester of an outstanding request.
             self._stray += 1
             if _worth_logging(self._stray):
                 log.warning("reply_dropped", count=self._stray, sender=peer.name, id=kid, type=hdr.type,
-                                    reason="no outstanding request with this id for this sender "
+                            reason="no outstanding request with this id for this sender "
                                    "(it timed out, its requester left, or it was never sent)")
             return
         del self._pending[kid]
-        peer.inbox.discard(kid)
-        requester = pending.requester
-        requester.outbox.discard(kid)
-        hdr.id = pending.orig_id
+        peer.pending -= 1
+        requester = pending[0]
+        hdr.id = pending[1]
         hdr.sender = peer.name
         hdr.dest = ""
         parts[0] = requester.identity
@@ -459,9 +528,12 @@ class Router:
         self._topic_cache[topic] = subs
         return subs
 
+    def _sendv(self, parts: list[Any]) -> None:
+        send_frames(self._sock, parts, _NOBLOCK)  # type: ignore[arg-type]
+
     def _send(self, parts: list[Any], to: Peer | None = None) -> bool:
         try:
-            self._sock.send_multipart(parts, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            self._sendv(parts)
             return True
         except zmq.Again:
             if to is not None:
@@ -489,8 +561,7 @@ class Router:
         err_hdr = Header(kind=Kind.ERROR, type="Error", id=hdr.id if hdr else 0, sender=_KERNEL)
         body = Error(code=code, message=message, capability=capability)
         try:
-            self._sock.send_multipart(  # type: ignore[union-attr]
-                [identity, SIGNATURE, self._enc.encode(err_hdr), self._enc.encode(body)], zmq.NOBLOCK)
+            self._sendv([identity, SIGNATURE, self._enc.encode(err_hdr), self._enc.encode(body)])
         except zmq.ZMQError:
             pass  # the peer is gone or flooded; nothing more can be said to it
 
@@ -529,11 +600,11 @@ class Router:
                              "gave this service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
             return
         if principal.shared:
-            name = f"{hello.service or principal.name}.{next(self._shared_ids)}"
-            if not _valid_label(hello.service):
+            if hello.service and not _valid_label(hello.service):
                 self._send_error(identity, hdr, ErrorCode.BAD_MESSAGE,
                                  f"client label {hello.service!r} must be 1-63 of a-z, 0-9, '_' and '-'")
                 return
+            name = f"{hello.service or principal.name}.{next(self._shared_ids)}"
         else:
             name = principal.name
             if hello.service and hello.service != name:
@@ -553,6 +624,7 @@ class Router:
             heartbeat_interval=self.config.heartbeat_interval,
             heartbeat_liveness=self.config.heartbeat_liveness,
             max_message_size=self.config.max_message_size,
+            minor=PROTOCOL_MINOR,
         )
         self._send([identity, SIGNATURE,
                     self._enc.encode(Header(kind=Kind.REPLY, type="Welcome", id=hdr.id, sender=_KERNEL)),
@@ -560,11 +632,14 @@ class Router:
         log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
 
     def _control_message(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        if hdr.type not in _CONTROL_TYPES:
+            self._reject(peer.identity, hdr, ErrorCode.UNKNOWN_TYPE,
+                         f"unknown control message {hdr.type!r}; known: {', '.join(sorted(_CONTROL_TYPES))}")
+            return
         try:
             msg = self._control.decode(hdr.type, body)
         except DecodeError as exc:
-            code = ErrorCode.UNKNOWN_TYPE if _is_unknown_tag(exc) else ErrorCode.BAD_MESSAGE
-            self._reject(peer.identity, hdr, code, str(exc))
+            self._reject(peer.identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
             return
         match msg:
             case Heartbeat():
@@ -573,7 +648,7 @@ class Router:
                 if not peer.ready:
                     peer.ready = True
                     log.info("peer_ready", peer=peer.name)
-                    self._on_ready(peer.name)
+                    self._notify(self._on_ready, peer.name)
             case Subscribe(topics=topics):
                 for topic in topics:
                     if not peer.principal.caps.covers_prefix("subscribe", topic):
@@ -602,11 +677,14 @@ class Router:
     # -- the kernel's own API ----------------------------------------------------------------
 
     def _kernel_request(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        if hdr.type not in _KERNEL_TYPES:
+            self._answer(peer, hdr, ErrorCode.UNKNOWN_TYPE,
+                         f"the kernel does not serve {hdr.type!r}; it serves {', '.join(sorted(_KERNEL_TYPES))}")
+            return
         try:
             msg = self._kernel_api.decode(hdr.type, body)
         except DecodeError as exc:
-            self._answer(peer, hdr, ErrorCode.UNKNOWN_TYPE if _is_unknown_tag(exc) else ErrorCode.BAD_MESSAGE,
-                         str(exc))
+            self._answer(peer, hdr, ErrorCode.BAD_MESSAGE, str(exc))
             return
         match msg:
             case ListServices():
@@ -656,7 +734,7 @@ class Router:
             st.types = sorted(peer.types)
             st.subscriptions = sorted(peer.subscriptions)
             st.requests_in, st.requests_out = peer.requests_in, peer.requests_out
-            st.events_out, st.denied, st.pending = peer.events_out, peer.denied, len(peer.inbox)
+            st.events_out, st.denied, st.pending = peer.events_out, peer.denied, peer.pending
         return st
 
     def statuses(self) -> list[ServiceStatus]:
@@ -714,23 +792,20 @@ class Router:
         self._monitors.pop(peer.identity, None)
         if peer.subscriptions:
             self._topic_cache.clear()
-        for kid in peer.inbox:
-            pending = self._pending.pop(kid, None)
-            if pending is not None:
-                pending.requester.outbox.discard(kid)
-                self._send_error(pending.requester.identity,
-                                 Header(kind=Kind.REQUEST, type=pending.type, id=pending.orig_id),
-                                 ErrorCode.UNAVAILABLE,
-                                 f"service {peer.name!r} went away before replying ({why})")
-        for kid in peer.outbox:
-            pending = self._pending.pop(kid, None)
-            if pending is not None:
-                pending.target.inbox.discard(kid)
-        peer.inbox.clear()
-        peer.outbox.clear()
+        for kid, (requester, orig_id, target, _, type_) in list(self._pending.items()):
+            if target is peer:
+                del self._pending[kid]
+                if requester is not peer:
+                    self._send_error(requester.identity, Header(kind=Kind.REQUEST, type=type_, id=orig_id),
+                                     ErrorCode.UNAVAILABLE,
+                                     f"service {peer.name!r} went away before replying ({why})")
+            elif requester is peer:
+                del self._pending[kid]
+                target.pending -= 1
+        peer.pending = 0
         log.info("peer_disconnected", peer=peer.name, reason=why)
         if not peer.principal.shared:
-            self._on_gone(peer.name, why)
+            self._notify(self._on_gone, peer.name, why)
 
     def _expire(self, now: float) -> None:
         heap = self._expiry
@@ -739,12 +814,10 @@ class Router:
             pending = self._pending.pop(kid, None)
             if pending is None:
                 continue
-            pending.target.inbox.discard(kid)
-            pending.requester.outbox.discard(kid)
-            self._send_error(pending.requester.identity,
-                             Header(kind=Kind.REQUEST, type=pending.type, id=pending.orig_id),
-                             ErrorCode.TIMEOUT,
-                             f"{pending.target.name!r} did not answer {pending.type!r} before the deadline")
+            requester, orig_id, target, _, type_ = pending
+            target.pending -= 1
+            self._send_error(requester.identity, Header(kind=Kind.REQUEST, type=type_, id=orig_id),
+                             ErrorCode.TIMEOUT, f"{target.name!r} did not answer {type_!r} before the deadline")
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(
@@ -763,5 +836,3 @@ def _valid_label(label: str) -> bool:
     return bool(SERVICE_NAME.match(label))
 
 
-def _is_unknown_tag(exc: DecodeError) -> bool:
-    return "Invalid value" in exc.detail and "$.type" in exc.detail

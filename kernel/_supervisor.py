@@ -28,7 +28,11 @@ from services import get_logger
 from ._config import ServiceConfig, SystemConfig, dependency_order
 from ._exceptions import SpawnError
 
-__all__ = ["Supervisor", "State", "ManagedService", "describe_status"]
+__all__ = ["Supervisor", "State", "ManagedService", "describe_status", "EXIT_PERMANENT_FAILURE"]
+
+#: A service exiting with this status (EX_CONFIG) is not restarted: it reported that
+#: restarting cannot help (bad configuration, missing model...).
+EXIT_PERMANENT_FAILURE = 78
 
 log = get_logger(component="supervisor")
 _child_log = get_logger()
@@ -104,6 +108,7 @@ class Supervisor:
             if spec.managed and spec.enabled
         }
         self._by_pid: dict[int, ManagedService] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
         self.shutting_down = False
         self.orphans_reaped = 0
 
@@ -122,6 +127,16 @@ class Supervisor:
         svc = self.services.get(name)
         return svc.status() if svc else None
 
+    def peer_gone(self, name: str, why: str) -> None:
+        """The router lost a managed service's connection (Bye, or heartbeats stopped)
+        while its process may still run: a hung service is killed, then restarted."""
+        svc = self.services.get(name)
+        if (svc is None or not svc.pid or svc.exited.is_set() or self.shutting_down
+                or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
+            return
+        log.warning("service_unresponsive", name=name, pid=svc.pid, reason=why)
+        self._tg.start_soon(self._terminate, svc, f"its bus connection was lost ({why})")
+
     def mark_ready(self, name: str) -> None:
         svc = self.services.get(name)
         if svc is not None and svc.state == State.STARTING:
@@ -133,6 +148,7 @@ class Supervisor:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reap children and keep every service running until cancelled."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             await tg.start(self._reaper)
             for name in dependency_order(self.config):
                 if name in self.services:
@@ -194,6 +210,11 @@ class Supervisor:
             await svc.exited.wait()
             ran_for = time.monotonic() - svc.started_at
             if self.shutting_down or svc.state == State.STOPPING:
+                return
+            if svc.exit_status is not None and os.WIFEXITED(svc.exit_status) \
+                    and os.WEXITSTATUS(svc.exit_status) == EXIT_PERMANENT_FAILURE:
+                self._set_state(svc, State.FAILED,
+                                f"{svc.last_exit}: permanent failure (exit {EXIT_PERMANENT_FAILURE}), not restarted")
                 return
             self._set_state(svc, State.BACKOFF, svc.last_exit)
             if ran_for > 10.0:

@@ -21,11 +21,13 @@ def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tens
     descs: list[Tensor] = []
     buffers: list[Any] = []
     for i, arr in enumerate(arrays):
-        a = np.ascontiguousarray(arr)
+        a = np.asarray(arr)
+        if not a.flags.c_contiguous:  # (ascontiguousarray would turn a 0-d array 1-d)
+            a = a.copy(order="C")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i))
-        buffers.append(memoryview(a).cast("B") if a.size else b"")
+        buffers.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
     return descs, buffers
 
 

@@ -23,6 +23,8 @@ import msgspec
 import zmq
 
 from protocols import (
+    PROTOCOL_MINOR,
+    TypeMismatch,
     Bye,
     Codec,
     DecodeError,
@@ -135,6 +137,7 @@ class BusClient:
         self._hello = hello or Hello(service=service)
         self._hello.credential = credential
         self._hello.pid = os.getpid()
+        self._hello.minor = PROTOCOL_MINOR
         self._on_request = on_request
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self.default_timeout = default_timeout
@@ -161,7 +164,7 @@ class BusClient:
     # -- sending -----------------------------------------------------------------------------
 
     async def _send(self, header: Header, body: msgspec.Struct | bytes, raw: Sequence[Any] = ()) -> None:
-        await self._asock.send_multipart(self._codec.pack(header, body, raw))
+        await self._asock.send(self._codec.pack(header, body, raw))
 
     async def request(
         self,
@@ -195,9 +198,12 @@ class BusClient:
         if dec is None:
             dec = self._decoders[reply_type] = msgspec.msgpack.Decoder(reply_type)
         try:
-            return dec.decode(incoming.body)
+            reply = dec.decode(incoming.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DecodeError(f"reply {incoming.header.type!r} from {dest!r}", str(exc)) from exc
+        if isinstance(reply, msgspec.Struct) and type(reply).__struct_config__.tag not in (None, incoming.type):
+            raise TypeMismatch(incoming.type, body_tag(reply))
+        return reply
 
     async def _exchange(self, header: Header, body: msgspec.Struct | bytes, frames: Sequence[Any], deadline: float) -> Incoming:
         slot = _Slot()
@@ -250,7 +256,7 @@ class BusClient:
         try:
             with anyio.fail_after(timeout):
                 while True:
-                    frames = await self._asock.recv_multipart(copy=True)
+                    frames = await self._asock.recv()
                     try:
                         header, body, _ = self._codec.unpack(frames)
                     except ProtocolError:
@@ -259,18 +265,24 @@ class BusClient:
                         break
         except TimeoutError:
             raise ConnectError(self.endpoint, f"no answer to Hello within {timeout:g}s; is edgebus running?") from None
-        if header.kind == _ERR:
-            err = _error_decoder.decode(body)
-            raise ConnectError(self.endpoint, f"{err.code.value}: {err.message}")
-        self.welcome = msgspec.msgpack.decode(body, type=Welcome)
+        try:
+            if header.kind == _ERR:
+                err = _error_decoder.decode(body)
+                raise ConnectError(self.endpoint, f"{err.code.value}: {err.message}")
+            if header.type != "Welcome":
+                raise ConnectError(self.endpoint, f"the kernel answered Hello with {header.type!r}, not Welcome")
+            self.welcome = msgspec.msgpack.decode(body, type=Welcome)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ConnectError(self.endpoint, f"undecodable answer to Hello: {exc}") from exc
         self.name = self.welcome.name
+        self._codec.max_size = self.welcome.max_message_size
         self._last_rx = time.monotonic()
 
     async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        recv = self._asock.recv_multipart
+        recv = self._asock.recv
         unpack = self._codec.unpack
         while True:
-            frames = await recv(copy=False)
+            frames = await recv()
             self._last_rx = time.monotonic()
             try:
                 header, body, raw = unpack(frames)

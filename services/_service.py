@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import anyio
 import msgspec
 
-from protocols import BodyDecoder, DecodeError, Hello, Header
+from protocols import BodyDecoder, DecodeError, Header, Hello, unpack_tensor
 
 from ._bus import BusClient, Incoming, connect
 from ._exceptions import BadMessage, BusError, UnknownType
@@ -62,9 +62,11 @@ class Context(msgspec.Struct):
         return self.header.deadline
 
     def tensor(self, desc: Any) -> Any:
-        from protocols import unpack_tensor
-
-        return unpack_tensor(desc, self.frames)
+        """The numpy view of a tensor frame; a malformed descriptor answers bad-message."""
+        try:
+            return unpack_tensor(desc, self.frames)
+        except DecodeError as exc:
+            raise BadMessage(str(exc)) from exc
 
 
 def _union_members(union: Any) -> list[type]:
