@@ -168,3 +168,48 @@ def _group(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 out.append(int(entry.name))
     return out
+
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+async def test_a_hung_service_is_killed_and_restarted(make_system) -> None:
+    system: System = make_system(f"""
+[bus]
+heartbeat_interval = 0.2
+heartbeat_liveness = 3
+
+[services.hung]
+command = ["{{python}}", "{HELPERS / 'hung_service.py'}"]
+stop_timeout = 1.0
+""")
+    first = next(s for s in (await system.wait_ready("hung")).services if s.name == "hung")
+    async with system.client() as bus:
+        await bus.subscribe("kernel.services")
+        with anyio.fail_after(15):
+            while True:
+                st = await bus.call("kernel", ListServices(), ServiceList)
+                hung = next(s for s in st.services if s.name == "hung")
+                if hung.state == "ready" and hung.pid != first.pid:
+                    break
+                await bus.events.receive()
+    assert hung.restarts == 1
+    assert not _alive(first.pid)
+    assert "service_unresponsive" in system.log()
+
+
+async def test_exit_78_is_a_permanent_failure_and_is_not_restarted(make_system) -> None:
+    system: System = make_system("""
+[services.broken]
+command = ["{python}", "-c", "import sys; sys.exit(78)"]
+""")
+    async with system.client() as bus:
+        await bus.subscribe("kernel.services")
+        with anyio.fail_after(15):
+            while True:
+                st = await bus.call("kernel", ListServices(), ServiceList)
+                broken = next(s for s in st.services if s.name == "broken")
+                if broken.state == "failed":
+                    break
+                await bus.events.receive()
+    assert broken.restarts == 0 and "78" in broken.last_exit
