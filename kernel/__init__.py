@@ -2,6 +2,8 @@
 
 from ._caps import ACTIONS, CapabilitySet, parse_capability
 from ._config import (
+    Limits,
+    SupervisorConfig,
     BusConfig,
     OperatorConfig,
     ServiceConfig,
@@ -11,15 +13,15 @@ from ._config import (
     parse_config,
 )
 from ._exceptions import BindError, CapabilityError, ConfigError, KernelError, SpawnError
-from ._kernel import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, Kernel, default_dirs
+from ._kernel import EXIT_CONFIG, EXIT_ERROR, EXIT_GAVE_UP, EXIT_OK, Kernel, default_dirs
 from ._router import Principal, Router, RouterStatistics
 from ._supervisor import State, Supervisor
 
 __all__ = [
     "ACTIONS", "CapabilitySet", "parse_capability",
-    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig",
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
     "default_config_text", "load_config", "parse_config",
     "KernelError", "ConfigError", "CapabilityError", "BindError", "SpawnError",
-    "Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG",
+    "Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG",
     "Router", "Principal", "RouterStatistics", "State", "Supervisor",
 ]

@@ -6,17 +6,20 @@ Unknown keys and wrong types are errors that name the file and the key.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import re
 import signal
 import tomllib
 from pathlib import Path
+from typing import Literal
 import msgspec
 
 from ._caps import CapabilitySet
 from ._exceptions import CapabilityError, ConfigError
 
 __all__ = [
-    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig",
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
+    "parse_size",
     "load_config", "default_config_text", "SERVICE_NAME",
 ]
 
@@ -48,6 +51,46 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
 
 
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Resource limits of one service; an absent key leaves the kernel's own value."""
+
+    #: Bytes (or "512M", "2G"): cgroup v2 memory.max where available, else RLIMIT_AS.
+    memory: int | str | None = None
+    #: CPU share in cores (0.5 = half a core): cgroup v2 cpu.max; no rlimit equivalent.
+    cpu_quota: float | None = None
+    #: RLIMIT_NOFILE.
+    open_files: int | None = None
+    #: RLIMIT_CPU, seconds of CPU time.
+    cpu_seconds: int | None = None
+    #: RLIMIT_CORE, bytes (0 disables core dumps).
+    core_size: int | None = None
+    #: Scheduling niceness, -20 (first) .. 19 (last).
+    nice: int | None = None
+    #: CPUs the service may run on.
+    cpu_affinity: list[int] | None = None
+
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory) if self.memory is not None else None
+
+    def any(self) -> bool:
+        return any(getattr(self, f) is not None for f in self.__struct_fields__)
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", value, re.I)
+    if not m:
+        raise ValueError(f"{value!r} is not a size; write bytes or a number with K, M, G or T")
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+
+
+class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: one_for_one: a crash restarts that service only.  rest_for_one: it also restarts
+    #: every service that requires it (directly or not), once it is ready again.
+    strategy: Literal["one_for_one", "rest_for_one"] = "one_for_one"
+
+
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: argv; ``{python}`` is replaced by the kernel's interpreter.  Empty: the kernel does
     #: not start this service, it connects on its own with the credential the kernel writes
@@ -67,6 +110,22 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Seconds between the stop signal and SIGKILL of the service's process group.
     stop_timeout: float = 10.0
     enabled: bool = True
+    #: OTP restart types: permanent (always restarted), transient (restarted unless it
+    #: exited 0), temporary (never restarted).
+    restart: Literal["permanent", "transient", "temporary"] = "permanent"
+    #: Restart intensity: more than max_restarts restarts within restart_window seconds
+    #: marks the service failed; for a critical service the whole system shuts down and
+    #: `edgebus boot` exits 2.
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    critical: bool = False
+    #: Exponential back-off between restarts.
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: Run as this user and group (only when the kernel runs as root).
+    user: str = ""
+    group: str = ""
+    limits: Limits = msgspec.field(default_factory=Limits)
 
     @property
     def managed(self) -> bool:
@@ -75,6 +134,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     operator: OperatorConfig = msgspec.field(default_factory=OperatorConfig)
     services: dict[str, ServiceConfig] = {}
 
@@ -162,12 +222,37 @@ def _validate(config: SystemConfig, source: str) -> None:
             signal.Signals[svc.stop_signal]
         except KeyError:
             raise ConfigError(source, f"{key}.stop_signal", f"unknown signal {svc.stop_signal!r}") from None
-        for field in ("start_timeout", "stop_timeout"):
+        for field in ("start_timeout", "stop_timeout", "restart_window", "backoff_initial", "backoff_max"):
             if getattr(svc, field) <= 0:
                 raise ConfigError(source, f"{key}.{field}", "must be positive")
+        if svc.max_restarts < 0:
+            raise ConfigError(source, f"{key}.max_restarts", "must be 0 or more")
+        _validate_limits(svc.limits, source, f"{key}.limits")
     cycle = _find_cycle({n: s.requires for n, s in config.services.items()})
     if cycle:
         raise ConfigError(source, "services", "dependency cycle: " + " -> ".join(cycle))
+
+
+def _validate_limits(limits: Limits, source: str, key: str) -> None:
+    try:
+        memory = limits.memory_bytes()
+    except ValueError as exc:
+        raise ConfigError(source, f"{key}.memory", str(exc)) from None
+    if memory is not None and memory < 1024 * 1024:
+        raise ConfigError(source, f"{key}.memory", f"{memory} bytes is too small to start a process (at least 1M)")
+    for field in ("open_files", "cpu_seconds", "core_size"):
+        value = getattr(limits, field)
+        if value is not None and value < 0:
+            raise ConfigError(source, f"{key}.{field}", "must be 0 or more")
+    if limits.cpu_quota is not None and limits.cpu_quota <= 0:
+        raise ConfigError(source, f"{key}.cpu_quota", "must be a positive number of cores")
+    if limits.nice is not None and not -20 <= limits.nice <= 19:
+        raise ConfigError(source, f"{key}.nice", "must be between -20 and 19")
+    if limits.cpu_affinity is not None:
+        cpus = os.cpu_count() or 1
+        bad = [c for c in limits.cpu_affinity if not 0 <= c < cpus]
+        if bad or not limits.cpu_affinity:
+            raise ConfigError(source, f"{key}.cpu_affinity", f"CPUs must be listed from 0 to {cpus - 1}")
 
 
 def _check_caps(patterns: list[str], source: str, key: str) -> None:

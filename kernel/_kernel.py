@@ -12,19 +12,25 @@ import anyio
 
 from services import get_logger
 
+import msgspec
+
+from protocols import Error, ErrorCode, Reload, Reloaded, RestartService, StartService, StopService
+
 from ._caps import CapabilitySet
-from ._config import SystemConfig
-from ._exceptions import KernelError
+from ._cgroup import Cgroups
+from ._config import SystemConfig, load_config
+from ._exceptions import ConfigError, KernelError
 from ._router import Principal, Router
 from ._supervisor import Supervisor
 
-__all__ = ["Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_CONFIG"]
+__all__ = ["Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG"]
 
 log = get_logger(component="kernel")
 
 #: Exit codes of ``edgebus boot``.
 EXIT_OK = 0        # clean shutdown after SIGTERM/SIGINT
 EXIT_ERROR = 1     # the kernel could not start (run dir locked, bus cannot bind...)
+EXIT_GAVE_UP = 2   # a critical service exceeded its restart intensity: restart the container
 EXIT_CONFIG = 78   # the config is invalid (EX_CONFIG)
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -62,28 +68,47 @@ def _become_subreaper() -> bool:
 
 
 class Kernel:
-    def __init__(self, config: SystemConfig, run_dir: Path, state_dir: Path, source: str = "") -> None:
+    def __init__(self, config: SystemConfig, run_dir: Path, state_dir: Path, source: str = "",
+                 config_path: str | None = None) -> None:
         self.config = config
         self.source = source
+        #: Re-read on SIGHUP / busctl reload (None: the built-in default).
+        self.config_path = config_path
+        self._tg: anyio.abc.TaskGroup | None = None
         self.run_dir = run_dir
         self.state_dir = state_dir
         self.endpoint = f"ipc://{run_dir / 'bus.sock'}"
         self._lock_fd: int | None = None
-        principals = [Principal("operator", CapabilitySet(config.operator.capabilities), shared=True)]
-        for name, spec in config.services.items():
-            if not spec.managed and spec.enabled:
-                principals.append(Principal(name, CapabilitySet(spec.capabilities)))
+        self.cgroups, why = Cgroups.detect()
+        self._cgroup_note = why
         self.supervisor = Supervisor(
             config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
             issue_credential=self._issue_credential, on_state=self._state_changed,
-            on_exit=self._service_exited,
+            on_exit=self._service_exited, cgroups=self.cgroups,
         )
+        #: The operator and external services, by name; managed ones get a fresh credential
+        #: at each spawn instead.
+        self.principals = self._static_principals(config, {})
         self.router = Router(
-            self.endpoint, config.bus, principals,
+            self.endpoint, config.bus, list(self.principals.values()),
             known_services=[n for n, s in config.services.items() if s.enabled],
             on_ready=self.supervisor.mark_ready, on_gone=self.supervisor.peer_gone,
-            status=self.supervisor.status,
+            status=self.supervisor.status, operate=self._operate,
         )
+
+    @staticmethod
+    def _static_principals(config: SystemConfig, current: dict[str, Principal]) -> dict[str, Principal]:
+        """The operator and the external services (credentials kept across reloads)."""
+        wanted = {"operator": (config.operator.capabilities, True)}
+        for name, spec in config.services.items():
+            if not spec.managed and spec.enabled:
+                wanted[name] = (spec.capabilities, False)
+        result = {}
+        for name, (caps, shared) in wanted.items():
+            old = current.get(name)
+            result[name] = Principal(name, CapabilitySet(caps), shared=shared,
+                                     **({"credential": old.credential} if old else {}))
+        return result
 
     # The supervisor runs on the event loop; the router in its own thread.  Everything the
     # supervisor asks of the router is queued with submit() and runs in the router thread,
@@ -121,36 +146,117 @@ class Kernel:
         creds = self.run_dir / "credentials"
         creds.mkdir(mode=0o700, exist_ok=True)
         os.chmod(creds, 0o700)
+        self._write_credentials()
+
+    def _write_credentials(self) -> None:
+        """The operator's and external services' credentials, mode 0600 in a 0700 dir."""
+        creds = self.run_dir / "credentials"
         for stale in creds.iterdir():
-            stale.unlink()
-        for principal in self.router.principals():
-            _write_private(creds / principal.name, principal.credential)
+            if stale.name not in self.principals:
+                stale.unlink()
+        for name, principal in self.principals.items():
+            _write_private(creds / name, principal.credential)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until a critical service fails (exit 2)."""
         self.prepare()
         subreaper = _become_subreaper()
+        if self.cgroups is not None:
+            self.cgroups.prepare()
         log.info("kernel_starting", pid=os.getpid(), run_dir=str(self.run_dir), state_dir=str(self.state_dir),
-                 config=self.source, endpoint=self.endpoint, subreaper=subreaper)
+                 config=self.source, endpoint=self.endpoint, subreaper=subreaper,
+                 cgroups=str(self.cgroups.base) if self.cgroups else None)
+        if self.cgroups is None and any(s.limits.memory is not None or s.limits.cpu_quota is not None
+                                        for s in self.config.services.values()):
+            log.warning("cgroups_unavailable", reason=self._cgroup_note,
+                        fallback="memory limits use RLIMIT_AS; cpu_quota is not enforced")
+        code = EXIT_OK
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with anyio.create_task_group() as tg:
+                    self._tg = tg
                     await tg.start(self.router.serve)
                     await tg.start(self.supervisor.run)
                     task_status.started()
                     tg.start_soon(self._announce_ready)
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            log.warning("reload_unsupported", detail="config reload arrives with the full supervisor")
-                            continue
-                        log.info("kernel_shutdown", signal=signal.Signals(signum).name)
-                        break
+                    stop = anyio.Event()
+
+                    async def on_fatal() -> None:
+                        await self.supervisor.fatal.wait()
+                        stop.set()
+
+                    async def on_signals() -> None:
+                        async for signum in signals:
+                            if signum == signal.SIGHUP:
+                                tg.start_soon(self.reload)
+                                continue
+                            log.info("kernel_shutdown", signal=signal.Signals(signum).name)
+                            stop.set()
+                            return
+
+                    tg.start_soon(on_fatal)
+                    tg.start_soon(on_signals)
+                    await stop.wait()
+                    if self.supervisor.fatal.is_set():
+                        code = EXIT_GAVE_UP
+                        log.error("kernel_gives_up", reason=self.supervisor.fatal_reason, exit_code=code)
                     with anyio.CancelScope(shield=True):
                         await self.supervisor.stop_all()
                     tg.cancel_scope.cancel()
         finally:
             self._cleanup()
-        log.info("kernel_stopped")
-        return 0
+        log.info("kernel_stopped", exit_code=code)
+        return code
+
+    # -- reload and operations -----------------------------------------------------------------
+
+    async def reload(self) -> Reloaded:
+        """Re-read the config; apply it if valid, otherwise change nothing and say why."""
+        try:
+            new, source = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", error=str(exc), detail="the running system is unchanged")
+            raise
+        if new.bus != self.config.bus:
+            log.warning("reload_bus_settings_ignored", detail="[bus] changes take effect at the next boot")
+            new.bus = self.config.bus
+        self.config = new
+        router = self.router
+        previous, self.principals = self.principals, self._static_principals(new, self.principals)
+        for name in previous.keys() - self.principals.keys():
+            router.submit(router.remove_principal, name)
+        for principal in self.principals.values():
+            router.submit(router.add_principal, principal)
+        router.submit(router.set_known_services, [n for n, s in new.services.items() if s.enabled])
+        result = await self.supervisor.apply(new)
+        self._write_credentials()
+        log.info("reload_applied", config=source, **result)
+        return Reloaded(**result)
+
+    def _operate(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
+        """Called from the router thread (via the event loop) for StartService & co."""
+        assert self._tg is not None
+        self._tg.start_soon(self._run_operation, msg, identity, request_id)
+
+    async def _run_operation(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
+        result: msgspec.Struct
+        try:
+            match msg:
+                case StartService(name=name):
+                    result = await self.supervisor.start(name)
+                case StopService(name=name):
+                    result = await self.supervisor.stop(name, "requested on the bus")
+                case RestartService(name=name):
+                    result = await self.supervisor.restart(name)
+                case Reload():
+                    result = await self.reload()
+                case _:
+                    result = Error(code=ErrorCode.UNKNOWN_TYPE, message=f"not an operation: {type(msg).__name__}")
+        except ConfigError as exc:
+            result = Error(code=ErrorCode.BAD_MESSAGE, message=f"{exc}; the running system is unchanged")
+        except KeyError as exc:
+            result = Error(code=ErrorCode.UNKNOWN_DESTINATION, message=f"no service named {exc.args[0]!r}")
+        self.router.submit(self.router.finish_operation, identity, request_id, result)
 
     async def _announce_ready(self) -> None:
         await self.supervisor.wait_all_ready()

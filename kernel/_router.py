@@ -47,10 +47,14 @@ from protocols import (
     Monitoring,
     ProtocolError,
     Ready,
+    Reload,
+    RestartService,
     ServiceList,
     ServiceStateChanged,
     ServiceStatus,
+    StartService,
     StopMonitor,
+    StopService,
     Subscribe,
     Subscribed,
     Traffic,
@@ -143,6 +147,7 @@ class Router:
         on_ready: Callable[[str], None] = lambda name: None,
         on_gone: Callable[[str, str], None] = lambda name, why: None,
         status: Callable[[str], ServiceStatus | None] = lambda name: None,
+        operate: Callable[[msgspec.Struct, bytes, int], None] | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -159,6 +164,7 @@ class Router:
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._status = status
+        self._operate = operate
         #: kernel id -> (requester, requester's id, target, expiry (monotonic), type)
         self._pending: dict[int, tuple[Peer, int, Peer, float, str]] = {}
         self._request_timeout = config.request_timeout
@@ -199,8 +205,18 @@ class Router:
     def principal(self, name: str) -> Principal | None:
         return self._by_principal_name.get(name)
 
-    def principals(self) -> list[Principal]:
-        return list(self._by_principal_name.values())
+    def remove_principal(self, name: str) -> None:
+        """Revoke a credential: its peer is disconnected and it cannot say Hello again."""
+        principal = self._by_principal_name.pop(name, None)
+        if principal is not None:
+            self._principals.pop(principal.credential, None)
+            for peer in [p for p in self._peers.values() if p.principal is principal]:
+                self.disconnect(peer, "its credential was revoked")
+
+    def set_known_services(self, names: list[str]) -> None:
+        """Configured service names (after a reload): requests to others get
+        unknown-destination, to these but not connected unavailable."""
+        self.known_services = set(names)
 
     def capability_table(self) -> dict[str, list[str]]:
         return {name: list(p.caps.patterns) for name, p in sorted(self._by_principal_name.items())}
@@ -716,6 +732,29 @@ class Router:
             case StopMonitor():
                 self._monitors.pop(peer.identity, None)
                 self._reply_to(peer, hdr, Monitoring())
+            case StartService(name=name) | StopService(name=name) | RestartService(name=name) \
+                    if self._status(name) is None:
+                self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION,
+                             f"no service named {name!r} is started by the kernel")
+            case StartService() | StopService() | RestartService() | Reload() if self._operate is None:
+                self._answer(peer, hdr, ErrorCode.UNAVAILABLE, "this router has no supervisor to operate on")
+            case StartService() | StopService() | RestartService() | Reload():
+                # Supervisor work takes time: it runs on the event loop and answers later
+                # through finish_operation; this thread goes on routing meanwhile.
+                self._notify(self._operate, msg, peer.identity, hdr.id)
+
+    def finish_operation(self, identity: bytes, request_id: int, result: msgspec.Struct) -> None:
+        """Answer a kernel operation (router thread, via submit)."""
+        if identity not in self._peers:
+            return  # the requester left meanwhile
+        if isinstance(result, Error):
+            self._send_error(identity, Header(kind=Kind.REQUEST, type="", id=request_id),
+                             result.code, result.message)
+        else:
+            tag = type(result).__struct_config__.tag
+            self._send([identity, SIGNATURE,
+                        self._enc.encode(Header(kind=Kind.REPLY, type=tag, id=request_id, sender=_KERNEL)),
+                        self._enc.encode(result)], self._peers[identity])
 
     def _exists(self, name: str) -> bool:
         return name in self._by_name or name in self.known_services

@@ -1,23 +1,33 @@
-"""Spawning, watching and stopping service processes.
+"""Spawning, watching, restarting and stopping service processes.
 
 Every service is a fresh interpreter (or any command) in its own process group, with a
 clean environment, stdin from /dev/null, stdout/stderr captured and re-emitted as
 structured log lines, and one inherited descriptor: a pipe holding its bus credential.
 The kernel reaps every child itself (``waitpid(-1)`` on SIGCHLD), so orphans re-parented
-to it are reaped too.
+to it (as PID 1 or as a child subreaper) are reaped too.
+
+Each service has a *keeper* task that starts it once what it requires is ready, waits for
+its READY (never a timer), and applies its restart policy when it exits: OTP restart types
+(permanent, transient, temporary), exponential back-off, restart intensity (a service that
+restarts too often is marked failed; a critical one makes the whole system give up), and
+the one_for_one / rest_for_one strategies.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
+import grp
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import anyio
 import anyio.abc
@@ -25,17 +35,19 @@ import anyio.abc
 from protocols import ServiceStatus
 from services import get_logger
 
+from ._cgroup import Cgroups
 from ._config import ServiceConfig, SystemConfig, dependency_order
 from ._exceptions import SpawnError
 
 __all__ = ["Supervisor", "State", "ManagedService", "describe_status", "EXIT_PERMANENT_FAILURE"]
 
+log = get_logger(component="supervisor")
+_child_log = get_logger()
+
 #: A service exiting with this status (EX_CONFIG) is not restarted: it reported that
 #: restarting cannot help (bad configuration, missing model...).
 EXIT_PERMANENT_FAILURE = 78
-
-log = get_logger(component="supervisor")
-_child_log = get_logger()
+EXEC_WRAPPER = str(Path(__file__).with_name("_exec.py"))
 
 
 class State(str, enum.Enum):
@@ -70,7 +82,18 @@ class ManagedService:
         self.last_exit = ""
         self.ready = anyio.Event()
         self.exited = anyio.Event()
+        self.exited.set()  # nothing running yet
+        self.changed = anyio.Event()
         self.exit_status: int | None = None
+        self.restart_times: collections.deque[float] = collections.deque()
+        self.keeper: anyio.CancelScope | None = None
+        #: Set before the supervisor itself stops the process to restart it (rest_for_one,
+        #: an operator's restart): that exit is neither a crash nor counted.
+        self.restart_requested = False
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.is_set()
 
     def status(self) -> ServiceStatus:
         return ServiceStatus(
@@ -94,6 +117,7 @@ class Supervisor:
         issue_credential: Callable[[str, list[str]], str],
         on_state: Callable[[str, str, str, int, str], None] = lambda *a: None,
         on_exit: Callable[[str, str], None] = lambda name, why: None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.config = config
         self.endpoint = endpoint
@@ -102,15 +126,17 @@ class Supervisor:
         self._issue_credential = issue_credential
         self._on_state = on_state
         self._on_exit = on_exit
+        self.cgroups = cgroups
         self.services: dict[str, ManagedService] = {
-            name: ManagedService(name, spec)
-            for name, spec in config.services.items()
-            if spec.managed and spec.enabled
+            name: ManagedService(name, spec) for name, spec in config.services.items() if spec.managed and spec.enabled
         }
         self._by_pid: dict[int, ManagedService] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.shutting_down = False
         self.orphans_reaped = 0
+        #: Set when a critical service exceeded its restart intensity: the kernel gives up.
+        self.fatal = anyio.Event()
+        self.fatal_reason = ""
 
     # -- state ------------------------------------------------------------------------------
 
@@ -119,6 +145,8 @@ class Supervisor:
         if previous == state:
             return
         svc.state = state
+        changed, svc.changed = svc.changed, anyio.Event()
+        changed.set()
         log.info("service_state", name=svc.name, state=state.value, previous=previous.value,
                  pid=svc.pid or None, detail=detail or None)
         self._on_state(svc.name, state.value, previous.value, svc.pid, detail)
@@ -127,21 +155,27 @@ class Supervisor:
         svc = self.services.get(name)
         return svc.status() if svc else None
 
+    async def wait_state(self, name: str, *states: State) -> ServiceStatus:
+        svc = self.services[name]
+        while svc.state not in states:
+            await svc.changed.wait()
+        return svc.status()
+
+    def mark_ready(self, name: str) -> None:
+        svc = self.services.get(name)
+        if svc is not None and svc.state == State.STARTING and svc.running:
+            self._set_state(svc, State.READY)
+            svc.ready.set()
+
     def peer_gone(self, name: str, why: str) -> None:
         """The router lost a managed service's connection (Bye, or heartbeats stopped)
         while its process may still run: a hung service is killed, then restarted."""
         svc = self.services.get(name)
-        if (svc is None or not svc.pid or svc.exited.is_set() or self.shutting_down
+        if (svc is None or not svc.running or self.shutting_down
                 or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
             return
         log.warning("service_unresponsive", name=name, pid=svc.pid, reason=why)
         self._tg.start_soon(self._terminate, svc, f"its bus connection was lost ({why})")
-
-    def mark_ready(self, name: str) -> None:
-        svc = self.services.get(name)
-        if svc is not None and svc.state == State.STARTING:
-            self._set_state(svc, State.READY)
-            svc.ready.set()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -152,11 +186,17 @@ class Supervisor:
             await tg.start(self._reaper)
             for name in dependency_order(self.config):
                 if name in self.services:
-                    tg.start_soon(self._keep, self.services[name], tg)
+                    self._start_keeper(self.services[name])
             task_status.started()
 
+    def _start_keeper(self, svc: ManagedService) -> None:
+        assert self._tg is not None
+        if svc.keeper is None:
+            svc.keeper = anyio.CancelScope()
+            self._tg.start_soon(self._keep, svc, svc.keeper)
+
     async def wait_all_ready(self) -> None:
-        for svc in self.services.values():
+        for svc in list(self.services.values()):
             await svc.ready.wait()
 
     async def _reaper(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -184,44 +224,105 @@ class Supervisor:
             svc.exit_status = status
             svc.exited.set()
 
-    async def _keep(self, svc: ManagedService, tg: anyio.abc.TaskGroup) -> None:
-        """Start ``svc`` once its requirements are ready; restart it when it exits."""
-        backoff = 0.5
-        while not self.shutting_down:
-            for dep in svc.spec.requires:
-                if dep in self.services:
-                    await self.services[dep].ready.wait()
-            try:
-                await self._spawn(svc, tg)
-            except SpawnError as exc:
-                log.error("spawn_failed", name=svc.name, error=str(exc))
-                self._set_state(svc, State.FAILED, str(exc))
-                return
-            with anyio.move_on_after(svc.spec.start_timeout):
-                async with anyio.create_task_group() as race:
-                    async def first(event: anyio.Event) -> None:
-                        await event.wait()
-                        race.cancel_scope.cancel()
-                    race.start_soon(first, svc.ready)
-                    race.start_soon(first, svc.exited)
-            if not svc.ready.is_set() and not svc.exited.is_set():
-                log.error("start_timeout", name=svc.name, timeout=svc.spec.start_timeout)
-                await self._terminate(svc, "did not say READY within its start timeout")
-            await svc.exited.wait()
-            ran_for = time.monotonic() - svc.started_at
-            if self.shutting_down or svc.state == State.STOPPING:
-                return
-            if svc.exit_status is not None and os.WIFEXITED(svc.exit_status) \
-                    and os.WEXITSTATUS(svc.exit_status) == EXIT_PERMANENT_FAILURE:
-                self._set_state(svc, State.FAILED,
-                                f"{svc.last_exit}: permanent failure (exit {EXIT_PERMANENT_FAILURE}), not restarted")
-                return
-            self._set_state(svc, State.BACKOFF, svc.last_exit)
-            if ran_for > 10.0:
-                backoff = 0.5
-            svc.restarts += 1
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+    async def _keep(self, svc: ManagedService, scope: anyio.CancelScope) -> None:
+        """Start ``svc`` once its requirements are ready; restart it per its policy."""
+        spec = svc.spec
+        backoff = spec.backoff_initial
+        try:
+            with scope:
+                while not self.shutting_down:
+                    waiting = [d for d in spec.requires if d in self.services and not self.services[d].ready.is_set()]
+                    if waiting:
+                        self._set_state(svc, State.BACKOFF, f"waiting for {', '.join(waiting)} to be ready")
+                    for dep in spec.requires:
+                        if dep in self.services:
+                            await self.services[dep].ready.wait()
+                    try:
+                        await self._spawn(svc)
+                    except SpawnError as exc:
+                        log.error("spawn_failed", name=svc.name, error=str(exc))
+                        self._set_state(svc, State.FAILED, str(exc))
+                        return
+                    timed_out = False
+                    with anyio.move_on_after(spec.start_timeout):
+                        async with anyio.create_task_group() as race:
+                            async def first(event: anyio.Event) -> None:
+                                await event.wait()
+                                race.cancel_scope.cancel()
+                            race.start_soon(first, svc.ready)
+                            race.start_soon(first, svc.exited)
+                    if not svc.ready.is_set() and svc.running:
+                        timed_out = True
+                        log.error("start_timeout", name=svc.name, timeout=spec.start_timeout)
+                        await self._terminate(svc, f"did not say READY within {spec.start_timeout:g}s")
+                    await svc.exited.wait()
+                    if self.shutting_down:
+                        return
+                    if svc.restart_requested:
+                        svc.restart_requested = False
+                        svc.restarts += 1
+                        continue
+                    ran_for = time.monotonic() - svc.started_at
+                    status = svc.exit_status or 0
+                    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                    if code == EXIT_PERMANENT_FAILURE:
+                        self._set_state(svc, State.FAILED, f"{svc.last_exit}: permanent failure, not restarted")
+                        return
+                    if spec.restart == "temporary" or (spec.restart == "transient" and code == 0 and not timed_out):
+                        self._set_state(svc, State.STOPPED, f"{svc.last_exit}; restart = {spec.restart}")
+                        return
+                    now = time.monotonic()
+                    svc.restart_times.append(now)
+                    while svc.restart_times and svc.restart_times[0] < now - spec.restart_window:
+                        svc.restart_times.popleft()
+                    if len(svc.restart_times) > spec.max_restarts:
+                        reason = (f"{len(svc.restart_times)} restarts within {spec.restart_window:g}s "
+                                  f"(max_restarts = {spec.max_restarts}); last: {svc.last_exit}")
+                        self._set_state(svc, State.FAILED, reason)
+                        if spec.critical:
+                            self.give_up(f"critical service {svc.name!r} failed: {reason}")
+                        return
+                    if ran_for > spec.restart_window:
+                        backoff = spec.backoff_initial
+                    svc.restarts += 1
+                    self._set_state(svc, State.BACKOFF, f"{svc.last_exit}; restarting in {backoff:g}s")
+                    if self.config.supervisor.strategy == "rest_for_one":
+                        self._restart_dependents(svc)
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, spec.backoff_max)
+        finally:
+            if svc.keeper is scope:
+                svc.keeper = None
+
+    def give_up(self, reason: str) -> None:
+        if not self.fatal.is_set():
+            log.error("supervisor_gives_up", reason=reason)
+            self.fatal_reason = reason
+            self.fatal.set()
+
+    def dependents(self, name: str) -> list[str]:
+        """Managed services that require ``name``, directly or not, in start order."""
+        found: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for other in self.services.values():
+                if other.name not in found and any(d == name or d in found for d in other.spec.requires):
+                    found.add(other.name)
+                    changed = True
+        return [n for n in dependency_order(self.config) if n in found]
+
+    def _restart_dependents(self, svc: ManagedService) -> None:
+        """rest_for_one: everything that requires ``svc`` stops now and starts again once
+        ``svc`` is ready again (its keeper waits for that)."""
+        assert self._tg is not None
+        for name in reversed(self.dependents(svc.name)):
+            dep = self.services[name]
+            if dep.running:
+                dep.restart_requested = True
+                self._tg.start_soon(self._terminate, dep, f"{svc.name!r}, which it requires, restarted")
+
+    # -- spawning ---------------------------------------------------------------------------
 
     def _environment(self, svc: ManagedService) -> dict[str, str]:
         env = {k: os.environ[k] for k in svc.spec.pass_environment if k in os.environ}
@@ -235,20 +336,59 @@ class Supervisor:
             EDGEBUS_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
         )
-        for key in ("EDGEBUS_LOG_LEVEL",):
-            if key in os.environ and key not in env:
-                env[key] = os.environ[key]
+        if "EDGEBUS_LOG_LEVEL" in os.environ and "EDGEBUS_LOG_LEVEL" not in env:
+            env["EDGEBUS_LOG_LEVEL"] = os.environ["EDGEBUS_LOG_LEVEL"]
         return env
 
-    async def _spawn(self, svc: ManagedService, tg: anyio.abc.TaskGroup) -> None:
+    def _isolation(self, svc: ManagedService, argv: list[str]) -> dict[str, Any] | None:
+        """The exec wrapper's spec, or None when nothing needs applying."""
+        spec, limits = svc.spec, svc.spec.limits
+        exec_spec: dict[str, Any] = {"argv": argv, "rlimits": {}}
+        rlimits = exec_spec["rlimits"]
+        memory = limits.memory_bytes()
+        if self.cgroups is not None and (memory is not None or limits.cpu_quota is not None):
+            exec_spec["cgroup"] = str(self.cgroups.create(svc.name, limits))
+        elif memory is not None:
+            rlimits["RLIMIT_AS"] = memory
+        for field, name in (("open_files", "RLIMIT_NOFILE"), ("cpu_seconds", "RLIMIT_CPU"), ("core_size", "RLIMIT_CORE")):
+            if getattr(limits, field) is not None:
+                rlimits[name] = getattr(limits, field)
+        if limits.nice is not None:
+            exec_spec["nice"] = limits.nice
+        if limits.cpu_affinity:
+            exec_spec["cpus"] = limits.cpu_affinity
+        if spec.user or spec.group:
+            if os.geteuid() != 0:
+                log.warning("user_switch_skipped", name=svc.name, user=spec.user, group=spec.group,
+                            reason="the kernel is not root; the service runs as the kernel's user")
+            else:
+                try:
+                    if spec.user:
+                        pw = pwd.getpwnam(spec.user)
+                        exec_spec["uid"], exec_spec["gid"] = pw.pw_uid, pw.pw_gid
+                    if spec.group:
+                        exec_spec["gid"] = grp.getgrnam(spec.group).gr_gid
+                except KeyError as exc:
+                    raise SpawnError(svc.name, argv, f"unknown user or group {exc.args[0]!r}") from None
+        if len(exec_spec) == 2 and not rlimits:
+            return None
+        return exec_spec
+
+    async def _spawn(self, svc: ManagedService) -> None:
+        assert self._tg is not None
         argv = [sys.executable if a == "{python}" else a for a in svc.spec.command]
+        env = self._environment(svc)
+        isolation = self._isolation(svc, argv)
+        command = argv
+        if isolation is not None:
+            env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
+            command = [sys.executable, "-I", EXEC_WRAPPER]
         credential = self._issue_credential(svc.name, svc.spec.capabilities)
         cred_r, cred_w = os.pipe()
         try:
             os.write(cred_w, credential.encode())
         finally:
             os.close(cred_w)
-        env = self._environment(svc)
         env["EDGEBUS_CREDENTIAL_FD"] = str(cred_r)
         cwd = svc.spec.working_directory or self.state_dir
         svc.ready = anyio.Event()
@@ -256,10 +396,11 @@ class Supervisor:
         svc.exit_status = None
         try:
             popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=env, cwd=cwd, pass_fds=(cred_r,), close_fds=True, process_group=0,
             )
         except OSError as exc:
+            svc.exited.set()
             raise SpawnError(svc.name, argv, exc.strerror or str(exc)) from exc
         finally:
             os.close(cred_r)
@@ -268,9 +409,9 @@ class Supervisor:
         svc.started_at = time.monotonic()
         self._by_pid[popen.pid] = svc
         self._set_state(svc, State.STARTING)
-        tg.start_soon(self._pump, svc, popen.stdout, "stdout")
-        tg.start_soon(self._pump, svc, popen.stderr, "stderr")
-        tg.start_soon(self._watch_exit, svc, svc.exited)
+        self._tg.start_soon(self._pump, svc, popen.stdout, "stdout")
+        self._tg.start_soon(self._pump, svc, popen.stderr, "stderr")
+        self._tg.start_soon(self._watch_exit, svc, svc.exited)
 
     async def _watch_exit(self, svc: ManagedService, exited: anyio.Event) -> None:
         await exited.wait()
@@ -279,16 +420,20 @@ class Supervisor:
         pid, svc.pid = svc.pid, 0
         # The service's group may still hold children: none of them survives it.
         _killpg(pid, signal.SIGKILL)
-        stopping = self.shutting_down or svc.state == State.STOPPING
-        level = "info" if stopping else "warning"
-        getattr(log, level)("service_exited", name=svc.name, pid=pid, status=svc.last_exit)
+        if self.cgroups is not None:
+            self.cgroups.remove(svc.name)
+        # Dependents that restart must wait for the *next* READY.
+        if svc.ready.is_set():
+            svc.ready = anyio.Event()
+        expected = self.shutting_down or svc.state == State.STOPPING or svc.restart_requested
+        (log.info if expected else log.warning)("service_exited", name=svc.name, pid=pid, status=svc.last_exit)
         self._on_exit(svc.name, svc.last_exit)
-        if stopping:
+        if expected and not svc.restart_requested:
             self._set_state(svc, State.STOPPED, svc.last_exit)
 
-    async def _pump(self, svc: ManagedService, stream: object, name: str) -> None:
+    async def _pump(self, svc: ManagedService, stream: Any, name: str) -> None:
         """Re-emit a child's output as structured lines bound to the child's name."""
-        fd = stream.fileno()  # type: ignore[attr-defined]
+        fd = stream.fileno()
         os.set_blocking(fd, False)
         buf = b""
         try:
@@ -310,33 +455,62 @@ class Supervisor:
             if buf:
                 _emit(svc.name, name, buf)
         finally:
-            stream.close()  # type: ignore[attr-defined]
+            stream.close()
 
     # -- stopping ---------------------------------------------------------------------------
 
     async def _terminate(self, svc: ManagedService, reason: str) -> None:
         """Stop signal to the process group, grace period, then SIGKILL of the group."""
-        if not svc.pid or svc.exited.is_set():
+        if not svc.running:
             return
         pid = svc.pid
         sig = signal.Signals[svc.spec.stop_signal]
+        if not svc.restart_requested:
+            self._set_state(svc, State.STOPPING, reason)
         log.info("service_stop", name=svc.name, pid=pid, signal=sig.name, reason=reason)
         _killpg(pid, sig)
         with anyio.move_on_after(svc.spec.stop_timeout):
             await svc.exited.wait()
-        if not svc.exited.is_set():
+        if svc.running:
             log.warning("service_kill", name=svc.name, pid=pid,
                         reason=f"still running {svc.spec.stop_timeout:g}s after {sig.name}")
             _killpg(pid, signal.SIGKILL)
             await svc.exited.wait()
 
-    async def stop(self, name: str, reason: str = "requested") -> None:
+    async def stop(self, name: str, reason: str = "requested") -> ServiceStatus:
+        """Stop a service and keep it stopped (until ``start``)."""
         svc = self.services[name]
-        if svc.pid and not svc.exited.is_set():
-            self._set_state(svc, State.STOPPING, reason)
-            await self._terminate(svc, reason)
+        if svc.keeper is not None:
+            svc.keeper.cancel()
+        with anyio.CancelScope(shield=True):
+            if svc.running:
+                self._set_state(svc, State.STOPPING, reason)
+                await self._terminate(svc, reason)
+                await anyio.lowlevel.checkpoint()  # let _watch_exit record the exit
+        self._set_state(svc, State.STOPPED, svc.last_exit or reason)
+        return svc.status()
+
+    async def start(self, name: str) -> ServiceStatus:
+        """Start a stopped or failed service; return once it is ready (or failed)."""
+        svc = self.services[name]
+        if svc.state not in (State.READY, State.STARTING) or svc.keeper is None:
+            svc.restart_times.clear()
+            self._start_keeper(svc)
             await anyio.lowlevel.checkpoint()
-        self._set_state(svc, State.STOPPED, svc.last_exit)
+        return await self.wait_state(name, State.READY, State.FAILED, State.STOPPED)
+
+    async def restart(self, name: str) -> ServiceStatus:
+        """Stop and start; under rest_for_one the services requiring it restart too."""
+        cascade = self.dependents(name) if self.config.supervisor.strategy == "rest_for_one" else []
+        for dep in reversed(cascade):
+            await self.stop(dep, f"{name!r}, which it requires, restarts")
+        await self.stop(name, "restart requested")
+        self.services[name].restarts += 1
+        status = await self.start(name)
+        for dep in cascade:
+            self.services[dep].restarts += 1
+            self._start_keeper(self.services[dep])
+        return status
 
     async def stop_all(self) -> None:
         """Stop every service, dependents before what they depend on."""
@@ -345,14 +519,42 @@ class Supervisor:
             if name in self.services:
                 await self.stop(name, "shutdown")
 
+    # -- reload -----------------------------------------------------------------------------
+
+    async def apply(self, new: SystemConfig) -> dict[str, list[str]]:
+        """Move to ``new``: stop removed services, restart changed ones, start new ones,
+        leave the rest untouched.  ``new`` has already been validated."""
+        old_specs = {n: s.spec for n, s in self.services.items()}
+        new_specs = {n: s for n, s in new.services.items() if s.managed and s.enabled}
+        removed = [n for n in old_specs if n not in new_specs]
+        added = [n for n in new_specs if n not in old_specs]
+        changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+        unchanged = [n for n in new_specs if n in old_specs and n not in changed]
+        order = dependency_order(self.config)
+        for name in reversed(order):
+            if name in removed or name in changed:
+                await self.stop(name, "configuration reloaded")
+        for name in removed:
+            del self.services[name]
+        self.config = new
+        for name in added + changed:
+            self.services[name] = ManagedService(name, new_specs[name])
+        for name in dependency_order(new):
+            if name in added or name in changed:
+                self._start_keeper(self.services[name])
+        log.info("config_applied", added=added, removed=removed, restarted=changed, unchanged=len(unchanged))
+        return {"started": added, "stopped": removed, "restarted": changed, "unchanged": unchanged}
+
 
 def _killpg(pgid: int, sig: int) -> None:
+    if pgid <= 1:
+        return
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
     except PermissionError as exc:  # pragma: no cover - would be a kernel bug
-        log.error("kill_failed", pgid=pgid, signal=sig, errno=errno.errorcode.get(exc.errno))
+        log.error("kill_failed", pgid=pgid, signal=sig, errno=errno.errorcode.get(exc.errno or 0))
 
 
 def _emit(service: str, stream: str, line: bytes) -> None:

@@ -23,8 +23,8 @@ __all__ = [
     "Hello", "Welcome", "Ready", "Heartbeat", "Bye", "Subscribe", "Unsubscribe", "Subscribed",
     "Control", "ControlReply",
     "ListServices", "GetService", "Introspect", "ListCapabilities", "Monitor", "StopMonitor",
-    "KernelRequest",
-    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "KernelReply",
+    "StartService", "StopService", "RestartService", "Reload", "KernelRequest",
+    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "Reloaded", "KernelReply",
     "Traffic", "ServiceStateChanged", "KernelEvent",
     "Tensor",
 ]
@@ -143,7 +143,30 @@ class StopMonitor(msgspec.Struct, tag=True):
     pass
 
 
-KernelRequest = ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
+class StartService(msgspec.Struct, tag=True):
+    """Start a stopped or failed service; answered when it is ready (or failed)."""
+
+    name: str
+
+
+class StopService(msgspec.Struct, tag=True):
+    """Stop a service (stop signal, grace, SIGKILL of its group) and keep it stopped."""
+
+    name: str
+
+
+class RestartService(msgspec.Struct, tag=True):
+    """Stop then start; under rest_for_one, the services requiring it restart too."""
+
+    name: str
+
+
+class Reload(msgspec.Struct, tag=True):
+    """Re-read the config file (as SIGHUP does); an invalid one changes nothing."""
+
+
+KernelRequest = (ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
+                 | StartService | StopService | RestartService | Reload)
 
 
 class ServiceStatus(msgspec.Struct, tag=True):
@@ -189,7 +212,14 @@ class Monitoring(msgspec.Struct, tag=True):
     topic: str = "kernel.monitor"
 
 
-KernelReply = ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring
+class Reloaded(msgspec.Struct, tag=True):
+    started: list[str] = []
+    stopped: list[str] = []
+    restarted: list[str] = []
+    unchanged: list[str] = []
+
+
+KernelReply = ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring | Reloaded
 
 
 class Traffic(msgspec.Struct, tag=True, omit_defaults=True):

@@ -26,8 +26,13 @@ from protocols import (
     ListCapabilities,
     ListServices,
     Monitor,
+    Reload,
+    Reloaded,
+    RestartService,
     ServiceList,
     ServiceStatus,
+    StartService,
+    StopService,
     Traffic,
 )
 from services import BusClient, BusError, ConnectError, RemoteError, connect
@@ -182,6 +187,60 @@ async def cmd_monitor(bus: BusClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_status_line(s: ServiceStatus, verb: str) -> None:
+    print(f"{s.name}: {verb}; state {s.state}" + (f", pid {s.pid}" if s.pid else "")
+          + (f" ({s.last_exit})" if s.last_exit and s.state != "ready" else ""))
+
+
+async def _operation(bus: BusClient, args: argparse.Namespace, msg: msgspec.Struct, verb: str) -> int:
+    s = await bus.call("kernel", msg, ServiceStatus, timeout=args.timeout)
+    if args.json:
+        _print_json(s)
+    else:
+        _print_status_line(s, verb)
+    return 0 if (s.state == "ready") == (verb != "stopped") else EXIT_FAILED
+
+
+async def cmd_start(bus: BusClient, args: argparse.Namespace) -> int:
+    return await _operation(bus, args, StartService(name=args.name), "started")
+
+
+async def cmd_stop(bus: BusClient, args: argparse.Namespace) -> int:
+    return await _operation(bus, args, StopService(name=args.name), "stopped")
+
+
+async def cmd_restart(bus: BusClient, args: argparse.Namespace) -> int:
+    return await _operation(bus, args, RestartService(name=args.name), "restarted")
+
+
+async def cmd_reload(bus: BusClient, args: argparse.Namespace) -> int:
+    r = await bus.call("kernel", Reload(), Reloaded, timeout=args.timeout)
+    if args.json:
+        _print_json(r)
+    else:
+        for label, names in (("started", r.started), ("stopped", r.stopped), ("restarted", r.restarted)):
+            print(f"{label}: {', '.join(names) or '-'}")
+        print(f"unchanged: {len(r.unchanged)}")
+    return 0
+
+
+async def cmd_wait(bus: BusClient, args: argparse.Namespace) -> int:
+    """Wait for a state: event-driven (kernel.services), checked against GetService."""
+    await bus.subscribe("kernel.services")
+    s = None
+    with anyio.move_on_after(args.timeout):
+        while True:
+            s = await bus.call("kernel", GetService(name=args.name), ServiceStatus, timeout=args.timeout)
+            if s.state == args.state:
+                if args.json:
+                    _print_json(s)
+                return 0
+            await bus.events.receive()
+    state = s.state if s else "unknown"
+    print(f"busctl: {args.name} is {state!r} after {args.timeout:g}s, not {args.state!r}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 # -- plumbing ----------------------------------------------------------------------------------
 
 
@@ -246,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("introspect", parents=[common], help="a service's message types and schemas")
     p.add_argument("service")
     p.set_defaults(func=cmd_introspect)
+    for name, func, text in (("start", cmd_start, "start a service and wait until it is ready"),
+                             ("stop", cmd_stop, "stop a service (it stays stopped)"),
+                             ("restart", cmd_restart, "restart a service (and its dependents under rest_for_one)")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func, timeout=60.0)
+    p = sub.add_parser("reload", parents=[common], help="re-read the config file, as SIGHUP does")
+    p.set_defaults(func=cmd_reload, timeout=60.0)
+    p = sub.add_parser("wait", parents=[common], help="wait until a service reaches a state")
+    p.add_argument("name")
+    p.add_argument("--state", default="ready",
+                   choices=["starting", "ready", "stopping", "stopped", "backoff", "failed"])
+    p.set_defaults(func=cmd_wait)
     p = sub.add_parser("caps", parents=[common], help="the capability table")
     p.add_argument("name", nargs="?", help="one principal")
     p.set_defaults(func=cmd_caps)

@@ -22,7 +22,7 @@ def _boot(args: argparse.Namespace) -> int:
         print(f"edgebus: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     run_dir, state_dir = default_dirs(args.run_dir, args.state_dir)
-    kernel = Kernel(config, run_dir, state_dir, source)
+    kernel = Kernel(config, run_dir, state_dir, source, config_path=args.config)
     try:
         return anyio.run(kernel.run, backend="asyncio")
     except KernelError as exc:
