@@ -27,6 +27,8 @@ def fail(what: str, exc: BaseException) -> None:
 
 def main() -> None:
     spec = json.loads(os.environ.pop("EDGEBUS_EXEC_SPEC"))
+    for name in spec.get("unset", ()):  # what this interpreter added, not the service's
+        os.environ.pop(name, None)
     cgroup = spec.get("cgroup")
     if cgroup:
         try:

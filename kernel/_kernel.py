@@ -188,7 +188,7 @@ class Kernel:
                     async def on_signals() -> None:
                         async for signum in signals:
                             if signum == signal.SIGHUP:
-                                tg.start_soon(self.reload)
+                                tg.start_soon(self._reload_on_signal)
                                 continue
                             log.info("kernel_shutdown", signal=signal.Signals(signum).name)
                             stop.set()
@@ -232,6 +232,12 @@ class Kernel:
         self._write_credentials()
         log.info("reload_applied", config=source, **result)
         return Reloaded(**result)
+
+    async def _reload_on_signal(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # logged by reload; the running system is unchanged
 
     def _operate(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
         """Called from the router thread (via the event loop) for StartService & co."""

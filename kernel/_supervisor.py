@@ -381,6 +381,9 @@ class Supervisor:
         isolation = self._isolation(svc, argv)
         command = argv
         if isolation is not None:
+            # The wrapper's Python may coerce the C locale by adding LC_CTYPE (PEP 538):
+            # the service's environment must stay exactly what the config says.
+            isolation["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
             env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
             command = [sys.executable, "-I", EXEC_WRAPPER]
         credential = self._issue_credential(svc.name, svc.spec.capabilities)
@@ -391,7 +394,8 @@ class Supervisor:
             os.close(cred_w)
         env["EDGEBUS_CREDENTIAL_FD"] = str(cred_r)
         cwd = svc.spec.working_directory or self.state_dir
-        svc.ready = anyio.Event()
+        if svc.ready.is_set():  # (normally already renewed at the last exit; dependents
+            svc.ready = anyio.Event()  # may be waiting on the unset one: keep it)
         svc.exited = anyio.Event()
         svc.exit_status = None
         try:

@@ -51,45 +51,64 @@ def send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
 
 
 class AsyncSocket:
-    __slots__ = ("sock", "_fd", "_watching", "_changed")
+    __slots__ = ("sock", "_fd", "_watching", "_changed", "_scope", "_wanted")
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self._fd = sock.getsockopt(zmq.FD)
         self._watching = False
         self._changed = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._wanted = 0
 
     async def wait(self, mask: int) -> None:
         """Return once ``zmq.EVENTS`` has one of the bits in ``mask`` (POLLIN/POLLOUT)."""
         sock = self.sock
         while not (sock.getsockopt(zmq.EVENTS) & mask):
+            self._wanted |= mask
             if self._watching:
                 await self._changed.wait()
                 continue
             self._watching = True
             try:
-                await anyio.wait_readable(self._fd)
+                with anyio.CancelScope() as self._scope:
+                    await anyio.wait_readable(self._fd)
             finally:
                 self._watching = False
+                self._scope = None
+                self._wanted = 0
                 changed, self._changed = self._changed, anyio.Event()
                 changed.set()
+
+    def _nudge(self) -> None:
+        """After our own send or recv: libzmq may have processed the notification that a
+        waiter is blocked on (the FD is edge-triggered), so the waiter would sleep through
+        a message already there.  Wake it to re-check zmq.EVENTS."""
+        if self._scope is not None and self.sock.getsockopt(zmq.EVENTS) & self._wanted:
+            self._scope.cancel()
 
     async def send(self, frames: Sequence[Any]) -> None:
         """Send one multipart message, waiting while the peer's queue is full."""
         while True:
             try:
                 send_frames(self.sock, frames, _NOBLOCK)
-                return
+                break
             except zmq.Again:
                 await self.wait(zmq.POLLOUT)
+        if self._scope is not None:
+            self._nudge()
 
     async def recv(self, small: int = 3) -> list[Any]:
         """Receive one multipart message (see :func:`recv_frames`)."""
         while True:
             try:
-                return recv_frames(self.sock, _NOBLOCK, small)
+                frames = recv_frames(self.sock, _NOBLOCK, small)
+                break
             except zmq.Again:
                 await self.wait(zmq.POLLIN)
+        if self._scope is not None:
+            self._nudge()
+        return frames
 
     def close(self, linger: int = 0) -> None:
         self.sock.close(linger)

@@ -70,6 +70,10 @@ class Greeter(Service):
     publishes = ["example.tick"]
     tick_interval = float(os.environ.get("GREETER_TICK_INTERVAL", "5"))
 
+    async def setup(self) -> None:
+        # A slow initialisation, for readiness tests: READY is only sent after this.
+        await anyio.sleep(float(os.environ.get("GREETER_SETUP_DELAY", "0")))
+
     async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
         match req:
             case Greet(who=who):
