@@ -119,7 +119,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_restarts: int = 5
     restart_window: float = 60.0
     critical: bool = False
-    #: Exponential back-off between restarts.
+    #: Back-off between restarts: the first crash in a restart window restarts at once,
+    #: the next ones after backoff_initial, doubling up to backoff_max.
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     #: Run as this user and group (only when the kernel runs as root).

@@ -145,7 +145,7 @@ class Router:
         *,
         known_services: Iterable[str] = (),
         on_ready: Callable[[str], None] = lambda name: None,
-        on_gone: Callable[[str, str], None] = lambda name, why: None,
+        on_gone: Callable[[str, str, str], None] = lambda name, why, credential: None,
         status: Callable[[str], ServiceStatus | None] = lambda name: None,
         operate: Callable[[msgspec.Struct, bytes, int], None] | None = None,
         ctx: zmq.Context | None = None,
@@ -844,7 +844,7 @@ class Router:
         peer.pending = 0
         log.info("peer_disconnected", peer=peer.name, reason=why)
         if not peer.principal.shared:
-            self._notify(self._on_gone, peer.name, why)
+            self._notify(self._on_gone, peer.name, why, peer.principal.credential)
 
     def _expire(self, now: float) -> None:
         heap = self._expiry

@@ -90,6 +90,8 @@ class ManagedService:
         #: Set before the supervisor itself stops the process to restart it (rest_for_one,
         #: an operator's restart): that exit is neither a crash nor counted.
         self.restart_requested = False
+        #: The credential of the current incarnation (each spawn gets a new one).
+        self.credential = ""
 
     @property
     def running(self) -> bool:
@@ -167,11 +169,15 @@ class Supervisor:
             self._set_state(svc, State.READY)
             svc.ready.set()
 
-    def peer_gone(self, name: str, why: str) -> None:
+    def peer_gone(self, name: str, why: str, credential: str) -> None:
         """The router lost a managed service's connection (Bye, or heartbeats stopped)
-        while its process may still run: a hung service is killed, then restarted."""
+        while its process may still run: a hung service is killed, then restarted.
+
+        ``credential`` tells which process it was: a connection of an earlier, already
+        exited incarnation must not stop the one that replaced it."""
         svc = self.services.get(name)
-        if (svc is None or not svc.running or self.shutting_down
+        if (svc is None or not svc.running or self.shutting_down or svc.restart_requested
+                or svc.credential != credential
                 or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
             return
         log.warning("service_unresponsive", name=name, pid=svc.pid, reason=why)
@@ -282,14 +288,20 @@ class Supervisor:
                         if spec.critical:
                             self.give_up(f"critical service {svc.name!r} failed: {reason}")
                         return
-                    if ran_for > spec.restart_window:
+                    # The first crash in a window restarts at once (as OTP does); repeated
+                    # ones back off exponentially: backoff_initial, doubling to backoff_max.
+                    repeats = len(svc.restart_times) - 1
+                    if ran_for > spec.restart_window or repeats == 0:
+                        delay = 0.0
                         backoff = spec.backoff_initial
+                    else:
+                        delay = backoff
+                        backoff = min(backoff * 2, spec.backoff_max)
                     svc.restarts += 1
-                    self._set_state(svc, State.BACKOFF, f"{svc.last_exit}; restarting in {backoff:g}s")
+                    self._set_state(svc, State.BACKOFF, f"{svc.last_exit}; restarting in {delay:g}s")
                     if self.config.supervisor.strategy == "rest_for_one":
                         self._restart_dependents(svc)
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, spec.backoff_max)
+                    await anyio.sleep(delay)
         finally:
             if svc.keeper is scope:
                 svc.keeper = None
@@ -386,7 +398,7 @@ class Supervisor:
             isolation["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
             env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
             command = [sys.executable, "-I", EXEC_WRAPPER]
-        credential = self._issue_credential(svc.name, svc.spec.capabilities)
+        credential = svc.credential = self._issue_credential(svc.name, svc.spec.capabilities)
         cred_r, cred_w = os.pipe()
         try:
             os.write(cred_w, credential.encode())
