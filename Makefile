@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tools.bench_bus
+	$(PY) -m tools.bench_supervisor
 
 clean:
 	rm -rf .run $(VENV) *.egg-info

@@ -79,7 +79,7 @@ command = ["{python}", "-m", "services.examples.greeter"]
 requires = ["greeter"]
 
 [services.client]
-capabilities = ["call:greeter.*", "call:kernel.*", "subscribe:kernel.*"]
+capabilities = ["call:greeter.*", "call:dependent.*", "call:kernel.*", "subscribe:kernel.*"]
 """
 
 
@@ -106,6 +106,8 @@ async def test_a_killed_service_fails_its_pending_requests_and_comes_back(make_s
                     await anyio.sleep(0.01)
             killed_at = time.monotonic()
             os.kill(old["greeter"], signal.SIGKILL)
+            # meanwhile the bus keeps routing for the others
+            assert (await bus.call("dependent", Greet(who="meanwhile"), Greeting, timeout=5)).text == "hello, meanwhile"
         assert failed and "went away" in str(failed[0])
         assert time.monotonic() - killed_at < 2
         with anyio.fail_after(15):
@@ -213,3 +215,32 @@ command = ["{python}", "-c", "import sys; sys.exit(78)"]
                     break
                 await bus.events.receive()
     assert broken.restarts == 0 and "78" in broken.last_exit
+
+
+def test_not_pid1_it_is_a_subreaper_and_reaps_orphans(make_system) -> None:
+    system: System = make_system("""
+[services.orphaner]
+command = ["sh", "-c", "for i in $(seq 10); do setsid sleep 0.5 & done; sleep 0.1; exit 0"]
+restart = "temporary"
+""")
+    kernel = system.proc.pid
+
+    def orphans() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    comm = (entry / "comm").read_text().strip()
+                    fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+                except OSError:
+                    continue
+                if comm == "sleep" and int(fields[1]) == kernel:
+                    found.append((int(entry.name), fields[0]))
+        return found
+
+    # re-parented to the kernel (not to init) once their shell exited...
+    adopted = wait_for(lambda: len(orphans()) == 10 and orphans(), 10, "the orphans to be adopted by the kernel")
+    assert len(adopted) == 10
+    # ...and reaped by it when they exit: no zombie is left behind
+    wait_for(lambda: not orphans(), 10, "the kernel to reap the orphans")
+    assert system.stop() == 0
