@@ -143,6 +143,9 @@ class Kernel:
         sock = self.run_dir / "bus.sock"
         if sock.exists():
             sock.unlink()  # stale: we hold the lock, so no kernel owns it
+        # Bind before the credentials appear: a client that finds its credential finds
+        # the bus listening too.
+        self.router.bind()
         creds = self.run_dir / "credentials"
         creds.mkdir(mode=0o700, exist_ok=True)
         os.chmod(creds, 0o700)
