@@ -25,6 +25,13 @@ import zmq
 from protocols._transport import recv_frames, send_frames
 from protocols import (
     PROTOCOL_MINOR,
+    AuditEvent,
+    Enroll,
+    GetMeasurements,
+    Grant,
+    Granted,
+    Measurements,
+    Revoke,
     SIGNATURE,
     BodyDecoder,
     Bye,
@@ -64,9 +71,9 @@ from protocols import (
 )
 from services import get_logger
 
-from ._caps import CapabilitySet
+from ._caps import CapabilitySet, parse_capability
 from ._config import SERVICE_NAME, BusConfig
-from ._exceptions import BindError
+from ._exceptions import BindError, CapabilityError
 
 __all__ = ["Router", "Principal", "RouterStatistics"]
 
@@ -75,6 +82,7 @@ log = get_logger(component="router")
 _REQ, _REPLY, _ERR, _EVENT, _CTRL = (int(k) for k in Kind)
 _KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 _KERNEL = "kernel"
+_SECURITY = "security"
 _WAKE_IDENTITY = b"edgebus-kernel-wake"
 _NOBLOCK = int(zmq.NOBLOCK)
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
@@ -90,6 +98,12 @@ class Principal:
     #: Several peers may hold this credential at once (busctl); each gets ``name.N``.
     shared: bool = False
     credential: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    #: The configured capabilities; ``caps`` adds run-time grants and removes revocations.
+    base: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            self.base = self.caps.patterns
 
 
 class Peer:
@@ -148,6 +162,8 @@ class Router:
         on_gone: Callable[[str, str, str], None] = lambda name, why, credential: None,
         status: Callable[[str], ServiceStatus | None] = lambda name: None,
         operate: Callable[[msgspec.Struct, bytes, int], None] | None = None,
+        measurements: Callable[[], Measurements] | None = None,
+        enrolled: dict[str, str] | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -156,6 +172,9 @@ class Router:
         self._peers: dict[bytes, Peer] = {}
         self._by_name: dict[str, Peer] = {}
         self._topic_cache: dict[str, list[Peer]] = {}
+        self._grants: dict[str, dict[str, float]] = {}
+        self._revoked: dict[str, set[str]] = {}
+        self._grant_expiry: list[tuple[float, str, str]] = []
         self._principals: dict[str, Principal] = {}
         self._by_principal_name: dict[str, Principal] = {}
         for p in principals:
@@ -166,6 +185,10 @@ class Router:
         self._status = status
         self._operate = operate
         #: kernel id -> (requester, requester's id, target, expiry (monotonic), type)
+        #: CurveZMQ public key (Z85) -> principal name, for peers on the tcp endpoint.
+        self.enrolled: dict[str, str] = dict(enrolled or {})
+        self._measurements = measurements
+        self._sig_frame: Any = None
         self._pending: dict[int, tuple[Peer, int, Peer, float, str]] = {}
         self._request_timeout = config.request_timeout
         self._max_pending = config.max_pending
@@ -190,17 +213,69 @@ class Router:
     # -- principals and capabilities -------------------------------------------------------
 
     def add_principal(self, principal: Principal) -> None:
+        """Register (or replace) a principal.  Peers connected with the same credential
+        take its new capabilities; a new credential (a respawned service) leaves the old
+        incarnation's connection with what it had until it goes."""
         old = self._by_principal_name.pop(principal.name, None)
         if old is not None:
             self._principals.pop(old.credential, None)
         self._principals[principal.credential] = principal
         self._by_principal_name[principal.name] = principal
+        self._apply_policy(principal)
         for peer in self._peers.values():
-            if peer.principal.name == principal.name:
+            if peer.principal.name == principal.name and peer.principal.credential == principal.credential:
                 peer.principal = principal
                 peer.cache.clear()
                 peer.calls.clear()
         self._topic_cache.clear()
+
+    # -- run-time policy: grants, revocations, enrolment (from the security service) ----
+
+    def _apply_policy(self, principal: Principal) -> None:
+        now = time.time()
+        grants = self._grants.get(principal.name, {})
+        revoked = self._revoked.get(principal.name, set())
+        live = [cap for cap, expires in grants.items() if not expires or expires > now]
+        patterns = [p for p in (*principal.base, *live) if p not in revoked]
+        principal.caps = CapabilitySet(patterns)
+        for peer in self._peers.values():
+            if peer.principal is principal:
+                peer.cache.clear()
+                peer.calls.clear()
+        self._topic_cache.clear()
+
+    def grant(self, name: str, capability: str, expires: float = 0.0) -> None:
+        self._grants.setdefault(name, {})[capability] = expires
+        self._revoked.get(name, set()).discard(capability)
+        if expires:
+            heapq.heappush(self._grant_expiry, (expires, name, capability))
+        if name in self._by_principal_name:
+            self._apply_policy(self._by_principal_name[name])
+
+    def revoke(self, name: str, capability: str) -> None:
+        self._grants.get(name, {}).pop(capability, None)
+        self._revoked.setdefault(name, set()).add(capability)
+        if name in self._by_principal_name:
+            self._apply_policy(self._by_principal_name[name])
+
+    def _expire_grants(self) -> None:
+        now = time.time()
+        heap = self._grant_expiry
+        while heap and heap[0][0] <= now:
+            expires, name, capability = heapq.heappop(heap)
+            if self._grants.get(name, {}).get(capability) == expires:
+                del self._grants[name][capability]
+                log.info("grant_expired", principal=name, capability=capability)
+                self._audit("grant-expired", name, capability=capability)
+                if name in self._by_principal_name:
+                    self._apply_policy(self._by_principal_name[name])
+
+    def enroll(self, name: str, public_key: str) -> None:
+        """Bind a CurveZMQ public key (Z85) to a principal, or unbind with an empty key."""
+        enrolled = {k: v for k, v in self.enrolled.items() if v != name}
+        if public_key:
+            enrolled[public_key] = name
+        self.enrolled = enrolled  # one assignment: the ZAP thread reads it without a lock
 
     def principal(self, name: str) -> Principal | None:
         return self._by_principal_name.get(name)
@@ -315,7 +390,7 @@ class Router:
     def _run(self) -> None:
         sock = self._sock
         assert sock is not None
-        recv = recv_frames
+        recv = sock.recv
         route = self._route
         commands = self._commands
         interval = self.config.heartbeat_interval
@@ -327,8 +402,16 @@ class Router:
                 self._run_commands()
             try:
                 # identity, signature, header, body as bytes; tensor frames stay zmq.Frame
-                # objects, forwarded without Python ever touching their bytes.
-                parts: list[Any] | None = recv(sock)
+                # objects, forwarded without Python ever touching their bytes.  The
+                # signature's Frame is kept: its metadata names a CURVE peer (User-Id).
+                frame = recv(0, copy=False)
+                parts: list[Any] | None = [frame.bytes]
+                while frame.more:
+                    frame = recv(0, copy=False)
+                    n = len(parts)
+                    if n == 1:
+                        self._sig_frame = frame
+                    parts.append(frame.bytes if n < 4 else frame)
             except zmq.Again:  # RCVTIMEO: time for the tick
                 parts = None
             except zmq.ContextTerminated:
@@ -346,6 +429,8 @@ class Router:
 
     def _tick(self, now: float) -> None:
         self._expire(now)
+        if self._grant_expiry:
+            self._expire_grants()
         if now < self._next_beat:
             return
         interval = self.config.heartbeat_interval
@@ -596,6 +681,8 @@ class Router:
         self._denied += 1
         log.warning("denied", peer=peer.name, capability=capability, kind=_KIND_NAMES.get(hdr.kind),
                     type=hdr.type, dest=hdr.dest)
+        self._audit("denied", peer.name, capability=capability,
+                    detail=f"{_KIND_NAMES.get(hdr.kind)} {hdr.type} to {hdr.dest}")
         self._answer(peer, hdr, ErrorCode.FORBIDDEN,
                      f"{peer.name!r} lacks the capability {capability!r}", capability)
 
@@ -607,10 +694,18 @@ class Router:
         except DecodeError as exc:
             self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
             return
-        principal = self._principals.get(hello.credential) if hello.credential else None
+        curve_key = self._curve_user_id()
+        if curve_key:
+            # Authenticated by CurveZMQ (ZAP admitted only enrolled keys): the key names it.
+            enrolled_as = self.enrolled.get(curve_key, "")
+            principal = self._by_principal_name.get(enrolled_as)
+            reason = f"CURVE key {curve_key[:8]}... is not enrolled (any more)"
+        else:
+            principal = self._principals.get(hello.credential) if hello.credential else None
+            reason = "missing credential" if not hello.credential else "unknown credential"
         if principal is None:
-            log.warning("authentication_failed", claimed=hello.service, pid=hello.pid,
-                        reason="missing credential" if not hello.credential else "unknown credential")
+            log.warning("authentication_failed", claimed=hello.service, pid=hello.pid, reason=reason)
+            self._audit("authentication-failed", hello.service or "?", detail=reason)
             self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
                              "Hello carries no valid credential; use the credential the kernel "
                              "gave this service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
@@ -625,6 +720,7 @@ class Router:
             name = principal.name
             if hello.service and hello.service != name:
                 log.warning("authentication_failed", claimed=hello.service, credential_of=name)
+                self._audit("authentication-failed", hello.service, detail=f"presented the credential of {name!r}")
                 self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
                                  f"this credential belongs to {name!r}, not {hello.service!r}")
                 return
@@ -646,6 +742,15 @@ class Router:
                     self._enc.encode(Header(kind=Kind.REPLY, type="Welcome", id=hdr.id, sender=_KERNEL)),
                     self._enc.encode(welcome)])
         log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
+
+    def _curve_user_id(self) -> str:
+        frame = self._sig_frame
+        if frame is None:
+            return ""
+        try:
+            return frame.get("User-Id") or ""
+        except zmq.ZMQError:  # no such property: not a ZAP-authenticated connection
+            return ""
 
     def _control_message(self, peer: Peer, hdr: Header, body: bytes) -> None:
         if hdr.type not in _CONTROL_TYPES:
@@ -732,6 +837,31 @@ class Router:
             case StopMonitor():
                 self._monitors.pop(peer.identity, None)
                 self._reply_to(peer, hdr, Monitoring())
+            case Grant() | Revoke() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
+                self._deny(peer, hdr, f"{type(msg).__name__.lower()}: only the security service changes the policy")
+            case Grant(name=name, capability=cap) | Revoke(name=name, capability=cap) \
+                    if not _parses(cap):
+                self._answer(peer, hdr, ErrorCode.BAD_MESSAGE, f"not a capability: {cap!r}")
+            case Grant(name=name, capability=cap, expires=expires):
+                self.grant(name, cap, expires)
+                log.info("granted", principal=name, capability=cap, expires=expires or None)
+                self._audit("granted", name, capability=cap,
+                            detail=f"until {expires:.0f}" if expires else "without expiry")
+                self._reply_to(peer, hdr, self._granted(name))
+            case Revoke(name=name, capability=cap):
+                self.revoke(name, cap)
+                log.info("revoked", principal=name, capability=cap)
+                self._audit("revoked", name, capability=cap)
+                self._reply_to(peer, hdr, self._granted(name))
+            case Enroll(name=name, public_key=key):
+                self.enroll(name, key)
+                self._audit("enrolled" if key else "unenrolled", name, detail=key)
+                self._reply_to(peer, hdr, self._granted(name))
+            case GetMeasurements():
+                if self._measurements is None:
+                    self._answer(peer, hdr, ErrorCode.UNAVAILABLE, "this kernel keeps no measurement log")
+                else:
+                    self._reply_to(peer, hdr, self._measurements())
             case StartService(name=name) | StopService(name=name) | RestartService(name=name) \
                     if self._status(name) is None:
                 self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION,
@@ -742,6 +872,10 @@ class Router:
                 # Supervisor work takes time: it runs on the event loop and answers later
                 # through finish_operation; this thread goes on routing meanwhile.
                 self._notify(self._operate, msg, peer.identity, hdr.id)
+
+    def _granted(self, name: str) -> Granted:
+        principal = self._by_principal_name.get(name)
+        return Granted(name=name, capabilities=list(principal.caps.patterns) if principal else [])
 
     def finish_operation(self, identity: bytes, request_id: int, result: msgspec.Struct) -> None:
         """Answer a kernel operation (router thread, via submit)."""
@@ -802,6 +936,15 @@ class Router:
                 ev_hdr = self._enc.encode(Header(kind=Kind.EVENT, type="Traffic", dest="kernel.monitor",
                                                  sender=_KERNEL))
             self._send([identity, SIGNATURE, ev_hdr, record], mon)
+
+    def _audit(self, kind: str, subject: str, *, capability: str = "", detail: str = "") -> None:
+        """An audit record for the security service, published on kernel.audit."""
+        self.publish_kernel_event("kernel.audit", AuditEvent(
+            kind=kind, subject=subject, capability=capability, detail=detail, time=time.time()))
+
+    def audit(self, kind: str, subject: str, detail: str = "") -> None:
+        """For the supervisor (via submit): crashes, restarts, failures."""
+        self._audit(kind, subject, detail=detail)
 
     def publish_kernel_event(self, topic: str, body: msgspec.Struct) -> None:
         """Publish an event from the kernel itself (service state changes)."""
@@ -864,6 +1007,14 @@ class Router:
             denied=self._denied, malformed=self._malformed, stray_replies=self._stray,
             dropped_events=self._dropped_events,
         )
+
+
+def _parses(capability: str) -> bool:
+    try:
+        parse_capability(capability)
+    except CapabilityError:
+        return False
+    return True
 
 
 def _worth_logging(count: int) -> bool:

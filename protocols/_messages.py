@@ -23,9 +23,11 @@ __all__ = [
     "Hello", "Welcome", "Ready", "Heartbeat", "Bye", "Subscribe", "Unsubscribe", "Subscribed",
     "Control", "ControlReply",
     "ListServices", "GetService", "Introspect", "ListCapabilities", "Monitor", "StopMonitor",
-    "StartService", "StopService", "RestartService", "Reload", "KernelRequest",
-    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "Reloaded", "KernelReply",
-    "Traffic", "ServiceStateChanged", "KernelEvent",
+    "StartService", "StopService", "RestartService", "Reload", "Grant", "Revoke", "Enroll",
+    "GetMeasurements", "KernelRequest",
+    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "Reloaded",
+    "Measurement", "Measurements", "Granted", "KernelReply",
+    "Traffic", "ServiceStateChanged", "AuditEvent", "KernelEvent",
     "Tensor",
 ]
 
@@ -165,8 +167,38 @@ class Reload(msgspec.Struct, tag=True):
     """Re-read the config file (as SIGHUP does); an invalid one changes nothing."""
 
 
+class Grant(msgspec.Struct, tag=True, omit_defaults=True):
+    """Add a capability to a principal at run time (only the security service may)."""
+
+    name: str
+    capability: str
+    #: Unix time after which the grant no longer counts; 0 means never.
+    expires: float = 0.0
+
+
+class Revoke(msgspec.Struct, tag=True):
+    """Withdraw a capability, granted or configured (only the security service may)."""
+
+    name: str
+    capability: str
+
+
+class Enroll(msgspec.Struct, tag=True, omit_defaults=True):
+    """Let a CurveZMQ public key (Z85) connect over tcp as ``name``; empty key: unenroll.
+    Only the security service may."""
+
+    name: str
+    public_key: str = ""
+
+
+class GetMeasurements(msgspec.Struct, tag=True):
+    """The measurement log of what the kernel started (for attestation)."""
+
+
 KernelRequest = (ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
-                 | StartService | StopService | RestartService | Reload)
+                 | StartService | StopService | RestartService | Reload | Grant | Revoke | Enroll
+                 | GetMeasurements)
+
 
 
 class ServiceStatus(msgspec.Struct, tag=True):
@@ -219,7 +251,31 @@ class Reloaded(msgspec.Struct, tag=True):
     unchanged: list[str] = []
 
 
-KernelReply = ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring | Reloaded
+class Measurement(msgspec.Struct, tag=True, omit_defaults=True):
+    """One measured start: sha256 of the service's code and of its config section."""
+
+    service: str
+    code: str
+    config: str
+    #: sha256(code digest || config digest): what was extended into the PCR.
+    digest: str
+    argv: list[str] = []
+    time: float = 0.0
+
+
+class Measurements(msgspec.Struct, tag=True):
+    #: Extended like a TPM PCR: pcr' = sha256(pcr || digest), from 32 zero bytes.
+    pcr: str
+    log: list[Measurement]
+
+
+class Granted(msgspec.Struct, tag=True):
+    name: str
+    capabilities: list[str]
+
+
+KernelReply = (ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring | Reloaded
+               | Measurements | Granted)
 
 
 class Traffic(msgspec.Struct, tag=True, omit_defaults=True):
@@ -245,7 +301,19 @@ class ServiceStateChanged(msgspec.Struct, tag=True, omit_defaults=True):
     detail: str = ""
 
 
-KernelEvent = Traffic | ServiceStateChanged
+class AuditEvent(msgspec.Struct, tag=True, omit_defaults=True):
+    """What the kernel reports for the audit log, on ``kernel.audit``."""
+
+    #: denied | authentication-failed | service-crashed | service-restarted |
+    #: service-failed | granted | revoked | enrolled
+    kind: str
+    subject: str
+    detail: str = ""
+    capability: str = ""
+    time: float = 0.0
+
+
+KernelEvent = Traffic | ServiceStateChanged | AuditEvent
 
 
 # --- tensors -------------------------------------------------------------------------------
