@@ -41,6 +41,9 @@ class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_pending: int = 10000
     #: Upper bound on the life of a request that carries no deadline, seconds.
     request_timeout: float = 300.0
+    #: Optional tcp endpoint for peers on other hosts, e.g. "tcp://0.0.0.0:7450".  It only
+    #: speaks CurveZMQ (never NULL); peers authenticate with an enrolled public key.
+    tcp_endpoint: str = ""
 
 
 class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -127,6 +130,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user: str = ""
     group: str = ""
     limits: Limits = msgspec.field(default_factory=Limits)
+    #: For a service connecting over tcp: its CurveZMQ public key (40 Z85 characters).
+    curve_public_key: str = ""
 
     @property
     def managed(self) -> bool:
@@ -203,6 +208,8 @@ def _validate(config: SystemConfig, source: str) -> None:
         if value < low:
             raise ConfigError(source, key, f"must be at least {low}, got {value}")
     _check_caps(config.operator.capabilities, source, "operator.capabilities")
+    if bus.tcp_endpoint and not bus.tcp_endpoint.startswith("tcp://"):
+        raise ConfigError(source, "bus.tcp_endpoint", "must be a tcp:// endpoint, e.g. tcp://0.0.0.0:7450")
     names = set(config.services)
     for name, svc in config.services.items():
         key = f"services.{name}"
@@ -229,6 +236,9 @@ def _validate(config: SystemConfig, source: str) -> None:
         if svc.max_restarts < 0:
             raise ConfigError(source, f"{key}.max_restarts", "must be 0 or more")
         _validate_limits(svc.limits, source, f"{key}.limits")
+        if svc.curve_public_key and len(svc.curve_public_key) != 40:
+            raise ConfigError(source, f"{key}.curve_public_key",
+                              "a CurveZMQ public key is 40 Z85 characters (zmq.curve_keypair)")
     cycle = _find_cycle({n: s.requires for n, s in config.services.items()})
     if cycle:
         raise ConfigError(source, "services", "dependency cycle: " + " -> ".join(cycle))

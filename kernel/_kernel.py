@@ -13,14 +13,17 @@ import anyio
 from services import get_logger
 
 import msgspec
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from protocols import Error, ErrorCode, Reload, Reloaded, RestartService, StartService, StopService
 
 from ._caps import CapabilitySet
 from ._cgroup import Cgroups
-from ._config import SystemConfig, load_config
+from ._attest import MeasurementLog
+from ._config import ServiceConfig, SystemConfig, load_config
 from ._exceptions import ConfigError, KernelError
-from ._router import Principal, Router
+from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
 
 __all__ = ["Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG"]
@@ -84,8 +87,10 @@ class Kernel:
         self.supervisor = Supervisor(
             config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
             issue_credential=self._issue_credential, on_state=self._state_changed,
-            on_exit=self._service_exited, cgroups=self.cgroups,
+            on_exit=self._service_exited, on_spawn=self._measure, cgroups=self.cgroups,
         )
+        self.measurements = MeasurementLog()
+        self._auth: ThreadAuthenticator | None = None
         #: The operator and external services, by name; managed ones get a fresh credential
         #: at each spawn instead.
         self.principals = self._static_principals(config, {})
@@ -94,7 +99,18 @@ class Kernel:
             known_services=[n for n, s in config.services.items() if s.enabled],
             on_ready=self.supervisor.mark_ready, on_gone=self.supervisor.peer_gone,
             status=self.supervisor.status, operate=self._operate,
+            measurements=self.measurements.snapshot, enrolled=self._config_enrolment(config),
         )
+
+    @staticmethod
+    def _config_enrolment(config: SystemConfig) -> dict[str, str]:
+        return {s.curve_public_key: n for n, s in config.services.items()
+                if s.curve_public_key and s.enabled and not s.managed}
+
+    def _measure(self, name: str, argv: list[str], spec: ServiceConfig) -> None:
+        entry = self.measurements.measure(name, argv, spec)
+        if entry is not None:
+            log.info("measured", name=name, digest=entry.digest, pcr=self.measurements.pcr)
 
     @staticmethod
     def _static_principals(config: SystemConfig, current: dict[str, Principal]) -> dict[str, Principal]:
@@ -120,7 +136,14 @@ class Kernel:
         return principal.credential
 
     def _state_changed(self, name: str, state: str, previous: str, pid: int, detail: str) -> None:
-        self.router.submit(self.router.service_state_changed, name, state, previous, pid, detail)
+        router = self.router
+        router.submit(router.service_state_changed, name, state, previous, pid, detail)
+        if state == "backoff" and previous in ("ready", "starting"):
+            router.submit(router.audit, "service-crashed", name, detail)
+        elif state == "starting" and previous == "backoff":
+            router.submit(router.audit, "service-restarted", name, f"pid {pid}")
+        elif state == "failed":
+            router.submit(router.audit, "service-failed", name, detail)
 
     def _service_exited(self, name: str, why: str) -> None:
         # Answer its pending requests with `unavailable` now, not after missed heartbeats.
@@ -143,6 +166,8 @@ class Kernel:
         sock = self.run_dir / "bus.sock"
         if sock.exists():
             sock.unlink()  # stale: we hold the lock, so no kernel owns it
+        if self.config.bus.tcp_endpoint:
+            self._start_curve()
         # Bind before the credentials appear: a client that finds its credential finds
         # the bus listening too.
         self.router.bind()
@@ -231,6 +256,8 @@ class Kernel:
         for principal in self.principals.values():
             router.submit(router.add_principal, principal)
         router.submit(router.set_known_services, [n for n, s in new.services.items() if s.enabled])
+        for key, name in self._config_enrolment(new).items():
+            router.submit(router.enroll, name, key)
         result = await self.supervisor.apply(new)
         self._write_credentials()
         log.info("reload_applied", config=source, **result)
@@ -271,7 +298,41 @@ class Kernel:
         await self.supervisor.wait_all_ready()
         log.info("system_ready", services=sorted(self.supervisor.services))
 
+    def _start_curve(self) -> None:
+        """The CURVE server key (kept in the state dir, 0600; public half published in the
+        run dir) and the ZAP handler that admits only enrolled client keys."""
+        keydir = self.state_dir / "kernel"
+        keydir.mkdir(mode=0o700, exist_ok=True)
+        secret_file, public_file = keydir / "curve.key", keydir / "curve.pub"
+        if secret_file.exists():
+            secret = secret_file.read_bytes().strip()
+            public = zmq.curve_public(secret)
+        else:
+            public, secret = zmq.curve_keypair()
+            _write_private(secret_file, secret.decode())
+            public_file.write_bytes(public)
+        (self.run_dir / "bus.curve.pub").write_bytes(public)
+        self.router.curve_secret_key = secret
+        router = self.router
+
+        class Enrolled:
+            def callback(self, domain: str, key: bytes) -> bool:
+                allowed = key.decode() in router.enrolled
+                if not allowed:  # this runs in the ZAP thread: log, and queue the audit
+                    log.warning("authentication_failed", mechanism="CURVE", key=key.decode()[:8] + "...",
+                                reason="public key not enrolled")
+                    router.post(router.audit, "authentication-failed", "tcp peer",
+                                f"CURVE key {key.decode()} is not enrolled")
+                return allowed
+
+        self._auth = ThreadAuthenticator(zmq.Context.instance(), log=_ZapLog())
+        self._auth.start()
+        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=Enrolled())
+
     def _cleanup(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         sock = self.run_dir / "bus.sock"
         if sock.exists():
             sock.unlink()
@@ -282,6 +343,21 @@ class Kernel:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class _ZapLog:
+    """pyzmq's authenticator logs through a logging.Logger; route the useful part to ours."""
+
+    def debug(self, *args: object, **kw: object) -> None:
+        pass
+
+    info = debug
+
+    def warning(self, msg: str, *args: object, **kw: object) -> None:
+        log.warning("zap", detail=msg % args if args else msg)
+
+    error = warning
+    exception = warning
 
 
 def _write_private(path: Path, text: str) -> None:

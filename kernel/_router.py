@@ -83,6 +83,7 @@ _REQ, _REPLY, _ERR, _EVENT, _CTRL = (int(k) for k in Kind)
 _KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 _KERNEL = "kernel"
 _SECURITY = "security"
+ZAP_DOMAIN = "edgebus"
 _WAKE_IDENTITY = b"edgebus-kernel-wake"
 _NOBLOCK = int(zmq.NOBLOCK)
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
@@ -187,6 +188,8 @@ class Router:
         #: kernel id -> (requester, requester's id, target, expiry (monotonic), type)
         #: CurveZMQ public key (Z85) -> principal name, for peers on the tcp endpoint.
         self.enrolled: dict[str, str] = dict(enrolled or {})
+        #: The CURVE server secret key (Z85) for the tcp endpoint.
+        self.curve_secret_key: bytes | None = None
         self._measurements = measurements
         self._sig_frame: Any = None
         self._pending: dict[int, tuple[Peer, int, Peer, float, str]] = {}
@@ -308,12 +311,24 @@ class Router:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size * 2)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, max(int(min(self.config.heartbeat_interval, 0.1) * 1000), 1))
+        endpoint = self.endpoint
         try:
-            sock.bind(self.endpoint)
+            sock.bind(endpoint)
             sock.bind(self._wake_endpoint)
+            if self.config.tcp_endpoint:
+                # Security options are taken per listener at bind time: the ipc endpoint
+                # above stays NULL (file permissions and credentials guard it); the tcp one
+                # is CURVE only, each handshake checked by the ZAP handler (enrolled keys).
+                if self.curve_secret_key is None:
+                    raise BindError(self.config.tcp_endpoint, "no CURVE server key was given to the router")
+                endpoint = self.config.tcp_endpoint
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret_key)
+                sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+                sock.bind(endpoint)
         except zmq.ZMQError as exc:
             sock.close(0)
-            raise BindError(self.endpoint, exc.strerror) from exc
+            raise BindError(endpoint, exc.strerror) from exc
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         self._sock = sock
@@ -355,6 +370,11 @@ class Router:
             self._waker = None
 
     # -- commands from the supervisor's thread -----------------------------------------------
+
+    def post(self, func: Callable[..., Any], *args: Any) -> None:
+        """Like submit, from any other thread (the ZAP handler's): no wake-up, so it runs
+        within one tick (0.1 s) or at the next message."""
+        self._commands.append((func, args))
 
     def submit(self, func: Callable[..., Any], *args: Any) -> None:
         """Run ``func(*args)`` in the router thread (the only thread that may touch the

@@ -119,8 +119,10 @@ class Supervisor:
         issue_credential: Callable[[str, list[str]], str],
         on_state: Callable[[str, str, str, int, str], None] = lambda *a: None,
         on_exit: Callable[[str, str], None] = lambda name, why: None,
+        on_spawn: Callable[[str, list[str], ServiceConfig], None] = lambda name, argv, spec: None,
         cgroups: Cgroups | None = None,
     ) -> None:
+        self._on_spawn = on_spawn
         self.config = config
         self.endpoint = endpoint
         self.run_dir = run_dir
@@ -389,6 +391,7 @@ class Supervisor:
     async def _spawn(self, svc: ManagedService) -> None:
         assert self._tg is not None
         argv = [sys.executable if a == "{python}" else a for a in svc.spec.command]
+        self._on_spawn(svc.name, argv, svc.spec)
         env = self._environment(svc)
         isolation = self._isolation(svc, argv)
         command = argv

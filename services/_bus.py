@@ -390,12 +390,15 @@ async def connect(
     hello: Hello | None = None,
     on_request: Callable[[Incoming], Awaitable[Any]] | None = None,
     connect_timeout: float = 10.0,
+    curve: tuple[bytes, bytes, bytes] | None = None,
     **options: Any,
 ) -> AsyncIterator[BusClient]:
     """Join the bus, say Hello, and keep the connection alive for the ``async with`` body.
 
     The endpoint comes from ``endpoint``, else ``run_dir``, else EDGEBUS_BUS, else
     EDGEBUS_RUN_DIR; the credential from ``credential`` or :func:`read_credential`.
+    Over tcp, ``curve`` is (server public key, own public key, own secret key), Z85: the
+    kernel knows the peer by its enrolled public key, and no credential is needed.
     """
     if endpoint is None:
         if run_dir is None and not os.environ.get("EDGEBUS_BUS"):
@@ -412,6 +415,11 @@ async def connect(
         credential = read_credential()
     client = BusClient(service, endpoint, credential, hello=hello, on_request=on_request, **options)
     sock = client._asock.sock
+    if curve is not None:
+        server_key, public_key, secret_key = curve
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
     try:
         sock.connect(endpoint)
         await client._handshake(connect_timeout)
