@@ -191,6 +191,8 @@ class Router:
         #: The CURVE server secret key (Z85) for the tcp endpoint.
         self.curve_secret_key: bytes | None = None
         self._measurements = measurements
+        self._audit_backlog: collections.deque[AuditEvent] = collections.deque(maxlen=10000)
+        self._audit_dropped = 0
         self._sig_frame: Any = None
         self._pending: dict[int, tuple[Peer, int, Peer, float, str]] = {}
         self._request_timeout = config.request_timeout
@@ -797,6 +799,8 @@ class Router:
                         return
                 peer.subscriptions.update(topics)
                 self._topic_cache.clear()
+                if self._audit_backlog and any("kernel.audit".startswith(t) for t in topics):
+                    self._flush_audit_backlog()
                 self._reply_to(peer, hdr, Subscribed(topics=sorted(peer.subscriptions)))
             case Unsubscribe(topics=topics):
                 peer.subscriptions.difference_update(topics)
@@ -873,6 +877,10 @@ class Router:
                 log.info("revoked", principal=name, capability=cap)
                 self._audit("revoked", name, capability=cap)
                 self._reply_to(peer, hdr, self._granted(name))
+            case Enroll(name=name, public_key=key) if key and name not in self._by_principal_name:
+                self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION,
+                             f"no service named {name!r} is configured; add [services.{name}] (without "
+                             "a command) to the config before enrolling its key")
             case Enroll(name=name, public_key=key):
                 self.enroll(name, key)
                 self._audit("enrolled" if key else "unenrolled", name, detail=key)
@@ -958,9 +966,25 @@ class Router:
             self._send([identity, SIGNATURE, ev_hdr, record], mon)
 
     def _audit(self, kind: str, subject: str, *, capability: str = "", detail: str = "") -> None:
-        """An audit record for the security service, published on kernel.audit."""
-        self.publish_kernel_event("kernel.audit", AuditEvent(
-            kind=kind, subject=subject, capability=capability, detail=detail, time=time.time()))
+        """An audit record for the security service, published on kernel.audit.  While
+        nobody subscribes (the security service starting or restarting) records wait in
+        a bounded buffer and are delivered to the next subscriber."""
+        event = AuditEvent(kind=kind, subject=subject, capability=capability, detail=detail, time=time.time())
+        if not (self._topic_cache.get("kernel.audit") or self._subscribers("kernel.audit")):
+            if len(self._audit_backlog) == self._audit_backlog.maxlen:
+                self._audit_dropped += 1
+            self._audit_backlog.append(event)
+            return
+        self.publish_kernel_event("kernel.audit", event)
+
+    def _flush_audit_backlog(self) -> None:
+        if self._audit_dropped:
+            self.publish_kernel_event("kernel.audit", AuditEvent(
+                kind="audit-records-lost", subject="kernel", time=time.time(),
+                detail=f"{self._audit_dropped} records dropped while no audit subscriber was connected"))
+            self._audit_dropped = 0
+        while self._audit_backlog:
+            self.publish_kernel_event("kernel.audit", self._audit_backlog.popleft())
 
     def audit(self, kind: str, subject: str, detail: str = "") -> None:
         """For the supervisor (via submit): crashes, restarts, failures."""

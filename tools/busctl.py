@@ -155,7 +155,27 @@ def _schema_type(schema: dict[str, Any]) -> str:
 
 
 async def cmd_caps(bus: BusClient, args: argparse.Namespace) -> int:
-    table = await bus.call("kernel", ListCapabilities(name=args.name or ""), CapabilityTable, timeout=args.timeout)
+    words = list(args.words)
+    if words and words[0] in ("grant", "revoke"):
+        if len(words) != 3:
+            raise UsageError(f"usage: busctl caps {words[0]} NAME CAPABILITY" + (" [--ttl S]" if words[0] == "grant" else ""))
+        from services.security import GrantCapability, Grants, RevokeCapability
+
+        msg = (GrantCapability(name=words[1], capability=words[2], ttl=args.ttl or 0.0) if words[0] == "grant"
+               else RevokeCapability(name=words[1], capability=words[2]))
+        result = await bus.call("security", msg, Grants, timeout=args.timeout)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"{'granted' if words[0] == 'grant' else 'revoked'} {words[2]} "
+                  f"{'to' if words[0] == 'grant' else 'from'} {words[1]}"
+                  + (f" for {args.ttl:g}s" if words[0] == "grant" and args.ttl else ""))
+            print(f"{words[1]} now holds: {', '.join(result.effective) or '(nothing: default deny)'}")
+        return 0
+    if len(words) > 1:
+        raise UsageError("usage: busctl caps [NAME] | caps grant NAME CAP [--ttl S] | caps revoke NAME CAP")
+    table = await bus.call("kernel", ListCapabilities(name=words[0] if words else ""), CapabilityTable,
+                           timeout=args.timeout)
     if args.json:
         _print_json(table.table)
         return 0
@@ -184,6 +204,75 @@ async def cmd_monitor(bus: BusClient, args: argparse.Namespace) -> int:
         seen += 1
         if args.limit and seen >= args.limit:
             break
+    return 0
+
+
+async def cmd_audit(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.security import AuditRecords, AuditTail, AuditVerdict, AuditVerify
+
+    if args.action == "tail":
+        records = (await bus.call("security", AuditTail(n=args.n), AuditRecords, timeout=args.timeout)).records
+        if args.json:
+            _print_json(records)
+            return 0
+        for r in records:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
+            extra = " ".join(x for x in (r.capability, r.detail, f"by {r.by}" if r.by else "") if x)
+            print(f"{r.seq:>6}  {stamp}  {r.kind:<22} {r.subject:<16} {extra}")
+        return 0
+    verdict = await bus.call("security", AuditVerify(), AuditVerdict, timeout=args.timeout)
+    if args.json:
+        _print_json(verdict)
+    elif verdict.ok:
+        print(f"audit log intact: {verdict.records} records in {verdict.files} file(s), "
+              f"{verdict.checkpoints} signed checkpoint(s)")
+    else:
+        print(f"busctl: audit log broken at {verdict.where}: {verdict.problem} "
+              f"({verdict.records} records before it are intact)", file=sys.stderr)
+    return 0 if verdict.ok else EXIT_FAILED
+
+
+async def cmd_trust(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.security import TrustAdd, TrustedKeys, TrustList, TrustRemove
+
+    if args.action == "add":
+        if not args.key:
+            raise UsageError("usage: busctl trust add PUBLIC_KEY_HEX [--label L]")
+        msg: msgspec.Struct = TrustAdd(public_key=args.key, label=args.label or "")
+    elif args.action == "remove":
+        if not args.key:
+            raise UsageError("usage: busctl trust remove KEY_ID")
+        msg = TrustRemove(key_id=args.key)
+    else:
+        msg = TrustList()
+    keys = (await bus.call("security", msg, TrustedKeys, timeout=args.timeout)).keys
+    if args.json:
+        _print_json(keys)
+    elif args.action == "list":
+        print(_table([(k.key_id, k.label, k.source, k.public_key) for k in keys],
+                     ("KEY ID", "LABEL", "SOURCE", "PUBLIC KEY")))
+    else:
+        print(f"{args.action}{'ed' if args.action == 'add' else 'd'} {keys[0].key_id} {keys[0].label}".rstrip())
+    return 0
+
+
+async def cmd_attest(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.security import Attest, SignedReport
+
+    signed = await bus.call("security", Attest(nonce=args.nonce or ""), SignedReport, timeout=args.timeout)
+    _print_json(signed)  # always JSON: it is meant for `edgebus attest verify`
+    return 0
+
+
+async def cmd_security(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.security import Enrolled, EnrollKey
+
+    result = await bus.call("security", EnrollKey(name=args.name, public_key=args.public_key), Enrolled,
+                            timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"enrolled {result.name}: it may connect over tcp with CURVE key {result.public_key}")
     return 0
 
 
@@ -318,9 +407,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default="ready",
                    choices=["starting", "ready", "stopping", "stopped", "backoff", "failed"])
     p.set_defaults(func=cmd_wait)
-    p = sub.add_parser("caps", parents=[common], help="the capability table")
-    p.add_argument("name", nargs="?", help="one principal")
+    p = sub.add_parser("caps", parents=[common], help="the capability table; caps grant|revoke NAME CAP")
+    p.add_argument("words", nargs="*", metavar="[NAME | grant NAME CAP | revoke NAME CAP]")
+    p.add_argument("--ttl", type=float, help="with grant: seconds until the grant expires")
     p.set_defaults(func=cmd_caps)
+    p = sub.add_parser("audit", parents=[common], help="the audit log: tail, verify")
+    p.add_argument("action", choices=["tail", "verify"])
+    p.add_argument("-n", type=int, default=20, help="with tail: how many records")
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("trust", parents=[common], help="model-signing keys: add, remove, list")
+    p.add_argument("action", choices=["add", "remove", "list"])
+    p.add_argument("key", nargs="?", help="add: ed25519 public key (hex); remove: key id")
+    p.add_argument("--label")
+    p.set_defaults(func=cmd_trust)
+    p = sub.add_parser("attest", parents=[common], help="a signed attestation report (JSON)")
+    p.add_argument("--nonce", help="a verifier's challenge to include")
+    p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("security", parents=[common], help="security enroll NAME CURVE_PUBLIC_KEY")
+    p.add_argument("action", choices=["enroll"])
+    p.add_argument("name")
+    p.add_argument("public_key")
+    p.set_defaults(func=cmd_security)
     return parser
 
 

@@ -50,6 +50,55 @@ def _config_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attest_verify(args: argparse.Namespace) -> int:
+    """Check a report from `busctl attest` offline, as a fleet server would."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import msgspec
+
+    from kernel._attest import ZERO_PCR, extend
+    from services.security import SignedReport, verify_ed25519
+
+    try:
+        signed = msgspec.convert(json.loads(Path(args.report).read_text()), SignedReport)
+    except (OSError, ValueError, msgspec.ValidationError) as exc:
+        print(f"edgebus: {args.report} is not an attestation report: {exc}", file=sys.stderr)
+        return 2
+    key_text = Path(args.pubkey).read_text().strip() if Path(args.pubkey).is_file() else args.pubkey
+    try:
+        pubkey = bytes.fromhex(key_text)
+        assert len(pubkey) == 32
+    except (ValueError, AssertionError):
+        print("edgebus: --pubkey must be the device's ed25519 public key, 64 hex characters (or a file)",
+              file=sys.stderr)
+        return 2
+    report = signed.report
+    if not verify_ed25519(pubkey, bytes.fromhex(signed.signature), msgspec.json.encode(report)):
+        print("edgebus: INVALID: the signature does not verify with that device key "
+              "(another device, or the report was altered)", file=sys.stderr)
+        return 1
+    pcr = ZERO_PCR
+    for i, entry in enumerate(report.log):
+        digest = hashlib.sha256(bytes.fromhex(entry["code"]) + bytes.fromhex(entry["config"])).hexdigest()
+        if digest != entry["digest"]:
+            print(f"edgebus: INVALID: log entry {i} ({entry.get('service')}) digest does not match its "
+                  "code and config", file=sys.stderr)
+            return 1
+        pcr = extend(pcr, digest)
+    if pcr != report.pcr:
+        print("edgebus: INVALID: replaying the measurement log does not give the reported PCR", file=sys.stderr)
+        return 1
+    if args.nonce is not None and report.nonce != args.nonce:
+        print(f"edgebus: INVALID: nonce {report.nonce!r} is not the challenge {args.nonce!r}", file=sys.stderr)
+        return 1
+    print(f"valid: signed by device {report.device[:16]}..., pcr {report.pcr}")
+    for entry in report.log:
+        print(f"  {entry['service']:<16} code {entry['code'][:16]}  config {entry['config'][:16]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgebus", description="edgebus: the operating layer for AI at the edge")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
     default = csub.add_parser("default", help="print the built-in default config")
     default.set_defaults(func=_config_default)
+    attest = sub.add_parser("attest", help="attestation reports")
+    asub = attest.add_subparsers(dest="attest_command", required=True)
+    verify = asub.add_parser("verify", help="verify a report from `busctl attest` offline")
+    verify.add_argument("report", help="the JSON report file")
+    verify.add_argument("--pubkey", required=True, help="the device's ed25519 public key (hex) or a file holding it")
+    verify.add_argument("--nonce", help="the challenge the report must carry")
+    verify.set_defaults(func=_attest_verify)
     return parser
 
 

@@ -1,0 +1,4 @@
+from services import run
+from services.security import SecurityService
+
+run(SecurityService)

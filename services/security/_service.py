@@ -1,0 +1,235 @@
+"""The security service: policy and keys.  The kernel enforces; this service decides.
+
+* capability grants and revocations (with expiry), the only peer the kernel takes them
+  from, persisted in ``grants.json`` and re-applied when either side restarts;
+* CurveZMQ enrolment of peers that connect over tcp;
+* the audit log (kernel events on ``kernel.audit`` and ``AuditAppend`` from services);
+* the trust store of model-signing keys, and signature checks against it;
+* sealing of data keys under the device master key;
+* attestation reports over the kernel's measurement log, signed by the device key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from protocols import AuditEvent, Enroll, GetMeasurements, Grant, Granted, Measurements, Revoke
+from services import BadMessage, Context, InternalError, Service, UnknownDestination
+
+from ._audit import AuditLog, verify_log
+from ._exceptions import SealError, SecurityError
+from ._keys import FileKeyStore
+from ._messages import (
+    Appended,
+    AttestationReport,
+    Attest,
+    AuditAppend,
+    AuditRecords,
+    AuditTail,
+    AuditVerify,
+    DeviceKey,
+    EnrollKey,
+    Enrolled,
+    GrantCapability,
+    GrantEntry,
+    Grants,
+    ListGrants,
+    PublicKey,
+    Reply,
+    Request,
+    RevokeCapability,
+    Seal,
+    Sealed,
+    SignatureValid,
+    SignedReport,
+    TrustAdd,
+    TrustedKeys,
+    TrustList,
+    TrustRemove,
+    Unseal,
+    Unsealed,
+    VerifySignature,
+)
+from ._trust import TrustStore
+
+__all__ = ["SecurityService"]
+
+#: Kernel audit kinds this service records itself, with the requester (``by``).
+_RECORDED_HERE = {"granted", "revoked", "enrolled", "unenrolled"}
+
+
+class SecurityService(Service):
+    name = "security"
+    Request = Request
+    Reply = Reply
+    checkpoint_interval = float(os.environ.get("EDGEBUS_AUDIT_CHECKPOINT_INTERVAL", "60"))
+
+    async def setup(self) -> None:
+        state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "security"
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = state
+        self.keys = FileKeyStore(state)
+        self.audit = AuditLog(state / "audit", self.keys.sign,
+                              max_bytes=int(os.environ.get("EDGEBUS_AUDIT_MAX_BYTES", str(1 << 20))),
+                              checkpoint_every=int(os.environ.get("EDGEBUS_AUDIT_CHECKPOINT_EVERY", "100")))
+        self.trust = TrustStore(state / "trust.json", os.environ.get("EDGEBUS_TRUSTED_KEYS", ""))
+        self.grants_path = state / "grants.json"
+        self.grants: list[GrantEntry] = (msgspec.json.decode(self.grants_path.read_bytes(), type=list[GrantEntry])
+                                         if self.grants_path.exists() else [])
+        self.enrollments_path = state / "enrollments.json"
+        self.enrollments: dict[str, str] = (msgspec.json.decode(self.enrollments_path.read_bytes(), type=dict[str, str])
+                                            if self.enrollments_path.exists() else {})
+        await self.bus.subscribe("kernel.audit")
+        # The kernel forgets run-time policy when it restarts; give it back.
+        now = time.time()
+        self.grants = [g for g in self.grants if g.action == "revoke" or not g.expires or g.expires > now]
+        for g in self.grants:
+            msg = (Grant(name=g.name, capability=g.capability, expires=g.expires) if g.action == "grant"
+                   else Revoke(name=g.name, capability=g.capability))
+            await self.bus.call("kernel", msg, Granted, timeout=10)
+        for name, key in self.enrollments.items():
+            await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted, timeout=10)
+        self.audit.append("security-started", "security", detail=f"device key {self.keys.key_id}")
+
+    async def main(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._record_kernel_events)
+            tg.start_soon(self._checkpoints)
+
+    async def _record_kernel_events(self) -> None:
+        """Append kernel audit events; one fsync per batch (group commit)."""
+        decoder = msgspec.msgpack.Decoder(AuditEvent)
+        events = self.bus.events
+        while True:
+            batch = [await events.receive()]
+            while True:
+                try:
+                    batch.append(events.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            for incoming in batch:
+                if incoming.sender != "kernel" or incoming.type != "AuditEvent":
+                    continue
+                ev = decoder.decode(incoming.body)
+                if ev.kind in _RECORDED_HERE:
+                    continue
+                self.audit.append(ev.kind, ev.subject, detail=ev.detail, capability=ev.capability,
+                                  by="kernel", when=ev.time or None, sync=False)
+            self.audit.sync()
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await anyio.sleep(self.checkpoint_interval)
+            self.audit.checkpoint()
+
+    async def teardown(self) -> None:
+        self.audit.checkpoint()
+        self.audit.close()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def handle(self, req: Request, ctx: Context) -> Reply:
+        try:
+            return await self._handle(req, ctx)
+        except SealError as exc:
+            raise BadMessage(str(exc)) from exc
+        except SecurityError as exc:
+            raise InternalError(str(exc)) from exc
+
+    async def _handle(self, req: Request, ctx: Context) -> Reply:
+        match req:
+            case AuditAppend(kind=kind, subject=subject, detail=detail):
+                rec = self.audit.append(kind, subject or ctx.sender, detail=detail, by=ctx.sender)
+                return Appended(seq=rec.seq, hash=rec.hash)
+            case AuditTail(n=n):
+                return AuditRecords(records=self.audit.tail(max(1, min(n, 10000))))
+            case AuditVerify():
+                self.audit.sync()
+                return verify_log(self.audit.directory, self.keys.public_key)
+            case GrantCapability(name=name, capability=cap, ttl=ttl):
+                expires = time.time() + ttl if ttl > 0 else 0.0
+                granted = await self.bus.call("kernel", Grant(name=name, capability=cap, expires=expires), Granted)
+                self._remember(GrantEntry(name=name, capability=cap, action="grant", expires=expires))
+                self.audit.append("granted", name, capability=cap, by=ctx.sender,
+                                  detail=f"for {ttl:g}s" if ttl > 0 else "until revoked")
+                return Grants(grants=self._of(name), effective=granted.capabilities)
+            case RevokeCapability(name=name, capability=cap):
+                granted = await self.bus.call("kernel", Revoke(name=name, capability=cap), Granted)
+                self._remember(GrantEntry(name=name, capability=cap, action="revoke"))
+                self.audit.append("revoked", name, capability=cap, by=ctx.sender)
+                return Grants(grants=self._of(name), effective=granted.capabilities)
+            case ListGrants():
+                return Grants(grants=list(self.grants))
+            case EnrollKey(name=name, public_key=key):
+                if key and len(key) != 40:
+                    raise BadMessage("a CurveZMQ public key is 40 Z85 characters (zmq.curve_keypair)")
+                await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted)
+                if key:
+                    self.enrollments[name] = key
+                else:
+                    self.enrollments.pop(name, None)
+                _save(self.enrollments_path, self.enrollments)
+                self.audit.append("enrolled" if key else "unenrolled", name, detail=key, by=ctx.sender)
+                return Enrolled(name=name, public_key=key)
+            case TrustAdd(public_key=key, label=label):
+                try:
+                    added = self.trust.add(key, label)
+                except ValueError as exc:
+                    raise BadMessage(str(exc)) from exc
+                self.audit.append("trust-added", added.key_id, detail=label, by=ctx.sender)
+                return TrustedKeys(keys=[added])
+            case TrustRemove(key_id=kid):
+                try:
+                    removed = self.trust.remove(kid)
+                except KeyError:
+                    raise UnknownDestination(f"no trusted key with id {kid!r}") from None
+                except PermissionError as exc:
+                    raise BadMessage(str(exc)) from exc
+                self.audit.append("trust-removed", kid, by=ctx.sender)
+                return TrustedKeys(keys=[removed])
+            case TrustList():
+                return TrustedKeys(keys=list(self.trust.keys.values()))
+            case VerifySignature(data=data, signature=sig, key_id=kid):
+                key = self.trust.verify(data, sig, kid)
+                if key is None:
+                    who = f"key {kid}" if kid else "any trusted key"
+                    raise BadMessage(f"the signature does not verify with {who}"
+                                     + ("" if not kid or kid in self.trust.keys else " (that key is not trusted)"))
+                return SignatureValid(key_id=key.key_id, label=key.label)
+            case Seal(key=key, context=context):
+                return Sealed(blob=self.keys.seal(key, context))
+            case Unseal(blob=blob, context=context):
+                return Unsealed(key=self.keys.unseal(blob, context))
+            case Attest(nonce=nonce):
+                m = await self.bus.call("kernel", GetMeasurements(), Measurements)
+                report = AttestationReport(device=self.keys.public_key.hex(), time=time.time(), pcr=m.pcr,
+                                           log=[msgspec.to_builtins(e) for e in m.log], nonce=nonce)
+                signature = self.keys.sign(msgspec.json.encode(report)).hex()
+                return SignedReport(report=report, signature=signature, public_key=self.keys.public_key.hex())
+            case DeviceKey():
+                return PublicKey(public_key=self.keys.public_key.hex(), key_id=self.keys.key_id)
+
+    def _remember(self, entry: GrantEntry) -> None:
+        self.grants = [g for g in self.grants if (g.name, g.capability) != (entry.name, entry.capability)]
+        self.grants.append(entry)
+        _save(self.grants_path, self.grants)
+
+    def _of(self, name: str) -> list[GrantEntry]:
+        return [g for g in self.grants if g.name == name]
+
+
+def _save(path: Path, value: object) -> None:
+    """Write, fsync, rename: a crash leaves the old file or the new one."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, msgspec.json.encode(value))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,73 @@
+"""The trust store: ed25519 public keys allowed to sign model bundles.
+
+Keys come from the configuration (EDGEBUS_TRUSTED_KEYS: ``label=hex,label=hex``), which
+cannot be removed at run time, and from ``busctl trust add``, kept in ``trust.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from ._keys import key_id, verify_ed25519
+from ._messages import TrustedKey
+
+__all__ = ["TrustStore", "parse_public_key"]
+
+
+def parse_public_key(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError(f"{text[:20]!r}... is not hex; an ed25519 public key is 64 hex characters") from None
+    if len(raw) != 32:
+        raise ValueError(f"an ed25519 public key is 32 bytes (64 hex characters), got {len(raw)} bytes")
+    return raw
+
+
+class TrustStore:
+    def __init__(self, path: Path, configured: str = "") -> None:
+        self.path = path
+        self.keys: dict[str, TrustedKey] = {}
+        for item in filter(None, (p.strip() for p in configured.split(","))):
+            label, _, hexkey = item.rpartition("=")
+            raw = parse_public_key(hexkey)
+            self.keys[key_id(raw)] = TrustedKey(key_id=key_id(raw), public_key=raw.hex(), label=label, source="config")
+        if path.exists():
+            for k in msgspec.json.decode(path.read_bytes(), type=list[TrustedKey]):
+                self.keys.setdefault(k.key_id, k)
+
+    def _save(self) -> None:
+        runtime = [k for k in self.keys.values() if k.source == "runtime"]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(runtime))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def add(self, public_key: str, label: str = "") -> TrustedKey:
+        raw = parse_public_key(public_key)
+        kid = key_id(raw)
+        key = self.keys.get(kid) or TrustedKey(key_id=kid, public_key=raw.hex(), label=label)
+        self.keys[kid] = key
+        self._save()
+        return key
+
+    def remove(self, kid: str) -> TrustedKey:
+        key = self.keys.get(kid)
+        if key is None:
+            raise KeyError(kid)
+        if key.source == "config":
+            raise PermissionError(f"key {kid} comes from the configuration; remove it there")
+        del self.keys[kid]
+        self._save()
+        return key
+
+    def verify(self, data: bytes, signature: bytes, kid: str = "") -> TrustedKey | None:
+        candidates = [self.keys[kid]] if kid in self.keys else ([] if kid else list(self.keys.values()))
+        for key in candidates:
+            if verify_ed25519(bytes.fromhex(key.public_key), signature, data):
+                return key
+        return None
