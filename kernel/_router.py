@@ -160,7 +160,7 @@ class Router:
         *,
         known_services: Iterable[str] = (),
         on_ready: Callable[[str], None] = lambda name: None,
-        on_gone: Callable[[str, str, str], None] = lambda name, why, credential: None,
+        on_gone: Callable[[str, str, str, bool], None] = lambda name, why, credential, silent: None,
         status: Callable[[str], ServiceStatus | None] = lambda name: None,
         operate: Callable[[msgspec.Struct, bytes, int], None] | None = None,
         measurements: Callable[[], Measurements] | None = None,
@@ -460,7 +460,7 @@ class Router:
         limit = interval * self.config.heartbeat_liveness
         for peer in list(self._peers.values()):
             if now - peer.last_seen > limit:
-                self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s")
+                self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s", silent=True)
             else:
                 self._send([peer.identity, SIGNATURE, self._beat_header, self._beat_body], peer)
 
@@ -1010,7 +1010,7 @@ class Router:
         if peer is not None:
             self.disconnect(peer, why)
 
-    def disconnect(self, peer: Peer, why: str) -> None:
+    def disconnect(self, peer: Peer, why: str, silent: bool = False) -> None:
         if self._peers.pop(peer.identity, None) is None:
             return
         if self._by_name.get(peer.name) is peer:
@@ -1031,7 +1031,7 @@ class Router:
         peer.pending = 0
         log.info("peer_disconnected", peer=peer.name, reason=why)
         if not peer.principal.shared:
-            self._notify(self._on_gone, peer.name, why, peer.principal.credential)
+            self._notify(self._on_gone, peer.name, why, peer.principal.credential, silent)
 
     def _expire(self, now: float) -> None:
         heap = self._expiry

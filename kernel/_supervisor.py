@@ -87,6 +87,13 @@ class ManagedService:
         self.exit_status: int | None = None
         self.restart_times: collections.deque[float] = collections.deque()
         self.keeper: anyio.CancelScope | None = None
+        #: Set when the current keeper task has finished (none running: set).
+        self.keeper_done = anyio.Event()
+        self.keeper_done.set()
+        #: Processes started so far: lets start() wait for *its* start's outcome.
+        self.spawns = 0
+        #: The operator (or shutdown, or a reload) stopped it: its exit means "stopped".
+        self.stop_requested = False
         #: Set before the supervisor itself stops the process to restart it (rest_for_one,
         #: an operator's restart): that exit is neither a crash nor counted.
         self.restart_requested = False
@@ -171,14 +178,15 @@ class Supervisor:
             self._set_state(svc, State.READY)
             svc.ready.set()
 
-    def peer_gone(self, name: str, why: str, credential: str) -> None:
-        """The router lost a managed service's connection (Bye, or heartbeats stopped)
-        while its process may still run: a hung service is killed, then restarted.
+    def peer_gone(self, name: str, why: str, credential: str, silent: bool) -> None:
+        """The router lost a managed service's connection.  If it went silent (missed
+        heartbeats) while its process still runs, the service is hung: it is killed, then
+        restarted.  A Bye or a new session is the service's own business.
 
         ``credential`` tells which process it was: a connection of an earlier, already
         exited incarnation must not stop the one that replaced it."""
         svc = self.services.get(name)
-        if (svc is None or not svc.running or self.shutting_down or svc.restart_requested
+        if (not silent or svc is None or not svc.running or self.shutting_down or svc.restart_requested
                 or svc.credential != credential
                 or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
             return
@@ -200,7 +208,9 @@ class Supervisor:
     def _start_keeper(self, svc: ManagedService) -> None:
         assert self._tg is not None
         if svc.keeper is None:
+            svc.stop_requested = False
             svc.keeper = anyio.CancelScope()
+            svc.keeper_done = anyio.Event()
             self._tg.start_soon(self._keep, svc, svc.keeper)
 
     async def wait_all_ready(self) -> None:
@@ -250,6 +260,10 @@ class Supervisor:
                     except SpawnError as exc:
                         log.error("spawn_failed", name=svc.name, error=str(exc))
                         self._set_state(svc, State.FAILED, str(exc))
+                        return
+                    except Exception as exc:  # cgroup, measurement...: this service fails, not the kernel
+                        log.exception("spawn_failed", name=svc.name)
+                        self._set_state(svc, State.FAILED, f"cannot start: {type(exc).__name__}: {exc}")
                         return
                     timed_out = False
                     with anyio.move_on_after(spec.start_timeout):
@@ -307,6 +321,7 @@ class Supervisor:
         finally:
             if svc.keeper is scope:
                 svc.keeper = None
+                svc.keeper_done.set()
 
     def give_up(self, reason: str) -> None:
         if not self.fatal.is_set():
@@ -425,6 +440,7 @@ class Supervisor:
             os.close(cred_r)
         svc.popen = popen
         svc.pid = popen.pid
+        svc.spawns += 1
         svc.started_at = time.monotonic()
         self._by_pid[popen.pid] = svc
         self._set_state(svc, State.STARTING)
@@ -444,11 +460,13 @@ class Supervisor:
         # Dependents that restart must wait for the *next* READY.
         if svc.ready.is_set():
             svc.ready = anyio.Event()
-        expected = self.shutting_down or svc.state == State.STOPPING or svc.restart_requested
+        stopped = self.shutting_down or svc.stop_requested
+        expected = stopped or svc.state == State.STOPPING or svc.restart_requested
         (log.info if expected else log.warning)("service_exited", name=svc.name, pid=pid, status=svc.last_exit)
         self._on_exit(svc.name, svc.last_exit)
-        if expected and not svc.restart_requested:
+        if stopped:
             self._set_state(svc, State.STOPPED, svc.last_exit)
+        # otherwise the keeper decides: restart (backoff), stopped (transient) or failed
 
     async def _pump(self, svc: ManagedService, stream: Any, name: str) -> None:
         """Re-emit a child's output as structured lines bound to the child's name."""
@@ -497,26 +515,38 @@ class Supervisor:
             await svc.exited.wait()
 
     async def stop(self, name: str, reason: str = "requested") -> ServiceStatus:
-        """Stop a service and keep it stopped (until ``start``)."""
+        """Stop a service and keep it stopped (until ``start``): its keeper is gone and
+        its process group is dead when this returns."""
         svc = self.services[name]
+        svc.stop_requested = True
         if svc.keeper is not None:
             svc.keeper.cancel()
         with anyio.CancelScope(shield=True):
             if svc.running:
                 self._set_state(svc, State.STOPPING, reason)
                 await self._terminate(svc, reason)
-                await anyio.lowlevel.checkpoint()  # let _watch_exit record the exit
+            await svc.keeper_done.wait()
         self._set_state(svc, State.STOPPED, svc.last_exit or reason)
         return svc.status()
 
     async def start(self, name: str) -> ServiceStatus:
-        """Start a stopped or failed service; return once it is ready (or failed)."""
+        """Start a stopped or failed service, and the stopped services it requires; return
+        the outcome of this start: ready, or the state its keeper ended in (failed, or
+        stopped for a service that exited)."""
         svc = self.services[name]
-        if svc.state not in (State.READY, State.STARTING) or svc.keeper is None:
+        spawns = svc.spawns
+        for dep in svc.spec.requires:  # like systemd's Requires=: pull in what it needs
+            if dep in self.services and self.services[dep].keeper is None:
+                self.services[dep].restart_times.clear()
+                self._start_keeper(self.services[dep])
+        if svc.keeper is None:
             svc.restart_times.clear()
             self._start_keeper(svc)
-            await anyio.lowlevel.checkpoint()
-        return await self.wait_state(name, State.READY, State.FAILED, State.STOPPED)
+        elif svc.state == State.READY:
+            return svc.status()
+        while not ((svc.spawns > spawns and svc.state == State.READY) or svc.keeper_done.is_set()):
+            await svc.changed.wait()
+        return svc.status()
 
     async def restart(self, name: str) -> ServiceStatus:
         """Stop and start; under rest_for_one the services requiring it restart too."""
@@ -528,7 +558,7 @@ class Supervisor:
         status = await self.start(name)
         for dep in cascade:
             self.services[dep].restarts += 1
-            self._start_keeper(self.services[dep])
+            self._start_keeper(self.services[dep])  # each waits for `name` to be ready
         return status
 
     async def stop_all(self) -> None:
@@ -556,7 +586,10 @@ class Supervisor:
         for name in removed:
             del self.services[name]
         self.config = new
-        for name in added + changed:
+        for name in changed:  # the same object: dependents may be waiting on its events
+            self.services[name].spec = new_specs[name]
+            self.services[name].restart_times.clear()
+        for name in added:
             self.services[name] = ManagedService(name, new_specs[name])
         for name in dependency_order(new):
             if name in added or name in changed:

@@ -52,6 +52,7 @@ from ._exceptions import (
     RemoteError,
     Unavailable,
     error_from_wire,
+    lone_exception,
 )
 from ._logging import get_logger
 
@@ -435,8 +436,9 @@ async def connect(
         except BaseExceptionGroup as group:
             # A lone error (from the body, or a bus error such as ConnectionLost) surfaces
             # as itself: callers catch BusError or their own exceptions, not groups.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+            lone = lone_exception(group)
+            if lone is not None:
+                raise lone from None
             raise
     finally:
         client._events_in.close()

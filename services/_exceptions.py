@@ -27,7 +27,7 @@ from protocols import Error, ErrorCode
 __all__ = [
     "BusError", "ConnectError", "ConnectionLost", "RemoteError", "Forbidden", "Unauthenticated",
     "UnknownDestination", "UnknownType", "BadMessage", "DeadlineExceeded", "Unavailable",
-    "Overloaded", "InternalError", "error_from_wire",
+    "Overloaded", "InternalError", "error_from_wire", "lone_exception",
 ]
 
 
@@ -102,6 +102,16 @@ _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     for cls in (Forbidden, Unauthenticated, UnknownDestination, UnknownType, BadMessage,
                 DeadlineExceeded, Unavailable, Overloaded, InternalError)
 }
+
+
+def lone_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The single exception inside (possibly nested) one-member groups, else None."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
 
 
 def error_from_wire(err: Error, sender: str = "") -> RemoteError:

@@ -35,7 +35,7 @@ import msgspec
 from protocols import BodyDecoder, DecodeError, Header, Hello, unpack_tensor
 
 from ._bus import BusClient, Incoming, connect
-from ._exceptions import BadMessage, BusError, UnknownType
+from ._exceptions import BadMessage, BusError, UnknownType, lone_exception
 from ._logging import configure_logging, get_logger
 
 __all__ = ["Service", "Context", "run", "EXIT_CONFIG", "EXIT_BUS"]
@@ -169,10 +169,19 @@ def run(cls: type[Service], *, backend: str | None = None) -> None:
     log = configure_logging(name)
     backend = backend or os.environ.get("EDGEBUS_BACKEND") or "asyncio"
     try:
-        anyio.run(serve, cls, backend=backend)
+        try:
+            anyio.run(serve, cls, backend=backend)
+        except BaseExceptionGroup as group:
+            lone = lone_exception(group)
+            if lone is None:
+                raise
+            raise lone from None
     except BusError as exc:
         log.error("service_bus_error", error=str(exc))
         sys.exit(EXIT_BUS)
     except KeyboardInterrupt:
         pass
+    except SystemExit as exc:  # a service's own verdict, e.g. SystemExit(EXIT_CONFIG)
+        log.info("service_exit", status=exc.code)
+        raise
     log.info("service_stopped", backend=backend)

@@ -286,3 +286,55 @@ def _child_named(ppid: int, comm: str) -> int | None:
             if name == comm and int(fields[1]) == ppid:
                 return int(entry.name)
     return None
+
+
+async def test_a_service_that_says_bye_and_exits_78_is_failed_not_killed(make_system, tmp_path: Path) -> None:
+    script = tmp_path / "gives_up.py"
+    script.write_text(
+        "from services import Service, run\n"
+        "class GivesUp(Service):\n"
+        "    name = 'gives-up'\n"
+        "    async def setup(self):\n"
+        "        raise SystemExit(78)  # e.g. its model is missing: restarting cannot help\n"
+        "run(GivesUp)\n")
+    system: System = make_system(f"""
+[services.gives-up]
+command = ["{{python}}", "{script}"]
+""")
+    services = await wait_until(system, lambda s: s["gives-up"].state == "failed")
+    assert services["gives-up"].last_exit == "exited with status 78"
+    assert services["gives-up"].restarts == 0
+
+
+async def test_reload_fixing_a_dependency_lets_its_waiting_dependent_start(make_system) -> None:
+    broken = f"""
+[services.base]
+command = ["/nonexistent/binary"]
+[services.top]
+command = {GREETER}
+requires = ["base"]
+"""
+    system: System = make_system(broken)
+    await wait_until(system, lambda s: s["base"].state == "failed" and s["top"].state == "backoff")
+    system.config_path.write_text(broken.replace('["/nonexistent/binary"]', GREETER))
+    out = msgspec.json.decode(system.busctl("reload", "--json", check=True).stdout)
+    assert out["restarted"] == ["base"]
+    await system.wait_ready("base", "top")
+
+
+async def test_start_pulls_in_stopped_dependencies_and_reports_ready(make_system) -> None:
+    system: System = make_system(f"""
+[services.base]
+command = {GREETER}
+environment = {{ GREETER_SETUP_DELAY = "0.5" }}
+[services.top]
+command = {GREETER}
+requires = ["base"]
+""")
+    await system.wait_ready("base", "top")
+    system.busctl("stop", "top", check=True)
+    system.busctl("stop", "base", check=True)
+    started = msgspec.json.decode(system.busctl("start", "top", "--json", check=True).stdout)
+    assert started["state"] == "ready"  # base was started first, as top requires it
+    services = await states(system)
+    assert services["base"].state == "ready" and services["top"].state == "ready"
