@@ -53,28 +53,42 @@ class CapabilitySet:
     """The compiled capabilities of one principal.  Checks are O(1) for exact patterns and
     one precompiled regex for the wildcard ones; callers cache results per (action, target)."""
 
-    __slots__ = ("patterns", "_rules")
+    __slots__ = ("patterns", "denied", "_rules", "_deny")
 
-    def __init__(self, patterns: Iterable[str] = ()) -> None:
+    def __init__(self, patterns: Iterable[str] = (), denied: Iterable[str] = ()) -> None:
         self.patterns: tuple[str, ...] = tuple(dict.fromkeys(patterns))
+        #: Revoked patterns: they win over any grant, wildcards included, so revoking
+        #: call:calc.Add from a holder of call:calc.* refuses calc.Add.
+        self.denied: tuple[str, ...] = tuple(dict.fromkeys(denied))
+        self._rules = self._compile(self.patterns)
+        self._deny = self._compile(self.denied)
+
+    @staticmethod
+    def _compile(patterns: tuple[str, ...]) -> dict[str, _Rules]:
         by_action: dict[str, list[str]] = {a: [] for a in ACTIONS}
-        for p in self.patterns:
+        for p in patterns:
             action, target = parse_capability(p)
             by_action[action].append(target)
-        self._rules = {a: _Rules(t) for a, t in by_action.items()}
+        return {a: _Rules(t) for a, t in by_action.items()}
 
     def allows(self, action: str, target: str) -> bool:
-        return self._rules[action].match(target)
+        return self._rules[action].match(target) and not (self.denied and self._deny[action].match(target))
 
     def covers_prefix(self, action: str, prefix: str) -> bool:
         """True if every target starting with ``prefix`` is allowed (subscriptions are
         prefixes, so ``subscribe:sensor.*`` covers ``sensor.`` and ``sensor.vib1``)."""
         rules = self._rules[action]
+        if self.denied and self._deny[action].match(prefix):
+            return False
         if any(prefix.startswith(p) for p in rules.prefixes):
             return True
         # An exact pattern covers the subscription to exactly that topic; delivery is
         # still checked per topic, so a longer topic sharing the prefix is not leaked.
         return prefix in rules.exact
 
+    def describe(self) -> list[str]:
+        """The patterns, then the revoked ones marked ``!``."""
+        return [*self.patterns, *(f"!{d}" for d in self.denied)]
+
     def __repr__(self) -> str:
-        return f"CapabilitySet({list(self.patterns)!r})"
+        return f"CapabilitySet({list(self.patterns)!r}, denied={list(self.denied)!r})"

@@ -86,6 +86,8 @@ _SECURITY = "security"
 ZAP_DOMAIN = "edgebus"
 _WAKE_IDENTITY = b"edgebus-kernel-wake"
 _NOBLOCK = int(zmq.NOBLOCK)
+#: Per-peer capability caches are cleared when they reach this size.
+_CACHE_LIMIT = 4096
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
 _KERNEL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(KernelRequest))
 
@@ -110,7 +112,7 @@ class Principal:
 class Peer:
     __slots__ = (
         "identity", "name", "principal", "types", "hello", "ready", "last_seen", "cache", "calls",
-        "subscriptions", "pending", "requests_in", "requests_out", "events_out",
+        "subscriptions", "pending", "denials", "requests_in", "requests_out", "events_out",
         "denied", "dropped",
     )
 
@@ -131,6 +133,8 @@ class Peer:
         #: scan of the pending table when the peer goes away: rare, so the hot path only
         #: keeps a count.)
         self.pending = 0
+        #: capability -> times denied (for rate-limited logging and auditing)
+        self.denials: dict[str, int] = {}
         self.requests_in = self.requests_out = self.events_out = self.denied = self.dropped = 0
 
 
@@ -241,8 +245,7 @@ class Router:
         grants = self._grants.get(principal.name, {})
         revoked = self._revoked.get(principal.name, set())
         live = [cap for cap, expires in grants.items() if not expires or expires > now]
-        patterns = [p for p in (*principal.base, *live) if p not in revoked]
-        principal.caps = CapabilitySet(patterns)
+        principal.caps = CapabilitySet((*principal.base, *live), denied=revoked)
         for peer in self._peers.values():
             if peer.principal is principal:
                 peer.cache.clear()
@@ -299,7 +302,7 @@ class Router:
         self.known_services = set(names)
 
     def capability_table(self) -> dict[str, list[str]]:
-        return {name: list(p.caps.patterns) for name, p in sorted(self._by_principal_name.items())}
+        return {name: p.caps.describe() for name, p in sorted(self._by_principal_name.items())}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -523,6 +526,8 @@ class Router:
         key = (kind, action, target)
         ok = peer.cache.get(key)
         if ok is None:
+            if len(peer.cache) >= _CACHE_LIMIT:  # a peer inventing topics cannot grow it
+                peer.cache.clear()
             ok = peer.cache[key] = peer.principal.caps.allows(action, target)
         return ok
 
@@ -531,6 +536,8 @@ class Router:
         typ = hdr.type
         ok = peer.calls.get((dest, typ))
         if ok is None:
+            if len(peer.calls) >= _CACHE_LIMIT:
+                peer.calls.clear()
             ok = peer.calls[(dest, typ)] = peer.principal.caps.allows("call", f"{dest}.{typ}")
         if not ok:
             self._deny(peer, hdr, f"call:{dest}.{typ}")
@@ -699,12 +706,19 @@ class Router:
             self._send_error(identity, hdr, code, message)
 
     def _deny(self, peer: Peer, hdr: Header, capability: str) -> None:
+        """Answer forbidden; log and audit it (the 1st, 10th, 100th... denial of the same
+        capability for the same peer: a flood cannot flood the log)."""
         peer.denied += 1
         self._denied += 1
-        log.warning("denied", peer=peer.name, capability=capability, kind=_KIND_NAMES.get(hdr.kind),
-                    type=hdr.type, dest=hdr.dest)
-        self._audit("denied", peer.name, capability=capability,
-                    detail=f"{_KIND_NAMES.get(hdr.kind)} {hdr.type} to {hdr.dest}")
+        count = peer.denials[capability] = peer.denials.get(capability, 0) + 1
+        if len(peer.denials) > _CACHE_LIMIT:
+            peer.denials.clear()
+        if _worth_logging(count):
+            log.warning("denied", peer=peer.name, capability=capability, kind=_KIND_NAMES.get(hdr.kind),
+                        type=hdr.type, dest=hdr.dest, count=count)
+            self._audit("denied", peer.name, capability=capability,
+                        detail=f"{_KIND_NAMES.get(hdr.kind)} {hdr.type} to {hdr.dest}"
+                               + (f" ({count} times so far)" if count > 1 else ""))
         self._answer(peer, hdr, ErrorCode.FORBIDDEN,
                      f"{peer.name!r} lacks the capability {capability!r}", capability)
 
@@ -903,7 +917,7 @@ class Router:
 
     def _granted(self, name: str) -> Granted:
         principal = self._by_principal_name.get(name)
-        return Granted(name=name, capabilities=list(principal.caps.patterns) if principal else [])
+        return Granted(name=name, capabilities=principal.caps.describe() if principal else [])
 
     def finish_operation(self, identity: bytes, request_id: int, result: msgspec.Struct) -> None:
         """Answer a kernel operation (router thread, via submit)."""
@@ -926,7 +940,7 @@ class Router:
         peer = self._by_name.get(name)
         principal = self._by_principal_name.get(name)
         if principal is not None:
-            st.capabilities = list(principal.caps.patterns)
+            st.capabilities = principal.caps.describe()
         if peer is not None:
             st.connected = True
             if not st.managed:
@@ -1035,6 +1049,10 @@ class Router:
 
     def _expire(self, now: float) -> None:
         heap = self._expiry
+        if len(heap) > 2 * len(self._pending) + 1024:
+            # answered requests leave their entries behind: rebuild from what is pending
+            heap[:] = [(entry[3], kid) for kid, entry in self._pending.items()]
+            heapq.heapify(heap)
         while heap and heap[0][0] <= now:
             _, kid = heapq.heappop(heap)
             pending = self._pending.pop(kid, None)

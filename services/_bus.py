@@ -321,34 +321,35 @@ class BusClient:
     async def _serve_one(self, incoming: Incoming) -> None:
         header = incoming.header
         try:
+            reply = await self._answer(incoming)
+            await self._send(*reply)
+        finally:
+            self._in_flight -= 1  # after the reply left: wait_idle() means "all answered"
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _answer(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
+        """Run the handler; whatever happens, return the message that answers it."""
+        header = incoming.header
+        try:
             async with self._limiter:
                 remaining = header.deadline - time.time() if header.deadline else math.inf
                 if remaining <= 0:
-                    await self._reply_error(header, DeadlineExceeded(
-                        f"{self.name!r} received {header.type!r} after its deadline; not run"))
-                    return
+                    raise DeadlineExceeded(f"{self.name!r} received {header.type!r} after its deadline; not run")
                 with anyio.move_on_after(remaining) as scope:
                     result = await self._on_request(incoming)  # type: ignore[misc]
                 if scope.cancelled_caught:
-                    await self._reply_error(header, DeadlineExceeded(
-                        f"{self.name!r} did not finish {header.type!r} before its deadline"))
-                    return
+                    raise DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
+            body, frames = result if isinstance(result, tuple) else (result, ())
+            if not isinstance(body, msgspec.Struct) or type(body).__struct_config__.tag is None:
+                raise TypeError(f"the handler returned {type(body).__name__}, not a tagged msgspec.Struct")
+            return Header(kind=Kind.REPLY, type=body_tag(body), id=header.id), body, frames
         except RemoteError as exc:
-            await self._reply_error(header, exc)
-            return
+            return Header(kind=Kind.ERROR, type="Error", id=header.id), exc.to_wire(), ()
         except Exception as exc:
             log.exception("handler_failed", type=header.type, sender=header.sender)
-            await self._reply_error(header, InternalError(f"{type(exc).__name__}: {exc}"))
-            return
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-        if isinstance(result, tuple):
-            body, frames = result
-        else:
-            body, frames = result, ()
-        await self._send(Header(kind=Kind.REPLY, type=body_tag(body), id=header.id), body, frames)
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            return Header(kind=Kind.ERROR, type="Error", id=header.id), err.to_wire(), ()
 
     async def _reply_error(self, header: Header, exc: RemoteError) -> None:
         await self._send(Header(kind=Kind.ERROR, type="Error", id=header.id), exc.to_wire())

@@ -132,3 +132,10 @@ def test_default_config_is_valid() -> None:
 
     config = parse_config(default_config_text(), "default")
     assert "greeter" in config.services
+
+
+def test_a_revocation_beats_a_wildcard_grant() -> None:
+    caps = CapabilitySet(["call:calc.*", "subscribe:sensor.*"], denied=["call:calc.Add", "subscribe:sensor.secret"])
+    assert not caps.allows("call", "calc.Add") and caps.allows("call", "calc.Sub")
+    assert not caps.allows("subscribe", "sensor.secret") and caps.allows("subscribe", "sensor.vib")
+    assert caps.describe() == ["call:calc.*", "subscribe:sensor.*", "!call:calc.Add", "!subscribe:sensor.secret"]
