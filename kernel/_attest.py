@@ -82,6 +82,9 @@ class MeasurementLog:
         self.pcr = ZERO_PCR
         self.log: list[Measurement] = []
         self._last: dict[str, str] = {}
+        # Read from the router thread: one immutable snapshot, replaced in one assignment,
+        # so a reader never sees a log that does not match its PCR.
+        self._snapshot = Measurements(pcr=self.pcr, log=[])
 
     def measure(self, service: str, argv: list[str], spec: ServiceConfig) -> Measurement | None:
         """Measure a start; extend the PCR when this service's code or config is new."""
@@ -95,7 +98,8 @@ class MeasurementLog:
                             argv=[os.path.basename(argv[0]), *argv[1:]] if argv else [], time=time.time())
         self.log.append(entry)
         self.pcr = extend(self.pcr, digest)
+        self._snapshot = Measurements(pcr=self.pcr, log=list(self.log))
         return entry
 
     def snapshot(self) -> Measurements:
-        return Measurements(pcr=self.pcr, log=list(self.log))
+        return self._snapshot

@@ -187,10 +187,14 @@ class Kernel:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or until a critical service fails (exit 2)."""
-        self.prepare()
+        try:
+            self.prepare()
+            if self.cgroups is not None:
+                self.cgroups.prepare()
+        except BaseException:
+            self._cleanup()
+            raise
         subreaper = _become_subreaper()
-        if self.cgroups is not None:
-            self.cgroups.prepare()
         log.info("kernel_starting", pid=os.getpid(), run_dir=str(self.run_dir), state_dir=str(self.state_dir),
                  config=self.source, endpoint=self.endpoint, subreaper=subreaper,
                  cgroups=str(self.cgroups.base) if self.cgroups else None)
@@ -268,6 +272,8 @@ class Kernel:
             await self.reload()
         except ConfigError:
             pass  # logged by reload; the running system is unchanged
+        except Exception:
+            log.exception("reload_failed")
 
     def _operate(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
         """Called from the router thread (via the event loop) for StartService & co."""
@@ -289,9 +295,12 @@ class Kernel:
                 case _:
                     result = Error(code=ErrorCode.UNKNOWN_TYPE, message=f"not an operation: {type(msg).__name__}")
         except ConfigError as exc:
-            result = Error(code=ErrorCode.BAD_MESSAGE, message=f"{exc}; the running system is unchanged")
+            result = Error(code=ErrorCode.REJECTED, message=f"{exc}; the running system is unchanged")
         except KeyError as exc:
             result = Error(code=ErrorCode.UNKNOWN_DESTINATION, message=f"no service named {exc.args[0]!r}")
+        except Exception as exc:  # the operation failed; the kernel goes on
+            log.exception("operation_failed", operation=type(msg).__name__)
+            result = Error(code=ErrorCode.INTERNAL, message=f"{type(msg).__name__} failed: {type(exc).__name__}: {exc}")
         self.router.submit(self.router.finish_operation, identity, request_id, result)
 
     async def _announce_ready(self) -> None:

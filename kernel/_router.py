@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import zmq
 
-from protocols._transport import recv_frames, send_frames
+from protocols._transport import send_frames
 from protocols import (
     PROTOCOL_MINOR,
     AuditEvent,
@@ -67,6 +67,7 @@ from protocols import (
     Traffic,
     Unsubscribe,
     Welcome,
+    body_tag,
     check_signature,
 )
 from services import get_logger
@@ -215,6 +216,8 @@ class Router:
         self._wake_endpoint = f"inproc://edgebus-router-{id(self):x}"
         self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._running = False
+        #: True while _run runs in a worker thread of serve()'s event loop.
+        self._loop_thread = False
         self._next_beat = 0.0
         self._beat_header = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=_KERNEL))
         self._beat_body = self._enc.encode(Heartbeat())
@@ -285,9 +288,6 @@ class Router:
             enrolled[public_key] = name
         self.enrolled = enrolled  # one assignment: the ZAP thread reads it without a lock
 
-    def principal(self, name: str) -> Principal | None:
-        return self._by_principal_name.get(name)
-
     def remove_principal(self, name: str) -> None:
         """Revoke a credential: its peer is disconnected and it cannot say Hello again."""
         principal = self._by_principal_name.pop(name, None)
@@ -334,6 +334,9 @@ class Router:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise BindError(endpoint, exc.strerror) from exc
+        except BindError:
+            sock.close(0)
+            raise
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         self._sock = sock
@@ -353,7 +356,11 @@ class Router:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_when_cancelled)
                 task_status.started()
-                await anyio.to_thread.run_sync(self._run)
+                self._loop_thread = True
+                try:
+                    await anyio.to_thread.run_sync(self._run)
+                finally:
+                    self._loop_thread = False
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -404,11 +411,15 @@ class Router:
                 log.exception("router_command_failed", command=getattr(func, "__name__", repr(func)))
 
     def _notify(self, func: Callable[..., Any], *args: Any) -> None:
-        """Call back into the supervisor, on the event loop's thread."""
+        """Call back into the supervisor, on the event loop's thread (when the router
+        runs without one, as in unit tests, directly)."""
         try:
-            anyio.from_thread.run_sync(func, *args)
-        except RuntimeError:  # no event loop (router driven directly, e.g. in a unit test)
-            func(*args)
+            if self._loop_thread:
+                anyio.from_thread.run_sync(func, *args)
+            else:
+                func(*args)
+        except Exception:
+            log.exception("callback_failed", callback=getattr(func, "__name__", repr(func)))
 
     # -- the router thread ---------------------------------------------------------------------
 
@@ -450,7 +461,10 @@ class Router:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + tick_every
-                self._tick(now)
+                try:
+                    self._tick(now)
+                except Exception:
+                    log.exception("router_internal_error", during="tick")
 
     def _tick(self, now: float) -> None:
         self._expire(now)
@@ -682,13 +696,13 @@ class Router:
 
     def _answer(self, peer: Peer, hdr: Header, code: ErrorCode, message: str, capability: str = "") -> None:
         """Answer ``hdr`` (a message from ``peer``) with an ERROR from the kernel."""
-        self._send_error(peer.identity, hdr, code, message, capability)
+        self._send_error(peer.identity, hdr.id, code, message, capability)
         if self._monitors:
             self._observe(hdr, peer.name, hdr.dest, (), outcome=code.value)
 
-    def _send_error(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str,
+    def _send_error(self, identity: bytes, request_id: int, code: ErrorCode, message: str,
                     capability: str = "") -> None:
-        err_hdr = Header(kind=Kind.ERROR, type="Error", id=hdr.id if hdr else 0, sender=_KERNEL)
+        err_hdr = Header(kind=Kind.ERROR, type="Error", id=request_id, sender=_KERNEL)
         body = Error(code=code, message=message, capability=capability)
         try:
             self._sendv([identity, SIGNATURE, self._enc.encode(err_hdr), self._enc.encode(body)])
@@ -703,7 +717,7 @@ class Router:
                     type=hdr.type if hdr else None)
         # Errors are never answered with errors, or two confused peers would loop.
         if hdr is None or hdr.kind != _ERR:
-            self._send_error(identity, hdr, code, message)
+            self._send_error(identity, hdr.id if hdr else 0, code, message)
 
     def _deny(self, peer: Peer, hdr: Header, capability: str) -> None:
         """Answer forbidden; log and audit it (the 1st, 10th, 100th... denial of the same
@@ -742,13 +756,13 @@ class Router:
         if principal is None:
             log.warning("authentication_failed", claimed=hello.service, pid=hello.pid, reason=reason)
             self._audit("authentication-failed", hello.service or "?", detail=reason)
-            self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
+            self._send_error(identity, hdr.id, ErrorCode.UNAUTHENTICATED,
                              "Hello carries no valid credential; use the credential the kernel "
                              "gave this service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
             return
         if principal.shared:
             if hello.service and not _valid_label(hello.service):
-                self._send_error(identity, hdr, ErrorCode.BAD_MESSAGE,
+                self._send_error(identity, hdr.id, ErrorCode.BAD_MESSAGE,
                                  f"client label {hello.service!r} must be 1-63 of a-z, 0-9, '_' and '-'")
                 return
             name = f"{hello.service or principal.name}.{next(self._shared_ids)}"
@@ -757,7 +771,7 @@ class Router:
             if hello.service and hello.service != name:
                 log.warning("authentication_failed", claimed=hello.service, credential_of=name)
                 self._audit("authentication-failed", hello.service, detail=f"presented the credential of {name!r}")
-                self._send_error(identity, hdr, ErrorCode.UNAUTHENTICATED,
+                self._send_error(identity, hdr.id, ErrorCode.UNAUTHENTICATED,
                                  f"this credential belongs to {name!r}, not {hello.service!r}")
                 return
             old = self._by_name.get(name)
@@ -828,9 +842,11 @@ class Router:
                 self._hello(peer.identity, hdr, body)
 
     def _reply_to(self, peer: Peer, hdr: Header, body: msgspec.Struct) -> None:
-        tag = type(body).__struct_config__.tag
+        self._kernel_reply(peer, hdr.id, body)
+
+    def _kernel_reply(self, peer: Peer, request_id: int, body: msgspec.Struct) -> None:
         self._send([peer.identity, SIGNATURE,
-                    self._enc.encode(Header(kind=Kind.REPLY, type=tag, id=hdr.id, sender=_KERNEL)),
+                    self._enc.encode(Header(kind=Kind.REPLY, type=body_tag(body), id=request_id, sender=_KERNEL)),
                     self._enc.encode(body)], peer)
 
     # -- the kernel's own API ----------------------------------------------------------------
@@ -876,7 +892,10 @@ class Router:
                 self._monitors.pop(peer.identity, None)
                 self._reply_to(peer, hdr, Monitoring())
             case Grant() | Revoke() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
-                self._deny(peer, hdr, f"{type(msg).__name__.lower()}: only the security service changes the policy")
+                self._audit("denied", peer.name, detail=f"{hdr.type}: only the security service changes the policy")
+                self._answer(peer, hdr, ErrorCode.FORBIDDEN,
+                             f"{hdr.type}: only the security service changes the policy; "
+                             f"ask it (busctl caps grant|revoke, busctl security enroll)")
             case Grant(name=name, capability=cap) | Revoke(name=name, capability=cap) \
                     if not _parses(cap):
                 self._answer(peer, hdr, ErrorCode.BAD_MESSAGE, f"not a capability: {cap!r}")
@@ -921,16 +940,13 @@ class Router:
 
     def finish_operation(self, identity: bytes, request_id: int, result: msgspec.Struct) -> None:
         """Answer a kernel operation (router thread, via submit)."""
-        if identity not in self._peers:
+        peer = self._peers.get(identity)
+        if peer is None:
             return  # the requester left meanwhile
         if isinstance(result, Error):
-            self._send_error(identity, Header(kind=Kind.REQUEST, type="", id=request_id),
-                             result.code, result.message)
+            self._send_error(identity, request_id, result.code, result.message)
         else:
-            tag = type(result).__struct_config__.tag
-            self._send([identity, SIGNATURE,
-                        self._enc.encode(Header(kind=Kind.REPLY, type=tag, id=request_id, sender=_KERNEL)),
-                        self._enc.encode(result)], self._peers[identity])
+            self._kernel_reply(peer, request_id, result)
 
     def _exists(self, name: str) -> bool:
         return name in self._by_name or name in self.known_services
@@ -1006,7 +1022,7 @@ class Router:
 
     def publish_kernel_event(self, topic: str, body: msgspec.Struct) -> None:
         """Publish an event from the kernel itself (service state changes)."""
-        hdr = Header(kind=Kind.EVENT, type=type(body).__struct_config__.tag, dest=topic, sender=_KERNEL)
+        hdr = Header(kind=Kind.EVENT, type=body_tag(body), dest=topic, sender=_KERNEL)
         frames: list[Any] = [b"", SIGNATURE, self._enc.encode(hdr), self._enc.encode(body)]
         for sub in self._topic_cache.get(topic) or self._subscribers(topic):
             frames[0] = sub.identity
@@ -1036,8 +1052,7 @@ class Router:
             if target is peer:
                 del self._pending[kid]
                 if requester is not peer:
-                    self._send_error(requester.identity, Header(kind=Kind.REQUEST, type=type_, id=orig_id),
-                                     ErrorCode.UNAVAILABLE,
+                    self._send_error(requester.identity, orig_id, ErrorCode.UNAVAILABLE,
                                      f"service {peer.name!r} went away before replying ({why})")
             elif requester is peer:
                 del self._pending[kid]
@@ -1060,8 +1075,8 @@ class Router:
                 continue
             requester, orig_id, target, _, type_ = pending
             target.pending -= 1
-            self._send_error(requester.identity, Header(kind=Kind.REQUEST, type=type_, id=orig_id),
-                             ErrorCode.TIMEOUT, f"{target.name!r} did not answer {type_!r} before the deadline")
+            self._send_error(requester.identity, orig_id, ErrorCode.TIMEOUT,
+                             f"{target.name!r} did not answer {type_!r} before the deadline")
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(

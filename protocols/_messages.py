@@ -41,6 +41,8 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"
+    #: Understood, but refused given the state of things (e.g. an invalid config on reload).
+    REJECTED = "rejected"
     INTERNAL = "internal"
 
 

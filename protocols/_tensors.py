@@ -10,7 +10,11 @@ from typing import Any, Sequence
 from ._exceptions import DecodeError
 from ._messages import Tensor
 
-__all__ = ["pack_tensors", "unpack_tensor"]
+__all__ = ["pack_tensors", "unpack_tensor", "DTYPES"]
+
+#: The dtypes a tensor frame may carry (PROTOCOL.md, "Raw frames and tensors").
+DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "float16", "float32", "float64")
 
 
 def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tensor], list[Any]]:
@@ -37,12 +41,11 @@ def unpack_tensor(desc: Tensor, raw: Sequence[Any]) -> Any:
 
     if not 0 <= desc.frame < len(raw):
         raise DecodeError("tensor", f"frame {desc.frame} does not exist ({len(raw)} raw frames)")
-    try:
-        dtype = np.dtype(desc.dtype)
-    except TypeError as exc:
-        raise DecodeError("tensor", f"unknown dtype {desc.dtype!r}") from exc
-    if any(d < 0 for d in desc.shape):
-        raise DecodeError("tensor", f"negative dimension in shape {desc.shape}")
+    if desc.dtype not in DTYPES:
+        raise DecodeError("tensor", f"dtype {desc.dtype!r} is not one of {', '.join(DTYPES)}")
+    dtype = np.dtype(desc.dtype)
+    if len(desc.shape) > 32 or any(d < 0 or d > 1 << 40 for d in desc.shape):
+        raise DecodeError("tensor", f"shape {desc.shape} is not a tensor shape (0..2^40 per dimension, 32 at most)")
     frame = raw[desc.frame]
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     expected = dtype.itemsize

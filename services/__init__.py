@@ -11,6 +11,7 @@ from ._exceptions import (
     Forbidden,
     InternalError,
     Overloaded,
+    Rejected,
     RemoteError,
     Unauthenticated,
     Unavailable,
@@ -25,7 +26,7 @@ __all__ = [
     "BusClient", "Incoming", "connect", "endpoint_for_run_dir", "read_credential",
     "BusError", "ConnectError", "ConnectionLost", "RemoteError", "Forbidden", "Unauthenticated",
     "UnknownDestination", "UnknownType", "BadMessage", "DeadlineExceeded", "Unavailable",
-    "Overloaded", "InternalError", "error_from_wire",
+    "Overloaded", "Rejected", "InternalError", "error_from_wire",
     "configure_logging", "get_logger",
     "Service", "Context", "run", "serve", "EXIT_BUS", "EXIT_CONFIG",
 ]

@@ -14,6 +14,7 @@ Hierarchy::
         ├── DeadlineExceeded   (timeout; also raised locally when a call's deadline passes)
         ├── Unavailable
         ├── Overloaded
+        ├── Rejected           (understood, refused given the state: an invalid config to reload)
         └── InternalError
 
 A handler raises a RemoteError subclass to answer with that code; any other exception
@@ -27,7 +28,7 @@ from protocols import Error, ErrorCode
 __all__ = [
     "BusError", "ConnectError", "ConnectionLost", "RemoteError", "Forbidden", "Unauthenticated",
     "UnknownDestination", "UnknownType", "BadMessage", "DeadlineExceeded", "Unavailable",
-    "Overloaded", "InternalError", "error_from_wire", "lone_exception",
+    "Overloaded", "Rejected", "InternalError", "error_from_wire", "lone_exception",
 ]
 
 
@@ -93,6 +94,10 @@ class Overloaded(RemoteError):
     code = ErrorCode.OVERLOADED
 
 
+class Rejected(RemoteError):
+    code = ErrorCode.REJECTED
+
+
 class InternalError(RemoteError):
     code = ErrorCode.INTERNAL
 
@@ -100,7 +105,7 @@ class InternalError(RemoteError):
 _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     cls.code: cls
     for cls in (Forbidden, Unauthenticated, UnknownDestination, UnknownType, BadMessage,
-                DeadlineExceeded, Unavailable, Overloaded, InternalError)
+                DeadlineExceeded, Unavailable, Overloaded, Rejected, InternalError)
 }
 
 
