@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from services import get_logger
+from services import endpoint_for_run_dir, get_logger
 
 import msgspec
 import zmq
@@ -80,7 +80,7 @@ class Kernel:
         self._tg: anyio.abc.TaskGroup | None = None
         self.run_dir = run_dir
         self.state_dir = state_dir
-        self.endpoint = f"ipc://{run_dir / 'bus.sock'}"
+        self.endpoint = endpoint_for_run_dir(run_dir)
         self._lock_fd: int | None = None
         self.cgroups, why = Cgroups.detect()
         self._cgroup_note = why

@@ -55,6 +55,14 @@ BENCH_CONFIG = """
 heartbeat_interval = 60.0
 queue_limit = 100000
 max_pending = 100000
+tcp_endpoint = "{tcp}"
+
+[services.echo-curve]
+curve_public_key = "{echo_key}"
+
+[services.client-curve]
+capabilities = ["call:echo-curve.Echo"]
+curve_public_key = "{client_key}"
 
 [services.echo-idiomatic]
 [services.echo-tuned]
@@ -116,14 +124,16 @@ def serve_relay_echo(endpoint: str, style: str) -> None:
         send(sock, recv_frames(sock, small=1) if style == "tuned" else recv(sock))  # [client, payload] back
 
 
-def serve_bus(endpoint: str, style: str, credential_file: str) -> None:
-    credential = Path(credential_file).read_text()
+def serve_bus(endpoint: str, style: str, credential_file: str, name: str = "", curve_file: str = "") -> None:
+    credential = Path(credential_file).read_text() if credential_file != "-" else ""
     send, recv = io(style)
     sock = _socket(zmq.DEALER)
+    if curve_file:
+        _set_curve(sock, json.loads(Path(curve_file).read_text()))
     sock.connect(endpoint)
     codec = Codec()
     send(sock, codec.pack(Header(kind=Kind.CONTROL, type="Hello", id=1),
-                          Hello(service=f"echo-{style}", credential=credential, types=["Echo"])))
+                          Hello(service=name or f"echo-{style}", credential=credential, types=["Echo"])))
     recv(sock)
     send(sock, codec.pack(Header(kind=Kind.CONTROL, type="Ready"), Ready()))
     print("ready", flush=True)
@@ -141,10 +151,18 @@ def serve_bus(endpoint: str, style: str, credential_file: str) -> None:
 # -- clients ------------------------------------------------------------------------------------
 
 
+def _set_curve(sock: zmq.Socket, keys: dict[str, str]) -> None:
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys["server"].encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys["public"].encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys["secret"].encode())
+
+
 class Client:
-    def __init__(self, endpoint: str, style: str) -> None:
+    def __init__(self, endpoint: str, style: str, curve: dict[str, str] | None = None) -> None:
         self.send, self.recv = io(style)
         self.sock = _socket(zmq.DEALER)
+        if curve:
+            _set_curve(self.sock, curve)
         self.sock.connect(endpoint)
 
     def frames(self, payload: Any, i: int) -> list[Any]:
@@ -163,16 +181,17 @@ class RelayClient(Client):
 
 
 class EdgebusClient(Client):
-    def __init__(self, endpoint: str, style: str, credential: str) -> None:
-        super().__init__(endpoint, style)
+    def __init__(self, endpoint: str, style: str, credential: str, name: str = "", dest: str = "",
+                 curve: dict[str, str] | None = None) -> None:
+        super().__init__(endpoint, style, curve)
         codec = Codec()
         self.send(self.sock, codec.pack(Header(kind=Kind.CONTROL, type="Hello", id=1),
-                                        Hello(service=f"client-{style}", credential=credential)))
+                                        Hello(service=name or f"client-{style}", credential=credential)))
         hdr, body, _ = codec.unpack(self.recv(self.sock))
         assert hdr.kind == Kind.REPLY, msgspec.msgpack.decode(body)
         self.enc = msgspec.msgpack.Encoder().encode
         self.body = msgspec.msgpack.encode({"type": "Echo"})
-        self.dest = f"echo-{style}"
+        self.dest = dest or f"echo-{style}"
 
     def frames(self, payload: Any, i: int) -> list[Any]:
         return [SIGNATURE, self.enc(Header(kind=Kind.REQUEST, type="Echo", dest=self.dest, id=i)), self.body, payload]
@@ -224,6 +243,14 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-m", "tools.bench_bus", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", args
     return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -351,7 +378,11 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
     run_dir = tmp / "run"
-    (tmp / "bench.toml").write_text(BENCH_CONFIG)
+    echo_pub, echo_sec = zmq.curve_keypair()
+    client_pub, client_sec = zmq.curve_keypair()
+    tcp = f"tcp://127.0.0.1:{_free_port()}"
+    (tmp / "bench.toml").write_text(BENCH_CONFIG.format(tcp=tcp, echo_key=echo_pub.decode(),
+                                                        client_key=client_pub.decode()))
     log = open(tmp / "kernel.log", "w")
     kernel = subprocess.Popen([str(Path(sys.executable).parent / "edgebus"), "boot", "--config",
                                str(tmp / "bench.toml"), "--run-dir", str(run_dir)], stdout=log, stderr=log,
@@ -359,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     children: list[subprocess.Popen[Any]] = [kernel]
     try:
         deadline = time.monotonic() + 20
-        while not (run_dir / "credentials" / "operator").exists():
+        while not (run_dir / "credentials" / "operator").exists() or not (run_dir / "bus.curve.pub").exists():
             if time.monotonic() > deadline or kernel.poll() is not None:
                 raise SystemExit(f"edgebus did not start; see {tmp / 'kernel.log'}")
             time.sleep(0.05)
@@ -409,6 +440,29 @@ def main(argv: list[str] | None = None) -> None:
                             proc.kill()
                             proc.wait()
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        # the cost of CURVE over tcp against NULL over ipc, same minimal (tuned) ends
+        server = (run_dir / "bus.curve.pub").read_text()
+        (tmp / "echo.curve").write_text(json.dumps({"server": server, "public": echo_pub.decode(),
+                                                     "secret": echo_sec.decode()}))
+        client_keys = {"server": server, "public": client_pub.decode(), "secret": client_sec.decode()}
+        transports: dict[str, dict[str, list[float]]] = {k: {"ipc_null": [], "tcp_curve": []}
+                                                         for k in ("rtt_us", "pipelined_rps")}
+        for run in range(args.runs):
+            for transport in ("ipc_null", "tcp_curve") if run % 2 == 0 else ("tcp_curve", "ipc_null"):
+                if transport == "ipc_null":
+                    client, procs = start("edgebus", "tuned")
+                else:
+                    procs = [_spawn(["--serve", "bus", tcp, "tuned", "-", "echo-curve", str(tmp / "echo.curve")])]
+                    client = EdgebusClient(tcp, "tuned", "", name="client-curve", dest="echo-curve", curve=client_keys)
+                try:
+                    round_trip(client, 300)
+                    transports["rtt_us"][transport].append(statistics.median(round_trip(client, args.rtt_n)) * 1e6)
+                    transports["pipelined_rps"][transport].append(pipelined(client, args.pipe_n))
+                finally:
+                    client.sock.close(0)
+                    for proc in procs:
+                        proc.kill()
+                        proc.wait()
         caps = capability_check_cost()
         zero_copy = inproc_zero_copy()
     finally:
@@ -442,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{med['relay'] / med['raw']:>10.2f} {med['edgebus'] / med['raw']:>12.2f}")
         summary["styles"][style] = out
     summary["kernel_cpu_us_per_routed_mib"] = statistics.median(kernel_cpu_per_mib)
+    summary["curve"] = {k: {t: statistics.median(v) for t, v in series.items()} | {"runs": series}
+                        for k, series in transports.items()}
     summary["capability_check"] = caps
     summary["inproc_zero_copy"] = zero_copy
     summary["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -451,6 +507,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"in-process (inproc) through the router: 64 B round trip {zero_copy['small_rtt_us']:.0f} us, "
           f"4 MiB round trip {zero_copy['tensor_rtt_us']:.0f} us ({zero_copy['tensor_gbps']:.0f} GB/s); "
           f"the service got the client's own buffer: {zero_copy['same_buffer_at_the_service']}")
+    cv = summary["curve"]
+    print(f"CURVE over tcp vs NULL over ipc (tuned ends): round trip {cv['rtt_us']['tcp_curve']:.0f} us vs "
+          f"{cv['rtt_us']['ipc_null']:.0f} us ({cv['rtt_us']['tcp_curve'] / cv['rtt_us']['ipc_null']:.2f}x); "
+          f"pipelined {cv['pipelined_rps']['tcp_curve']:.0f} vs {cv['pipelined_rps']['ipc_null']:.0f} req/s "
+          f"({cv['pipelined_rps']['tcp_curve'] / cv['pipelined_rps']['ipc_null']:.2f}x)")
     print(f"capability check, {caps['rules']} rules: {caps['uncached_us']:.2f} us uncached "
           f"({caps['wildcard_uncached_us']:.2f} us through wildcards), {caps['cached_us']:.3f} us "
           "on the per-message path (cached per peer)")

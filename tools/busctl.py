@@ -35,7 +35,7 @@ from protocols import (
     StopService,
     Traffic,
 )
-from services import BusClient, BusError, ConnectError, RemoteError, connect
+from services import BusClient, BusError, ConnectError, RemoteError, connect, endpoint_for_run_dir
 
 __all__ = ["main"]
 
@@ -333,30 +333,27 @@ async def cmd_wait(bus: BusClient, args: argparse.Namespace) -> int:
 # -- plumbing ----------------------------------------------------------------------------------
 
 
-def _credential(args: argparse.Namespace) -> tuple[str | None, str | None]:
+def _credential(args: argparse.Namespace) -> tuple[str, str]:
+    """The endpoint and the operator credential: --bus with --credential-file (or
+    EDGEBUS_CREDENTIAL_FILE), else the run directory's socket and credentials/operator."""
     if args.bus:
-        endpoint, run_dir = args.bus, None
+        endpoint, cred_file = args.bus, args.credential_file or os.environ.get("EDGEBUS_CREDENTIAL_FILE")
+        if not cred_file:
+            raise UsageError("with --bus, give --credential-file (or EDGEBUS_CREDENTIAL_FILE)")
     else:
         run_dir = args.run_dir or os.environ.get("EDGEBUS_RUN_DIR")
         if not run_dir:
             from kernel import default_dirs
 
             run_dir = str(default_dirs(None, None)[0])
-        endpoint = None
-    cred_file = args.credential_file or os.environ.get("EDGEBUS_CREDENTIAL_FILE")
-    if not cred_file and run_dir:
-        cred_file = str(Path(run_dir) / "credentials" / "operator")
-    if not cred_file:
-        raise UsageError("with --bus, give --credential-file (or EDGEBUS_CREDENTIAL_FILE)")
+        endpoint = endpoint_for_run_dir(run_dir)
+        cred_file = args.credential_file or str(Path(run_dir) / "credentials" / "operator")
     try:
-        credential = Path(cred_file).read_text().strip()
+        return endpoint, Path(cred_file).read_text().strip()
     except FileNotFoundError:
-        raise ConnectError(endpoint or f"ipc://{run_dir}/bus.sock",
-                           f"no credential at {cred_file}; is edgebus running with that run directory?") from None
+        raise ConnectError(endpoint, f"no credential at {cred_file}; is edgebus running with that run directory?") from None
     except PermissionError:
-        raise ConnectError(endpoint or f"ipc://{run_dir}/bus.sock",
-                           f"cannot read {cred_file}: permission denied (run busctl as the kernel's user)") from None
-    return endpoint or f"ipc://{Path(run_dir).resolve() / 'bus.sock'}", credential
+        raise ConnectError(endpoint, f"cannot read {cred_file}: permission denied (run busctl as the kernel's user)") from None
 
 
 async def _run(func: Callable[[BusClient, argparse.Namespace], Any], args: argparse.Namespace) -> int:

@@ -32,13 +32,13 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from kernel import ConfigError, load_config
+    from kernel import EXIT_CONFIG, ConfigError, load_config
 
     try:
         config, source = load_config(args.file)
     except ConfigError as exc:
         print(f"edgebus: {exc}", file=sys.stderr)
-        return 78
+        return EXIT_CONFIG
     print(f"{source}: ok ({len(config.services)} services)")
     return 0
 
