@@ -88,6 +88,7 @@ class Kernel:
             config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
             issue_credential=self._issue_credential, on_state=self._state_changed,
             on_exit=self._service_exited, on_spawn=self._measure, cgroups=self.cgroups,
+            on_audit=lambda kind, name, detail: self.router.submit(self.router.audit, kind, name, detail),
         )
         self.measurements = MeasurementLog()
         self._auth: ThreadAuthenticator | None = None
@@ -101,6 +102,7 @@ class Kernel:
             status=self.supervisor.status, operate=self._operate,
             measurements=self.measurements.snapshot, enrolled=self._config_enrolment(config),
         )
+        self._config_enrolled = self._config_enrolment(config)
 
     @staticmethod
     def _config_enrolment(config: SystemConfig) -> dict[str, str]:
@@ -122,7 +124,7 @@ class Kernel:
         result = {}
         for name, (caps, shared) in wanted.items():
             old = current.get(name)
-            result[name] = Principal(name, CapabilitySet(caps), shared=shared,
+            result[name] = Principal(name, CapabilitySet(caps), shared=shared, external=not shared,
                                      **({"credential": old.credential} if old else {}))
         return result
 
@@ -136,14 +138,7 @@ class Kernel:
         return principal.credential
 
     def _state_changed(self, name: str, state: str, previous: str, pid: int, detail: str) -> None:
-        router = self.router
-        router.submit(router.service_state_changed, name, state, previous, pid, detail)
-        if state == "backoff" and previous in ("ready", "starting"):
-            router.submit(router.audit, "service-crashed", name, detail)
-        elif state == "starting" and previous == "backoff":
-            router.submit(router.audit, "service-restarted", name, f"pid {pid}")
-        elif state == "failed":
-            router.submit(router.audit, "service-failed", name, detail)
+        self.router.submit(self.router.service_state_changed, name, state, previous, pid, detail)
 
     def _service_exited(self, name: str, why: str) -> None:
         # Answer its pending requests with `unavailable` now, not after missed heartbeats.
@@ -260,8 +255,12 @@ class Kernel:
         for principal in self.principals.values():
             router.submit(router.add_principal, principal)
         router.submit(router.set_known_services, [n for n, s in new.services.items() if s.enabled])
-        for key, name in self._config_enrolment(new).items():
+        enrolment = self._config_enrolment(new)
+        for name in set(self._config_enrolled.values()) - set(enrolment.values()):
+            router.submit(router.enroll, name, "")  # its key left the config
+        for key, name in enrolment.items():
             router.submit(router.enroll, name, key)
+        self._config_enrolled = enrolment
         result = await self.supervisor.apply(new)
         self._write_credentials()
         log.info("reload_applied", config=source, **result)

@@ -104,6 +104,8 @@ class Principal:
     credential: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     #: The configured capabilities; ``caps`` adds run-time grants and removes revocations.
     base: tuple[str, ...] = ()
+    #: A service the kernel does not start: it may be enrolled to connect over CURVE.
+    external: bool = False
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -750,15 +752,16 @@ class Router:
             enrolled_as = self.enrolled.get(curve_key, "")
             principal = self._by_principal_name.get(enrolled_as)
             reason = f"CURVE key {curve_key[:8]}... is not enrolled (any more)"
+            advice = "the CURVE key this connection uses is no longer enrolled; enrol it again"
         else:
             principal = self._principals.get(hello.credential) if hello.credential else None
             reason = "missing credential" if not hello.credential else "unknown credential"
+            advice = ("Hello carries no valid credential; use the credential the kernel gave this "
+                      "service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
         if principal is None:
             log.warning("authentication_failed", claimed=hello.service, pid=hello.pid, reason=reason)
             self._audit("authentication-failed", hello.service or "?", detail=reason)
-            self._send_error(identity, hdr.id, ErrorCode.UNAUTHENTICATED,
-                             "Hello carries no valid credential; use the credential the kernel "
-                             "gave this service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
+            self._send_error(identity, hdr.id, ErrorCode.UNAUTHENTICATED, advice)
             return
         if principal.shared:
             if hello.service and not _valid_label(hello.service):
@@ -827,8 +830,9 @@ class Router:
                         return
                 peer.subscriptions.update(topics)
                 self._topic_cache.clear()
-                if self._audit_backlog and any("kernel.audit".startswith(t) for t in topics):
-                    self._flush_audit_backlog()
+                if (self._audit_backlog and peer.name == _SECURITY and not peer.principal.shared
+                        and any("kernel.audit".startswith(t) for t in topics)):
+                    self._flush_audit_backlog(peer)
                 self._reply_to(peer, hdr, Subscribed(topics=sorted(peer.subscriptions)))
             case Unsubscribe(topics=topics):
                 peer.subscriptions.difference_update(topics)
@@ -910,10 +914,11 @@ class Router:
                 log.info("revoked", principal=name, capability=cap)
                 self._audit("revoked", name, capability=cap)
                 self._reply_to(peer, hdr, self._granted(name))
-            case Enroll(name=name, public_key=key) if key and name not in self._by_principal_name:
+            case Enroll(name=name, public_key=key) if key and not getattr(
+                    self._by_principal_name.get(name), "external", False):
                 self._answer(peer, hdr, ErrorCode.UNKNOWN_DESTINATION,
-                             f"no service named {name!r} is configured; add [services.{name}] (without "
-                             "a command) to the config before enrolling its key")
+                             f"no external service named {name!r} is configured; add [services.{name}] "
+                             "(without a command) to the config before enrolling its key")
             case Enroll(name=name, public_key=key):
                 self.enroll(name, key)
                 self._audit("enrolled" if key else "unenrolled", name, detail=key)
@@ -945,6 +950,8 @@ class Router:
             return  # the requester left meanwhile
         if isinstance(result, Error):
             self._send_error(identity, request_id, result.code, result.message)
+        elif isinstance(result, ServiceStatus):
+            self._kernel_reply(peer, request_id, self.status(result.name))
         else:
             self._kernel_reply(peer, request_id, result)
 
@@ -1007,14 +1014,18 @@ class Router:
             return
         self.publish_kernel_event("kernel.audit", event)
 
-    def _flush_audit_backlog(self) -> None:
+    def _flush_audit_backlog(self, to: Peer) -> None:
+        """Hand the buffered records to the security service (and to nobody else)."""
+        if not self._allowed(to, _EVENT, "subscribe", "kernel.audit"):
+            return
         if self._audit_dropped:
-            self.publish_kernel_event("kernel.audit", AuditEvent(
+            self._audit_backlog.appendleft(AuditEvent(
                 kind="audit-records-lost", subject="kernel", time=time.time(),
                 detail=f"{self._audit_dropped} records dropped while no audit subscriber was connected"))
             self._audit_dropped = 0
+        hdr = self._enc.encode(Header(kind=Kind.EVENT, type="AuditEvent", dest="kernel.audit", sender=_KERNEL))
         while self._audit_backlog:
-            self.publish_kernel_event("kernel.audit", self._audit_backlog.popleft())
+            self._send([to.identity, SIGNATURE, hdr, self._enc.encode(self._audit_backlog.popleft())], to)
 
     def audit(self, kind: str, subject: str, detail: str = "") -> None:
         """For the supervisor (via submit): crashes, restarts, failures."""

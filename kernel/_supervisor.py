@@ -97,6 +97,8 @@ class ManagedService:
         #: Set before the supervisor itself stops the process to restart it (rest_for_one,
         #: an operator's restart): that exit is neither a crash nor counted.
         self.restart_requested = False
+        #: Why the supervisor itself killed the current process (start timeout, hung).
+        self.kill_reason = ""
         #: The credential of the current incarnation (each spawn gets a new one).
         self.credential = ""
 
@@ -127,9 +129,11 @@ class Supervisor:
         on_state: Callable[[str, str, str, int, str], None] = lambda *a: None,
         on_exit: Callable[[str, str], None] = lambda name, why: None,
         on_spawn: Callable[[str, list[str], ServiceConfig], None] = lambda name, argv, spec: None,
+        on_audit: Callable[[str, str, str], None] = lambda kind, name, detail: None,
         cgroups: Cgroups | None = None,
     ) -> None:
         self._on_spawn = on_spawn
+        self._on_audit = on_audit
         self.config = config
         self.endpoint = endpoint
         self.run_dir = run_dir
@@ -150,6 +154,10 @@ class Supervisor:
         self.fatal_reason = ""
 
     # -- state ------------------------------------------------------------------------------
+
+    def _fail(self, svc: ManagedService, detail: str) -> None:
+        self._set_state(svc, State.FAILED, detail)
+        self._on_audit("service-failed", svc.name, detail)
 
     def _set_state(self, svc: ManagedService, state: State, detail: str = "") -> None:
         previous = svc.state
@@ -191,7 +199,8 @@ class Supervisor:
                 or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
             return
         log.warning("service_unresponsive", name=name, pid=svc.pid, reason=why)
-        self._tg.start_soon(self._terminate, svc, f"its bus connection was lost ({why})")
+        svc.kill_reason = f"hung: {why}"
+        self._tg.start_soon(self._terminate, svc, svc.kill_reason)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -248,6 +257,7 @@ class Supervisor:
         backoff = spec.backoff_initial
         try:
             with scope:
+                attempt = 0
                 while not self.shutting_down:
                     waiting = [d for d in spec.requires if d in self.services and not self.services[d].ready.is_set()]
                     if waiting:
@@ -259,12 +269,15 @@ class Supervisor:
                         await self._spawn(svc)
                     except SpawnError as exc:
                         log.error("spawn_failed", name=svc.name, error=str(exc))
-                        self._set_state(svc, State.FAILED, str(exc))
+                        self._fail(svc, str(exc))
                         return
                     except Exception as exc:  # cgroup, measurement...: this service fails, not the kernel
                         log.exception("spawn_failed", name=svc.name)
-                        self._set_state(svc, State.FAILED, f"cannot start: {type(exc).__name__}: {exc}")
+                        self._fail(svc, f"cannot start: {type(exc).__name__}: {exc}")
                         return
+                    if attempt:
+                        self._on_audit("service-restarted", svc.name, f"pid {svc.pid}, restart {svc.restarts}")
+                    attempt += 1
                     timed_out = False
                     with anyio.move_on_after(spec.start_timeout):
                         async with anyio.create_task_group() as race:
@@ -276,7 +289,8 @@ class Supervisor:
                     if not svc.ready.is_set() and svc.running:
                         timed_out = True
                         log.error("start_timeout", name=svc.name, timeout=spec.start_timeout)
-                        await self._terminate(svc, f"did not say READY within {spec.start_timeout:g}s")
+                        svc.kill_reason = f"did not say READY within {spec.start_timeout:g}s"
+                        await self._terminate(svc, svc.kill_reason)
                     await svc.exited.wait()
                     if self.shutting_down:
                         return
@@ -287,8 +301,12 @@ class Supervisor:
                     ran_for = time.monotonic() - svc.started_at
                     status = svc.exit_status or 0
                     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                    if svc.kill_reason:
+                        self._on_audit("service-killed", svc.name, f"{svc.kill_reason}; {svc.last_exit}")
+                    elif code != 0:
+                        self._on_audit("service-crashed", svc.name, svc.last_exit)
                     if code == EXIT_PERMANENT_FAILURE:
-                        self._set_state(svc, State.FAILED, f"{svc.last_exit}: permanent failure, not restarted")
+                        self._fail(svc, f"{svc.last_exit}: permanent failure, not restarted")
                         return
                     if spec.restart == "temporary" or (spec.restart == "transient" and code == 0 and not timed_out):
                         self._set_state(svc, State.STOPPED, f"{svc.last_exit}; restart = {spec.restart}")
@@ -300,7 +318,7 @@ class Supervisor:
                     if len(svc.restart_times) > spec.max_restarts:
                         reason = (f"{len(svc.restart_times)} restarts within {spec.restart_window:g}s "
                                   f"(max_restarts = {spec.max_restarts}); last: {svc.last_exit}")
-                        self._set_state(svc, State.FAILED, reason)
+                        self._fail(svc, reason)
                         if spec.critical:
                             self.give_up(f"critical service {svc.name!r} failed: {reason}")
                         return
@@ -441,6 +459,7 @@ class Supervisor:
         svc.popen = popen
         svc.pid = popen.pid
         svc.spawns += 1
+        svc.kill_reason = ""
         svc.started_at = time.monotonic()
         self._by_pid[popen.pid] = svc
         self._set_state(svc, State.STARTING)

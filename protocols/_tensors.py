@@ -26,6 +26,8 @@ def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tens
     buffers: list[Any] = []
     for i, arr in enumerate(arrays):
         a = np.asarray(arr)
+        if a.dtype.name not in DTYPES:
+            raise ValueError(f"dtype {a.dtype.name!r} cannot travel as a tensor frame; use one of {', '.join(DTYPES)}")
         if not a.flags.c_contiguous:  # (ascontiguousarray would turn a 0-d array 1-d)
             a = a.copy(order="C")
         if a.dtype.byteorder == ">":

@@ -118,7 +118,14 @@ def serve_relay_echo(endpoint: str, style: str) -> None:
     sock = _socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, b"echo")
     sock.connect(endpoint)
-    send(sock, [b"echo", b"hello"])  # registers the identity with the relay
+    # Ready once the relay can route to us: a message addressed to ourselves comes back.
+    # (Until the relay has our connection it drops what is addressed to us, and a client
+    # request sent then would be lost.)
+    while True:
+        send(sock, [b"echo", b"ping"])
+        if sock.poll(100):
+            recv(sock)
+            break
     print("ready", flush=True)
     while True:
         send(sock, recv_frames(sock, small=1) if style == "tuned" else recv(sock))  # [client, payload] back

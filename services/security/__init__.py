@@ -5,9 +5,9 @@ from ._audit import AuditLog, verify_log
 from ._exceptions import AuditLogError, KeyFileError, SealError, SecurityError
 from ._keys import FileKeyStore, key_id, verify_ed25519
 from ._messages import *  # noqa: F401,F403
-from ._messages import __all__ as _messages
+from ._messages import __all__ as _message_names
 from ._service import SecurityService
 from ._trust import TrustStore
 
 __all__ = ["AuditLog", "verify_log", "SecurityError", "KeyFileError", "SealError", "AuditLogError",
-           "FileKeyStore", "key_id", "verify_ed25519", "SecurityService", "TrustStore", *_messages]
+           "FileKeyStore", "key_id", "verify_ed25519", "SecurityService", "TrustStore", *_message_names]

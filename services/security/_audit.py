@@ -190,6 +190,9 @@ def verify_log(directory: Path, public_key: bytes) -> AuditVerdict:
             return AuditVerdict(ok=False, records=count, files=len(files), checkpoints=checkpoints, where=where,
                                 problem="its content does not match its hash: the record was edited")
         if rec.kind == "checkpoint":
+            if rec.detail != rec.prev:
+                return AuditVerdict(ok=False, records=count, files=len(files), checkpoints=checkpoints,
+                                    where=where, problem="checkpoint signs a hash other than the record before it")
             if not verify_ed25519(public_key, bytes.fromhex(rec.signature or "00"), bytes.fromhex(rec.detail or "00")):
                 return AuditVerdict(ok=False, records=count, files=len(files), checkpoints=checkpoints,
                                     where=where, problem="checkpoint signature is not the device key's")

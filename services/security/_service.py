@@ -164,7 +164,8 @@ class SecurityService(Service):
                 self.audit.append("revoked", name, capability=cap, by=ctx.sender)
                 return Grants(grants=self._of(name), effective=granted.capabilities)
             case ListGrants():
-                return Grants(grants=list(self.grants))
+                now = time.time()
+                return Grants(grants=[g for g in self.grants if g.action == "revoke" or not g.expires or g.expires > now])
             case EnrollKey(name=name, public_key=key):
                 if key and len(key) != 40:
                     raise BadMessage("a CurveZMQ public key is 40 Z85 characters (zmq.curve_keypair)")
