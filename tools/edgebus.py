@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
     default = csub.add_parser("default", help="print the built-in default config")
     default.set_defaults(func=_config_default)
+    from tools._model_tools import add_commands
+
+    add_commands(sub)
     attest = sub.add_parser("attest", help="attestation reports")
     asub = attest.add_subparsers(dest="attest_command", required=True)
     verify = asub.add_parser("verify", help="verify a report from `busctl attest` offline")
