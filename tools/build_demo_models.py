@@ -1,6 +1,6 @@
 """Build the demo model bundles the default system uses, from data made here.
 
-    python -m tools.build_demo_models [--out models/demo]
+    python -m tools.build_demo_models [--out services/modelstore/demo]
 
 ``vibration-anomaly``: flags bearing faults in accelerometer frames.  The training data is
 simulated like the demo sensor does it: a shaft at 25 Hz with harmonics and noise, and for
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     from tools._model_tools import graph_io, read_private_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="models/demo")
+    parser.add_argument("--out", default="services/modelstore/demo")
     parser.add_argument("--version", default="1.0.0")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -276,6 +276,77 @@ async def cmd_security(bus: BusClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_model(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.modelstore._messages import (
+        Activate, InspectModel, Install, Installed, ListModels, ModelList, ModelManifest, ModelState, Remove,
+        Rollback, Split,
+    )
+
+    words, action = list(args.words), args.action
+
+    def need(n: int, usage: str) -> None:
+        if len(words) != n:
+            raise UsageError(f"usage: busctl model {action} {usage}")
+
+    if action == "list":
+        models = (await bus.call("modelstore", ListModels(), ModelList, timeout=args.timeout)).models
+        if args.json:
+            _print_json(models)
+        else:
+            print(_table([(m.name, m.active, m.trial and "trial" or ("ok" if m.active else ""), m.previous,
+                           " ".join(f"{v}={w:g}" for v, w in m.split.items()), " ".join(m.versions)) for m in models],
+                         ("MODEL", "ACTIVE", "STATUS", "PREVIOUS", "SPLIT", "VERSIONS")))
+        return 0
+    if action == "install":
+        need(1, "BUNDLE.ebm")
+        try:
+            data = Path(words[0]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {words[0]}: {exc.strerror}") from exc
+        incoming = await bus.request("modelstore", Install(), frames=[data], timeout=max(args.timeout, 120))
+        result: msgspec.Struct = incoming.decode(Installed)
+    elif action == "inspect":
+        if len(words) not in (1, 2):
+            raise UsageError("usage: busctl model inspect NAME [VERSION]")
+        result = await bus.call("modelstore", InspectModel(name=words[0], version=words[1] if len(words) > 1 else ""),
+                                ModelManifest, timeout=args.timeout)
+        _print_json(result)
+        return 0
+    elif action == "activate":
+        need(2, "NAME VERSION")
+        result = await bus.call("modelstore", Activate(name=words[0], version=words[1]), ModelState, timeout=args.timeout)
+    elif action == "rollback":
+        need(1, "NAME")
+        result = await bus.call("modelstore", Rollback(name=words[0]), ModelState, timeout=args.timeout)
+    elif action == "remove":
+        need(2, "NAME VERSION")
+        result = await bus.call("modelstore", Remove(name=words[0], version=words[1]), ModelState, timeout=args.timeout)
+    else:  # split NAME V=W ...
+        if len(words) < 1:
+            raise UsageError("usage: busctl model split NAME VERSION=WEIGHT ... (none: back to the active version)")
+        weights = {}
+        for item in words[1:]:
+            version, sep, weight = item.partition("=")
+            try:
+                weights[version] = float(weight)
+            except ValueError:
+                raise UsageError(f"{item!r} is not VERSION=WEIGHT") from None
+            if not sep:
+                raise UsageError(f"{item!r} is not VERSION=WEIGHT")
+        result = await bus.call("modelstore", Split(name=words[0], weights=weights), ModelState, timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    elif isinstance(result, Installed):
+        print(f"installed {result.name} {result.version} (variants {', '.join(result.variants)}; "
+              f"signed by {result.key_id}); activate it with: busctl model activate {result.name} {result.version}")
+    else:
+        state = result
+        print(f"{state.name}: active {state.active or '-'}" + (" (in trial)" if state.trial else "")
+              + (f", previous {state.previous}" if state.previous else "")
+              + (f", split {' '.join(f'{v}={w:g}' for v, w in state.split.items())}" if state.split else ""))
+    return 0
+
+
 def _print_status_line(s: ServiceStatus, verb: str) -> None:
     print(f"{s.name}: {verb}; state {s.state}" + (f", pid {s.pid}" if s.pid else "")
           + (f" ({s.last_exit})" if s.last_exit and s.state != "ready" else ""))
@@ -420,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attest", parents=[common], help="a signed attestation report (JSON)")
     p.add_argument("--nonce", help="a verifier's challenge to include")
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("model", parents=[common], help="model bundles in the model store")
+    p.add_argument("action", choices=["list", "install", "activate", "rollback", "split", "remove", "inspect"])
+    p.add_argument("words", nargs="*", metavar="ARG")
+    p.set_defaults(func=cmd_model)
     p = sub.add_parser("security", parents=[common], help="security enroll NAME CURVE_PUBLIC_KEY")
     p.add_argument("action", choices=["enroll"])
     p.add_argument("name")

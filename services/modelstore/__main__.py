@@ -1,0 +1,4 @@
+from services import run
+from services.modelstore._service import ModelStoreService
+
+run(ModelStoreService)

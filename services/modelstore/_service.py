@@ -1,0 +1,326 @@
+"""The model store service.
+
+Install checks a bundle (files against the signed manifest, the signature against the
+security service's trust store, no downgrade, ONNX Runtime loads every variant) before a
+single byte is stored; the store is unchanged by a refused bundle.  Activation is an
+atomic switch of ``state.json``; the new version runs in ``trial`` until the health
+reports of the scheduler or telemetry commit it, or roll it back by themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from services import BadMessage, Context, InternalError, Rejected, Service, Unavailable, UnknownDestination
+from services.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
+
+from ._bundle import Bundle, parse_version
+from ._exceptions import (
+    BundleError,
+    DowngradeRefused,
+    ModelLoadError,
+    ModelStoreError,
+    NoSuchModel,
+    UnknownSigner,
+    UnsignedBundle,
+)
+from ._messages import (
+    Activate,
+    GetModel,
+    HealthRecorded,
+    InspectModel,
+    Install,
+    Installed,
+    ListModels,
+    ModelBytes,
+    ModelEvent,
+    ModelList,
+    ModelManifest,
+    ModelState,
+    Remove,
+    ReportHealth,
+    Reply,
+    Request,
+    Resolve,
+    Resolved,
+    Rollback,
+    Split,
+)
+from ._store import ModelRecord, StoreState, Store
+
+__all__ = ["ModelStoreService", "pick_version"]
+
+
+def pick_version(name: str, key: str, weights: dict[str, float]) -> str:
+    """Sticky weighted choice: the same key always lands on the same version."""
+    total = sum(w for w in weights.values() if w > 0)
+    point = int.from_bytes(hashlib.sha256(f"{name}\0{key}".encode()).digest()[:8], "big") / 2**64 * total
+    for version in sorted(weights, key=parse_version):
+        w = weights[version]
+        if w <= 0:
+            continue
+        if point < w:
+            return version
+        point -= w
+    return max(weights, key=parse_version)
+
+
+class _Health(msgspec.Struct):
+    requests: int = 0
+    errors: int = 0
+    p95_ms: float = 0.0
+
+
+class ModelStoreService(Service):
+    name = "modelstore"
+    Request = Request
+    Reply = Reply
+    publishes = ["modelstore.*"]
+    keep = int(os.environ.get("EDGEBUS_MODELSTORE_KEEP", "3"))
+    trial_min_requests = int(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MIN_REQUESTS", "50"))
+    #: A trial fails when its error rate exceeds the previous version's by this many points,
+    trial_max_error_increase = float(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MAX_ERROR_INCREASE", "0.02"))
+    #: or its p95 latency exceeds the previous version's by this factor.
+    trial_max_p95_ratio = float(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MAX_P95_RATIO", "1.5"))
+
+    async def setup(self) -> None:
+        root = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "modelstore"
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root = root
+        sealed = root / "datakey.sealed"
+        if sealed.exists():
+            key = (await self.bus.call("security", Unseal(blob=sealed.read_bytes(), context="modelstore"),
+                                       Unsealed)).key
+        else:
+            key = os.urandom(32)
+            blob = (await self.bus.call("security", Seal(key=key, context="modelstore"), Sealed)).blob
+            tmp = sealed.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, sealed)
+        self.store = Store(root, key, self._fault)
+        self.health: dict[tuple[str, str], _Health] = {}
+        await self._preload(os.environ.get("EDGEBUS_MODELSTORE_PRELOAD", ""))
+        for name in self.store.names():
+            self.log.info("model_loaded", name=name, versions=self.store.versions(name),
+                          active=self.store.record(name).active or None)
+
+    async def _preload(self, where: str) -> None:
+        """Install and activate the bundles of a directory whose models the store lacks
+        (``builtin-demo``: the demo bundles shipped in this package)."""
+        if not where:
+            return
+        directory = Path(__file__).with_name("demo") if where == "builtin-demo" else Path(where)
+        for path in sorted(directory.glob("*.ebm")):
+            name = Bundle.load(path).manifest.name
+            if self.store.versions(name):
+                continue
+            installed = await self._install(path.read_bytes(), "preload")
+            await self._activate(installed.name, installed.version, "preload")
+
+    def _fault(self, point: str) -> None:
+        """Fault injection for crash tests: the point named in FAULT kills the process."""
+        marker = self.root / "FAULT"
+        if marker.exists() and marker.read_text().strip() == point:
+            marker.unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
+        try:
+            return await self._handle(req, ctx)
+        except (UnsignedBundle, BundleError, ModelLoadError) as exc:
+            raise BadMessage(str(exc)) from exc
+        except UnknownSigner as exc:
+            raise Rejected(str(exc)) from exc
+        except DowngradeRefused as exc:
+            raise Rejected(str(exc)) from exc
+        except NoSuchModel as exc:
+            raise UnknownDestination(str(exc)) from exc
+        except ModelStoreError as exc:
+            raise InternalError(str(exc)) from exc
+
+    async def _handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
+        store = self.store
+        match req:
+            case Install():
+                if len(ctx.frames) != 1:
+                    raise BadMessage("Install carries the bundle as exactly one raw frame")
+                return await self._install(bytes(ctx.frames[0].buffer if hasattr(ctx.frames[0], "buffer")
+                                                 else ctx.frames[0]), ctx.sender)
+            case Activate(name=name, version=version):
+                return await self._activate(name, version, ctx.sender)
+            case Rollback(name=name):
+                rec = store.record(name)
+                if not rec.previous:
+                    raise Rejected(f"{name} has no previous version to roll back to")
+                return await self._rollback(name, f"requested by {ctx.sender}")
+            case Remove(name=name, version=version):
+                rec = store.record(name)
+                if version not in store.versions(name):
+                    raise NoSuchModel(name, version)
+                if version in (rec.active, rec.trial) or version in rec.split:
+                    raise Rejected(f"{name} {version} is active, in trial or in a split; activate another first")
+                if version == rec.previous:
+                    self._commit_record(name, msgspec.structs.replace(rec, previous=""))
+                store.remove_version(name, version)
+                await self._announce("removed", name, version, ctx.sender)
+                return self._state(name)
+            case Split(name=name, weights=weights):
+                have = store.versions(name)
+                missing = [v for v in weights if v not in have]
+                if missing:
+                    raise NoSuchModel(name, ", ".join(missing))
+                if weights and (any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
+                    raise BadMessage("weights must be non-negative and not all zero")
+                self._commit_record(name, msgspec.structs.replace(store.record(name), split=dict(weights)))
+                await self._announce("split", name, "", ctx.sender,
+                                     detail=" ".join(f"{v}={w:g}" for v, w in weights.items()) or "none")
+                return self._state(name)
+            case ListModels():
+                return ModelList(models=[self._state(n) for n in store.names()])
+            case InspectModel(name=name, version=version):
+                version = version or store.record(name).active or (store.versions(name) or [""])[-1]
+                manifest, sig = store.manifest(name, version)
+                return ModelManifest(manifest=msgspec.to_builtins(manifest), key_id=sig.key_id)
+            case GetModel(name=name, version=version, variant=variant):
+                version = version or store.record(name).active
+                if not version:
+                    raise Unavailable(f"{name} has no active version; activate one")
+                manifest, _ = store.manifest(name, version)
+                if variant not in manifest.variants:
+                    raise BadMessage(f"{name} {version} has no variant {variant!r}; it has {sorted(manifest.variants)}")
+                sha = manifest.variants[variant].sha256
+                data = store.read_file(sha)
+                return ModelBytes(name=name, version=version, variant=variant, sha256=sha,
+                                  manifest=msgspec.to_builtins(manifest)), [data]
+            case Resolve(name=name, key=key):
+                rec = store.record(name)
+                if rec.split:
+                    return Resolved(name=name, version=pick_version(name, key, rec.split))
+                if not rec.active:
+                    raise Unavailable(f"{name} has no active version")
+                return Resolved(name=name, version=rec.active)
+            case ReportHealth():
+                return await self._health(req)
+
+    # -- operations -------------------------------------------------------------------------------
+
+    async def _install(self, data: bytes, sender: str) -> Installed:
+        bundle = Bundle.from_bytes(data)
+        bundle.check_files()
+        if bundle.signature is None:
+            raise UnsignedBundle()
+        m = bundle.manifest
+        try:
+            await self.bus.call("security", VerifySignature(data=bundle.manifest_bytes,
+                                                            signature=bytes.fromhex(bundle.signature.signature),
+                                                            key_id=bundle.signature.key_id), SignatureValid)
+        except BadMessage:
+            raise UnknownSigner(bundle.signature.key_id) from None
+        versions = self.store.versions(m.name)
+        if versions and parse_version(m.version) <= parse_version(versions[-1]):
+            raise DowngradeRefused(m.name, m.version, versions[-1])
+        for variant, spec in m.variants.items():
+            await self._load_check(m.name, variant, bundle.files[spec.file])
+        self.store.add(bundle)
+        self._prune(m.name)
+        await self._announce("installed", m.name, m.version, sender, detail=f"signed by {bundle.signature.key_id}")
+        return Installed(name=m.name, version=m.version, key_id=bundle.signature.key_id, variants=sorted(m.variants))
+
+    async def _load_check(self, name: str, variant: str, model: bytes) -> None:
+        def run() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run([sys.executable, "-m", "services.modelstore._check"], input=model,
+                                  capture_output=True, timeout=120)
+        proc = await anyio.to_thread.run_sync(run)
+        if proc.returncode != 0:
+            raise ModelLoadError(name, variant, proc.stdout.decode(errors="replace").strip() or
+                                 proc.stderr.decode(errors="replace").strip()[-300:])
+
+    async def _activate(self, name: str, version: str, sender: str) -> ModelState:
+        if version not in self.store.versions(name):
+            raise NoSuchModel(name, version)
+        rec = self.store.record(name)
+        if rec.active == version:
+            return self._state(name)
+        new = ModelRecord(active=version, previous=rec.active or rec.previous, trial=version if rec.active else "",
+                          split={})
+        self._fault("activate:before")
+        self._commit_record(name, new)
+        self._fault("activate:after")
+        self.health.pop((name, version), None)
+        await self._announce("activated", name, version, sender, previous=rec.active,
+                             detail="in trial until its health gates commit it" if new.trial else "first version")
+        return self._state(name)
+
+    async def _rollback(self, name: str, why: str) -> ModelState:
+        rec = self.store.record(name)
+        bad = rec.active
+        self._commit_record(name, ModelRecord(active=rec.previous, previous="", trial="", split={}))
+        await self._announce("rolledback", name, rec.previous, why, previous=bad)
+        return self._state(name)
+
+    async def _health(self, report: ReportHealth) -> HealthRecorded:
+        h = self.health.setdefault((report.name, report.version), _Health())
+        h.requests += report.requests
+        h.errors += report.errors
+        h.p95_ms = max(h.p95_ms, report.p95_ms) if h.requests > report.requests else report.p95_ms
+        rec = self.store.record(report.name)
+        if not rec.trial or report.version != rec.trial or h.requests < self.trial_min_requests:
+            return HealthRecorded(name=report.name, version=report.version, verdict="trial" if rec.trial == report.version else "")
+        base = self.health.get((report.name, rec.previous), _Health())
+        base_rate = base.errors / base.requests if base.requests else 0.0
+        rate = h.errors / h.requests
+        problems = []
+        if rate > base_rate + self.trial_max_error_increase:
+            problems.append(f"error rate {rate:.1%} against {base_rate:.1%}")
+        if base.p95_ms and h.p95_ms > base.p95_ms * self.trial_max_p95_ratio:
+            problems.append(f"p95 {h.p95_ms:.1f} ms against {base.p95_ms:.1f} ms")
+        if problems:
+            await self._rollback(report.name, f"trial of {rec.trial} failed its health gates: {'; '.join(problems)}")
+            return HealthRecorded(name=report.name, version=report.version, verdict="rolled-back")
+        self._commit_record(report.name, msgspec.structs.replace(rec, trial=""))
+        await self._announce("committed", report.name, report.version, "health gates",
+                             detail=f"{h.requests} requests, error rate {rate:.1%}, p95 {h.p95_ms:.1f} ms")
+        return HealthRecorded(name=report.name, version=report.version, verdict="committed")
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _commit_record(self, name: str, record: ModelRecord) -> None:
+        models = dict(self.store.state.models)
+        models[name] = record
+        self.store.commit(StoreState(models=models))
+
+    def _prune(self, name: str) -> None:
+        """Keep the newest ``keep`` versions, and always the active, previous and split ones."""
+        rec = self.store.record(name)
+        pinned = {rec.active, rec.previous, rec.trial, *rec.split}
+        versions = self.store.versions(name)
+        for version in versions[:-self.keep] if len(versions) > self.keep else []:
+            if version not in pinned:
+                self.store.remove_version(name, version)
+
+    def _state(self, name: str) -> ModelState:
+        rec = self.store.record(name)
+        return ModelState(name=name, versions=self.store.versions(name), active=rec.active, previous=rec.previous,
+                          trial=rec.trial, split=dict(rec.split))
+
+    async def _announce(self, what: str, name: str, version: str, by: str, *, previous: str = "",
+                        detail: str = "") -> None:
+        """Publish on modelstore.<what> and append to the audit log."""
+        self.log.info(f"model_{what}", name=name, version=version or None, previous=previous or None,
+                      by=by, detail=detail or None)
+        await self.bus.publish(f"modelstore.{what}", ModelEvent(name=name, version=version, previous=previous,
+                                                                detail=detail))
+        try:
+            await self.bus.call("security", AuditAppend(kind=f"model-{what}", subject=f"{name} {version}".strip(),
+                                                        detail=f"{detail} (by {by})".strip()), Appended, timeout=5)
+        except Exception as exc:  # the operation is done; say loudly that its record is missing
+            self.log.error("audit_append_failed", name=name, what=what, error=str(exc))
