@@ -30,6 +30,7 @@ from ._exceptions import (
     ModelLoadError,
     ModelStoreError,
     NoSuchModel,
+    TamperedBundle,
     UnknownSigner,
     UnsignedBundle,
 )
@@ -136,10 +137,10 @@ class ModelStoreService(Service):
     async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
         try:
             return await self._handle(req, ctx)
-        except (UnsignedBundle, BundleError, ModelLoadError) as exc:
-            raise BadMessage(str(exc)) from exc
         except UnknownSigner as exc:
             raise Rejected(str(exc)) from exc
+        except (BundleError, ModelLoadError) as exc:
+            raise BadMessage(str(exc)) from exc
         except DowngradeRefused as exc:
             raise Rejected(str(exc)) from exc
         except NoSuchModel as exc:
@@ -219,6 +220,16 @@ class ModelStoreService(Service):
         if bundle.signature is None:
             raise UnsignedBundle()
         m = bundle.manifest
+        # First against the key the bundle names: a failure here means the manifest (or
+        # the signature) changed after signing, whoever the signer is.
+        sig = bundle.signature
+        try:
+            embedded = bytes.fromhex(sig.public_key)
+        except ValueError:
+            raise TamperedBundle("signature.json") from None
+        if hashlib.sha256(embedded).hexdigest()[:16] != sig.key_id or not bundle.check_signature_with(embedded):
+            raise TamperedBundle("manifest.json")
+        # Then: is that key one the device trusts?
         try:
             await self.bus.call("security", VerifySignature(data=bundle.manifest_bytes,
                                                             signature=bytes.fromhex(bundle.signature.signature),

@@ -1,0 +1,336 @@
+"""The model store: verified installs, encryption at rest, activation, trial, rollback,
+A/B splits, crash consistency; and the offline bundle tools."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+
+from services import BadMessage, Rejected, Unavailable, UnknownDestination
+from services.modelstore import Bundle, Manifest
+from services.modelstore._messages import (
+    Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelEvent, ModelList, ModelState, Remove,
+    ReportHealth, HealthRecorded, Resolve, Resolved, Rollback, Split,
+)
+from services.modelstore._service import pick_version
+
+from conftest import BIN, System, wait_for
+
+pytestmark = pytest.mark.anyio
+
+MARKER = np.array([3.14159, 2.71828, 1.41421, 1.73205] * 64, dtype=np.float32)  # recognisable plaintext
+
+
+def onnx_model(offset: float, garbage: bool = False) -> bytes:
+    if garbage:
+        return b"\x08\x07this is not an onnx model" + MARKER.tobytes()
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(MARKER.reshape(256, 1)[:4].repeat(4, axis=1) + np.float32(offset), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+                              [w, numpy_helper.from_array(MARKER, "marker")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def make_key():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate()
+
+
+def pub_hex(key) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def bundle(version: str, key=None, *, garbage: bool = False, name: str = "demo") -> bytes:
+    model = onnx_model(float(version.split(".")[1]), garbage)
+    manifest = Manifest(name=name, version=version, created=0.0, inputs=[], outputs=[],
+                        variants={"full": {"file": "full.onnx", "sha256": "", "size": 0}})  # type: ignore[dict-item]
+    manifest = msgspec.convert(msgspec.to_builtins(manifest), Manifest)
+    b = Bundle.create(manifest, {"full.onnx": model})
+    if key is not None:
+        b.sign(key)
+    return b.to_bytes()
+
+
+def zip_replace(data: bytes, name: str, transform) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.namelist():
+            content = src.read(item)
+            dst.writestr(item, transform(content) if item == name else content)
+    return out.getvalue()
+
+
+KEY = make_key()
+
+
+def config(extra: str = "") -> str:
+    return f"""
+[services.security]
+command = ["{{python}}", "-m", "services.security"]
+capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll",
+                "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
+environment = {{ EDGEBUS_TRUSTED_KEYS = "test={pub_hex(KEY)}" }}
+
+[services.modelstore]
+command = ["{{python}}", "-m", "services.modelstore"]
+requires = ["security"]
+capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
+                "call:security.AuditAppend", "publish:modelstore.*"]
+environment = {{ EDGEBUS_MODELSTORE_TRIAL_MIN_REQUESTS = "50" }}
+max_restarts = 50     # the crash tests kill it over and over
+backoff_initial = 0.05
+backoff_max = 0.2
+{extra}"""
+
+
+async def install(bus, data: bytes) -> Installed:
+    return (await bus.request("modelstore", Install(), frames=[data], timeout=60)).decode(Installed)
+
+
+def store_files(system: System) -> list[str]:
+    root = system.run_dir / "state" / "modelstore"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "FAULT")
+
+
+@pytest.fixture
+def store_system(make_system):
+    system: System = make_system(config())
+    anyio.run(lambda: system.wait_ready("security", "modelstore"))
+    return system
+
+
+async def test_every_bad_bundle_is_refused_with_its_own_error_and_the_store_unchanged(store_system) -> None:
+    system = store_system
+    good = bundle("1.1.0", KEY)
+    async with system.client() as bus:
+        await install(bus, good)
+        before, listing = store_files(system), await bus.call("modelstore", ListModels(), ModelList)
+        cases = {
+            "tampered model": (BadMessage, "full.onnx does not match what was signed",
+                               zip_replace(bundle("1.2.0", KEY), "full.onnx", lambda c: c[:-1] + bytes([c[-1] ^ 1]))),
+            "tampered manifest": (BadMessage, "does not match what was signed",
+                                  zip_replace(bundle("1.2.0", KEY), "manifest.json",
+                                              lambda c: c.replace(b'"name":"demo"', b'"name":"demo","author":"x"'))),
+            "wrong signer": (Rejected, "not in the trust store", bundle("1.2.0", make_key())),
+            "unsigned": (BadMessage, "not signed", bundle("1.2.0")),
+            "downgrade": (Rejected, "is not newer than 1.1.0", bundle("1.0.0", KEY)),
+            "same version": (Rejected, "is not newer than 1.1.0", bundle("1.1.0", KEY)),
+            "not loadable": (BadMessage, "ONNX Runtime cannot load", bundle("1.2.0", KEY, garbage=True)),
+            "not a bundle": (BadMessage, "not a bundle archive", b"PK\x03\x04 garbage"),
+        }
+        messages = set()
+        for label, (error, text, data) in cases.items():
+            with pytest.raises(error) as info:
+                await install(bus, data)
+            assert text in str(info.value), (label, str(info.value))
+            messages.add(str(info.value))
+        assert len(messages) >= 6  # each its own error
+        assert store_files(system) == before
+        assert await bus.call("modelstore", ListModels(), ModelList) == listing
+
+
+async def test_blobs_are_encrypted_and_served_decrypted(store_system) -> None:
+    system = store_system
+    data = bundle("1.0.0", KEY)
+    model = Bundle.from_bytes(data).files["full.onnx"]
+    async with system.client() as bus:
+        await install(bus, data)
+        for path in (system.run_dir / "state" / "modelstore" / "blobs").iterdir():
+            raw = path.read_bytes()
+            assert MARKER.tobytes()[:64] not in raw and model[:64] not in raw
+        await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
+        incoming = await bus.request("modelstore", GetModel(name="demo"))
+        assert incoming.decode(ModelBytes).version == "1.0.0"
+        assert bytes(incoming.frames[0].buffer) == model
+
+
+async def test_trial_rolls_back_by_itself_or_commits(store_system) -> None:
+    system = store_system
+    async with system.client() as bus:
+        await bus.subscribe("modelstore.")
+        for v in ("1.0.0", "1.1.0", "1.2.0"):
+            await install(bus, bundle(v, KEY))
+        state = await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
+        assert state.active == "1.0.0" and not state.trial
+        await bus.call("modelstore", ReportHealth(name="demo", version="1.0.0", requests=200, errors=2, p95_ms=5.0),
+                       HealthRecorded)
+        state = await bus.call("modelstore", Activate(name="demo", version="1.1.0"), ModelState)
+        assert state.active == "1.1.0" and state.trial == "1.1.0" and state.previous == "1.0.0"
+        verdict = await bus.call("modelstore", ReportHealth(name="demo", version="1.1.0", requests=60, errors=12,
+                                                            p95_ms=5.0), HealthRecorded)
+        assert verdict.verdict == "rolled-back"
+        state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
+        assert state.active == "1.0.0" and not state.trial
+        # a healthy trial is committed
+        await bus.call("modelstore", Activate(name="demo", version="1.2.0"), ModelState)
+        verdict = await bus.call("modelstore", ReportHealth(name="demo", version="1.2.0", requests=60, errors=0,
+                                                            p95_ms=5.5), HealthRecorded)
+        assert verdict.verdict == "committed"
+        events = []
+        with anyio.move_on_after(2):
+            while len(events) < 8:
+                events.append((await bus.events.receive()).header.dest)
+        assert "modelstore.rolledback" in events and "modelstore.committed" in events
+        # remove is refused for the active version, allowed for an old one
+        with pytest.raises(Rejected, match="active"):
+            await bus.call("modelstore", Remove(name="demo", version="1.2.0"), ModelState)
+        await bus.call("modelstore", Remove(name="demo", version="1.1.0"), ModelState)
+        state = await bus.call("modelstore", Rollback(name="demo"), ModelState)
+        assert state.active == "1.0.0"
+    audit = system.busctl("audit", "tail", "-n", "100", "--json", check=True).stdout
+    kinds = [r["kind"] for r in msgspec.json.decode(audit)]
+    for kind in ("model-installed", "model-activated", "model-rolledback", "model-committed", "model-removed"):
+        assert kind in kinds
+
+
+def test_a_90_10_split_is_within_2_points_and_sticky() -> None:
+    weights = {"1.2.0": 90, "1.3.0": 10}
+    picks = [pick_version("demo", f"key-{i}", weights) for i in range(10_000)]
+    share = picks.count("1.3.0") / len(picks)
+    assert abs(share - 0.10) <= 0.02
+    assert picks == [pick_version("demo", f"key-{i}", weights) for i in range(10_000)]
+
+
+async def test_split_over_the_bus(store_system) -> None:
+    system = store_system
+    async with system.client() as bus:
+        for v in ("1.0.0", "1.1.0"):
+            await install(bus, bundle(v, KEY))
+        await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
+    out = system.busctl("model", "split", "demo", "1.0.0=90", "1.1.0=10", check=True).stdout
+    assert "split 1.0.0=90 1.1.0=10" in out
+    async with system.client() as bus:
+        for i in range(100):
+            r = await bus.call("modelstore", Resolve(name="demo", key=f"k{i}"), Resolved)
+            assert r.version == pick_version("demo", f"k{i}", {"1.0.0": 90, "1.1.0": 10})
+
+
+FAULTS = ["install:blobs-written", "install:manifest-staged", "install:manifest-written", "activate:before",
+          "state-tmp-written", "activate:after"]
+
+
+async def test_kill_9_at_every_fault_point_leaves_a_consistent_store(store_system) -> None:
+    system = store_system
+    root = system.run_dir / "state" / "modelstore"
+    async with system.client() as bus:
+        await install(bus, bundle("1.0.0", KEY))
+        await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
+    version = 0
+    for point in FAULTS:
+        version += 1
+        new = f"1.{version}.0"
+        pid = next(x.pid for x in (await system.wait_ready("modelstore")).services if x.name == "modelstore")
+        (root / "FAULT").write_text(point)
+        async with system.client() as bus:
+            try:
+                if point.startswith("install"):
+                    await install(bus, bundle(new, KEY))
+                else:
+                    await install(bus, bundle(new, KEY))
+                    await bus.call("modelstore", Activate(name="demo", version=new), ModelState, timeout=10)
+            except (Unavailable, Exception):
+                pass
+        assert not (root / "FAULT").exists(), f"fault point {point} was never reached"
+        await restarted(system, pid)
+        async with system.client() as bus:
+            state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
+            assert state.active in (f"1.{version - 1}.0" if version > 1 else "1.0.0", new, *state.versions)
+            served = await bus.request("modelstore", GetModel(name="demo"))
+            assert served.decode(ModelBytes).version == state.active
+            # bring the store to a known state for the next point
+            if new not in state.versions:
+                await install(bus, bundle(new, KEY))
+            await bus.call("modelstore", Activate(name="demo", version=new), ModelState)
+        assert not [p for p in root.rglob("*.tmp")]
+
+
+async def test_random_kills_during_installs(store_system) -> None:
+    system = store_system
+    rng = np.random.default_rng(1)
+    async with system.client() as bus:
+        await install(bus, bundle("2.0.0", KEY))
+        await bus.call("modelstore", Activate(name="demo", version="2.0.0"), ModelState)
+    for i in range(1, 6):
+        pid = next(s.pid for s in (await system.wait_ready("modelstore")).services if s.name == "modelstore")
+        async with system.client() as bus:
+            async with anyio.create_task_group() as tg:
+                async def attempt() -> None:
+                    try:
+                        await install(bus, bundle(f"2.{i}.0", KEY))
+                        await bus.call("modelstore", Activate(name="demo", version=f"2.{i}.0"), ModelState)
+                    except Exception:
+                        pass
+                tg.start_soon(attempt)
+                await anyio.sleep(float(rng.uniform(0.0, 0.3)))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        await restarted(system, pid)
+        async with system.client() as bus:
+            state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
+            served = await bus.request("modelstore", GetModel(name="demo"))
+            assert served.decode(ModelBytes).version == state.active
+            assert state.active in (f"2.{i - 1}.0", f"2.{i}.0") or state.active in state.versions
+
+
+async def restarted(system: System, old_pid: int) -> None:
+    """Until the modelstore runs again under a new pid and is ready."""
+    from protocols import ListServices, ServiceList
+
+    async with system.client() as bus:
+        await bus.subscribe("kernel.services")
+        with anyio.fail_after(20):
+            while True:
+                st = await bus.call("kernel", ListServices(), ServiceList)
+                ms = next(x for x in st.services if x.name == "modelstore")
+                if ms.state == "ready" and ms.pid != old_pid:
+                    return
+                await bus.events.receive()
+
+
+# -- offline tools -----------------------------------------------------------------------------
+
+
+def edgebus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "edgebus"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_keygen_pack_sign_verify_inspect_quantize(tmp_path: Path) -> None:
+    assert edgebus("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    assert oct((tmp_path / "k.key").stat().st_mode & 0o777) == "0o600"
+    model = tmp_path / "m.onnx"
+    model.write_bytes(onnx_model(1.0))
+    packed = edgebus("model", "pack", str(model), "--name", "demo", "--version", "1.0.0", "--out", str(tmp_path / "b.ebm"))
+    assert packed.returncode == 0, packed.stderr
+    manifest = msgspec.json.decode(edgebus("model", "inspect", str(tmp_path / "b.ebm")).stdout)["manifest"]
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 4]}]
+    assert edgebus("model", "verify", str(tmp_path / "b.ebm")).returncode == 1  # unsigned
+    assert edgebus("model", "sign", str(tmp_path / "b.ebm"), "--key", str(tmp_path / "k.key")).returncode == 0
+    ok = edgebus("model", "verify", str(tmp_path / "b.ebm"), "--pubkey", str(tmp_path / "k.pub"))
+    assert ok.returncode == 0, ok.stderr
+    edgebus("keygen", "--out", str(tmp_path / "other"))
+    assert edgebus("model", "verify", str(tmp_path / "b.ebm"), "--pubkey", str(tmp_path / "other.pub")).returncode == 1
+    q = edgebus("model", "quantize", str(tmp_path / "b.ebm"), "--out", str(tmp_path / "q.ebm"))
+    assert q.returncode == 0, q.stderr
+    assert "size: full" in q.stdout and "latency" in q.stdout
+    assert set(Bundle.load(tmp_path / "q.ebm").manifest.variants) == {"full", "int8"}
