@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tools.bench_bus
 	$(PY) -m tools.bench_supervisor
+	$(PY) -m tools.bench_modelstore
 
 clean:
 	rm -rf .run $(VENV) *.egg-info
