@@ -334,3 +334,23 @@ def test_keygen_pack_sign_verify_inspect_quantize(tmp_path: Path) -> None:
     assert q.returncode == 0, q.stderr
     assert "size: full" in q.stdout and "latency" in q.stdout
     assert set(Bundle.load(tmp_path / "q.ebm").manifest.variants) == {"full", "int8"}
+
+
+async def test_busctl_model_commands(store_system, tmp_path: Path) -> None:
+    system = store_system
+    for v in ("1.0.0", "1.1.0"):
+        (tmp_path / f"{v}.ebm").write_bytes(bundle(v, KEY))
+        out = system.busctl("model", "install", str(tmp_path / f"{v}.ebm"), check=True).stdout
+        assert f"installed demo {v}" in out
+    assert "active 1.0.0" in system.busctl("model", "activate", "demo", "1.0.0", check=True).stdout
+    assert "(in trial)" in system.busctl("model", "activate", "demo", "1.1.0", check=True).stdout
+    listing = msgspec.json.decode(system.busctl("model", "list", "--json", check=True).stdout)
+    assert listing[0]["active"] == "1.1.0" and listing[0]["trial"] == "1.1.0"
+    inspect = msgspec.json.decode(system.busctl("model", "inspect", "demo", "1.0.0", check=True).stdout)
+    assert inspect["manifest"]["version"] == "1.0.0"
+    bad = system.busctl("model", "remove", "demo", "1.1.0")
+    assert bad.returncode == 1 and "active" in bad.stderr
+    assert "active 1.0.0" in system.busctl("model", "rollback", "demo", check=True).stdout
+    (tmp_path / "bad.ebm").write_bytes(bundle("2.0.0"))
+    bad = system.busctl("model", "install", str(tmp_path / "bad.ebm"))
+    assert bad.returncode == 1 and "not signed" in bad.stderr
