@@ -1,0 +1,7 @@
+"""Accelerator drivers (``python -m drivers.accel``): ONNX Runtime execution providers
+behind the bus, running pre-op, session.run, post-op pipelines on batches."""
+
+from ._driver import AcceleratorDriver
+from ._messages import Describe, Device, Load, Loaded, Run, RunResult
+
+__all__ = ["AcceleratorDriver", "Describe", "Device", "Load", "Loaded", "Run", "RunResult"]

@@ -1,0 +1,3 @@
+from drivers.accel._driver import main
+
+main()

@@ -1,0 +1,159 @@
+"""An accelerator driver: one ONNX Runtime device behind the bus.
+
+Execution providers: CPU always; CUDA, TensorRT, OpenVINO, CoreML and the rest when
+``onnxruntime.get_available_providers()`` has them (``EDGEBUS_ACCEL_PROVIDERS`` picks, in
+order).  After a session is created the providers actually in use are checked, so a
+silent fallback to CPU is reported (``Loaded.fell_back_from``, a warning), never hidden.
+
+Sessions are created from model bytes fetched from the model store (``GetModel``: the
+model is decrypted only in memory; for the same reason the optimised graph is not cached
+on disk).  Options are deliberate: ``intra_op_num_threads`` from the driver's share of the
+CPUs (``EDGEBUS_ACCEL_THREADS``), one inter-op thread (batches arrive one at a time),
+all graph optimisations, memory pattern and arena on.
+
+A Run applies the manifest's pre ops (numba kernels in drivers.ops), session.run, then the
+post ops, on a whole batch; tensors arrive and leave as zero-copy frames.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import anyio
+
+from protocols import pack_tensors
+from services import BadMessage, Context, InternalError, Service, run
+from services.modelstore._messages import GetModel, ModelBytes
+
+from ._messages import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
+
+__all__ = ["AcceleratorDriver"]
+
+
+class _Model:
+    def __init__(self, session: Any, manifest: dict, providers: list[str]) -> None:
+        self.session = session
+        self.manifest = manifest
+        self.providers = providers
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.pre = [(op["op"], op.get("params", {})) for op in manifest.get("pre", [])]
+        self.post = [(op["op"], op.get("params", {})) for op in manifest.get("post", [])]
+
+
+class AcceleratorDriver(Service):
+    name = "accel-cpu"
+    Request = Request
+    Reply = Reply
+    max_concurrency = 4
+
+    async def setup(self) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        available = ort.get_available_providers()
+        wanted = [p for p in os.environ.get("EDGEBUS_ACCEL_PROVIDERS", "").split(",") if p] or ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            self.log.warning("providers_unavailable", wanted=missing, available=available)
+        self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        self.threads = int(os.environ.get("EDGEBUS_ACCEL_THREADS", str(max(1, (os.cpu_count() or 2) // 2))))
+        self.models: dict[tuple[str, str, str], _Model] = {}
+        self._loading: dict[tuple[str, str, str], anyio.Event] = {}
+        self.log.info("accelerator_ready", providers=self.providers, threads=self.threads)
+
+    async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
+        match req:
+            case Describe():
+                return self._describe()
+            case Load(model=name, version=version, variant=variant):
+                started = time.perf_counter()
+                m = await self._model(name, version, variant)
+                return Loaded(model=name, version=version, variant=variant, providers=m.providers,
+                              fell_back_from=[p for p in self.providers if p not in m.providers],
+                              load_ms=(time.perf_counter() - started) * 1e3)
+            case Run():
+                return await self._run(req, ctx)
+
+    async def _model(self, name: str, version: str, variant: str) -> _Model:
+        key = (name, version, variant)
+        while key not in self.models:
+            if key in self._loading:  # someone is loading it: wait for that
+                await self._loading[key].wait()
+                continue
+            self._loading[key] = done = anyio.Event()
+            try:
+                incoming = await self.bus.request("modelstore", GetModel(name=name, version=version, variant=variant),
+                                                  timeout=60)
+                meta = incoming.decode(ModelBytes)
+                data = bytes(incoming.frames[0].buffer)
+                self.models[key] = await anyio.to_thread.run_sync(self._session, data, meta.manifest)
+                self.log.info("model_loaded", model=name, version=version, variant=variant,
+                              providers=self.models[key].providers)
+            finally:
+                del self._loading[key]
+                done.set()
+        return self.models[key]
+
+    def _session(self, data: bytes, manifest: dict) -> _Model:
+        ort = self.ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(data, opts, providers=self.providers)
+        used = session.get_providers()
+        fell = [p for p in self.providers if p not in used]
+        if fell:
+            self.log.warning("provider_fallback", requested=self.providers, used=used,
+                             detail="ONNX Runtime silently fell back; this session runs on " + ", ".join(used))
+        return _Model(session, manifest, used)
+
+    async def _run(self, req: Run, ctx: Context) -> tuple[RunResult, list]:
+        m = await self._model(req.model, req.version, req.variant)
+        if (m.pre or m.post) and not req.raw:
+            from drivers.ops import OpError, run_pipeline
+        else:
+            OpError = ()  # noqa: N806 - nothing of drivers.ops runs for this model
+        arrays = [ctx.tensor(t) for t in req.inputs]  # a malformed descriptor answers bad-message
+        if len(arrays) != len(m.input_names) and not (m.pre and len(arrays) == 1):
+            raise BadMessage(f"{req.model} takes {len(m.input_names)} input(s) {m.input_names}, got {len(arrays)}")
+
+        def compute() -> tuple[list[Any], float, float, float]:
+            t0 = time.perf_counter()
+            xs = arrays
+            if m.pre and not req.raw:
+                xs = [run_pipeline(m.pre, arrays[0])]
+            t1 = time.perf_counter()
+            outputs = m.session.run(None, dict(zip(m.input_names, xs)))
+            t2 = time.perf_counter()
+            if m.post and not req.raw:
+                outputs = [outputs[0], run_pipeline(m.post, outputs[0])]
+            t3 = time.perf_counter()
+            return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+
+        try:
+            outputs, pre_ms, run_ms, post_ms = await anyio.to_thread.run_sync(compute)
+        except OpError as exc:
+            raise BadMessage(str(exc)) from exc
+        except Exception as exc:  # ORT's errors: wrong dtype/shape, NaN checks...
+            message = str(exc).splitlines()[0][:400]
+            if "INVALID_ARGUMENT" in str(exc) or "Unexpected input" in str(exc) or "data type" in str(exc):
+                raise BadMessage(f"{req.model}: {message}") from exc
+            raise InternalError(f"{req.model}: {message}") from exc
+        descs, frames = pack_tensors(outputs)
+        return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
+
+    def _describe(self) -> Device:
+        from drivers.health import read_cpu_load, read_memory, read_temperature
+
+        return Device(kind="cpu" if self.providers == ["CPUExecutionProvider"] else self.providers[0],
+                      providers=self.providers, threads=self.threads, memory_bytes=read_memory()[0],
+                      load=read_cpu_load(), temperature_c=read_temperature(),
+                      sessions=[f"{n} {v} {var}" for n, v, var in self.models])
+
+
+def main() -> None:
+    run(AcceleratorDriver)

@@ -1,0 +1,67 @@
+"""The accelerator driver's channel."""
+
+from __future__ import annotations
+
+import msgspec
+
+from protocols import Tensor
+
+__all__ = ["Run", "Load", "Describe", "Request", "RunResult", "Loaded", "Device", "Reply"]
+
+
+class Run(msgspec.Struct, tag=True, omit_defaults=True):
+    """Run a model on a batch: pre ops, session.run, post ops.  Inputs are raw frames
+    described by ``inputs`` (in the model's input order); outputs come back the same way."""
+
+    model: str
+    version: str
+    inputs: list[Tensor]
+    variant: str = "full"
+    #: skip the manifest's pre/post ops (the caller already did them)
+    raw: bool = False
+
+
+class Load(msgspec.Struct, tag=True, omit_defaults=True):
+    """Fetch a model from the model store and create its session now (warm-up)."""
+
+    model: str
+    version: str
+    variant: str = "full"
+
+
+class Describe(msgspec.Struct, tag=True):
+    pass
+
+
+Request = Run | Load | Describe
+
+
+class RunResult(msgspec.Struct, tag=True, omit_defaults=True):
+    outputs: list[Tensor]
+    compute_ms: float = 0.0
+    pre_ms: float = 0.0
+    post_ms: float = 0.0
+
+
+class Loaded(msgspec.Struct, tag=True, omit_defaults=True):
+    model: str
+    version: str
+    variant: str
+    #: providers ONNX Runtime actually uses for this session
+    providers: list[str] = []
+    #: requested providers it fell back from (silent CPU fallback made visible)
+    fell_back_from: list[str] = []
+    load_ms: float = 0.0
+
+
+class Device(msgspec.Struct, tag=True, omit_defaults=True):
+    kind: str
+    providers: list[str]
+    threads: int
+    memory_bytes: int = 0
+    load: float = 0.0
+    temperature_c: float | None = None
+    sessions: list[str] = []
+
+
+Reply = RunResult | Loaded | Device

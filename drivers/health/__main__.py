@@ -1,0 +1,3 @@
+from drivers.health._driver import main
+
+main()

@@ -1,0 +1,94 @@
+"""The health driver: publishes the device's state on ``health.<name>`` every interval.
+
+Readings come from /proc and /sys/class/thermal.  For tests and demos the temperature can
+be simulated: ``EDGEBUS_HEALTH_THERMAL_PROFILE="0:45,10:85,30:50"`` (seconds since start:
+°C, linearly interpolated, the last value held), or set at run time with ``Simulate``
+(only when ``EDGEBUS_HEALTH_SIMULATED=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import msgspec
+
+from services import Context, Forbidden, Service, run
+
+from ._readers import read_cpu_load, read_memory, read_temperature
+
+__all__ = ["HealthDriver", "Health", "Simulate", "Simulated"]
+
+
+class Health(msgspec.Struct, tag=True, omit_defaults=True):
+    cpu_load: float
+    memory_available: int
+    memory_total: int
+    temperature_c: float | None = None
+    simulated: bool = False
+
+
+class Simulate(msgspec.Struct, tag=True, omit_defaults=True):
+    temperature_c: float | None = None
+
+
+class Simulated(msgspec.Struct, tag=True, omit_defaults=True):
+    temperature_c: float | None = None
+
+
+def _profile(text: str) -> list[tuple[float, float]]:
+    points = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        t, _, c = item.partition(":")
+        points.append((float(t), float(c)))
+    return sorted(points)
+
+
+def _interpolate(points: list[tuple[float, float]], t: float) -> float:
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, c0), (t1, c1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
+    return points[-1][1]
+
+
+class HealthDriver(Service):
+    name = "health"
+    Request = Simulate
+    Reply = Simulated
+    publishes = ["health.*"]
+    interval = float(os.environ.get("EDGEBUS_HEALTH_INTERVAL", "1.0"))
+
+    async def setup(self) -> None:
+        self.profile = _profile(os.environ.get("EDGEBUS_HEALTH_THERMAL_PROFILE", ""))
+        self.simulation_allowed = os.environ.get("EDGEBUS_HEALTH_SIMULATED") == "1" or bool(self.profile)
+        self.override: float | None = None
+        self.started = time.monotonic()
+
+    def reading(self) -> Health:
+        available, total = read_memory()
+        temperature, simulated = read_temperature(), False
+        if self.override is not None:
+            temperature, simulated = self.override, True
+        elif self.profile:
+            temperature, simulated = _interpolate(self.profile, time.monotonic() - self.started), True
+        return Health(cpu_load=round(read_cpu_load(), 3), memory_available=available, memory_total=total,
+                      temperature_c=temperature, simulated=simulated)
+
+    async def handle(self, req: Simulate, ctx: Context) -> Simulated:
+        if not self.simulation_allowed:
+            raise Forbidden("temperature simulation is off (EDGEBUS_HEALTH_SIMULATED=1 turns it on)")
+        self.override = req.temperature_c
+        await self.bus.publish(f"health.{self.bus.name}", self.reading())
+        return Simulated(temperature_c=req.temperature_c)
+
+    async def main(self) -> None:
+        while True:
+            await self.bus.publish(f"health.{self.bus.name}", self.reading())
+            await anyio.sleep(self.interval)
+
+
+def main() -> None:
+    run(HealthDriver)

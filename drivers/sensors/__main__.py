@@ -1,0 +1,3 @@
+from drivers.sensors._driver import main
+
+main()

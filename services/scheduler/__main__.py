@@ -1,0 +1,3 @@
+from services.scheduler._scheduler import main
+
+main()

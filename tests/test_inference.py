@@ -1,0 +1,217 @@
+"""The inference path: scheduler, accelerator drivers, health driver, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import anyio
+import msgspec
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from drivers.health import Simulate, Simulated
+from protocols import ListServices, ServiceList, pack_tensors
+from services import BadMessage, DeadlineExceeded, UnknownDestination
+from services.modelstore import Bundle, Manifest
+from services.modelstore._messages import Activate, Install, ModelState
+from services.scheduler import Degradation, GetSchedule, Infer, InferResult, Schedule
+
+from conftest import System
+from test_modelstore import KEY, config as store_config
+
+pytestmark = pytest.mark.anyio
+
+W_FULL = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+W_SMALL = np.eye(4, dtype=np.float32)
+
+
+def matmul(w: np.ndarray) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def mm_bundle() -> bytes:
+    manifest = msgspec.convert({
+        "name": "mm", "version": "1.0.0", "created": 1.0,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 4]}],
+        "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0},
+                     "small": {"file": "small.onnx", "sha256": "", "size": 0}},
+        "fallback": {"feature": "a", "threshold": 0.5, "above": 1.0, "below": 0.0},
+        "reference": {n: {"mean": 0.5, "std": 0.3} for n in "abcd"},
+    }, Manifest)
+    b = Bundle.create(manifest, {"full.onnx": matmul(W_FULL), "small.onnx": matmul(W_SMALL)})
+    b.sign(KEY)
+    return b.to_bytes()
+
+
+def config(drivers: int = 1, extra: str = "") -> str:
+    names = ",".join(f"accel-{i}" for i in range(drivers))
+    accel = "".join(f"""
+[services.accel-{i}]
+command = ["{{python}}", "-m", "drivers.accel"]
+requires = ["modelstore"]
+capabilities = ["call:modelstore.GetModel"]
+environment = {{ EDGEBUS_ACCEL_THREADS = "1" }}
+backoff_initial = 0.05
+max_restarts = 20
+""" for i in range(drivers))
+    return store_config() + accel + f"""
+[services.health]
+command = ["{{python}}", "-m", "drivers.health"]
+capabilities = ["publish:health.*"]
+environment = {{ EDGEBUS_HEALTH_SIMULATED = "1", EDGEBUS_HEALTH_INTERVAL = "0.2" }}
+
+[services.scheduler]
+command = ["{{python}}", "-m", "services.scheduler"]
+requires = ["modelstore"]
+capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*",
+                "subscribe:sensor.*", "publish:scheduler.*", "publish:alerts.*", "publish:results.*"]
+environment = {{ EDGEBUS_SCHEDULER_DRIVERS = "{names}", EDGEBUS_SCHEDULER_STEP_S = "0.2", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "5", EDGEBUS_SCHEDULER_HEALTH_REPORT_S = "60" }}
+{extra}"""
+
+
+async def boot(make_system, drivers: int = 1) -> System:
+    system: System = make_system(config(drivers))
+    names = ["security", "modelstore", "scheduler", "health", *(f"accel-{i}" for i in range(drivers))]
+    await system.wait_ready(*names)
+    async with system.client() as bus:
+        await bus.request("modelstore", Install(), frames=[mm_bundle()], timeout=60)
+        await bus.call("modelstore", Activate(name="mm", version="1.0.0"), ModelState)
+    return system
+
+
+async def infer(bus, x: np.ndarray, *, priority: int = 1, timeout: float = 10, model: str = "mm") -> tuple[InferResult, np.ndarray]:
+    descs, frames = pack_tensors([x])
+    incoming = await bus.request("scheduler", Infer(model=model, tensors=descs, priority=priority),
+                                 frames=frames, timeout=timeout)
+    result = incoming.decode(InferResult)
+    return result, incoming.tensor(result.outputs[0])
+
+
+async def test_outputs_equal_direct_onnx_runtime_and_requests_are_batched(make_system) -> None:
+    system = await boot(make_system)
+    session = ort.InferenceSession(matmul(W_FULL), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((int(rng.integers(1, 4)), 4), dtype=np.float32) for _ in range(64)]
+    results: list = [None] * len(inputs)
+    async with system.client() as bus:
+        async with anyio.create_task_group() as tg:
+            async def one(i: int) -> None:
+                results[i] = await infer(bus, inputs[i])
+            for i in range(len(inputs)):
+                tg.start_soon(one, i)
+        for x, (result, y) in zip(inputs, results):
+            assert result.variant == "full" and result.version == "1.0.0"
+            np.testing.assert_allclose(y, session.run(None, {"x": x})[0], rtol=1e-6)
+        schedule = await bus.call("scheduler", GetSchedule(), Schedule)
+    assert schedule.models[0].served == 64 and schedule.models[0].mean_batch > 1
+
+
+async def test_bad_inputs_get_clear_errors_and_the_scheduler_keeps_serving(make_system) -> None:
+    system = await boot(make_system)
+    async with system.client() as bus:
+        with pytest.raises(BadMessage, match="float32"):
+            await infer(bus, np.zeros((2, 4), dtype=np.float64))
+        with pytest.raises(BadMessage, match="shape"):
+            await infer(bus, np.zeros((2, 5), dtype=np.float32))
+        with pytest.raises(BadMessage, match="NaN"):
+            await infer(bus, np.array([[np.nan, 0, 0, 0]], dtype=np.float32))
+        with pytest.raises(UnknownDestination, match="nosuch"):
+            await infer(bus, np.zeros((1, 4), dtype=np.float32), model="nosuch")
+        result, y = await infer(bus, np.ones((1, 4), dtype=np.float32))
+        np.testing.assert_allclose(y, np.ones((1, 4), dtype=np.float32) @ W_FULL, rtol=1e-6)
+
+
+async def test_an_expired_request_is_never_run(make_system) -> None:
+    system = await boot(make_system)
+    expired = 0
+    async with system.client() as bus:
+        x = np.ones((1, 4), dtype=np.float32)
+        async with anyio.create_task_group() as tg:
+            for _ in range(240):  # a queue that takes a while to drain
+                tg.start_soon(lambda: infer(bus, x, priority=2, timeout=30))
+            await anyio.sleep(0.005)
+            for _ in range(5):
+                try:
+                    await infer(bus, x, priority=2, timeout=0.01)
+                except DeadlineExceeded:
+                    expired += 1
+        schedule = await bus.call("scheduler", GetSchedule(), Schedule)
+    assert schedule.models[0].served == 240 + (5 - expired)  # an expired request is not computed
+    assert expired >= 1 and schedule.models[0].expired >= 1
+
+
+async def test_high_priority_p95_stays_below_low_priority_p95_under_saturation(make_system) -> None:
+    system = await boot(make_system)
+    latencies: dict[int, list[float]] = {0: [], 2: []}
+    async with system.client() as bus:
+        x = np.ones((1, 4), dtype=np.float32)
+
+        async def one(priority: int) -> None:
+            started = time.monotonic()
+            await infer(bus, x, priority=priority, timeout=60)
+            latencies[priority].append(time.monotonic() - started)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(400):
+                tg.start_soon(one, 0 if i % 5 == 0 else 2)
+    p95 = {p: float(np.percentile(v, 95)) for p, v in latencies.items()}
+    assert p95[0] < p95[2], p95
+
+
+async def test_kill_9_of_a_driver_under_load_loses_no_request(make_system) -> None:
+    system = await boot(make_system, drivers=2)
+    outcomes: list[str] = []
+    async with system.client() as bus:
+        st = await bus.call("kernel", ListServices(), ServiceList)
+        victim = next(s.pid for s in st.services if s.name == "accel-0")
+        x = np.ones((1, 4), dtype=np.float32)
+
+        async def one() -> None:
+            try:
+                await infer(bus, x, timeout=15)
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(300):
+                    tg.start_soon(one)
+                    if i == 100:
+                        os.kill(victim, signal.SIGKILL)
+                    await anyio.sleep(0.002)
+    assert len(outcomes) == 300  # every client got a reply or an error
+    assert outcomes.count("ok") >= 290, {o: outcomes.count(o) for o in set(outcomes)}
+
+
+async def test_heat_moves_down_the_ladder_and_back_up(make_system) -> None:
+    system = await boot(make_system)
+    x = np.array([[0.9, 0.1, 0.1, 0.1]], dtype=np.float32)
+    async with system.client() as bus:
+        await bus.subscribe("scheduler.degradation")
+        await bus.call("health", Simulate(temperature_c=95.0), Simulated)
+        levels = []
+        with anyio.fail_after(15):
+            while 2 not in levels:
+                levels.append((await bus.events.receive()).decode(Degradation).level)
+        result, y = await infer(bus, x)
+        assert result.variant == "fallback" and result.level == 2 and y.tolist() == [[1.0]]
+        await bus.call("health", Simulate(temperature_c=40.0), Simulated)
+        with anyio.fail_after(15):
+            while levels[-1] != 0:
+                levels.append((await bus.events.receive()).decode(Degradation).level)
+        assert levels == [1, 2, 1, 0]
+        result, y = await infer(bus, x)
+        assert result.variant == "full"
