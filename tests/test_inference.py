@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -215,3 +216,40 @@ async def test_heat_moves_down_the_ladder_and_back_up(make_system) -> None:
         assert levels == [1, 2, 1, 0]
         result, y = await infer(bus, x)
         assert result.variant == "full"
+
+
+async def test_replay_and_camera_sensors_publish_their_frames(make_system, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from drivers.sensors import SensorFrame
+
+    recording = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+    np.save(tmp_path / "rec.npy", recording)
+    (tmp_path / "images").mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (8, 6), colour).save(tmp_path / "images" / f"{i}.png")
+    system: System = make_system(f"""
+[services.replay]
+command = ["{{python}}", "-m", "drivers.sensors", "replay", "{tmp_path / 'rec.npy'}"]
+capabilities = ["publish:sensor.*"]
+environment = {{ EDGEBUS_SENSOR_FAST = "1", EDGEBUS_SENSOR_LOOP = "1" }}
+[services.camera]
+command = ["{{python}}", "-m", "drivers.sensors", "camera", "{tmp_path / 'images'}"]
+capabilities = ["publish:sensor.*"]
+environment = {{ EDGEBUS_SENSOR_RATE = "50" }}
+""")
+    async with system.client() as bus:
+        await bus.subscribe("sensor.")
+        seen: dict[str, list] = {"sensor.replay": [], "sensor.camera": []}
+        with anyio.fail_after(20):
+            while len(seen["sensor.replay"]) < 6 or len(seen["sensor.camera"]) < 2:
+                incoming = await bus.events.receive()
+                frame = incoming.decode(SensorFrame)
+                seen[incoming.header.dest].append((frame.seq, np.array(incoming.tensor(frame.tensor))))
+    replayed = seen["sensor.replay"]
+    assert [s for s, _ in replayed[:3]] == [0, 1, 2]
+    for i, (_, data) in enumerate(replayed[:6]):
+        np.testing.assert_array_equal(data, recording[i % 3])
+    first, second = seen["sensor.camera"][0][1], seen["sensor.camera"][1][1]
+    assert first.shape == (6, 8, 3) and first.dtype == np.uint8
+    assert first[0, 0].tolist() == [255, 0, 0] and second[0, 0].tolist() == [0, 255, 0]

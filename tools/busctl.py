@@ -347,6 +347,65 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_input(path: str) -> Any:
+    """A tensor from .npy, or an image (HWC uint8, via Pillow)."""
+    import numpy as np
+
+    p = Path(path)
+    try:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        from PIL import Image
+
+        with Image.open(p) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} as .npy or an image: {exc}") from exc
+
+
+async def cmd_infer(bus: BusClient, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from protocols import pack_tensors
+    from services.scheduler import Infer, InferResult
+
+    x = _load_input(args.input)
+    if args.batch and (x.ndim == 0 or x.shape[0] != 1):
+        x = x[None, ...]
+    descs, frames = pack_tensors([x])
+    incoming = await bus.request("scheduler", Infer(model=args.model, tensors=descs, version=args.version or "",
+                                                    priority=args.priority, key=args.key or ""),
+                                 frames=frames, timeout=args.timeout)
+    result = incoming.decode(InferResult)
+    outputs = [np.asarray(incoming.tensor(t)) for t in result.outputs]
+    if args.json:
+        _print_json({**msgspec.to_builtins(result), "outputs": [o.tolist() for o in outputs]})
+    else:
+        print(f"{result.model} {result.version} ({result.variant}, level {result.level}) on {result.driver}: "
+              f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
+              f"total {result.total_ms:.2f} ms")
+        for i, o in enumerate(outputs):
+            print(f"output {i}: {o.dtype}{list(o.shape)} {np.array2string(o, threshold=20, precision=4)}")
+    return 0
+
+
+async def cmd_sched(bus: BusClient, args: argparse.Namespace) -> int:
+    from services.scheduler import GetSchedule, Schedule
+
+    s = await bus.call("scheduler", GetSchedule(), Schedule, timeout=args.timeout)
+    if args.json:
+        _print_json(s)
+        return 0
+    names = {0: "full", 1: "smaller variant", 2: "rule-based fallback"}
+    print(f"degradation level {s.level} ({names.get(s.level, '?')})" + (f": {s.pressure}" if s.pressure else ""))
+    print(_table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch) for m in s.models],
+                 ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH")))
+    print(_table([(d.name, "up" if d.up else "down", d.in_flight, d.batches,
+                   "" if d.temperature_c is None else f"{d.temperature_c:.0f} C") for d in s.drivers],
+                 ("DRIVER", "STATE", "IN FLIGHT", "BATCHES", "TEMPERATURE")))
+    return 0
+
+
 def _print_status_line(s: ServiceStatus, verb: str) -> None:
     print(f"{s.name}: {verb}; state {s.state}" + (f", pid {s.pid}" if s.pid else "")
           + (f" ({s.last_exit})" if s.last_exit and s.state != "ready" else ""))
@@ -491,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attest", parents=[common], help="a signed attestation report (JSON)")
     p.add_argument("--nonce", help="a verifier's challenge to include")
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("infer", parents=[common], help="run a model on an input (.npy or an image)")
+    p.add_argument("model")
+    p.add_argument("--input", required=True)
+    p.add_argument("--version")
+    p.add_argument("--priority", type=int, default=1, choices=[0, 1, 2])
+    p.add_argument("--key", help="request key for sticky A/B assignment")
+    p.add_argument("--batch", action="store_true", help="add a batch axis of 1 to the input")
+    p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("sched", parents=[common], help="scheduler queues, batches, drivers, degradation")
+    p.set_defaults(func=cmd_sched)
     p = sub.add_parser("model", parents=[common], help="model bundles in the model store")
     p.add_argument("action", choices=["list", "install", "activate", "rollback", "split", "remove", "inspect"])
     p.add_argument("words", nargs="*", metavar="ARG")

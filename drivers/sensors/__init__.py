@@ -1,6 +1,7 @@
 """Sensor drivers (``python -m drivers.sensors KIND``): publish frames on sensor.<name>."""
 
-from ._driver import SensorFrame, VibrationSensor
+from ._driver import CameraSensor, ReplaySensor, SensorFrame, VibrationSensor, load_recording
 from ._vibration import FRAME, RATE, VibrationSimulator
 
-__all__ = ["SensorFrame", "VibrationSensor", "VibrationSimulator", "FRAME", "RATE"]
+__all__ = ["SensorFrame", "VibrationSensor", "ReplaySensor", "CameraSensor", "load_recording",
+           "VibrationSimulator", "FRAME", "RATE"]
