@@ -24,7 +24,7 @@ _TARGET = re.compile(r"^[A-Za-z0-9_.*/-]+$")
 def parse_capability(pattern: str) -> tuple[str, str]:
     action, sep, target = pattern.partition(":")
     if not sep:
-        raise CapabilityError(pattern, "has no ':'; write <action>:<target>, e.g. call:modelstore.List")
+        raise CapabilityError(pattern, "has no ':'; write <action>:<target>, e.g. call:modelstore.ListModels")
     if action not in ACTIONS:
         raise CapabilityError(pattern, f"has unknown action {action!r}; use one of {', '.join(ACTIONS)}")
     if not target or not _TARGET.match(target):

@@ -10,6 +10,7 @@ reports of the scheduler or telemetry commit it, or roll it back by themselves.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -56,7 +57,7 @@ from ._messages import (
     Rollback,
     Split,
 )
-from ._store import ModelRecord, StoreState, Store
+from ._store import ModelRecord, Store, StoreState, atomic_write
 
 __all__ = ["ModelStoreService", "pick_version"]
 
@@ -104,9 +105,7 @@ class ModelStoreService(Service):
         else:
             key = os.urandom(32)
             blob = (await self.bus.call("security", Seal(key=key, context="modelstore"), Sealed)).blob
-            tmp = sealed.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, sealed)
+            atomic_write(sealed, blob)  # fsync'd: losing it would make every blob unreadable
         self.store = Store(root, key, self._fault)
         self.health: dict[tuple[str, str], _Health] = {}
         await self._preload(os.environ.get("EDGEBUS_MODELSTORE_PRELOAD", ""))
@@ -159,28 +158,34 @@ class ModelStoreService(Service):
             case Activate(name=name, version=version):
                 return await self._activate(name, version, ctx.sender)
             case Rollback(name=name):
+                self._known(name)
                 rec = store.record(name)
                 if not rec.previous:
                     raise Rejected(f"{name} has no previous version to roll back to")
-                return await self._rollback(name, f"requested by {ctx.sender}")
+                return await self._rollback(name, "requested", ctx.sender)
             case Remove(name=name, version=version):
                 rec = store.record(name)
                 if version not in store.versions(name):
                     raise NoSuchModel(name, version)
                 if version in (rec.active, rec.trial) or version in rec.split:
                     raise Rejected(f"{name} {version} is active, in trial or in a split; activate another first")
+                if version == rec.previous and rec.trial:
+                    raise Rejected(f"{name} {version} is what the trial of {rec.trial} rolls back to; "
+                                   "wait for the trial to end")
                 if version == rec.previous:
                     self._commit_record(name, msgspec.structs.replace(rec, previous=""))
                 store.remove_version(name, version)
                 await self._announce("removed", name, version, ctx.sender)
                 return self._state(name)
             case Split(name=name, weights=weights):
+                self._known(name)
                 have = store.versions(name)
                 missing = [v for v in weights if v not in have]
                 if missing:
                     raise NoSuchModel(name, ", ".join(missing))
-                if weights and (any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
-                    raise BadMessage("weights must be non-negative and not all zero")
+                if weights and (any(not math.isfinite(w) or w < 0 for w in weights.values())
+                                or sum(weights.values()) <= 0):
+                    raise BadMessage("weights must be finite, non-negative and not all zero")
                 self._commit_record(name, msgspec.structs.replace(store.record(name), split=dict(weights)))
                 await self._announce("split", name, "", ctx.sender,
                                      detail=" ".join(f"{v}={w:g}" for v, w in weights.items()) or "none")
@@ -192,6 +197,7 @@ class ModelStoreService(Service):
                 manifest, sig = store.manifest(name, version)
                 return ModelManifest(manifest=msgspec.to_builtins(manifest), key_id=sig.key_id)
             case GetModel(name=name, version=version, variant=variant):
+                self._known(name)
                 version = version or store.record(name).active
                 if not version:
                     raise Unavailable(f"{name} has no active version; activate one")
@@ -203,6 +209,7 @@ class ModelStoreService(Service):
                 return ModelBytes(name=name, version=version, variant=variant, sha256=sha,
                                   manifest=msgspec.to_builtins(manifest)), [data]
             case Resolve(name=name, key=key):
+                self._known(name)
                 rec = store.record(name)
                 if rec.split:
                     return Resolved(name=name, version=pick_version(name, key, rec.split))
@@ -242,8 +249,9 @@ class ModelStoreService(Service):
         for variant, spec in m.variants.items():
             await self._load_check(m.name, variant, bundle.files[spec.file])
         self.store.add(bundle)
-        self._prune(m.name)
         await self._announce("installed", m.name, m.version, sender, detail=f"signed by {bundle.signature.key_id}")
+        for old in self._prune(m.name):
+            await self._announce("removed", m.name, old, "the store", detail=f"pruned: it keeps the newest {self.keep}")
         return Installed(name=m.name, version=m.version, key_id=bundle.signature.key_id, variants=sorted(m.variants))
 
     async def _load_check(self, name: str, variant: str, model: bytes) -> None:
@@ -271,11 +279,11 @@ class ModelStoreService(Service):
                              detail="in trial until its health gates commit it" if new.trial else "first version")
         return self._state(name)
 
-    async def _rollback(self, name: str, why: str) -> ModelState:
+    async def _rollback(self, name: str, why: str, by: str) -> ModelState:
         rec = self.store.record(name)
         bad = rec.active
         self._commit_record(name, ModelRecord(active=rec.previous, previous="", trial="", split={}))
-        await self._announce("rolledback", name, rec.previous, why, previous=bad)
+        await self._announce("rolledback", name, rec.previous, by, previous=bad, detail=why)
         return self._state(name)
 
     async def _health(self, report: ReportHealth) -> HealthRecorded:
@@ -284,8 +292,9 @@ class ModelStoreService(Service):
         h.errors += report.errors
         h.p95_ms = max(h.p95_ms, report.p95_ms) if h.requests > report.requests else report.p95_ms
         rec = self.store.record(report.name)
-        if not rec.trial or report.version != rec.trial or h.requests < self.trial_min_requests:
-            return HealthRecorded(name=report.name, version=report.version, verdict="trial" if rec.trial == report.version else "")
+        in_trial = bool(rec.trial) and report.version == rec.trial
+        if not in_trial or h.requests < max(1, self.trial_min_requests):
+            return HealthRecorded(name=report.name, version=report.version, verdict="trial" if in_trial else "")
         base = self.health.get((report.name, rec.previous), _Health())
         base_rate = base.errors / base.requests if base.requests else 0.0
         rate = h.errors / h.requests
@@ -295,7 +304,8 @@ class ModelStoreService(Service):
         if base.p95_ms and h.p95_ms > base.p95_ms * self.trial_max_p95_ratio:
             problems.append(f"p95 {h.p95_ms:.1f} ms against {base.p95_ms:.1f} ms")
         if problems:
-            await self._rollback(report.name, f"trial of {rec.trial} failed its health gates: {'; '.join(problems)}")
+            await self._rollback(report.name, f"trial of {rec.trial} failed its health gates: {'; '.join(problems)}",
+                                 "health gates")
             return HealthRecorded(name=report.name, version=report.version, verdict="rolled-back")
         self._commit_record(report.name, msgspec.structs.replace(rec, trial=""))
         await self._announce("committed", report.name, report.version, "health gates",
@@ -309,14 +319,19 @@ class ModelStoreService(Service):
         models[name] = record
         self.store.commit(StoreState(models=models))
 
-    def _prune(self, name: str) -> None:
+    def _known(self, name: str) -> None:
+        if not self.store.versions(name):
+            raise NoSuchModel(name)
+
+    def _prune(self, name: str) -> list[str]:
         """Keep the newest ``keep`` versions, and always the active, previous and split ones."""
         rec = self.store.record(name)
         pinned = {rec.active, rec.previous, rec.trial, *rec.split}
         versions = self.store.versions(name)
-        for version in versions[:-self.keep] if len(versions) > self.keep else []:
-            if version not in pinned:
-                self.store.remove_version(name, version)
+        removed = [v for v in (versions[:-self.keep] if len(versions) > self.keep else []) if v not in pinned]
+        for version in removed:
+            self.store.remove_version(name, version)
+        return removed
 
     def _state(self, name: str) -> ModelState:
         rec = self.store.record(name)
