@@ -40,6 +40,12 @@ class _Model:
         self.input_names = [i.name for i in session.get_inputs()]
         self.pre = [(op["op"], op.get("params", {})) for op in manifest.get("pre", [])]
         self.post = [(op["op"], op.get("params", {})) for op in manifest.get("post", [])]
+        if self.pre or self.post:
+            from drivers.ops import pipeline
+
+            # names and parameters checked once, when the model is loaded
+            pipeline(self.pre)
+            pipeline(self.post)
 
 
 class AcceleratorDriver(Service):
@@ -114,9 +120,9 @@ class AcceleratorDriver(Service):
     async def _run(self, req: Run, ctx: Context) -> tuple[RunResult, list]:
         m = await self._model(req.model, req.version, req.variant)
         if (m.pre or m.post) and not req.raw:
-            from drivers.ops import OpError, run_pipeline
+            from drivers.ops import OpsError, run_pipeline
         else:
-            OpError = ()  # noqa: N806 - nothing of drivers.ops runs for this model
+            OpsError = ()  # noqa: N806 - nothing of drivers.ops runs for this model
         arrays = [ctx.tensor(t) for t in req.inputs]  # a malformed descriptor answers bad-message
         if len(arrays) != len(m.input_names) and not (m.pre and len(arrays) == 1):
             raise BadMessage(f"{req.model} takes {len(m.input_names)} input(s) {m.input_names}, got {len(arrays)}")
@@ -136,7 +142,7 @@ class AcceleratorDriver(Service):
 
         try:
             outputs, pre_ms, run_ms, post_ms = await anyio.to_thread.run_sync(compute)
-        except OpError as exc:
+        except OpsError as exc:
             raise BadMessage(str(exc)) from exc
         except Exception as exc:  # ORT's errors: wrong dtype/shape, NaN checks...
             message = str(exc).splitlines()[0][:400]

@@ -51,6 +51,8 @@ class ModelQueue(msgspec.Struct, tag=True, omit_defaults=True):
     served: int = 0
     expired: int = 0
     failed: int = 0
+    #: computed, but its caller had given up by then (its deadline passed during compute)
+    late: int = 0
     batches: int = 0
     mean_batch: float = 0.0
 

@@ -92,7 +92,10 @@ class _Queue:
     def __init__(self) -> None:
         self.heap: list[tuple[tuple[int, float, int], _Job]] = []
         self.ready = anyio.Event()
-        self.served = self.expired = self.failed = self.batches = self.batched = 0
+        self.served = self.expired = self.failed = self.batches = self.batched = self.late = 0
+        #: moving average of a batch's time at the driver: a job that cannot finish before
+        #: its deadline is expired instead of being computed late
+        self.batch_seconds = 0.0
 
     def push(self, job: _Job) -> None:
         heapq.heappush(self.heap, (job.key(), job))
@@ -280,9 +283,9 @@ class Scheduler(Service):
         if job.cancelled:
             queue.expired += 1
             return True
-        if job.deadline and job.deadline <= time.time():
+        if job.deadline and job.deadline <= time.time() + queue.batch_seconds:
             queue.expired += 1
-            job.error = DeadlineExceeded(f"{job.model}: the deadline passed while queued; not computed")
+            job.error = DeadlineExceeded(f"{job.model}: the deadline passes before it could be computed; not run")
             job.done.set()
             return True
         return False
@@ -334,6 +337,8 @@ class Scheduler(Service):
                                          total_ms=(now - job.enqueued) * 1e3)
                 job.done.set()
             queue.served += len(batch)
+            queue.late += sum(1 for job in batch if job.cancelled)
+            queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (now - started)
             self._record(model, version, len(batch), 0, now - started)
         finally:
             limiter.release()
@@ -486,6 +491,7 @@ class Scheduler(Service):
         return Schedule(
             level=self.level, pressure=self.pressure,
             models=[ModelQueue(model=m, depth=len(q.heap), served=q.served, expired=q.expired, failed=q.failed,
+                               late=q.late,
                                batches=q.batches, mean_batch=round(q.batched / q.batches, 2) if q.batches else 0.0)
                     for m, q in sorted(self.queues.items())],
             drivers=[DriverState(name=d.name, in_flight=d.in_flight, up=d.down_until <= now, batches=d.batches,
