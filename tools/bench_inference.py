@@ -7,7 +7,8 @@
   driver -> back, two hops through the kernel each way): p50 and p99 of both, and their
   difference;
 * dynamic batching: requests/s at concurrency 32 on a batchable model (a 256x256 MatMul)
-  with batching (max batch 16, 2 ms window) against without (max batch 1), same run;
+  with batching (max batch 16, formed while the driver is busy) against without (max batch
+  1), same run;
 * first inference after boot: from exec of ``edgebus boot`` to the first answered Infer of
   the demo vibration model (numba's cache warm from the earlier runs).
 """
@@ -66,7 +67,7 @@ environment = {{ EDGEBUS_ACCEL_THREADS = "1" }}
 command = ["{{python}}", "-m", "services.scheduler"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
-environment = {{ EDGEBUS_SCHEDULER_MAX_BATCH = "{max_batch}", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "2", EDGEBUS_SCHEDULER_MAX_QUEUE = "4096" }}
+environment = {{ EDGEBUS_SCHEDULER_MAX_BATCH = "{max_batch}", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "0", EDGEBUS_SCHEDULER_MAX_QUEUE = "4096" }}
 """
 
 

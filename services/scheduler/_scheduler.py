@@ -121,7 +121,7 @@ class Scheduler(Service):
     async def setup(self) -> None:
         env = os.environ.get
         self.max_batch = int(env("EDGEBUS_SCHEDULER_MAX_BATCH", "16"))
-        self.max_delay = float(env("EDGEBUS_SCHEDULER_MAX_DELAY_MS", "2")) / 1000
+        self.max_delay = float(env("EDGEBUS_SCHEDULER_MAX_DELAY_MS", "0")) / 1000
         self.max_queue = int(env("EDGEBUS_SCHEDULER_MAX_QUEUE", "256"))
         self.default_timeout = float(env("EDGEBUS_SCHEDULER_DEFAULT_TIMEOUT", "10"))
         self.hot_c, self.cool_c = float(env("EDGEBUS_SCHEDULER_HOT_C", "80")), float(env("EDGEBUS_SCHEDULER_COOL_C", "70"))
@@ -252,8 +252,16 @@ class Scheduler(Service):
             while not queue.heap:
                 queue.ready = anyio.Event()
                 await queue.ready.wait()
+            # A batch forms while every driver slot is busy: requests that arrive meanwhile
+            # join it.  With a slot free, the first request leaves at once (plus the
+            # optional max_delay window): low latency when idle, big batches under load.
+            await limiter.acquire()
+            if not queue.heap:
+                limiter.release()
+                continue
             _, first = heapq.heappop(queue.heap)
             if self._expired(first, queue):
+                limiter.release()
                 continue
             level = self.level
             variant = self._variant(model, first.version, level)
@@ -275,7 +283,6 @@ class Scheduler(Service):
                 heapq.heappop(queue.heap)
                 if not self._expired(job, queue):
                     batch.append(job)
-            await limiter.acquire()
             self._tg.start_soon(self._dispatch, model, variant, level, batch, queue, limiter)
 
     def _expired(self, job: _Job, queue: _Queue) -> bool:
