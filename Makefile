@@ -24,6 +24,8 @@ bench: $(STAMP)
 	$(PY) -m tools.bench_bus
 	$(PY) -m tools.bench_supervisor
 	$(PY) -m tools.bench_modelstore
+	$(PY) -m tools.bench_inference
+	$(PY) -m tools.bench_ops
 
 clean:
 	rm -rf .run $(VENV) *.egg-info
