@@ -319,7 +319,6 @@ class BusClient:
             # CONTROL from the kernel (Heartbeat) only refreshes _last_rx.
 
     async def _serve_one(self, incoming: Incoming) -> None:
-        header = incoming.header
         try:
             reply = await self._answer(incoming)
             await self._send(*reply)

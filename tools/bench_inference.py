@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,20 +30,8 @@ import numpy as np
 from protocols import pack_tensors
 from services import connect
 from services.modelstore._messages import Activate, Install, ModelState
-from services.scheduler import Infer, InferResult
-
-
-def _system(config: str) -> tuple[subprocess.Popen[bytes], Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
-    (tmp / "system.toml").write_text(config)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "edgebus"), "boot", "--config", str(tmp / "system.toml"),
-                             "--run-dir", str(tmp / "run")], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / "kernel.log", "wb"), env={**os.environ, "EDGEBUS_LOG_LEVEL": "warning"})
-    while not (tmp / "run" / "credentials" / "operator").exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"edgebus boot failed: {tmp / 'kernel.log'}")
-        time.sleep(0.02)
-    return proc, tmp
+from services.scheduler import Infer
+from tools._benchkit import boot, matmul_onnx, stop
 
 
 def _config(pub: str, max_batch: int) -> str:
@@ -69,19 +55,6 @@ requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
 environment = {{ EDGEBUS_SCHEDULER_MAX_BATCH = "{max_batch}", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "0", EDGEBUS_SCHEDULER_MAX_QUEUE = "4096" }}
 """
-
-
-def _matmul(n: int, seed: int = 0) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(seed).standard_normal((n, n)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-                              [numpy_helper.from_array(w, "w")])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def _bundle(name: str, model: bytes, n: int, key) -> bytes:
@@ -149,11 +122,6 @@ async def _throughput(tmp: Path, x: np.ndarray, total: int, concurrency: int = 3
         return total / (time.perf_counter() - t0)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-
-
 def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -167,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    small, wide = _matmul(4), _matmul(256, 1)
+    small, wide = matmul_onnx(4), matmul_onnx(256, 1)
     bundles = [_bundle("small", small, 4, key), _bundle("wide", wide, 256, key)]
     x_small = np.ones((1, 4), dtype=np.float32)
     x_wide = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
@@ -187,14 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     bus_runs: list[list[float]] = []
     for run in range(args.runs):
         for mode in (("batched", "unbatched") if run % 2 == 0 else ("unbatched", "batched")):
-            proc, tmp = _system(_config(pub, 16 if mode == "batched" else 1))
+            proc, tmp = boot(_config(pub, 16 if mode == "batched" else 1))
             try:
                 anyio.run(_prepare, tmp, bundles)
                 if mode == "batched":
                     bus_runs.append(anyio.run(_latency, tmp, x_small, args.n))
                 results["throughput"][mode].append(anyio.run(_throughput, tmp, x_wide, args.throughput_n))
             finally:
-                _stop(proc)
+                stop(proc)
     bus = sorted(t for run in bus_runs for t in run)
     direct.sort()
     pct = lambda v, q: v[min(len(v) - 1, int(len(v) * q))] * 1e6  # noqa: E731
@@ -230,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         anyio.run(first)
         first_ms = (time.perf_counter() - t0) * 1e3
     finally:
-        _stop(proc)
+        stop(proc)
 
     added = results["bus_us"]["p50"] - results["direct_us"]["p50"]
     print(f"direct session.run: p50 {results['direct_us']['p50']:.0f} us, p99 {results['direct_us']['p99']:.0f} us")

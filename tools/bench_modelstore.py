@@ -24,11 +24,7 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,21 +33,8 @@ import numpy as np
 
 from services import connect
 from services.modelstore import Bundle, Manifest
-from services.modelstore._messages import Activate, GetModel, Install, Installed, ModelBytes, ModelEvent, ModelState
-
-
-def model_bytes(seed: int, n: int = 1600) -> bytes:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(seed).standard_normal((n, n)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-                              [numpy_helper.from_array(w, "w")])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
+from services.modelstore._messages import Activate, GetModel, Install, ModelEvent, ModelState
+from tools._benchkit import boot, matmul_onnx, stop
 
 
 def make_bundle(version: str, key, seed: int) -> bytes:
@@ -60,7 +43,7 @@ def make_bundle(version: str, key, seed: int) -> bytes:
     manifest = msgspec.convert({"name": "big", "version": version, "created": time.time(), "inputs": [],
                                 "outputs": [], "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0}}},
                                Manifest)
-    b = Bundle.create(manifest, {"full.onnx": model_bytes(seed)})
+    b = Bundle.create(manifest, {"full.onnx": matmul_onnx(1600, seed)})
     b.sign(key)
     return b.to_bytes()
 
@@ -84,8 +67,7 @@ async def run(args: argparse.Namespace) -> dict:
 
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
-    (tmp / "system.toml").write_text(f"""
+    kernel, tmp = boot(f"""
 [services.security]
 command = ["{{python}}", "-m", "services.security"]
 capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "call:kernel.GetMeasurements",
@@ -97,18 +79,13 @@ requires = ["security"]
 capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
                 "call:security.AuditAppend", "publish:modelstore.*"]
 """)
-    kernel = subprocess.Popen([str(Path(sys.executable).parent / "edgebus"), "boot", "--config", str(tmp / "system.toml"),
-                               "--run-dir", str(tmp / "run")], stdout=subprocess.DEVNULL,
-                              stderr=open(tmp / "kernel.log", "wb"), env={**os.environ, "EDGEBUS_LOG_LEVEL": "warning"})
     try:
-        cred = tmp / "run" / "credentials" / "operator"
-        while not cred.exists():
-            time.sleep(0.05)
         bundles = [make_bundle(f"1.{i}.0", key, i) for i in range(args.versions + 1)]
         size = len(bundles[0])
         x = np.random.default_rng(0).standard_normal((1, 1600)).astype(np.float32)
         results = {"install_s": [], "floor_s": [], "activate_ms": [], "switch_ms": [], "failed": 0, "served": 0}
-        async with connect("bench", run_dir=tmp / "run", credential=cred.read_text()) as bus:
+        cred = (tmp / "run" / "credentials" / "operator").read_text()
+        async with connect("bench", run_dir=tmp / "run", credential=cred) as bus:
             from protocols import ListServices, ServiceList
 
             await bus.subscribe("kernel.services", "modelstore.activated")
@@ -169,8 +146,7 @@ capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:sec
                 tg.cancel_scope.cancel()
         return {"bundle_bytes": size, **results}
     finally:
-        kernel.send_signal(signal.SIGTERM)
-        kernel.wait(30)
+        stop(kernel)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from drivers.ops import _image, _post, _signal
-from tools.build_demo_models import BANDS, FRAME, RATE, simulate
+from tools.build_demo_models import BANDS, RATE, simulate
 
 
 def cases(rng: np.random.Generator) -> list[tuple[str, str, Callable[[], Any], Callable[[], Any]]]:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -57,7 +56,9 @@ from ._messages import (
     Rollback,
     Split,
 )
-from ._store import ModelRecord, Store, StoreState, atomic_write
+from services._files import atomic_write
+
+from ._store import ModelRecord, Store, StoreState
 
 __all__ = ["ModelStoreService", "pick_version"]
 

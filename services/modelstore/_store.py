@@ -24,10 +24,12 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from services._files import atomic_write
+
 from ._bundle import Bundle, Manifest, Signature, parse_version
 from ._exceptions import ModelStoreError, NoSuchModel
 
-__all__ = ["Store", "ModelRecord", "StoreState", "atomic_write"]
+__all__ = ["Store", "ModelRecord", "StoreState"]
 
 
 class ModelRecord(msgspec.Struct, omit_defaults=True):
@@ -47,20 +49,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, fault: "callable | None" = None) -> None:  # type: ignore[valid-type]
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if fault:
-        fault("state-tmp-written")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class Store:
@@ -134,7 +122,8 @@ class Store:
         self._fault("install:manifest-written")
 
     def commit(self, state: StoreState) -> None:
-        atomic_write(self.root / "state.json", msgspec.json.encode(state), self._fault)
+        atomic_write(self.root / "state.json", msgspec.json.encode(state),
+                     before_rename=lambda: self._fault("state-tmp-written"))
         self.state = state
 
     def remove_version(self, name: str, version: str) -> None:

@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import anyio
-import msgspec
 import numpy as np
 
 from drivers.accel._messages import Run, RunResult

@@ -20,6 +20,7 @@ import msgspec
 
 from protocols import AuditEvent, Enroll, GetMeasurements, Grant, Granted, Measurements, Revoke
 from services import BadMessage, Context, InternalError, Service, UnknownDestination
+from services._files import atomic_write
 
 from ._audit import AuditLog, verify_log
 from ._exceptions import SealError, SecurityError
@@ -225,12 +226,4 @@ class SecurityService(Service):
 
 
 def _save(path: Path, value: object) -> None:
-    """Write, fsync, rename: a crash leaves the old file or the new one."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, msgspec.json.encode(value))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, msgspec.json.encode(value))

@@ -6,10 +6,11 @@ cannot be removed at run time, and from ``busctl trust add``, kept in ``trust.js
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import msgspec
+
+from services._files import atomic_write
 
 from ._keys import key_id, verify_ed25519
 from ._messages import TrustedKey
@@ -41,11 +42,7 @@ class TrustStore:
 
     def _save(self) -> None:
         runtime = [k for k in self.keys.values() if k.source == "runtime"]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.encode(runtime))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, msgspec.json.encode(runtime))
 
     def add(self, public_key: str, label: str = "") -> TrustedKey:
         raw = parse_public_key(public_key)

@@ -1,0 +1,48 @@
+"""What the benchmark scripts share: a throwaway system, a MatMul model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["boot", "stop", "matmul_onnx"]
+
+
+def boot(config: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``edgebus boot`` on ``config`` in a fresh directory; returns once the bus is up."""
+    tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
+    (tmp / "system.toml").write_text(config)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "edgebus"), "boot", "--config", str(tmp / "system.toml"),
+                             "--run-dir", str(tmp / "run")], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "kernel.log", "wb"), env={**os.environ, "EDGEBUS_LOG_LEVEL": "warning"})
+    while not (tmp / "run" / "credentials" / "operator").exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"edgebus boot failed: {tmp / 'kernel.log'}")
+        time.sleep(0.02)
+    return proc, tmp
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def matmul_onnx(n: int, seed: int = 0) -> bytes:
+    """y = x @ w with a random n x n float32 w: n=1600 makes a 10 MB model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((n, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
