@@ -1,6 +1,9 @@
-"""The edgebus wire protocol: frame layout, headers, and the bus's own message types.
+"""The edgebus wire protocol: frame layout, headers, and every message type.
 
-The language-neutral specification is ``protocols/PROTOCOL.md``.
+The bus's own types are re-exported here; each system channel has its module, one tagged
+union per channel: ``protocols.security``, ``protocols.modelstore``, ``protocols.scheduler``,
+``protocols.accel``, ``protocols.sensors``, ``protocols.health``.  The language-neutral
+specification is ``protocols/PROTOCOL.md``.
 """
 
 from ._exceptions import DecodeError, FrameError, ProtocolError, TypeMismatch, VersionError

@@ -17,7 +17,7 @@ from drivers.health import Simulate, Simulated
 from protocols import ListServices, ServiceList, pack_tensors
 from services import BadMessage, DeadlineExceeded, UnknownDestination
 from services.modelstore import Bundle, Manifest
-from services.modelstore._messages import Activate, Install, ModelState
+from protocols.modelstore import Activate, Install, ModelState
 from services.scheduler import Degradation, GetSchedule, Infer, InferResult, Schedule
 
 from conftest import System

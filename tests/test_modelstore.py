@@ -18,7 +18,7 @@ import pytest
 
 from services import BadMessage, Rejected, Unavailable, UnknownDestination
 from services.modelstore import Bundle, Manifest
-from services.modelstore._messages import (
+from protocols.modelstore import (
     Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelEvent, ModelList, ModelState, Remove,
     ReportHealth, HealthRecorded, Resolve, Resolved, Rollback, Split,
 )

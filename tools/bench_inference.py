@@ -29,7 +29,7 @@ import numpy as np
 
 from protocols import pack_tensors
 from services import connect
-from services.modelstore._messages import Activate, Install, ModelState
+from protocols.modelstore import Activate, Install, ModelState
 from services.scheduler import Infer
 from tools._benchkit import boot, matmul_onnx, stop
 
@@ -83,7 +83,7 @@ async def _prepare(tmp: Path, bundles: list[bytes]) -> None:
             await bus.events.receive()
         for b in bundles:
             installed = await bus.request("modelstore", Install(), frames=[b], timeout=120)
-            from services.modelstore._messages import Installed
+            from protocols.modelstore import Installed
 
             i = installed.decode(Installed)
             await bus.call("modelstore", Activate(name=i.name, version=i.version), ModelState)

@@ -33,7 +33,7 @@ import numpy as np
 
 from services import connect
 from services.modelstore import Bundle, Manifest
-from services.modelstore._messages import Activate, GetModel, Install, ModelEvent, ModelState
+from protocols.modelstore import Activate, GetModel, Install, ModelEvent, ModelState
 from tools._benchkit import boot, matmul_onnx, stop
 
 

@@ -277,7 +277,7 @@ async def cmd_security(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_model(bus: BusClient, args: argparse.Namespace) -> int:
-    from services.modelstore._messages import (
+    from protocols.modelstore import (
         Activate, InspectModel, Install, Installed, ListModels, ModelList, ModelManifest, ModelState, Remove,
         Rollback, Split,
     )

@@ -2,6 +2,6 @@
 behind the bus, running pre-op, session.run, post-op pipelines on batches."""
 
 from ._driver import AcceleratorDriver
-from ._messages import Describe, Device, Load, Loaded, Run, RunResult
+from protocols.accel import Describe, Device, Load, Loaded, Run, RunResult
 
 __all__ = ["AcceleratorDriver", "Describe", "Device", "Load", "Loaded", "Run", "RunResult"]

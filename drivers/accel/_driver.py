@@ -25,9 +25,9 @@ import anyio
 
 from protocols import pack_tensors
 from services import BadMessage, Context, InternalError, Service, run
-from services.modelstore._messages import GetModel, ModelBytes
+from protocols.modelstore import GetModel, ModelBytes
 
-from ._messages import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
+from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
 
 __all__ = ["AcceleratorDriver"]
 

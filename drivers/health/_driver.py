@@ -12,29 +12,13 @@ import os
 import time
 
 import anyio
-import msgspec
 
+from protocols.health import Health, Simulate, Simulated
 from services import Context, Forbidden, Service, run
 
 from ._readers import read_cpu_load, read_memory, read_temperature
 
 __all__ = ["HealthDriver", "Health", "Simulate", "Simulated"]
-
-
-class Health(msgspec.Struct, tag=True, omit_defaults=True):
-    cpu_load: float
-    memory_available: int
-    memory_total: int
-    temperature_c: float | None = None
-    simulated: bool = False
-
-
-class Simulate(msgspec.Struct, tag=True, omit_defaults=True):
-    temperature_c: float | None = None
-
-
-class Simulated(msgspec.Struct, tag=True, omit_defaults=True):
-    temperature_c: float | None = None
 
 
 def _profile(text: str) -> list[tuple[float, float]]:

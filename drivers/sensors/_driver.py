@@ -23,26 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import numpy as np
 
-from protocols import Tensor, pack_tensors
+from protocols import pack_tensors
+from protocols.sensors import SensorFrame
 from services import EXIT_CONFIG, Service, run
 
 from ._vibration import RATE, VibrationSimulator
 
 __all__ = ["VibrationSensor", "ReplaySensor", "CameraSensor", "SensorFrame", "load_recording"]
-
-
-class SensorFrame(msgspec.Struct, tag=True, omit_defaults=True):
-    """One frame: the samples are raw frame 0, described by ``tensor``."""
-
-    seq: int
-    time: float
-    sample_rate: float
-    tensor: Tensor
-    #: ground truth, for demos and tests of the simulated sensor
-    fault: float = 0.0
 
 
 class VibrationSensor(Service):

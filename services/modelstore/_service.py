@@ -34,7 +34,7 @@ from ._exceptions import (
     UnknownSigner,
     UnsignedBundle,
 )
-from ._messages import (
+from protocols.modelstore import (
     Activate,
     GetModel,
     HealthRecorded,

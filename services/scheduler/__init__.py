@@ -1,7 +1,7 @@
 """The scheduler (``python -m services.scheduler``): queues, priorities, deadlines, dynamic
 batching, placement across accelerator drivers, graceful degradation, sensor pipelines."""
 
-from ._messages import Alert, Degradation, Detection, GetSchedule, Infer, InferResult, Schedule
+from protocols.scheduler import Alert, Degradation, Detection, GetSchedule, Infer, InferResult, Schedule
 from ._scheduler import Scheduler
 
 __all__ = ["Alert", "Degradation", "Detection", "GetSchedule", "Infer", "InferResult", "Schedule", "Scheduler"]

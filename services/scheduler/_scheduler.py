@@ -30,9 +30,9 @@ from typing import Any
 import anyio
 import numpy as np
 
-from drivers.accel._messages import Run, RunResult
-from drivers.health import Health
-from drivers.sensors import SensorFrame
+from protocols.accel import Run, RunResult
+from protocols.health import Health
+from protocols.sensors import SensorFrame
 from protocols import pack_tensors
 from services import (
     BadMessage,
@@ -47,10 +47,10 @@ from services import (
     UnknownDestination,
     run,
 )
-from services.modelstore._messages import InspectModel, ListModels, ModelList, ModelManifest, ReportHealth, HealthRecorded
+from protocols.modelstore import InspectModel, ListModels, ModelList, ModelManifest, ReportHealth, HealthRecorded
 from services.modelstore._service import pick_version
 
-from ._messages import (
+from protocols.scheduler import (
     Alert,
     Degradation,
     Detection,

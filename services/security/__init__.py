@@ -4,8 +4,8 @@ at run time, the tamper-evident audit log, the trust store, key sealing, attesta
 from ._audit import AuditLog, verify_log
 from ._exceptions import AuditLogError, KeyFileError, SealError, SecurityError
 from ._keys import FileKeyStore, key_id, verify_ed25519
-from ._messages import *  # noqa: F401,F403
-from ._messages import __all__ as _message_names
+from protocols.security import *  # noqa: F401,F403
+from protocols.security import __all__ as _message_names
 from ._service import SecurityService
 from ._trust import TrustStore
 

@@ -26,7 +26,7 @@ import msgspec
 
 from ._exceptions import AuditLogError
 from ._keys import verify_ed25519
-from ._messages import AuditRecord, AuditVerdict
+from protocols.security import AuditRecord, AuditVerdict
 
 __all__ = ["AuditLog", "verify_log", "GENESIS"]
 

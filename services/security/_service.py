@@ -25,7 +25,7 @@ from services._files import atomic_write
 from ._audit import AuditLog, verify_log
 from ._exceptions import SealError, SecurityError
 from ._keys import FileKeyStore
-from ._messages import (
+from protocols.security import (
     Appended,
     AttestationReport,
     Attest,

@@ -13,7 +13,7 @@ import msgspec
 from services._files import atomic_write
 
 from ._keys import key_id, verify_ed25519
-from ._messages import TrustedKey
+from protocols.security import TrustedKey
 
 __all__ = ["TrustStore", "parse_public_key"]
 

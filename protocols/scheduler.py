@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from protocols import Tensor
+from ._messages import Tensor
 
 __all__ = ["Infer", "GetSchedule", "Request", "InferResult", "ModelQueue", "DriverState", "Schedule", "Reply",
            "Degradation", "Detection", "Alert"]

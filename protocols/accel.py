@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from protocols import Tensor
+from ._messages import Tensor
 
 __all__ = ["Run", "Load", "Describe", "Request", "RunResult", "Loaded", "Device", "Reply"]
 
