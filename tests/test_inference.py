@@ -256,3 +256,16 @@ environment = {{ EDGEBUS_SENSOR_RATE = "50" }}
     first, second = seen["sensor.camera"][0][1], seen["sensor.camera"][1][1]
     assert first.shape == (6, 8, 3) and first.dtype == np.uint8
     assert first[0, 0].tolist() == [255, 0, 0] and second[0, 0].tolist() == [0, 255, 0]
+
+
+async def test_busctl_infer_and_sched(make_system, tmp_path: Path) -> None:
+    system = await boot(make_system)
+    np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
+    out = msgspec.json.decode(system.busctl("infer", "mm", "--input", str(tmp_path / "x.npy"), "--json",
+                                            check=True).stdout)
+    np.testing.assert_allclose(np.array(out["outputs"][0]), np.ones((2, 4), dtype=np.float32) @ W_FULL, rtol=1e-6)
+    assert out["variant"] == "full" and out["version"] == "1.0.0"
+    text = system.busctl("sched", check=True).stdout
+    assert "degradation level 0" in text and "accel-0" in text and "mm" in text
+    bad = system.busctl("infer", "mm", "--input", str(tmp_path / "missing.npy"))
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
