@@ -55,6 +55,7 @@ from ._exceptions import (
     lone_exception,
 )
 from ._logging import get_logger
+from ._metrics import Metrics
 
 __all__ = ["BusClient", "Incoming", "connect", "endpoint_for_run_dir", "read_credential"]
 
@@ -160,6 +161,7 @@ class BusClient:
         self._last_rx = time.monotonic()
         self._in_flight = 0
         self._idle = anyio.Event()
+        self.metrics = Metrics()
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- sending -----------------------------------------------------------------------------
@@ -328,7 +330,16 @@ class BusClient:
                 self._idle.set()
 
     async def _answer(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
-        """Run the handler; whatever happens, return the message that answers it."""
+        """Run the handler; whatever happens, return the message that answers it (and
+        count it: requests by type and outcome, and their latency)."""
+        started = time.perf_counter()
+        reply = await self._handle_one(incoming)
+        outcome = "ok" if reply[0].kind == _REPLY else reply[1].code.value
+        self.metrics.requests.inc(incoming.header.type, outcome)
+        self.metrics.request_seconds.observe(time.perf_counter() - started, incoming.header.type)
+        return reply
+
+    async def _handle_one(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
         header = incoming.header
         try:
             async with self._limiter:

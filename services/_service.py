@@ -27,12 +27,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any, ClassVar
 
 import anyio
 import msgspec
 
 from protocols import BodyDecoder, DecodeError, Header, Hello, unpack_tensor
+from protocols.telemetry import MetricsSnapshot
 
 from ._bus import BusClient, Incoming, connect
 from ._exceptions import BadMessage, BusError, UnknownType, lone_exception
@@ -92,6 +94,8 @@ class Service:
     def __init__(self, bus: BusClient) -> None:
         self.bus = bus
         self.log = get_logger()
+        #: this process's metrics registry (published by the SDK; add your own)
+        self.metrics = bus.metrics
 
     # -- what subclasses override ----------------------------------------------------------
 
@@ -150,6 +154,7 @@ async def serve(cls: type[Service], name: str | None = None, **connect_options: 
                     await bus.ready()
                     log.info("service_ready", name=bus.name)
                     tg.start_soon(service.main)
+                    tg.start_soon(_publish_metrics, bus)
                     async for signum in signals:
                         log.info("service_stopping", signal=signal.Signals(signum).name)
                         break
@@ -160,6 +165,17 @@ async def serve(cls: type[Service], name: str | None = None, **connect_options: 
                     tg.cancel_scope.cancel()
                     with anyio.CancelScope(shield=True):
                         await service.teardown()
+
+
+async def _publish_metrics(bus: BusClient) -> None:
+    """Every EDGEBUS_METRICS_INTERVAL seconds (0: never), the registry on metrics.<name>."""
+    interval = float(os.environ.get("EDGEBUS_METRICS_INTERVAL", "5"))
+    if interval <= 0:
+        return
+    while True:
+        await anyio.sleep(interval)
+        await bus.publish(f"metrics.{bus.name}", MetricsSnapshot(service=bus.name, time=time.time(),
+                                                                  families=bus.metrics.snapshot()))
 
 
 def run(cls: type[Service], *, backend: str | None = None) -> None:

@@ -406,6 +406,68 @@ async def cmd_sched(bus: BusClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_metrics(bus: BusClient, args: argparse.Namespace) -> int:
+    from protocols.telemetry import GetMetrics, MetricsText
+
+    text = (await bus.call("telemetry", GetMetrics(), MetricsText, timeout=args.timeout)).text
+    if args.json:
+        _print_json([line for line in text.splitlines() if line and not line.startswith("#")])
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def cmd_top(bus: BusClient, args: argparse.Namespace) -> int:
+    """A live view: services, message rates, CPU, RSS and queues (--iterations N to stop)."""
+    from protocols.telemetry import GetMetrics, MetricsText
+
+    previous: dict[str, tuple[float, int, int, float]] = {}
+    shown = 0
+    while True:
+        listing = await bus.call("kernel", ListServices(), ServiceList, timeout=args.timeout)
+        try:
+            text = (await bus.call("telemetry", GetMetrics(), MetricsText, timeout=args.timeout)).text
+        except RemoteError:
+            text = ""
+        cpu, rss = _per_service(text, "process_cpu_seconds"), _per_service(text, "process_resident_memory_bytes")
+        depth = _per_service(text, "edgebus_inference_queue_depth")
+        now = time.monotonic()
+        rows = []
+        for s in listing.services:
+            t0, rin, rout, c0 = previous.get(s.name, (now, s.requests_in, s.requests_out, cpu.get(s.name, 0.0)))
+            dt = max(now - t0, 1e-9)
+            rate = ((s.requests_in - rin) + (s.requests_out - rout)) / dt if now > t0 else 0.0
+            cpu_pct = (cpu.get(s.name, 0.0) - c0) / dt * 100 if now > t0 and s.name in cpu else None
+            previous[s.name] = (now, s.requests_in, s.requests_out, cpu.get(s.name, 0.0))
+            rows.append((s.name, s.state, s.pid or "", f"{rate:.0f}", "" if cpu_pct is None else f"{cpu_pct:.0f}%",
+                         f"{rss[s.name] / 2**20:.0f}M" if s.name in rss else "", s.pending,
+                         f"{depth.get(s.name):.0f}" if s.name in depth else "", s.denied))
+        if not args.json:
+            print("\033[H\033[J" if sys.stdout.isatty() else "", end="")
+            print(_table(rows, ("NAME", "STATE", "PID", "MSG/S", "CPU", "RSS", "PENDING", "QUEUED", "DENIED")), flush=True)
+        else:
+            print(json.dumps([dict(zip(("name", "state", "pid", "msg_per_s", "cpu", "rss", "pending", "queued",
+                                         "denied"), r)) for r in rows]), flush=True)
+        shown += 1
+        if args.iterations and shown >= args.iterations:
+            return 0
+        await anyio.sleep(args.interval)
+
+
+def _per_service(text: str, metric: str) -> dict[str, float]:
+    """Sum of a metric's samples per service label, from the exposition text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{") or line.startswith(metric + " "):
+            labels, _, value = line.rpartition(" ")
+            service = labels.split('service="', 1)[1].split('"', 1)[0] if 'service="' in labels else ""
+            try:
+                out[service] = out.get(service, 0.0) + float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def _print_status_line(s: ServiceStatus, verb: str) -> None:
     print(f"{s.name}: {verb}; state {s.state}" + (f", pid {s.pid}" if s.pid else "")
           + (f" ({s.last_exit})" if s.last_exit and s.state != "ready" else ""))
@@ -550,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attest", parents=[common], help="a signed attestation report (JSON)")
     p.add_argument("--nonce", help="a verifier's challenge to include")
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("metrics", parents=[common], help="every service's metrics (Prometheus text)")
+    p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("top", parents=[common], help="live view: services, message rates, CPU, RSS, queues")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--iterations", type=int, default=0, help="stop after N screens (0: until ^C)")
+    p.set_defaults(func=cmd_top)
     p = sub.add_parser("infer", parents=[common], help="run a model on an input (.npy or an image)")
     p.add_argument("model")
     p.add_argument("--input", required=True)

@@ -135,6 +135,18 @@ class Scheduler(Service):
         self.pressure = ""
         self.temperature: dict[str, float] = {}
         self.stats: dict[tuple[str, str], list[Any]] = {}  # (model, version) -> [requests, errors, latencies]
+        m = self.metrics
+        self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
+                                   ("model", "version"))
+        self.m_compute = m.histogram("edgebus_inference_compute_seconds", "Time of its batch at the driver",
+                                     ("model", "version"))
+        self.m_total = m.histogram("edgebus_inference_total_seconds", "Time from arrival to result",
+                                   ("model", "version"))
+        self.m_batch = m.histogram("edgebus_inference_batch_size", "Requests per batch", ("model",),
+                                   buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.m_depth = m.gauge("edgebus_inference_queue_depth", "Requests waiting", ("model",))
+        self.m_level = m.gauge("edgebus_degradation_level", "0 full, 1 smaller variant, 2 rule-based fallback")
+        self.m_level.set(0)
         await self._refresh_models()
         await self.bus.subscribe("modelstore.", "health.", *{p["source"] for p in self.pipelines})
         self._tg_started = anyio.Event()
@@ -344,6 +356,12 @@ class Scheduler(Service):
                 job.done.set()
             queue.served += len(batch)
             queue.late += sum(1 for job in batch if job.cancelled)
+            self.m_batch.observe(len(batch), model)
+            self.m_depth.set(len(queue.heap), model)
+            for job in batch:
+                self.m_queue.observe(started - job.enqueued, model, version)
+                self.m_compute.observe(now - started, model, version)
+                self.m_total.observe(now - job.enqueued, model, version)
             queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (now - started)
             self._record(model, version, len(batch), 0, now - started)
         finally:
@@ -418,6 +436,7 @@ class Scheduler(Service):
 
     async def _set_level(self, level: int, reason: str) -> None:
         previous, self.level = self.level, level
+        self.m_level.set(level)
         self.log.warning("degradation", level=level, previous=previous, reason=reason)
         await self.bus.publish("scheduler.degradation", Degradation(level=level, previous=previous, reason=reason))
 

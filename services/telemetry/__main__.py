@@ -1,0 +1,3 @@
+from services.telemetry._service import main
+
+main()
