@@ -153,7 +153,8 @@ async def test_an_expired_request_is_never_run(make_system) -> None:
     # the expired requests were answered timeout and not computed (some before even reaching
     # the queue: the SDK refuses a request whose deadline passed on the way)
     assert q.served - q.late == 240 + (5 - expired)
-    assert expired >= 1 and q.expired >= 1
+    # where they expired (in the queue, or already on the way in) depends on timing
+    assert expired >= 1
 
 
 async def test_high_priority_p95_stays_below_low_priority_p95_under_saturation(make_system) -> None:
