@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["Sample", "MetricFamily", "MetricsSnapshot", "GetMetrics", "Request", "MetricsText", "Reply"]
+__all__ = ["Sample", "MetricFamily", "MetricsSnapshot", "GetMetrics", "GetUplink", "Request", "MetricsText",
+           "UplinkState", "Reply"]
 
 
 class Sample(msgspec.Struct, omit_defaults=True):
@@ -34,11 +35,26 @@ class GetMetrics(msgspec.Struct, tag=True):
     """The aggregated metrics of every service, in the Prometheus text format."""
 
 
-Request = GetMetrics
+class GetUplink(msgspec.Struct, tag=True):
+    """The store-and-forward uplink's state."""
+
+
+Request = GetMetrics | GetUplink
 
 
 class MetricsText(msgspec.Struct, tag=True):
     text: str
 
 
-Reply = MetricsText
+class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
+    enabled: bool
+    connected: bool = False
+    queued: int = 0
+    queued_bytes: int = 0
+    sent: int = 0
+    bytes_sent: int = 0
+    #: messages the outbox's bounds dropped, by priority (0 summary .. 3 alert)
+    dropped: dict[int, int] = {}
+
+
+Reply = MetricsText | UplinkState

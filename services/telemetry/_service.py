@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import msgspec
 
 from protocols import ListServices, ServiceList
-from protocols.telemetry import GetMetrics, MetricFamily, MetricsSnapshot, MetricsText, Reply, Request, Sample
-from services import BusError, Context, Service, run
+from protocols.scheduler import Alert
+from protocols.telemetry import (
+    GetMetrics,
+    GetUplink,
+    MetricFamily,
+    MetricsSnapshot,
+    MetricsText,
+    Reply,
+    Request,
+    Sample,
+    UplinkState,
+)
+from services import BusError, Context, Forbidden, Service, run
 
+from ._outbox import PRIORITY, Outbox
 from ._prometheus import render
+from ._uplink import Uplink, UplinkSettings
 
 __all__ = ["TelemetryService"]
 
@@ -34,6 +48,26 @@ class TelemetryService(Service):
         self.snapshots: dict[str, list[MetricFamily]] = {}
         self.seen: dict[str, float] = {}
         await self.bus.subscribe("metrics.")
+        try:
+            await self.bus.subscribe("alerts.")
+        except Forbidden as exc:
+            self.log.warning("alerts_not_forwarded", reason=str(exc))
+        state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "telemetry"
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = os.environ.get
+        self.outbox = Outbox(state / "outbox.db", max_bytes=int(env("EDGEBUS_OUTBOX_MAX_BYTES", str(64 << 20))),
+                             max_age=float(env("EDGEBUS_OUTBOX_MAX_AGE_S", str(7 * 86400))),
+                             min_free_share=float(env("EDGEBUS_OUTBOX_MIN_FREE_SHARE", "0.05")))
+        self.device = env("EDGEBUS_DEVICE_ID", "edgebus")
+        self.summary_interval = float(env("EDGEBUS_TELEMETRY_SUMMARY_S", "60"))
+        self.uplink = None
+        if env("EDGEBUS_UPLINK_HOST"):
+            self.uplink = Uplink(UplinkSettings(
+                host=env("EDGEBUS_UPLINK_HOST", ""), port=int(env("EDGEBUS_UPLINK_PORT", "1883")), device_id=self.device,
+                username=env("EDGEBUS_UPLINK_USERNAME", ""), password=env("EDGEBUS_UPLINK_PASSWORD", ""),
+                tls_ca=env("EDGEBUS_UPLINK_TLS_CA", ""), client_cert=env("EDGEBUS_UPLINK_CLIENT_CERT", ""),
+                client_key=env("EDGEBUS_UPLINK_CLIENT_KEY", "")), self.outbox)
+        self._last_summary: dict[str, float] = {}
         address = os.environ.get("EDGEBUS_TELEMETRY_HTTP", "127.0.0.1:9464")
         self.http = None
         if address:
@@ -44,12 +78,43 @@ class TelemetryService(Service):
     async def main(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._collect)
+            tg.start_soon(self._summaries)
+            if self.uplink is not None:
+                tg.start_soon(self.uplink.run)
             if self.http is not None:
                 tg.start_soon(self.http.serve, self._serve_http)
 
+    def enqueue(self, topic: str, kind: str, body: object) -> None:
+        """Accept a message for the uplink (durable once this returns)."""
+        payload = msgspec.json.encode({"device": self.device, "kind": kind, "time": time.time(), "body": body})
+        self.outbox.put(topic, payload, PRIORITY[kind])
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    async def _summaries(self) -> None:
+        """Condensed metrics every interval, for the uplink."""
+        while True:
+            await anyio.sleep(self.summary_interval)
+            services = {}
+            for service, families in self.snapshots.items():
+                values = {f.name: sum(s.value for s in f.samples if not s.name.endswith(("_bucket", "_sum")))
+                          for f in families}
+                requests = values.get("edgebus_requests", 0.0)
+                services[service] = {"requests": requests - self._last_summary.get(service, 0.0),
+                                     "cpu_s": round(values.get("process_cpu_seconds", 0.0), 2),
+                                     "rss": int(values.get("process_resident_memory_bytes", 0.0))}
+                self._last_summary[service] = requests
+            self.enqueue("summary", "summary", {"interval_s": self.summary_interval, "services": services})
+
     async def _collect(self) -> None:
         decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
+        alerts = msgspec.msgpack.Decoder(Alert)
         async for incoming in self.bus.events:
+            if incoming.header.dest.startswith("alerts.") and incoming.type == "Alert":
+                alert = alerts.decode(incoming.body)
+                self.enqueue("alerts/" + incoming.header.dest[len("alerts."):], "alert",
+                             {**msgspec.to_builtins(alert), "from": incoming.sender})
+                continue
             if incoming.type != "MetricsSnapshot":
                 continue
             try:
@@ -91,6 +156,12 @@ class TelemetryService(Service):
         match req:
             case GetMetrics():
                 return MetricsText(text=await self.exposition())
+            case GetUplink():
+                up = self.uplink
+                return UplinkState(enabled=up is not None, connected=bool(up and up.connected),
+                                   queued=self.outbox.count(), queued_bytes=self.outbox.size(),
+                                   sent=up.sent if up else 0, bytes_sent=up.bytes_sent if up else 0,
+                                   dropped=self.outbox.dropped())
 
     async def _serve_http(self, client: anyio.abc.SocketStream) -> None:
         """A minimal HTTP/1.0 responder: GET /metrics, anything else 404."""

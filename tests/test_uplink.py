@@ -1,0 +1,150 @@
+"""Store-and-forward to a real MQTT broker (mosquitto), and the outbox's bounds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from protocols import ListServices, ServiceList
+from protocols.telemetry import GetUplink, UplinkState
+from services.telemetry._outbox import Outbox
+
+from conftest import System, wait_for
+
+pytestmark = pytest.mark.anyio
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, tmp: Path, port: int) -> None:
+        self.port = port
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening(self.port), 10, "mosquitto to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    if not os.path.exists(MOSQUITTO):
+        pytest.skip("mosquitto is not installed (make test installs it)")
+    b = Broker(tmp_path, free_port())
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """Collects what the broker delivers under edgebus/#."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, dict]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, msgspec.json.decode(m.payload)))
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("edgebus/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def uplink(system: System) -> UplinkState:
+    async with system.client() as bus:
+        return await bus.call("telemetry", GetUplink(), UplinkState, timeout=5)
+
+
+async def test_broker_down_then_back_delivers_every_summary_in_order_exactly_once(make_system, broker) -> None:
+    system: System = make_system(f"""
+[services.telemetry]
+command = ["{{python}}", "-m", "services.telemetry"]
+capabilities = ["subscribe:metrics.*", "subscribe:alerts.*", "call:kernel.ListServices"]
+environment = {{ EDGEBUS_TELEMETRY_HTTP = "", EDGEBUS_UPLINK_HOST = "127.0.0.1", EDGEBUS_UPLINK_PORT = "{broker.port}", EDGEBUS_DEVICE_ID = "dev1", EDGEBUS_TELEMETRY_SUMMARY_S = "0.1" }}
+backoff_initial = 0.05
+""")
+    await system.wait_ready("telemetry")
+    with anyio.fail_after(20):  # broker down: summaries pile up in the outbox
+        while (await uplink(system)).queued < 10:
+            await anyio.sleep(0.1)
+    # kill -9 while offline: nothing the outbox accepted is lost
+    async with system.client() as bus:
+        st = await bus.call("kernel", ListServices(), ServiceList)
+    pid = next(s.pid for s in st.services if s.name == "telemetry")
+    before = (await uplink(system)).queued
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], 10, "the kill")
+    await system.wait_ready("telemetry")
+    with anyio.fail_after(10):
+        while True:
+            try:
+                state = await uplink(system)
+                break
+            except Exception:
+                await anyio.sleep(0.1)
+    assert state.queued >= before
+    broker.start()
+    subscriber = Subscriber(broker.port)
+    try:
+        with anyio.fail_after(30):
+            while True:
+                state = await uplink(system)
+                if state.connected and state.queued <= 1 and len(subscriber.messages) >= before:
+                    break
+                await anyio.sleep(0.1)
+    finally:
+        subscriber.close()
+    ids = [int(m["id"].split(":")[1]) for topic, m in subscriber.messages if topic == "edgebus/dev1/summary"]
+    unique = list(dict.fromkeys(ids))  # de-duplicated, in arrival order
+    assert unique == sorted(unique), "out of order"
+    assert unique[: before] == list(range(unique[0], unique[0] + before)), "a queued summary is missing"
+    assert all(m["device"] == "dev1" and m["kind"] == "summary" for _, m in subscriber.messages)
+
+
+def test_a_full_outbox_drops_the_lowest_priority_oldest_first_and_counts(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db", max_bytes=1000)
+    for i in range(30):
+        outbox.put("summary", b"s" * 50, 0)
+        if i % 10 == 0:
+            outbox.put("alerts/x", b"a" * 50, 3)
+    assert outbox.size() <= 1000
+    kept = outbox.head(100)
+    assert sum(1 for q in kept if q.priority == 3) == 3  # every alert kept
+    summaries = [q.seq for q in kept if q.priority == 0]
+    assert summaries == sorted(summaries) and len(summaries) == 1000 // 50 - 3  # the newest ones
+    assert outbox.dropped() == {0: 30 - len(summaries)}
+    outbox.put("summary", b"s" * 50, 0)  # and it keeps accepting
+    assert outbox.count() == len(kept)
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.db", max_bytes=1000)  # durable: the same content after reopening
+    assert [q.seq for q in reopened.head(100)][-1] > summaries[-1]
