@@ -19,6 +19,8 @@ class Run(msgspec.Struct, tag=True, omit_defaults=True):
     variant: str = "full"
     #: skip the manifest's pre/post ops (the caller already did them)
     raw: bool = False
+    #: also return the pre ops' output (the model's input features) as the last output
+    features: bool = False
 
 
 class Load(msgspec.Struct, tag=True, omit_defaults=True):

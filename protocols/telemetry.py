@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["Sample", "MetricFamily", "MetricsSnapshot", "GetMetrics", "GetUplink", "Request", "MetricsText",
+from ._messages import Tensor
+
+__all__ = ["Sample", "MetricFamily", "MetricsSnapshot", "FeatureSamples", "DriftEvent", "GetMetrics", "GetUplink", "Request", "MetricsText",
            "UplinkState", "Reply"]
 
 
@@ -29,6 +31,23 @@ class MetricsSnapshot(msgspec.Struct, tag=True):
     service: str
     time: float
     families: list[MetricFamily]
+
+
+class FeatureSamples(msgspec.Struct, tag=True):
+    """A batch's model-input features (raw frame 0), on samples.<model>, for drift detection."""
+
+    model: str
+    version: str
+    tensor: Tensor
+
+
+class DriftEvent(msgspec.Struct, tag=True, omit_defaults=True):
+    """On telemetry.drift: the features of a model version that moved against its reference."""
+
+    model: str
+    version: str
+    features: list[dict]
+    windows: int = 0
 
 
 class GetMetrics(msgspec.Struct, tag=True):

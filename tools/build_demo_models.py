@@ -7,7 +7,8 @@ simulated like the demo sensor does it: a shaft at 25 Hz with harmonics and nois
 faulty bearings periodic impacts at the outer-race frequency (~ 3.6x shaft speed) ringing
 at a structural resonance (~3 kHz).  Seven features per frame (RMS, kurtosis, crest factor,
 energy in four bands) feed a small network (7-16-1, trained here with numpy); a logistic
-``small`` variant and a kurtosis threshold as the rule-based fallback back it up.
+``small`` variant and a kurtosis threshold as the rule-based fallback back it up.  The
+reference statistics for drift detection describe the demo sensor's healthy output.
 
 The bundles are signed with the DEMO key in this directory, which is public by design:
 never trust it on a real device (remove it with ``busctl trust remove``).
@@ -125,7 +126,7 @@ def reference(X: np.ndarray) -> dict:
         edges = np.unique(edges)
         counts, _ = np.histogram(col, bins=edges)
         out[name] = {"mean": float(col.mean()), "std": float(col.std()), "bins": [float(e) for e in edges],
-                     "proportions": [float(c) / len(col) for c in counts]}
+                     "proportions": [float(c) / len(col) for c in counts], "count": len(col)}
     return out
 
 
@@ -150,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd_keygen(argparse.Namespace(out=str(out / DEMO_KEY), force=False))
     rng = np.random.default_rng(7)
     healthy, faulty = simulate(600, False, rng), simulate(600, True, rng)
+    # the reference for drift: the demo sensor's own healthy output (what "normal" looks like)
+    from drivers.sensors import VibrationSimulator
+
+    sensor = VibrationSimulator(seed=1234)
+    normal = features(np.stack([sensor.frame() for _ in range(2000)]))
     X = np.concatenate([features(healthy), features(faulty)])
     y = np.concatenate([np.zeros(600), np.ones(600)])
     full, mean, std = train(X, y, 16, rng)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                        "source_revision": "tools/build_demo_models.py",
                        "tools": {"numpy": np.__version__, "onnx": onnx.__version__,
                                  "onnxruntime": onnxruntime.__version__}},
-    } | {"reference": reference(X)}, Manifest)
+    } | {"reference": reference(normal)}, Manifest)
     bundle = Bundle.create(manifest, {"full.onnx": full_bytes, "small.onnx": small_bytes})
     bundle.sign(read_private_key(str(key_path)))
     path = out / f"vibration-anomaly-{args.version}.ebm"

@@ -139,6 +139,8 @@ class AcceleratorDriver(Service):
             t2 = time.perf_counter()
             if m.post and not req.raw:
                 outputs = [outputs[0], run_pipeline(m.post, outputs[0])]
+            if req.features:
+                outputs = [*outputs, xs[0]]
             t3 = time.perf_counter()
             return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
 

@@ -3,7 +3,8 @@
 * ``python -m drivers.sensors vibration``: the simulated accelerometer.
   ``EDGEBUS_SENSOR_RATE`` (frames per second, default 5), ``EDGEBUS_SENSOR_FAULT_AT``
   (seconds after start when a bearing fault appears; empty: never),
-  ``EDGEBUS_SENSOR_FAULT_SEVERITY`` (default 1.5).
+  ``EDGEBUS_SENSOR_FAULT_SEVERITY`` (default 1.5), ``EDGEBUS_SENSOR_SHIFT_AT`` /
+  ``EDGEBUS_SENSOR_SHIFT_GAIN`` (a distribution shift for drift demos: the gain moves).
 * ``python -m drivers.sensors replay FILE``: replays a recording: ``.npy`` (frames along
   axis 0, or a 1-D signal cut into frames), ``.wav`` (PCM, cut into frames) or ``.csv``
   (one frame per row), at the real rate (``EDGEBUS_SENSOR_RATE``, or for a signal its
@@ -44,6 +45,9 @@ class VibrationSensor(Service):
         self.fault_at = float(fault_at) if fault_at else None
         self.severity = float(os.environ.get("EDGEBUS_SENSOR_FAULT_SEVERITY", "1.5"))
         self.sim = VibrationSimulator(seed=int(os.environ.get("EDGEBUS_SENSOR_SEED", "0")))
+        shift_at = os.environ.get("EDGEBUS_SENSOR_SHIFT_AT", "")
+        self.shift_at = float(shift_at) if shift_at else None
+        self.shift_gain = float(os.environ.get("EDGEBUS_SENSOR_SHIFT_GAIN", "1.4"))
         self.topic = f"sensor.{self.bus.name}"
 
     async def main(self) -> None:
@@ -58,7 +62,10 @@ class VibrationSensor(Service):
             if fault and not announced:
                 announced = True
                 self.log.info("fault_injected", severity=fault, after_s=round(elapsed, 1))
-            descs, frames = pack_tensors([self.sim.frame(fault)])
+            samples = self.sim.frame(fault)
+            if self.shift_at is not None and elapsed >= self.shift_at:
+                samples = samples * np.float32(self.shift_gain)  # a distribution shift: the gain moved
+            descs, frames = pack_tensors([samples])
             await self.bus.publish(self.topic, SensorFrame(seq=seq, time=time.time(), sample_rate=RATE,
                                                            tensor=descs[0], fault=fault), frames=frames)
             seq += 1

@@ -87,6 +87,8 @@ class FeatureStats(msgspec.Struct, omit_defaults=True):
     #: Histogram bin edges and reference proportions (for PSI).
     bins: list[float] = []
     proportions: list[float] = []
+    #: how many samples the statistics come from (the KS test treats it as a two-sample test)
+    count: int = 0
 
 
 class Provenance(msgspec.Struct, omit_defaults=True):

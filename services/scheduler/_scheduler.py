@@ -33,12 +33,14 @@ import numpy as np
 from protocols.accel import Run, RunResult
 from protocols.health import Health
 from protocols.sensors import SensorFrame
+from protocols.telemetry import FeatureSamples
 from protocols import pack_tensors
 from services import (
     BadMessage,
     BusError,
     Context,
     DeadlineExceeded,
+    Forbidden,
     InternalError,
     Overloaded,
     RemoteError,
@@ -114,7 +116,7 @@ class Scheduler(Service):
     name = "scheduler"
     Request = Request
     Reply = Reply
-    publishes = ["scheduler.*", "alerts.*", "results.*"]
+    publishes = ["scheduler.*", "alerts.*", "results.*", "samples.*"]
     max_concurrency = 256
 
     async def setup(self) -> None:
@@ -148,7 +150,12 @@ class Scheduler(Service):
         self.m_level = m.gauge("edgebus_degradation_level", "0 full, 1 smaller variant, 2 rule-based fallback")
         self.m_level.set(0)
         await self._refresh_models()
-        await self.bus.subscribe("modelstore.", "health.", *{p["source"] for p in self.pipelines})
+        await self.bus.subscribe("modelstore.")
+        for prefix in ("health.", *{p["source"] for p in self.pipelines}):
+            try:
+                await self.bus.subscribe(prefix)
+            except Forbidden as exc:  # runs without it; says what is missing
+                self.log.warning("subscription_refused", prefix=prefix, reason=str(exc))
         self._tg_started = anyio.Event()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -330,8 +337,14 @@ class Scheduler(Service):
                 if variant == "fallback":
                     outputs, driver, compute_ms = self._fallback(model, version, stacked[0]), "scheduler", 0.0
                 else:
+                    manifest = self.manifests.get((model, version), {})
+                    want = bool(manifest.get("pre") and manifest.get("reference"))
                     outputs, driver, compute_ms = await self._run_on_driver(model, version, variant, stacked,
-                                                                          max(j.deadline for j in batch))
+                                                                          max(j.deadline for j in batch), want)
+                    if want:  # the input features, for drift detection, not for the clients
+                        descs, frames = pack_tensors([outputs.pop()])
+                        await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
+                                                                                  tensor=descs[0]), frames=frames)
             except Exception as exc:  # every client gets an answer, whatever broke
                 error = exc if isinstance(exc, RemoteError) else InternalError(f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, RemoteError):
@@ -368,7 +381,7 @@ class Scheduler(Service):
             limiter.release()
 
     async def _run_on_driver(self, model: str, version: str, variant: str, arrays: list[np.ndarray],
-                             deadline: float) -> tuple[list[np.ndarray], str, float]:
+                             deadline: float, features: bool = False) -> tuple[list[np.ndarray], str, float]:
         descs, frames = pack_tensors(arrays)
         last: Exception | None = None
         while time.time() < deadline:
@@ -379,7 +392,8 @@ class Scheduler(Service):
             driver.in_flight += 1
             try:
                 incoming = await self.bus.request(driver.name, Run(model=model, version=version, variant=variant,
-                                                                   inputs=descs), frames=frames, deadline=deadline)
+                                                                   inputs=descs, features=features),
+                                                  frames=frames, deadline=deadline)
             except (Unavailable, UnknownDestination) as exc:
                 driver.down_until = time.monotonic() + 0.5
                 last = exc

@@ -18,8 +18,13 @@ import anyio.abc
 import msgspec
 
 from protocols import ListServices, ServiceList
+import numpy as np
+
+from protocols.modelstore import InspectModel, ModelManifest
 from protocols.scheduler import Alert
 from protocols.telemetry import (
+    DriftEvent,
+    FeatureSamples,
     GetMetrics,
     GetUplink,
     MetricFamily,
@@ -32,6 +37,7 @@ from protocols.telemetry import (
 )
 from services import BusError, Context, Forbidden, Service, run
 
+from ._drift import DriftDetector
 from ._outbox import PRIORITY, Outbox
 from ._prometheus import render
 from ._uplink import Uplink, UplinkSettings
@@ -45,16 +51,23 @@ class TelemetryService(Service):
     Reply = Reply
 
     async def setup(self) -> None:
+        env = os.environ.get
         self.snapshots: dict[str, list[MetricFamily]] = {}
         self.seen: dict[str, float] = {}
         await self.bus.subscribe("metrics.")
-        try:
-            await self.bus.subscribe("alerts.")
-        except Forbidden as exc:
-            self.log.warning("alerts_not_forwarded", reason=str(exc))
+        for prefix, what in (("alerts.", "alerts_not_forwarded"), ("samples.", "drift_off")):
+            try:
+                await self.bus.subscribe(prefix)
+            except Forbidden as exc:
+                self.log.warning(what, reason=str(exc))
+        self.detectors: dict[tuple[str, str], DriftDetector | None] = {}
+        self.drift_window = int(env("EDGEBUS_DRIFT_WINDOW", "200"))
+        self.drift_every = int(env("EDGEBUS_DRIFT_EVERY", "50"))
+        self.m_psi = self.metrics.gauge("edgebus_drift_psi", "PSI of the latest window against the reference",
+                                        ("model", "version", "feature"))
+        self.m_drift = self.metrics.counter("edgebus_drift_events", "Drift events raised", ("model", "version"))
         state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "telemetry"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = os.environ.get
         self.outbox = Outbox(state / "outbox.db", max_bytes=int(env("EDGEBUS_OUTBOX_MAX_BYTES", str(64 << 20))),
                              max_age=float(env("EDGEBUS_OUTBOX_MAX_AGE_S", str(7 * 86400))),
                              min_free_share=float(env("EDGEBUS_OUTBOX_MIN_FREE_SHARE", "0.05")))
@@ -91,6 +104,32 @@ class TelemetryService(Service):
         if self.uplink is not None:
             self.uplink.notify()
 
+    async def _drift(self, model: str, version: str, rows: np.ndarray) -> None:
+        key = (model, version)
+        if key not in self.detectors:
+            try:
+                manifest = (await self.bus.call("modelstore", InspectModel(name=model, version=version),
+                                                ModelManifest)).manifest
+                reference = manifest.get("reference") or {}
+                self.detectors[key] = DriftDetector(reference, window=self.drift_window, every=self.drift_every) \
+                    if reference else None
+            except BusError as exc:
+                self.log.warning("drift_reference_unavailable", model=model, version=version, error=str(exc))
+                return
+        detector = self.detectors[key]
+        if detector is None:
+            return
+        moved = detector.add(rows)
+        for result in detector.last:
+            self.m_psi.set(result.psi, model, version, result.feature)
+        if moved:
+            self.m_drift.inc(model, version)
+            body = [msgspec.to_builtins(m) for m in moved]
+            self.log.warning("drift", model=model, version=version, features=[m.feature for m in moved])
+            await self.bus.publish("telemetry.drift", DriftEvent(model=model, version=version, features=body,
+                                                                 windows=detector.windows))
+            self.enqueue(f"drift/{model}", "drift", {"model": model, "version": version, "features": body})
+
     async def _summaries(self) -> None:
         """Condensed metrics every interval, for the uplink."""
         while True:
@@ -109,7 +148,12 @@ class TelemetryService(Service):
     async def _collect(self) -> None:
         decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
         alerts = msgspec.msgpack.Decoder(Alert)
+        samples = msgspec.msgpack.Decoder(FeatureSamples)
         async for incoming in self.bus.events:
+            if incoming.header.dest.startswith("samples.") and incoming.type == "FeatureSamples":
+                s = samples.decode(incoming.body)
+                await self._drift(s.model, s.version, np.asarray(incoming.tensor(s.tensor)))
+                continue
             if incoming.header.dest.startswith("alerts.") and incoming.type == "Alert":
                 alert = alerts.decode(incoming.body)
                 self.enqueue("alerts/" + incoming.header.dest[len("alerts."):], "alert",
