@@ -74,6 +74,8 @@ class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
     bytes_sent: int = 0
     #: messages the outbox's bounds dropped, by priority (0 summary .. 3 alert)
     dropped: dict[int, int] = {}
+    #: what the sensors produced (from their metrics): against bytes_sent, the saving
+    raw_sensor_bytes: int = 0
 
 
 Reply = MetricsText | UplinkState

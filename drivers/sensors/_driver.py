@@ -56,6 +56,7 @@ class VibrationSensor(Service):
         seq = 0
         next_at = started
         announced = False
+        produced = _bytes_counter(self)
         while True:
             elapsed = time.monotonic() - started
             fault = self.severity if self.fault_at is not None and elapsed >= self.fault_at else 0.0
@@ -68,6 +69,7 @@ class VibrationSensor(Service):
             descs, frames = pack_tensors([samples])
             await self.bus.publish(self.topic, SensorFrame(seq=seq, time=time.time(), sample_rate=RATE,
                                                            tensor=descs[0], fault=fault), frames=frames)
+            produced.inc(value=samples.nbytes)
             seq += 1
             next_at += period
             await anyio.sleep(max(0.0, next_at - time.monotonic()))
@@ -145,8 +147,13 @@ class CameraSensor(Service):
         await _publish_frames(self, images, 0.0, 1.0 / self.rate, loop=True)
 
 
+def _bytes_counter(svc: Service) -> Any:
+    return svc.metrics.counter("edgebus_sensor_bytes", "Bytes of sensor data published")
+
+
 async def _publish_frames(svc: Service, frames: Any, sample_rate: float, period: float, loop: bool) -> None:
     topic = f"sensor.{svc.bus.name}"
+    produced = _bytes_counter(svc)
     seq = 0
     next_at = time.monotonic()
     while True:
@@ -154,6 +161,7 @@ async def _publish_frames(svc: Service, frames: Any, sample_rate: float, period:
             descs, buffers = pack_tensors([frame])
             await svc.bus.publish(topic, SensorFrame(seq=seq, time=time.time(), sample_rate=sample_rate,
                                                      tensor=descs[0]), frames=buffers)
+            produced.inc(value=frame.nbytes)
             seq += 1
             next_at += period
             await anyio.sleep(max(0.0, next_at - time.monotonic()))

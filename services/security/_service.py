@@ -69,6 +69,7 @@ class SecurityService(Service):
     Request = Request
     Reply = Reply
     checkpoint_interval = float(os.environ.get("EDGEBUS_AUDIT_CHECKPOINT_INTERVAL", "60"))
+    publishes = ["security.checkpoint"]
 
     async def setup(self) -> None:
         state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "security"
@@ -124,9 +125,13 @@ class SecurityService(Service):
             self.audit.sync()
 
     async def _checkpoints(self) -> None:
+        """Sign the chain every interval and publish the checkpoint on security.checkpoint
+        (telemetry sends it upstream, so a fleet server holds the device's signed chain)."""
         while True:
             await anyio.sleep(self.checkpoint_interval)
-            self.audit.checkpoint()
+            record = self.audit.checkpoint()
+            if record is not None:
+                await self.bus.publish("security.checkpoint", record)
 
     async def teardown(self) -> None:
         self.audit.checkpoint()

@@ -55,7 +55,8 @@ class TelemetryService(Service):
         self.snapshots: dict[str, list[MetricFamily]] = {}
         self.seen: dict[str, float] = {}
         await self.bus.subscribe("metrics.")
-        for prefix, what in (("alerts.", "alerts_not_forwarded"), ("samples.", "drift_off")):
+        for prefix, what in (("alerts.", "alerts_not_forwarded"), ("samples.", "drift_off"),
+                             ("security.checkpoint", "checkpoints_not_forwarded")):
             try:
                 await self.bus.subscribe(prefix)
             except Forbidden as exc:
@@ -150,6 +151,9 @@ class TelemetryService(Service):
         alerts = msgspec.msgpack.Decoder(Alert)
         samples = msgspec.msgpack.Decoder(FeatureSamples)
         async for incoming in self.bus.events:
+            if incoming.header.dest == "security.checkpoint" and incoming.sender == "security":
+                self.enqueue("audit/checkpoint", "audit", msgspec.msgpack.decode(incoming.body))
+                continue
             if incoming.header.dest.startswith("samples.") and incoming.type == "FeatureSamples":
                 s = samples.decode(incoming.body)
                 await self._drift(s.model, s.version, np.asarray(incoming.tensor(s.tensor)))
@@ -202,10 +206,12 @@ class TelemetryService(Service):
                 return MetricsText(text=await self.exposition())
             case GetUplink():
                 up = self.uplink
+                raw = sum(s.value for families in self.snapshots.values() for f in families
+                          if f.name == "edgebus_sensor_bytes" for s in f.samples)
                 return UplinkState(enabled=up is not None, connected=bool(up and up.connected),
                                    queued=self.outbox.count(), queued_bytes=self.outbox.size(),
                                    sent=up.sent if up else 0, bytes_sent=up.bytes_sent if up else 0,
-                                   dropped=self.outbox.dropped())
+                                   dropped=self.outbox.dropped(), raw_sensor_bytes=int(raw))
 
     async def _serve_http(self, client: anyio.abc.SocketStream) -> None:
         """A minimal HTTP/1.0 responder: GET /metrics, anything else 404."""
