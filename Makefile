@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m tools.bench_modelstore
 	$(PY) -m tools.bench_inference
 	$(PY) -m tools.bench_ops
+	$(PY) -m tools.bench_telemetry
 
 clean:
 	rm -rf .run $(VENV) *.egg-info

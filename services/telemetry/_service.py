@@ -67,6 +67,7 @@ class TelemetryService(Service):
         self.m_psi = self.metrics.gauge("edgebus_drift_psi", "PSI of the latest window against the reference",
                                         ("model", "version", "feature"))
         self.m_drift = self.metrics.counter("edgebus_drift_events", "Drift events raised", ("model", "version"))
+        self.m_ingested = self.metrics.counter("edgebus_telemetry_samples_ingested", "Metric samples received")
         state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "telemetry"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.outbox = Outbox(state / "outbox.db", max_bytes=int(env("EDGEBUS_OUTBOX_MAX_BYTES", str(64 << 20))),
@@ -172,6 +173,7 @@ class TelemetryService(Service):
                 continue
             # the kernel-stamped sender, not what the snapshot claims
             self.snapshots[incoming.sender] = snap.families
+            self.m_ingested.inc(value=sum(len(f.samples) for f in snap.families))
             self.seen[incoming.sender] = time.time()
 
     async def exposition(self) -> str:
