@@ -40,6 +40,50 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) 
         time.sleep(interval)
 
 
+# -- processes, as /proc shows them --------------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def proc_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie counts as gone)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def processes() -> list[tuple[int, list[str]]]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = proc_stat(int(entry.name))
+            if stat is not None:
+                out.append((int(entry.name), stat))
+    return out
+
+
+def children(ppid: int) -> list[int]:
+    """Processes whose parent is ``ppid``, zombies included."""
+    return [pid for pid, stat in processes() if int(stat[1]) == ppid]
+
+
+def group(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return [pid for pid, stat in processes() if int(stat[2]) == pgid and stat[0] != "Z"]
+
+
 class System:
     """One running kernel (``edgebus boot``) with its run directory and log."""
 
@@ -89,6 +133,27 @@ class System:
                     if all(states.get(n) == "ready" for n in names):
                         return listing
                     await bus.events.receive()
+
+    async def services(self) -> dict[str, Any]:
+        async with self.client() as bus:
+            st = await bus.call("kernel", ListServices(), ServiceList)
+        return {x.name: x for x in st.services}
+
+    async def wait_until(self, predicate: Any, timeout: float = 20) -> dict[str, Any]:
+        """Re-check ``predicate(services by name)`` at every kernel.services event."""
+        async with self.client() as bus:
+            await bus.subscribe("kernel.services")
+            with anyio.fail_after(timeout):
+                while True:
+                    st = await bus.call("kernel", ListServices(), ServiceList)
+                    services = {x.name: x for x in st.services}
+                    if predicate(services):
+                        return services
+                    await bus.events.receive()
+
+    async def wait_restarted(self, name: str, old_pid: int, timeout: float = 20) -> Any:
+        """Until ``name`` runs again under another pid and is ready."""
+        return (await self.wait_until(lambda s: s[name].state == "ready" and s[name].pid != old_pid, timeout))[name]
 
     def busctl(self, *args: str, timeout: float = 20, check: bool = False) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([str(BIN / "busctl"), *args, "--run-dir", str(self.run_dir)],

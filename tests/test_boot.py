@@ -16,33 +16,21 @@ from protocols import ListServices, ServiceList
 from services import Unavailable
 from services.examples.greeter import Greet, Greeting, Sleep
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System, alive, children, group, proc_comm, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); count it as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_default_system_boots_and_stops_cleanly(make_system) -> None:
     system: System = make_system(None)
     listing = await system.wait_ready("greeter")
     pids = [s.pid for s in listing.services if s.pid]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(alive(p) for p in pids)
     out = system.busctl("call", "greeter", "Greet", '{"who": "operator"}', check=True).stdout
     assert "hello, operator" in out
     assert (system.run_dir / "state").is_dir()
     assert system.stop() == 0
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert not (system.run_dir / "bus.sock").exists()
     log = system.log()
     # every child line is re-emitted as a structured line carrying the service name
@@ -136,40 +124,14 @@ def test_stop_kills_the_whole_process_group_after_the_grace_period(make_system) 
     system: System = make_system(STUBBORN)
     kernel_pid = system.proc.pid
 
-    def group_members() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                fields = stat.rsplit(") ", 1)[1].split()
-                if int(fields[1]) == kernel_pid and fields[0] != "Z":  # ppid
-                    pids.append(int(entry.name))
-        return pids
-
-    leader = wait_for(group_members, 10, "the stubborn service to start")[0]
+    leader = wait_for(lambda: [p for p in children(kernel_pid) if alive(p)], 10, "the stubborn service to start")[0]
     pgid = os.getpgid(leader)
-    wait_for(lambda: len([p for p in _group(pgid)]) >= 3, 10, "the stubborn service's children")
+    wait_for(lambda: len([p for p in group(pgid)]) >= 3, 10, "the stubborn service's children")
     start = time.monotonic()
     assert system.stop() == 0
     assert time.monotonic() - start < 5
-    assert _group(pgid) == []
+    assert group(pgid) == []
     assert "service_kill" in system.log()
-
-
-def _group(pgid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return out
 
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -196,7 +158,7 @@ stop_timeout = 1.0
                     break
                 await bus.events.receive()
     assert hung.restarts == 1
-    assert not _alive(first.pid)
+    assert not alive(first.pid)
     assert "service_unresponsive" in system.log()
 
 
@@ -225,18 +187,8 @@ restart = "temporary"
 """)
     kernel = system.proc.pid
 
-    def orphans() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    comm = (entry / "comm").read_text().strip()
-                    fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
-                except OSError:
-                    continue
-                if comm == "sleep" and int(fields[1]) == kernel:
-                    found.append((int(entry.name), fields[0]))
-        return found
+    def orphans() -> list[int]:  # sleeps whose parent is the kernel, zombies included
+        return [pid for pid in children(kernel) if proc_comm(pid) == "sleep"]
 
     # re-parented to the kernel (not to init) once their shell exited...
     adopted = wait_for(lambda: len(orphans()) == 10 and orphans(), 10, "the orphans to be adopted by the kernel")

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
 import anyio
 import msgspec
 import pytest
-import zmq
 
-from protocols import SIGNATURE, Error, ErrorCode, Header, Kind, ListServices, ServiceList, pack_tensors
+from protocols import SIGNATURE, Error, ErrorCode, Header, Kind, pack_tensors
 from services import (
-    BadMessage,
     DeadlineExceeded,
     Forbidden,
     Unavailable,
     UnknownDestination,
-    UnknownType,
 )
 from services.examples.greeter import Add, Echo, Echoed, Greet, Greeting, Sleep, Slept, Tick
 

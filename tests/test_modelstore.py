@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -16,15 +15,15 @@ import msgspec
 import numpy as np
 import pytest
 
-from services import BadMessage, Rejected, Unavailable, UnknownDestination
+from services import BadMessage, Rejected, Unavailable
 from services.modelstore import Bundle, Manifest
 from protocols.modelstore import (
-    Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelEvent, ModelList, ModelState, Remove,
-    ReportHealth, HealthRecorded, Resolve, Resolved, Rollback, Split,
+    Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelList, ModelState, Remove, ReportHealth,
+    HealthRecorded, Resolve, Resolved, Rollback,
 )
 from services.modelstore._service import pick_version
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +33,6 @@ MARKER = np.array([3.14159, 2.71828, 1.41421, 1.73205] * 64, dtype=np.float32)  
 def onnx_model(offset: float, garbage: bool = False) -> bytes:
     if garbage:
         return b"\x08\x07this is not an onnx model" + MARKER.tobytes()
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(MARKER.reshape(256, 1)[:4].repeat(4, axis=1) + np.float32(offset), "w")
@@ -250,7 +248,7 @@ async def test_kill_9_at_every_fault_point_leaves_a_consistent_store(store_syste
             except (Unavailable, Exception):
                 pass
         assert not (root / "FAULT").exists(), f"fault point {point} was never reached"
-        await restarted(system, pid)
+        await system.wait_restarted("modelstore", pid)
         async with system.client() as bus:
             state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
             assert state.active in (f"1.{version - 1}.0" if version > 1 else "1.0.0", new, *state.versions)
@@ -285,27 +283,12 @@ async def test_random_kills_during_installs(store_system) -> None:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        await restarted(system, pid)
+        await system.wait_restarted("modelstore", pid)
         async with system.client() as bus:
             state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
             served = await bus.request("modelstore", GetModel(name="demo"))
             assert served.decode(ModelBytes).version == state.active
             assert state.active in (f"2.{i - 1}.0", f"2.{i}.0") or state.active in state.versions
-
-
-async def restarted(system: System, old_pid: int) -> None:
-    """Until the modelstore runs again under a new pid and is ready."""
-    from protocols import ListServices, ServiceList
-
-    async with system.client() as bus:
-        await bus.subscribe("kernel.services")
-        with anyio.fail_after(20):
-            while True:
-                st = await bus.call("kernel", ListServices(), ServiceList)
-                ms = next(x for x in st.services if x.name == "modelstore")
-                if ms.state == "ready" and ms.pid != old_pid:
-                    return
-                await bus.events.receive()
 
 
 # -- offline tools -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from drivers import ops
 from drivers.ops import _image, _post, _signal
-from tools.build_demo_models import BANDS, FRAME, RATE, features, simulate
+from tools.build_demo_models import BANDS, RATE, features, simulate
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 fuzz = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,12 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
-from protocols import ListServices, ServiceList
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System, children, proc_comm, proc_stat, wait_for
 
 pytestmark = [
     pytest.mark.anyio,
@@ -43,7 +41,7 @@ class Pid1System(System):
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "EDGEBUS_LOG_FORMAT": "json"},
             start_new_session=True)
         self.endpoint = f"ipc://{self.run_dir / 'bus.sock'}"
-        self.pid1 = wait_for(lambda: _children(self.proc.pid), 10, "PID 1 of the namespace")[0]
+        self.pid1 = wait_for(lambda: children(self.proc.pid), 10, "PID 1 of the namespace")[0]
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM to PID 1 itself; unshare exits with its status."""
@@ -55,25 +53,8 @@ class Pid1System(System):
         return code
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _children(ppid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _stat(int(entry.name))
-            if st and int(st[1]) == ppid:
-                out.append(int(entry.name))
-    return out
-
-
 def _zombies_of(ppid: int) -> list[int]:
-    return [p for p in _children(ppid) if (_stat(p) or ["?"])[0] == "Z"]
+    return [p for p in children(ppid) if (proc_stat(p) or ["?"])[0] == "Z"]
 
 
 @pytest.fixture
@@ -104,19 +85,12 @@ restart = "transient"
 command = {GREETER}
 """)
     await system.wait_ready("greeter")
-    orphans_gone = lambda: not any((_stat(p) or ["", ""])[0] != "Z" and p != system.pid1
-                                   for p in _children(system.pid1) if _comm(p) == "sleep")
+    orphans_gone = lambda: not any((proc_stat(p) or ["", ""])[0] != "Z" and p != system.pid1
+                                   for p in children(system.pid1) if proc_comm(p) == "sleep")
     wait_for(orphans_gone, 10, "the orphaned sleeps to finish")
     wait_for(lambda: not _zombies_of(system.pid1), 5, "PID 1 to reap every zombie")
     assert _zombies_of(system.pid1) == []
     assert system.stop() == 0
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 async def test_sigterm_to_pid1_stops_in_reverse_order_and_exits_0(pid1_system) -> None:
@@ -137,7 +111,7 @@ requires = ["b"]
     stops = [line for line in system.log().splitlines() if '"service_stop"' in line]
     order = [next(n for n in "abc" if f'"name": "{n}"' in line) for line in stops]
     assert order == ["c", "b", "a"]
-    assert not [p for p in _children(system.pid1)]
+    assert not [p for p in children(system.pid1)]
 
 
 def test_a_service_ignoring_sigterm_is_killed_with_its_group_as_pid1(pid1_system) -> None:
@@ -147,11 +121,11 @@ command = ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"]
 stop_timeout = 0.5
 start_timeout = 60
 """)
-    leader = wait_for(lambda: [p for p in _children(system.pid1) if _comm(p) == "sh"], 10, "the stubborn service")[0]
-    wait_for(lambda: len(_children(leader)) >= 2, 10, "its two children")
-    group = [leader, *_children(leader)]
+    leader = wait_for(lambda: [p for p in children(system.pid1) if proc_comm(p) == "sh"], 10, "the stubborn service")[0]
+    wait_for(lambda: len(children(leader)) >= 2, 10, "its two children")
+    group = [leader, *children(leader)]
     start = time.monotonic()
     assert system.stop() == 0
     assert time.monotonic() - start < 5
-    assert all(_stat(p) is None for p in group)
+    assert all(proc_stat(p) is None for p in group)
     assert "service_kill" in system.log()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import anyio
@@ -13,7 +12,7 @@ import msgspec
 import pytest
 import zmq
 
-from protocols import SIGNATURE, Codec, Grant, Granted, Header, Hello, Kind
+from protocols import Codec, Grant, Granted, Header, Hello, Kind
 from services import ConnectError, Forbidden, connect
 from services.examples.greeter import Add, Greet, Greeting, Sum
 from services.security import (

@@ -11,10 +11,10 @@ import anyio
 import msgspec
 import pytest
 
-from protocols import ListServices, ServiceList, ServiceStateChanged
+from protocols import ServiceStateChanged
 from services.examples.greeter import Greet, Greeting
 
-from conftest import System, wait_for
+from conftest import System, alive, children, proc_comm, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -22,22 +22,11 @@ GREETER = '["{python}", "-m", "services.examples.greeter"]'
 
 
 async def states(system: System) -> dict[str, object]:
-    async with system.client() as bus:
-        st = await bus.call("kernel", ListServices(), ServiceList)
-    return {s.name: s for s in st.services}
+    return await system.services()
 
 
 async def wait_until(system: System, predicate, timeout: float = 20):
-    """Re-check ``predicate(services)`` at every kernel.services event, until true."""
-    async with system.client() as bus:
-        await bus.subscribe("kernel.services")
-        with anyio.fail_after(timeout):
-            while True:
-                st = await bus.call("kernel", ListServices(), ServiceList)
-                services = {s.name: s for s in st.services}
-                if predicate(services):
-                    return services
-                await bus.events.receive()
+    return await system.wait_until(predicate, timeout)
 
 
 async def test_dependents_start_only_after_their_dependencies_are_ready(make_system) -> None:
@@ -162,7 +151,7 @@ command = {GREETER}
     assert system.busctl("wait", "greeter", "--state", "ready", "--timeout", "20").returncode == 0
     pid = (await states(system))["greeter"].pid
     out = system.busctl("stop", "greeter", check=True).stdout
-    assert "state stopped" in out and not _alive(pid)
+    assert "state stopped" in out and not alive(pid)
     assert system.busctl("wait", "greeter", "--state", "ready", "--timeout", "0.5").returncode == 1
     out = system.busctl("start", "greeter", "--json", check=True).stdout
     started = msgspec.json.decode(out)
@@ -171,13 +160,6 @@ command = {GREETER}
     assert out["state"] == "ready" and out["pid"] != started["pid"]
     bad = system.busctl("stop", "nosuch")
     assert bad.returncode == 1 and "nosuch" in bad.stderr
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_reload_restarts_only_what_changed_and_rejects_a_broken_config(make_system) -> None:
@@ -214,7 +196,7 @@ command = {GREETER}
                              and s["new"].state == "ready" and s["change"].state == "ready"
                              and s["change"].pid != before["change"])
     assert after["keep"].pid == before["keep"]
-    assert not _alive(before["drop"])
+    assert not alive(before["drop"])
     out = msgspec.json.decode(system.busctl("reload", "--json", check=True).stdout)
     assert out["restarted"] == [] and out["started"] == [] and sorted(out["unchanged"]) == ["change", "keep", "new"]
 
@@ -275,17 +257,7 @@ def _limit(text: str, name: str) -> str:
 
 
 def _child_named(ppid: int, comm: str) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat.rsplit(") ", 1)[1].split()
-            if name == comm and int(fields[1]) == ppid:
-                return int(entry.name)
-    return None
+    return next((pid for pid in children(ppid) if proc_comm(pid) == comm and alive(pid)), None)
 
 
 async def test_a_service_that_says_bye_and_exits_78_is_failed_not_killed(make_system, tmp_path: Path) -> None:
