@@ -148,7 +148,6 @@ class Supervisor:
         self._by_pid: dict[int, ManagedService] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.shutting_down = False
-        self.orphans_reaped = 0
         #: Set when a critical service exceeded its restart intensity: the kernel gives up.
         self.fatal = anyio.Event()
         self.fatal_reason = ""
@@ -234,7 +233,7 @@ class Supervisor:
                 self.reap()
 
     def reap(self) -> None:
-        """Collect every exited child; dispatch managed ones, count orphans."""
+        """Collect every exited child (orphans included); dispatch the managed ones."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -244,8 +243,7 @@ class Supervisor:
                 return
             svc = self._by_pid.pop(pid, None)
             if svc is None:
-                self.orphans_reaped += 1
-                continue
+                continue  # an orphan re-parented to us: reaped, nothing more to do
             if svc.popen is not None:
                 svc.popen.returncode = os.waitstatus_to_exitcode(status)
             svc.exit_status = status

@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -172,9 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # first inference after boot, numba cache warm (the demo system)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "edgebus"), "boot", "--run-dir", str(tmp / "run")],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "kernel.log", "wb"))
+    proc, tmp = boot(None)
     first_ms = None
     try:
         from drivers.sensors import VibrationSimulator

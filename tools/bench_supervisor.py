@@ -19,8 +19,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import anyio
 
 from protocols import ListServices, ServiceList, ServiceStateChanged
 from services import connect
+from tools._benchkit import boot, stop
 
 BENCH_CONFIG = """
 [services.greeter]
@@ -80,25 +79,9 @@ async def _wait_all_ready(endpoint: str, credential: str, names: set[str] | None
 
 
 def _boot(config: str | None) -> tuple[subprocess.Popen[bytes], Path, float]:
-    tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-"))
-    argv = [str(Path(sys.executable).parent / "edgebus"), "boot", "--run-dir", str(tmp / "run")]
-    if config:
-        (tmp / "system.toml").write_text(config)
-        argv += ["--config", str(tmp / "system.toml")]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(tmp / "kernel.log", "wb"),
-                            env={**os.environ, "EDGEBUS_LOG_FORMAT": "json"})
-    cred = tmp / "run" / "credentials" / "operator"
-    while not cred.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"edgebus boot failed; see {tmp / 'kernel.log'}")
-        time.sleep(0.002)
+    proc, tmp = boot(config)
     return proc, tmp, t0
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
 
 
 async def measure_restarts(kills: int) -> dict[str, Any]:
@@ -132,7 +115,7 @@ async def measure_restarts(kills: int) -> dict[str, Any]:
                 "supervisor_overhead_ms": statistics.median(a - b for a, b in zip(latencies, startups)) * 1e3,
                 "runs": {"restart_ms": [x * 1e3 for x in latencies], "startup_ms": [x * 1e3 for x in startups]}}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def measure_boot(boots: int) -> dict[str, Any]:
@@ -153,7 +136,7 @@ def measure_boot(boots: int) -> dict[str, Any]:
             total_rss += rss
             total_pss += pss
         memory.append((kernel_rss, kernel_pss, total_rss, total_pss))
-        _stop(proc)
+        stop(proc)
     med = [statistics.median(m[i] for m in memory) / 2**20 for i in range(4)]
     return {"boot_to_ready_ms": statistics.median(times) * 1e3, "runs_ms": [t * 1e3 for t in times],
             "kernel_rss_mib": med[0], "kernel_pss_mib": med[1], "system_rss_mib": med[2], "system_pss_mib": med[3]}

@@ -40,14 +40,19 @@ class _Model:
         self.input_names = [i.name for i in session.get_inputs()]
         #: its last run took under 0.5 ms: run it on the event loop, not in a worker thread
         self.quick = False
-        self.pre = [(op["op"], op.get("params", {})) for op in manifest.get("pre", [])]
-        self.post = [(op["op"], op.get("params", {})) for op in manifest.get("post", [])]
-        if self.pre or self.post:
-            from drivers.ops import pipeline
+        pre, post = manifest.get("pre", []), manifest.get("post", [])
+        #: the manifest's ops, names and parameters checked once, here, at load
+        self.pre: Any = None
+        self.post: Any = None
+        #: what a failing op raises (empty when the model has no ops: numba stays unimported)
+        self.op_errors: tuple[type[Exception], ...] = ()
+        if pre or post:
+            from drivers.ops import OpsError, pipeline
 
-            # names and parameters checked once, when the model is loaded
-            pipeline(self.pre)
-            pipeline(self.post)
+            steps = lambda ops: [(op["op"], op.get("params", {})) for op in ops]  # noqa: E731
+            self.pre = pipeline(steps(pre)) if pre else None
+            self.post = pipeline(steps(post)) if post else None
+            self.op_errors = (OpsError,)
 
 
 class AcceleratorDriver(Service):
@@ -121,10 +126,6 @@ class AcceleratorDriver(Service):
 
     async def _run(self, req: Run, ctx: Context) -> tuple[RunResult, list]:
         m = await self._model(req.model, req.version, req.variant)
-        if (m.pre or m.post) and not req.raw:
-            from drivers.ops import OpsError, run_pipeline
-        else:
-            OpsError = ()  # noqa: N806 - nothing of drivers.ops runs for this model
         arrays = [ctx.tensor(t) for t in req.inputs]  # a malformed descriptor answers bad-message
         if len(arrays) != len(m.input_names) and not (m.pre and len(arrays) == 1):
             raise BadMessage(f"{req.model} takes {len(m.input_names)} input(s) {m.input_names}, got {len(arrays)}")
@@ -133,12 +134,12 @@ class AcceleratorDriver(Service):
             t0 = time.perf_counter()
             xs = arrays
             if m.pre and not req.raw:
-                xs = [run_pipeline(m.pre, arrays[0])]
+                xs = [m.pre(arrays[0])]
             t1 = time.perf_counter()
             outputs = m.session.run(None, dict(zip(m.input_names, xs)))
             t2 = time.perf_counter()
             if m.post and not req.raw:
-                outputs = [outputs[0], run_pipeline(m.post, outputs[0])]
+                outputs = [outputs[0], m.post(outputs[0])]
             if req.features:
                 outputs = [*outputs, xs[0]]
             t3 = time.perf_counter()
@@ -150,7 +151,7 @@ class AcceleratorDriver(Service):
             else:
                 outputs, pre_ms, run_ms, post_ms = await anyio.to_thread.run_sync(compute)
             m.quick = (pre_ms + run_ms + post_ms) < 0.5
-        except OpsError as exc:
+        except m.op_errors as exc:
             raise BadMessage(str(exc)) from exc
         except Exception as exc:  # ORT's errors: wrong dtype/shape, NaN checks...
             message = str(exc).splitlines()[0][:400]
