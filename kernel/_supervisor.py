@@ -25,6 +25,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,9 @@ class ManagedService:
         self.spec = spec
         self.state = State.CONFIGURED
         self.pid = 0
+        #: ``state`` and ``pid`` change together under this lock (see ``_set_state``): the
+        #: router thread reads them for ListServices and must never see one without the other.
+        self.lock = threading.Lock()
         self.popen: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.started_at = 0.0
@@ -107,10 +111,12 @@ class ManagedService:
         return not self.exited.is_set()
 
     def status(self) -> ServiceStatus:
+        with self.lock:
+            state, pid = self.state, self.pid
         return ServiceStatus(
-            name=self.name, state=self.state.value, pid=self.pid, managed=True,
+            name=self.name, state=state.value, pid=pid, managed=True,
             requires=list(self.spec.requires), restarts=self.restarts,
-            uptime=round(time.monotonic() - self.started_at, 3) if self.pid and self.started_at else 0.0,
+            uptime=round(time.monotonic() - self.started_at, 3) if pid and self.started_at else 0.0,
             last_exit=self.last_exit,
         )
 
@@ -158,11 +164,17 @@ class Supervisor:
         self._set_state(svc, State.FAILED, detail)
         self._on_audit("service-failed", svc.name, detail)
 
-    def _set_state(self, svc: ManagedService, state: State, detail: str = "") -> None:
+    def _set_state(self, svc: ManagedService, state: State, detail: str = "", *, pid: int | None = None) -> None:
+        """Move ``svc`` to ``state``; its pid becomes ``pid`` (a new process), stays (the
+        process runs) or becomes 0 (it has exited), in the same step: no reader ever sees
+        an exited process's pid gone while its state still says ready, or a new process's
+        pid beside the old one's state."""
         previous = svc.state
+        with svc.lock:
+            svc.pid = pid if pid is not None else svc.pid if svc.running else 0
+            svc.state = state
         if previous == state:
             return
-        svc.state = state
         changed, svc.changed = svc.changed, anyio.Event()
         changed.set()
         log.info("service_state", name=svc.name, state=state.value, previous=previous.value,
@@ -455,12 +467,11 @@ class Supervisor:
         finally:
             os.close(cred_r)
         svc.popen = popen
-        svc.pid = popen.pid
         svc.spawns += 1
         svc.kill_reason = ""
         svc.started_at = time.monotonic()
         self._by_pid[popen.pid] = svc
-        self._set_state(svc, State.STARTING)
+        self._set_state(svc, State.STARTING, pid=popen.pid)
         self._tg.start_soon(self._pump, svc, popen.stdout, "stdout")
         self._tg.start_soon(self._pump, svc, popen.stderr, "stderr")
         self._tg.start_soon(self._watch_exit, svc, svc.exited)
@@ -469,7 +480,7 @@ class Supervisor:
         await exited.wait()
         status = svc.exit_status or 0
         svc.last_exit = describe_status(status)
-        pid, svc.pid = svc.pid, 0
+        pid = svc.pid  # cleared with the state the keeper (or the stop below) moves it to
         # The service's group may still hold children: none of them survives it.
         _killpg(pid, signal.SIGKILL)
         if self.cgroups is not None:

@@ -310,3 +310,36 @@ requires = ["base"]
     assert started["state"] == "ready"  # base was started first, as top requires it
     services = await states(system)
     assert services["base"].state == "ready" and services["top"].state == "ready"
+
+
+async def test_listservices_never_shows_a_state_without_its_pid(make_system) -> None:
+    """A ready service's pid is never 0 and a restarting one's is: state and pid change
+    together, also while a reader in the router thread asks in the middle of a restart."""
+    system: System = make_system(f"""
+[services.greeter]
+command = {GREETER}
+max_restarts = 50
+restart_window = 60
+backoff_initial = 0.01
+backoff_max = 0.02
+""")
+    from protocols import ListServices, ServiceList
+
+    seen: list[tuple[str, int]] = []
+    pid = (await system.wait_ready("greeter")).services[0].pid
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            async with system.client() as bus:
+                while True:
+                    listing = await bus.call("kernel", ListServices(), ServiceList)
+                    seen.extend((s.state, s.pid) for s in listing.services if s.name == "greeter")
+        tg.start_soon(watch)
+        for _ in range(8):
+            os.kill(pid, signal.SIGKILL)
+            pid = (await system.wait_restarted("greeter", pid)).pid
+        tg.cancel_scope.cancel()
+    running = [(state, p) for state, p in seen if state in ("starting", "ready", "stopping")]
+    assert running and all(p for _, p in running), [s for s in seen if not s[1]]
+    assert all(not p for state, p in seen if state in ("backoff", "stopped", "failed")), seen
+    assert {"backoff", "ready"} <= {state for state, _ in seen}
+    assert system.stop() == 0
