@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["boot", "stop", "matmul_onnx"]
+__all__ = ["boot", "stop", "matmul_onnx", "write_results"]
 
 
 def boot(config: str | None) -> tuple[subprocess.Popen[bytes], Path]:
@@ -49,3 +50,11 @@ def matmul_onnx(n: int, seed: int = 0) -> bytes:
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m.SerializeToString()
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    """The run's figures as indented JSON at ``path`` (its directory created)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")

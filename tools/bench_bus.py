@@ -43,6 +43,7 @@ import zmq
 
 from protocols import SIGNATURE, Codec, Header, Hello, Kind, Ready
 from protocols._transport import recv_frames, send_frames
+from tools._benchkit import write_results
 
 SMALL = b"x" * 64
 TENSOR = 4 * 1024 * 1024
@@ -522,10 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"capability check, {caps['rules']} rules: {caps['uncached_us']:.2f} us uncached "
           f"({caps['wildcard_uncached_us']:.2f} us through wildcards), {caps['cached_us']:.3f} us "
           "on the per-message path (cached per peer)")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {path}")
+    write_results(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from protocols import pack_tensors
 from services import connect
 from protocols.modelstore import Activate, Install, ModelState
 from services.scheduler import Infer
-from tools._benchkit import boot, matmul_onnx, stop
+from tools._benchkit import boot, matmul_onnx, stop, write_results
 
 
 def _config(pub: str, max_batch: int) -> str:
@@ -202,11 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"concurrency 32, 256x256 MatMul: batched {batched:.0f} req/s, unbatched {unbatched:.0f} req/s "
           f"({batched / unbatched:.2f}x; target 2x)")
     print(f"first inference after boot (demo system, numba cache warm): {first_ms:.0f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**results, "added_p50_ms": added / 1000, "batching_ratio": batched / unbatched,
-                               "first_inference_ms": first_ms}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {**results, "added_p50_ms": added / 1000, "batching_ratio": batched / unbatched,
+                            "first_inference_ms": first_ms})
 
 
 if __name__ == "__main__":

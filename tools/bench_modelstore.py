@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import time
@@ -34,7 +33,7 @@ import numpy as np
 from services import connect
 from services.modelstore import Bundle, Manifest
 from protocols.modelstore import Activate, GetModel, Install, ModelEvent, ModelState
-from tools._benchkit import boot, matmul_onnx, stop
+from tools._benchkit import boot, matmul_onnx, stop, write_results
 
 
 def make_bundle(version: str, key, seed: int) -> bytes:
@@ -163,10 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"activate (atomic switch): {med['activate_ms']:.1f} ms")
     print(f"activate to first inference by the new version: {med['switch_ms']:.0f} ms (target 1000 ms); "
           f"requests served meanwhile {r['served']}, failed {r['failed']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**r, "medians": med}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {**r, "medians": med})
 
 
 if __name__ == "__main__":

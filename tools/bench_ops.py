@@ -16,18 +16,17 @@ thread: the kernels release the GIL, so a driver can run them on worker threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numba
 import numpy as np
 
 from drivers.ops import _image, _post, _signal
+from tools._benchkit import write_results
 from tools.build_demo_models import BANDS, RATE, simulate
 
 
@@ -137,13 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                 if r["speedup"] < 2 and r["reference"] == "numpy"]
     if slow_ops:
         print("\nnumba less than 2x faster than numpy: " + "; ".join(slow_ops))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_results(args.out, {
         "runs": args.runs, "min_time_s": args.min_time, "cv2": None if cv2 is None else cv2.__version__,
         "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}, indent=2))
-    print(f"wrote {out}")
+        "machine": platform.machine(), "cpus": os.cpu_count(), "results": results})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -27,7 +26,7 @@ import anyio
 
 from protocols import ListServices, ServiceList, ServiceStateChanged
 from services import connect
-from tools._benchkit import boot, stop
+from tools._benchkit import boot, stop, write_results
 
 BENCH_CONFIG = """
 [services.greeter]
@@ -157,10 +156,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{restart['supervisor_overhead_ms']:.1f} ms (target: restart within 500 ms plus start-up)")
     print(f"kernel: RSS {boot['kernel_rss_mib']:.1f} MiB, PSS {boot['kernel_pss_mib']:.1f} MiB (target RSS <= 40 MiB); "
           f"whole default system: RSS {boot['system_rss_mib']:.1f} MiB, PSS {boot['system_pss_mib']:.1f} MiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"boot": boot, "restart": restart, "params": vars(args)}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"boot": boot, "restart": restart, "params": vars(args)})
 
 
 if __name__ == "__main__":

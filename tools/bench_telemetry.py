@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from protocols.scheduler import Infer
 from protocols.telemetry import MetricFamily, MetricsSnapshot, Sample
 from services import connect
 from services.telemetry._outbox import Outbox
-from tools._benchkit import boot, matmul_onnx, stop
+from tools._benchkit import boot, matmul_onnx, stop, write_results
 from tools.bench_inference import _bundle, _config
 
 
@@ -147,10 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"inference p99: {r['quiet_p99_ms']:.2f} ms quiet, {r['loaded_p99_ms']:.2f} ms under ingestion "
           f"({change:+.1f}%; target under 5%)")
     print(f"outbox durable writes: {r['outbox_writes_per_s']:.0f}/s; telemetry RSS {r['telemetry_rss_mib']:.1f} MiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**r, "p99_change_percent": change}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {**r, "p99_change_percent": change})
 
 
 if __name__ == "__main__":
