@@ -8,6 +8,7 @@ from ._config import (
     OperatorConfig,
     ServiceConfig,
     SystemConfig,
+    config_dir,
     default_config_text,
     load_config,
     parse_config,
@@ -20,7 +21,7 @@ from ._supervisor import State, Supervisor
 __all__ = [
     "ACTIONS", "CapabilitySet", "parse_capability",
     "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
-    "default_config_text", "load_config", "parse_config",
+    "config_dir", "default_config_text", "load_config", "parse_config",
     "KernelError", "ConfigError", "CapabilityError", "BindError", "SpawnError",
     "Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG",
     "Router", "Principal", "RouterStatistics", "State", "Supervisor",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services import get_logger
+from protocols.runtime import get_logger
 
 from ._config import Limits
 

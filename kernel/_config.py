@@ -11,8 +11,11 @@ import re
 import signal
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
 import msgspec
+
+from protocols.runtime import validation_key
 
 from ._caps import CapabilitySet
 from ._exceptions import CapabilityError, ConfigError
@@ -20,12 +23,11 @@ from ._exceptions import CapabilityError, ConfigError
 __all__ = [
     "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
     "parse_size",
-    "load_config", "default_config_text", "SERVICE_NAME",
+    "load_config", "default_config_text", "config_dir", "SERVICE_NAME",
 ]
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_NAMES = frozenset({"kernel", "operator"})
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
 class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,8 +99,13 @@ class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: argv; ``{python}`` is replaced by the kernel's interpreter.  Empty: the kernel does
     #: not start this service, it connects on its own with the credential the kernel writes
-    #: to ``<run-dir>/credentials/<name>`` (mode 0600).
+    #: to ``<run-dir>/credentials/<name>`` (mode 0600).  A relative program path (one with a
+    #: ``/``, such as ``bin/sensor``) is taken from the config file's directory.
     command: list[str] = []
+    #: The service's own settings (``[services.<name>.settings]``), delivered to it in
+    #: Welcome.  Their type is the service's: ``edgebus config check`` and a reload check
+    #: them against it; the kernel only carries them.
+    settings: dict[str, Any] = {}
     capabilities: list[str] = []
     #: Services that must be ready before this one starts.
     requires: list[str] = []
@@ -106,6 +113,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     environment: dict[str, str] = {}
     #: Names of the kernel's own variables passed through unchanged.
     pass_environment: list[str] = []
+    #: Relative to the config file's directory.  Empty: the state directory.
     working_directory: str = ""
     #: Seconds from spawn to READY before the start counts as failed.
     start_timeout: float = 30.0
@@ -149,10 +157,17 @@ def default_config_text() -> str:
     return importlib.resources.files("kernel").joinpath("default.toml").read_text()
 
 
+def config_dir(path: str | Path | None) -> Path:
+    """Where relative paths in a config resolve: the file's directory (for the built-in
+    default, the current directory)."""
+    return Path(path).resolve().parent if path is not None else Path.cwd()
+
+
 def load_config(path: str | Path | None = None) -> tuple[SystemConfig, str]:
     """Read and validate a config file (the built-in default when ``path`` is None).
 
-    Returns the config and the source name used in messages.
+    Returns the config and the source name used in messages.  Relative paths in it
+    (``command`` programs, ``working_directory``) are resolved against its directory.
     """
     if path is None:
         source, text = "<built-in default>", default_config_text()
@@ -162,10 +177,12 @@ def load_config(path: str | Path | None = None) -> tuple[SystemConfig, str]:
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(source, "", f"cannot read the file: {exc.strerror}") from exc
-    return parse_config(text, source), source
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, "", f"not UTF-8 text: {exc}") from exc
+    return parse_config(text, source, config_dir(path)), source
 
 
-def parse_config(text: str, source: str = "<string>") -> SystemConfig:
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> SystemConfig:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -179,20 +196,24 @@ def parse_config(text: str, source: str = "<string>") -> SystemConfig:
         name: _convert(body, ServiceConfig, source, f"services.{name}") for name, body in services.items()
     }
     _validate(config, source)
+    if base_dir is not None:
+        for svc in config.services.values():
+            _resolve_paths(svc, base_dir)
     return config
+
+
+def _resolve_paths(svc: ServiceConfig, base: Path) -> None:
+    if svc.command and "/" in svc.command[0] and not os.path.isabs(svc.command[0]):
+        svc.command[0] = str(base / svc.command[0])
+    if svc.working_directory and not os.path.isabs(svc.working_directory):
+        svc.working_directory = str(base / svc.working_directory)
 
 
 def _convert(raw: object, type_: type, source: str, prefix: str):  # type: ignore[no-untyped-def]
     try:
         return msgspec.convert(raw, type_)
     except msgspec.ValidationError as exc:
-        msg, sep, path = str(exc).partition(" - at `")
-        path = path.rstrip("`").removeprefix("$") if sep else ""
-        unknown = _UNKNOWN_FIELD.match(msg)
-        if unknown:  # name the offending key itself
-            path += "." + unknown.group(1)
-        key = prefix + path if path.startswith("[") else ".".join(filter(None, (prefix, path.lstrip("."))))
-        raise ConfigError(source, key, msg) from exc
+        raise ConfigError(source, *validation_key(exc, prefix)) from exc
 
 
 def _validate(config: SystemConfig, source: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import signal
+import sys
 from pathlib import Path
 
 import anyio
 
-from services import endpoint_for_run_dir, get_logger
+from protocols.runtime import endpoint_for_run_dir, get_logger
 
 import msgspec
 import zmq
@@ -21,7 +23,7 @@ from protocols import Error, ErrorCode, Reload, Reloaded, RestartService, StartS
 from ._caps import CapabilitySet
 from ._cgroup import Cgroups
 from ._attest import MeasurementLog
-from ._config import ServiceConfig, SystemConfig, load_config
+from ._config import ServiceConfig, SystemConfig, config_dir, load_config
 from ._exceptions import ConfigError, KernelError
 from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
@@ -86,6 +88,7 @@ class Kernel:
         self._cgroup_note = why
         self.supervisor = Supervisor(
             config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
+            config_dir=str(config_dir(config_path)),
             issue_credential=self._issue_credential, on_state=self._state_changed,
             on_exit=self._service_exited, on_spawn=self._measure, cgroups=self.cgroups,
             on_audit=lambda kind, name, detail: self.router.submit(self.router.audit, kind, name, detail),
@@ -117,14 +120,14 @@ class Kernel:
     @staticmethod
     def _static_principals(config: SystemConfig, current: dict[str, Principal]) -> dict[str, Principal]:
         """The operator and the external services (credentials kept across reloads)."""
-        wanted = {"operator": (config.operator.capabilities, True)}
+        wanted = {"operator": (config.operator.capabilities, True, {})}
         for name, spec in config.services.items():
             if not spec.managed and spec.enabled:
-                wanted[name] = (spec.capabilities, False)
+                wanted[name] = (spec.capabilities, False, spec.settings)
         result = {}
-        for name, (caps, shared) in wanted.items():
+        for name, (caps, shared, settings) in wanted.items():
             old = current.get(name)
-            result[name] = Principal(name, CapabilitySet(caps), shared=shared, external=not shared,
+            result[name] = Principal(name, CapabilitySet(caps), shared=shared, external=not shared, settings=settings,
                                      **({"credential": old.credential} if old else {}))
         return result
 
@@ -132,8 +135,8 @@ class Kernel:
     # supervisor asks of the router is queued with submit() and runs in the router thread,
     # in order, before the router handles its next message.
 
-    def _issue_credential(self, name: str, capabilities: list[str]) -> str:
-        principal = Principal(name, CapabilitySet(capabilities))
+    def _issue_credential(self, name: str, spec: ServiceConfig) -> str:
+        principal = Principal(name, CapabilitySet(spec.capabilities), settings=spec.settings)
         self.router.submit(self.router.add_principal, principal)
         return principal.credential
 
@@ -241,6 +244,7 @@ class Kernel:
         """Re-read the config; apply it if valid, otherwise change nothing and say why."""
         try:
             new, source = load_config(self.config_path)
+            await _check_settings(self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc), detail="the running system is unchanged")
             raise
@@ -351,6 +355,29 @@ class Kernel:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+_CHECK_TIMEOUT = 60.0
+_CHECK_ERROR = re.compile(r"^edgebus: invalid config (.*?)(?: at (\S+))?: (.*)$", re.S)
+
+
+async def _check_settings(path: str | None) -> None:
+    """Every service's settings against its declared type: the kernel does not import the
+    services, so ``edgebus config check`` does it in a process of its own."""
+    if path is None:
+        return  # the built-in default, checked by the test suite
+    argv = [sys.executable, "-m", "tools.edgebus", "config", "check", "--quiet", path]
+    try:
+        with anyio.fail_after(_CHECK_TIMEOUT):
+            result = await anyio.run_process(argv, check=False)
+    except TimeoutError:
+        raise ConfigError(path, "", f"checking the services' settings took over {_CHECK_TIMEOUT:g}s") from None
+    if result.returncode != 0:
+        text = result.stderr.decode(errors="replace").strip()
+        m = _CHECK_ERROR.match(text)
+        if m:
+            raise ConfigError(m.group(1), m.group(2) or "", m.group(3))
+        raise ConfigError(path, "", f"checking the services' settings failed: {text[-2000:]}")
 
 
 class _ZapLog:

@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import zmq
 
-from protocols._transport import send_frames
+from protocols.transport import send_frames
 from protocols import (
     PROTOCOL_MINOR,
     AuditEvent,
@@ -70,7 +70,7 @@ from protocols import (
     body_tag,
     check_signature,
 )
-from services import get_logger
+from protocols.runtime import get_logger
 
 from ._caps import CapabilitySet, parse_capability
 from ._config import SERVICE_NAME, BusConfig
@@ -106,6 +106,8 @@ class Principal:
     base: tuple[str, ...] = ()
     #: A service the kernel does not start: it may be enrolled to connect over CURVE.
     external: bool = False
+    #: The service's settings table from the config, handed over in Welcome.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -792,6 +794,7 @@ class Router:
             heartbeat_liveness=self.config.heartbeat_liveness,
             max_message_size=self.config.max_message_size,
             minor=PROTOCOL_MINOR,
+            settings=principal.settings,
         )
         self._send([identity, SIGNATURE,
                     self._enc.encode(Header(kind=Kind.REPLY, type="Welcome", id=hdr.id, sender=_KERNEL)),

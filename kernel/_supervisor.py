@@ -34,7 +34,7 @@ import anyio
 import anyio.abc
 
 from protocols import ServiceStatus
-from services import get_logger
+from protocols.runtime import get_logger
 
 from ._cgroup import Cgroups
 from ._config import ServiceConfig, SystemConfig, dependency_order
@@ -131,7 +131,8 @@ class Supervisor:
         endpoint: str,
         run_dir: str,
         state_dir: str,
-        issue_credential: Callable[[str, list[str]], str],
+        config_dir: str = "",
+        issue_credential: Callable[[str, ServiceConfig], str],
         on_state: Callable[[str, str, str, int, str], None] = lambda *a: None,
         on_exit: Callable[[str, str], None] = lambda name, why: None,
         on_spawn: Callable[[str, list[str], ServiceConfig], None] = lambda name, argv, spec: None,
@@ -144,6 +145,7 @@ class Supervisor:
         self.endpoint = endpoint
         self.run_dir = run_dir
         self.state_dir = state_dir
+        self.config_dir = config_dir or os.getcwd()
         self._issue_credential = issue_credential
         self._on_state = on_state
         self._on_exit = on_exit
@@ -390,6 +392,7 @@ class Supervisor:
             EDGEBUS_BUS=self.endpoint,
             EDGEBUS_RUN_DIR=self.run_dir,
             EDGEBUS_STATE_DIR=self.state_dir,
+            EDGEBUS_CONFIG_DIR=self.config_dir,
             EDGEBUS_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
         )
@@ -444,7 +447,7 @@ class Supervisor:
             isolation["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
             env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
             command = [sys.executable, "-I", EXEC_WRAPPER]
-        credential = svc.credential = self._issue_credential(svc.name, svc.spec.capabilities)
+        credential = svc.credential = self._issue_credential(svc.name, svc.spec)
         cred_r, cred_w = os.pipe()
         try:
             os.write(cred_w, credential.encode())

@@ -80,6 +80,9 @@ class Welcome(msgspec.Struct, tag=True, omit_defaults=True):
     heartbeat_liveness: int = 3
     max_message_size: int = 64 * 1024 * 1024
     minor: int = 0
+    #: The service's settings table from the system config (``[services.<name>.settings]``),
+    #: as the config has it; the service decodes it into its own type.
+    settings: dict[str, Any] = {}
 
 
 class Ready(msgspec.Struct, tag=True):

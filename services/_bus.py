@@ -3,6 +3,9 @@
     async with connect("example", endpoint=..., credential=...) as bus:
         reply = await bus.call("other", Ping(), reply_type=Pong, timeout=2)
         await bus.publish("example.tick", Tick(n=1))
+        async with bus.subscribe("alerts.") as sub:
+            async for event in sub:
+                alert = event.decode(Alert)
 
 Runs under asyncio and trio alike (anyio); nothing here blocks the event loop.
 """
@@ -42,9 +45,11 @@ from protocols import (
     body_tag,
     unpack_tensor,
 )
-from protocols._transport import AsyncSocket
+from protocols.runtime import ENV_BUS, ENV_CREDENTIAL_FD, ENV_CREDENTIAL_FILE, ENV_RUN_DIR, endpoint_for_run_dir, get_logger
+from protocols.transport import AsyncSocket
 
 from ._exceptions import (
+    BusError,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
@@ -54,10 +59,9 @@ from ._exceptions import (
     error_from_wire,
     lone_exception,
 )
-from ._logging import get_logger
 from ._metrics import Metrics
 
-__all__ = ["BusClient", "Incoming", "connect", "endpoint_for_run_dir", "read_credential"]
+__all__ = ["BusClient", "Incoming", "Subscription", "connect", "endpoint_for_run_dir", "read_credential"]
 
 log = get_logger(component="bus")
 
@@ -66,18 +70,14 @@ _any_decoder = msgspec.msgpack.Decoder()
 _error_decoder = msgspec.msgpack.Decoder(Error)
 
 
-def endpoint_for_run_dir(run_dir: str | os.PathLike[str]) -> str:
-    return f"ipc://{Path(run_dir).resolve() / 'bus.sock'}"
-
-
 def read_credential() -> str:
     """The credential the kernel handed this process: from the inherited file descriptor
     named by EDGEBUS_CREDENTIAL_FD (read once, then closed), or EDGEBUS_CREDENTIAL_FILE."""
-    fd = os.environ.pop("EDGEBUS_CREDENTIAL_FD", "")
+    fd = os.environ.pop(ENV_CREDENTIAL_FD, "")
     if fd:
         with os.fdopen(int(fd), "rb", closefd=True) as f:
             return f.read().decode().strip()
-    path = os.environ.get("EDGEBUS_CREDENTIAL_FILE", "")
+    path = os.environ.get(ENV_CREDENTIAL_FILE, "")
     if path:
         return Path(path).read_text().strip()
     return ""
@@ -110,6 +110,75 @@ class Incoming(msgspec.Struct):
         return unpack_tensor(desc, self.frames)
 
 
+class Subscription:
+    """Events whose topic starts with one of ``prefixes``, in a bounded queue of this
+    subscription's own (as nats.py's): ``async with bus.subscribe("alerts.") as sub:
+    async for event in sub``.  When the queue is full, new events for it are dropped and
+    counted in ``dropped`` (other subscriptions are not held up).  Leaving the ``async
+    with`` unsubscribes the prefixes no other subscription of this client still uses."""
+
+    def __init__(self, bus: BusClient, prefixes: Sequence[str], max_pending: int, remote: bool) -> None:
+        if not prefixes:
+            raise ValueError("subscribe to at least one topic prefix ('' for every topic)")
+        self.prefixes = tuple(prefixes)
+        self.dropped = 0
+        self._bus = bus
+        self._remote = remote
+        self._in, self._out = anyio.create_memory_object_stream[Incoming](max_pending)
+
+    def matches(self, topic: str) -> bool:
+        return topic.startswith(self.prefixes)
+
+    def _offer(self, incoming: Incoming) -> None:
+        try:
+            self._in.send_nowait(incoming)
+        except anyio.WouldBlock:
+            self.dropped += 1
+            if self.dropped in (1, 100) or self.dropped % 10000 == 0:
+                log.warning("events_dropped", prefixes=list(self.prefixes), dropped=self.dropped,
+                            reason="this subscription's queue is full; consume it faster or raise max_pending")
+        except anyio.ClosedResourceError:
+            pass
+
+    async def __aenter__(self) -> Subscription:
+        bus = self._bus
+        bus._subscriptions.append(self)
+        if self._remote:
+            try:
+                await bus._control(Subscribe(topics=list(self.prefixes)), Subscribed)
+            except BaseException:
+                bus._subscriptions.remove(self)
+                raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        bus = self._bus
+        if self in bus._subscriptions:
+            bus._subscriptions.remove(self)
+        self._in.close()
+        still = {p for s in bus._subscriptions if s._remote for p in s.prefixes}
+        gone = [p for p in self.prefixes if p not in still]
+        if self._remote and gone and not bus.closed:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                try:
+                    await bus._control(Unsubscribe(topics=gone), Subscribed)
+                except (BusError, zmq.ZMQError):
+                    pass  # the connection is going away: so is the subscription
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Incoming:
+        try:
+            return await self._out.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Incoming:
+        """The next event (``async for`` does the same)."""
+        return await self._out.receive()
+
+
 class _Slot:
     __slots__ = ("event", "value")
 
@@ -130,7 +199,6 @@ class BusClient:
         hello: Hello | None = None,
         on_request: Callable[[Incoming], Awaitable[Any]] | None = None,
         max_concurrency: int = 64,
-        event_buffer: int = 1024,
         default_timeout: float = 30.0,
         ctx: zmq.Context | None = None,
     ) -> None:
@@ -152,7 +220,8 @@ class BusClient:
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _Slot] = {}
-        self._events_in, self.events = anyio.create_memory_object_stream[Incoming](event_buffer)
+        self._subscriptions: list[Subscription] = []
+        self.closed = False
         self._decoders: dict[Any, msgspec.msgpack.Decoder] = {}
         self.name = service
         self.welcome: Welcome | None = None
@@ -239,13 +308,16 @@ class BusClient:
         """Publish an event.  A denial comes back asynchronously and is logged."""
         await self._send(Header(kind=Kind.EVENT, type=body_tag(msg), dest=topic), msg, frames)
 
-    async def subscribe(self, *prefixes: str) -> list[str]:
-        """Receive events whose topic starts with any of ``prefixes`` on ``self.events``.
-        Raises Forbidden naming the capability when one is not allowed."""
-        return (await self._control(Subscribe(topics=list(prefixes)), Subscribed)).topics
+    def subscribe(self, *prefixes: str, max_pending: int = 1024) -> Subscription:
+        """Events whose topic starts with any of ``prefixes``, for ``async with ... as sub:
+        async for event in sub``.  Entering raises Forbidden naming the capability when a
+        prefix is not allowed."""
+        return Subscription(self, prefixes, max_pending, remote=True)
 
-    async def unsubscribe(self, *prefixes: str) -> list[str]:
-        return (await self._control(Unsubscribe(topics=list(prefixes)), Subscribed)).topics
+    def receive_unsolicited(self, *prefixes: str, max_pending: int = 1024) -> Subscription:
+        """Events the kernel sends without a Subscribe (``kernel.monitor`` traffic after a
+        Monitor request), on topics starting with ``prefixes``."""
+        return Subscription(self, prefixes, max_pending, remote=False)
 
     async def ready(self) -> None:
         """Tell the kernel this service finished initialising and serves requests now."""
@@ -311,13 +383,15 @@ class BusClient:
                 self._in_flight += 1
                 tg.start_soon(self._serve_one, incoming)
             elif kind == _EVENT:
-                try:
-                    self._events_in.send_nowait(Incoming(header, body, raw))
-                except anyio.WouldBlock:
+                topic = header.dest
+                incoming = Incoming(header, body, raw)
+                taken = False
+                for sub in self._subscriptions:
+                    if sub.matches(topic):
+                        sub._offer(incoming)
+                        taken = True
+                if not taken:  # a subscription just left, or the kernel's view is wider
                     self.dropped_events += 1
-                    if self.dropped_events in (1, 100) or self.dropped_events % 10000 == 0:
-                        log.warning("events_dropped", dropped=self.dropped_events,
-                                    reason="the events stream is full; consume bus.events faster")
             # CONTROL from the kernel (Heartbeat) only refreshes _last_rx.
 
     async def _serve_one(self, incoming: Incoming) -> None:
@@ -383,6 +457,9 @@ class BusClient:
             await anyio.sleep(interval)
 
     async def close(self, reason: str = "") -> None:
+        self.closed = True
+        for sub in self._subscriptions:
+            sub._in.close()
         with anyio.CancelScope(shield=True):
             try:
                 await self._send(Header(kind=Kind.CONTROL, type="Bye"), Bye(reason=reason))
@@ -413,12 +490,12 @@ async def connect(
     kernel knows the peer by its enrolled public key, and no credential is needed.
     """
     if endpoint is None:
-        if run_dir is None and not os.environ.get("EDGEBUS_BUS"):
-            run_dir = os.environ.get("EDGEBUS_RUN_DIR")
+        if run_dir is None and not os.environ.get(ENV_BUS):
+            run_dir = os.environ.get(ENV_RUN_DIR)
         if run_dir is not None:
             endpoint = endpoint_for_run_dir(run_dir)
         else:
-            endpoint = os.environ.get("EDGEBUS_BUS", "")
+            endpoint = os.environ.get(ENV_BUS, "")
     if not endpoint:
         raise ConnectError("<none>", "no bus endpoint: pass --run-dir/--bus or set EDGEBUS_RUN_DIR")
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
@@ -452,5 +529,5 @@ async def connect(
                 raise lone from None
             raise
     finally:
-        client._events_in.close()
+        client.closed = True
         sock.close(0)

@@ -17,6 +17,9 @@ Hierarchy::
         ├── Rejected           (understood, refused given the state: an invalid config to reload)
         └── InternalError
 
+Not a bus error: ``SettingsError``, the service's settings do not decode (the service
+exits 78, naming the key).
+
 A handler raises a RemoteError subclass to answer with that code; any other exception
 becomes ``internal`` (and is logged with its traceback), and the service keeps running.
 """
@@ -28,8 +31,18 @@ from protocols import Error, ErrorCode
 __all__ = [
     "BusError", "ConnectError", "ConnectionLost", "RemoteError", "Forbidden", "Unauthenticated",
     "UnknownDestination", "UnknownType", "BadMessage", "DeadlineExceeded", "Unavailable",
-    "Overloaded", "Rejected", "InternalError", "error_from_wire", "lone_exception",
+    "Overloaded", "Rejected", "InternalError", "error_from_wire", "lone_exception", "SettingsError",
 ]
+
+
+class SettingsError(Exception):
+    """The settings table of a service does not decode into its declared type."""
+
+    def __init__(self, service: str, key: str, problem: str) -> None:
+        self.service = service
+        self.key = key
+        self.problem = problem
+        super().__init__(f"invalid settings of {service or 'this service'!r} at {key}: {problem}")
 
 
 class BusError(Exception):

@@ -17,7 +17,12 @@ A service declares the union of requests it serves and dispatches with ``match``
     if __name__ == "__main__":
         run(Greeter)
 
-Lifecycle: connect and say Hello, ``setup()``, READY, then ``main()`` alongside request
+Settings: ``Settings = MySettings`` (a :class:`services.Settings` Struct) is what the
+config's ``[services.<name>.settings]`` table is decoded into, before ``setup()``, as
+``self.settings``.  Settings that do not decode end the process with status 78 (the
+supervisor does not restart it) and a log line naming the key.
+
+Lifecycle: connect and say Hello, decode the settings, ``setup()``, READY, then ``main()`` alongside request
 handling until SIGTERM/SIGINT; then drain in-flight requests (``stop_grace``), ``teardown()``,
 Bye, exit 0.
 """
@@ -37,14 +42,11 @@ from protocols import BodyDecoder, DecodeError, Header, Hello, unpack_tensor
 from protocols.telemetry import MetricsSnapshot
 
 from ._bus import BusClient, Incoming, connect
-from ._exceptions import BadMessage, BusError, UnknownType, lone_exception
-from ._logging import configure_logging, get_logger
+from ._exceptions import BadMessage, BusError, SettingsError, UnknownType, lone_exception
+from ._settings import decode_settings
+from protocols.runtime import ENV_BACKEND, ENV_SERVICE, EXIT_BUS, EXIT_CONFIG, configure_logging, get_logger
 
-__all__ = ["Service", "Context", "run", "EXIT_CONFIG", "EXIT_BUS"]
-
-#: Exit codes of a service process: 0 after a clean stop on SIGTERM.
-EXIT_BUS = 3       # could not join the bus or lost the kernel
-EXIT_CONFIG = 78   # EX_CONFIG: permanent failure, restarting will not help
+__all__ = ["Service", "Context", "run", "serve"]
 
 
 class Context(msgspec.Struct):
@@ -81,6 +83,8 @@ def _union_members(union: Any) -> list[type]:
 class Service:
     #: Default name; the kernel's EDGEBUS_SERVICE overrides it.
     name: ClassVar[str] = ""
+    #: The type of this service's settings (a ``services.Settings`` Struct), or None.
+    Settings: ClassVar[Any] = None
     #: The tagged union of request types served (``A | B``), or None for no requests.
     Request: ClassVar[Any] = None
     #: The union of reply types, for introspection.
@@ -91,8 +95,10 @@ class Service:
     #: Seconds to let in-flight requests finish after SIGTERM.
     stop_grace: ClassVar[float] = 5.0
 
-    def __init__(self, bus: BusClient) -> None:
+    def __init__(self, bus: BusClient, settings: Any = None) -> None:
         self.bus = bus
+        #: The decoded ``[services.<name>.settings]`` (an instance of ``Settings``).
+        self.settings = settings if settings is not None or self.Settings is None else self.Settings()
         self.log = get_logger()
         #: this process's metrics registry (published by the SDK; add your own)
         self.metrics = bus.metrics
@@ -129,7 +135,7 @@ class Service:
 
 async def serve(cls: type[Service], name: str | None = None, **connect_options: Any) -> None:
     """Run ``cls`` on the bus until SIGTERM/SIGINT (or cancellation)."""
-    name = name or os.environ.get("EDGEBUS_SERVICE") or cls.name
+    name = name or os.environ.get(ENV_SERVICE) or cls.name
     log = get_logger()
     decoder = BodyDecoder(cls.Request) if cls.Request is not None else None
     service: Service | None = None
@@ -146,7 +152,8 @@ async def serve(cls: type[Service], name: str | None = None, **connect_options: 
 
     async with connect(name, hello=cls.hello(name), on_request=on_request if decoder else None,
                        max_concurrency=cls.max_concurrency, **connect_options) as bus:
-        service = cls(bus)
+        assert bus.welcome is not None
+        service = cls(bus, decode_settings(bus.welcome.settings, cls.Settings, service=bus.name))
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as tg:
                 try:
@@ -181,9 +188,9 @@ async def _publish_metrics(bus: BusClient) -> None:
 def run(cls: type[Service], *, backend: str | None = None) -> None:
     """Process entry point: configure logging, pick the anyio backend (EDGEBUS_BACKEND:
     asyncio or trio), run the service, and exit with a meaningful status."""
-    name = os.environ.get("EDGEBUS_SERVICE") or cls.name
+    name = os.environ.get(ENV_SERVICE) or cls.name
     log = configure_logging(name)
-    backend = backend or os.environ.get("EDGEBUS_BACKEND") or "asyncio"
+    backend = backend or os.environ.get(ENV_BACKEND) or "asyncio"
     try:
         try:
             anyio.run(serve, cls, backend=backend)
@@ -195,6 +202,10 @@ def run(cls: type[Service], *, backend: str | None = None) -> None:
     except BusError as exc:
         log.error("service_bus_error", error=str(exc))
         sys.exit(EXIT_BUS)
+    except SettingsError as exc:
+        log.error("settings_invalid", key=exc.key, problem=exc.problem,
+                  detail="fix [services.<name>.settings] in the config; not restarted")
+        sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         pass
     except SystemExit as exc:  # a service's own verdict, e.g. SystemExit(EXIT_CONFIG)

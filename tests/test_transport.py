@@ -15,7 +15,7 @@ import anyio
 import pytest
 import zmq
 
-from protocols._transport import AsyncSocket, recv_frames, send_frames
+from protocols.transport import AsyncSocket, recv_frames, send_frames
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

@@ -16,7 +16,7 @@ import zmq
 
 from kernel import BusConfig, CapabilitySet, Principal, Router
 from protocols import SIGNATURE, Codec, Header, Hello, Kind, Ready, pack_tensors, unpack_tensor
-from protocols._transport import recv_frames, send_frames
+from protocols.transport import recv_frames, send_frames
 
 
 def _address(buf: object) -> int:

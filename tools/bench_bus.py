@@ -42,7 +42,7 @@ import msgspec
 import zmq
 
 from protocols import SIGNATURE, Codec, Header, Hello, Kind, Ready
-from protocols._transport import recv_frames, send_frames
+from protocols.transport import recv_frames, send_frames
 from tools._benchkit import write_results
 
 SMALL = b"x" * 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import anyio
 
@@ -32,15 +33,56 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from kernel import EXIT_CONFIG, ConfigError, load_config
+    """The kernel's checks, each program's existence, and every service's settings table
+    against the type its service declares; nothing is started."""
+    from kernel import EXIT_CONFIG, ConfigError, config_dir, load_config
 
     try:
         config, source = load_config(args.file)
+        checked, unchecked = check_services(config, source, config_dir(args.file))
     except ConfigError as exc:
         print(f"edgebus: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{source}: ok ({len(config.services)} services)")
+    if not args.quiet:
+        print(f"{source}: ok ({len(config.services)} services; settings checked: {', '.join(checked) or 'none'})")
+        for name, why in unchecked:
+            print(f"  services.{name}.settings not checked: {why}")
     return 0
+
+
+def check_services(config: Any, source: str, base: Any) -> tuple[list[str], list[tuple[str, str]]]:
+    """Raise ConfigError for a missing program or settings that do not decode; return the
+    services whose settings were checked and those that could not be (and why)."""
+    import os
+    import shutil
+
+    from kernel import ConfigError
+    from services import SettingsError, decode_settings, service_class
+
+    checked, unchecked = [], []
+    for name, svc in config.services.items():
+        key = f"services.{name}"
+        if not svc.command:
+            if svc.settings:
+                unchecked.append((name, "the service is external (no command)"))
+            continue
+        program = svc.command[0]
+        found = program == "{python}" or (os.access(program, os.X_OK) if "/" in program else shutil.which(program))
+        if not found:
+            raise ConfigError(source, f"{key}.command",
+                              f"program {program!r} does not exist or is not executable"
+                              + ("" if "/" in program else " (looked up in PATH)"))
+        cls, why = service_class(svc.command)
+        if cls is None:
+            if svc.settings:
+                unchecked.append((name, why))
+            continue
+        try:
+            decode_settings(svc.settings, cls.Settings, base=base, service=name)
+        except SettingsError as exc:
+            raise ConfigError(source, f"{key}.{exc.key}", exc.problem) from None
+        checked.append(name)
+    return checked, unchecked
 
 
 def _config_default(args: argparse.Namespace) -> int:
@@ -109,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=_boot)
     config = sub.add_parser("config", help="check or print configs")
     csub = config.add_subparsers(dest="config_command", required=True)
-    check = csub.add_parser("check", help="validate a config file")
-    check.add_argument("file")
+    check = csub.add_parser("check", help="validate a config file and every service's settings, starting nothing")
+    check.add_argument("file", help="the system config (TOML)")
+    check.add_argument("-q", "--quiet", action="store_true", help="print nothing when the config is valid")
     check.set_defaults(func=_config_check)
     default = csub.add_parser("default", help="print the built-in default config")
     default.set_defaults(func=_config_default)
