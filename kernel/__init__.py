@@ -1,5 +1,6 @@
 """The edgebus kernel: supervisor, bus router and capability checks.  Mechanism only."""
 
+from ._attest import ZERO_PCR, extend as extend_pcr
 from ._caps import ACTIONS, CapabilitySet, parse_capability
 from ._config import (
     Limits,
@@ -19,7 +20,7 @@ from ._router import Principal, Router, RouterStatistics
 from ._supervisor import State, Supervisor
 
 __all__ = [
-    "ACTIONS", "CapabilitySet", "parse_capability",
+    "ACTIONS", "CapabilitySet", "parse_capability", "ZERO_PCR", "extend_pcr",
     "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
     "config_dir", "default_config_text", "load_config", "parse_config",
     "KernelError", "ConfigError", "CapabilityError", "BindError", "SpawnError",

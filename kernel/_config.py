@@ -100,7 +100,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: argv; ``{python}`` is replaced by the kernel's interpreter.  Empty: the kernel does
     #: not start this service, it connects on its own with the credential the kernel writes
     #: to ``<run-dir>/credentials/<name>`` (mode 0600).  A relative program path (one with a
-    #: ``/``, such as ``bin/sensor``) is taken from the config file's directory.
+    #: ``/``, such as ``bin/sensor``) or script (``{python} svc.py``) is taken from the
+    #: config file's directory.
     command: list[str] = []
     #: The service's own settings (``[services.<name>.settings]``), delivered to it in
     #: Welcome.  Their type is the service's: ``edgebus config check`` and a reload check
@@ -203,8 +204,13 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
 
 
 def _resolve_paths(svc: ServiceConfig, base: Path) -> None:
-    if svc.command and "/" in svc.command[0] and not os.path.isabs(svc.command[0]):
-        svc.command[0] = str(base / svc.command[0])
+    """The program (a path with a ``/``), the script of a ``{python} script.py`` command,
+    and the working directory are taken from the config file's directory."""
+    argv = svc.command
+    if argv and "/" in argv[0] and not os.path.isabs(argv[0]):
+        argv[0] = str(base / argv[0])
+    if len(argv) > 1 and argv[0] == "{python}" and argv[1].endswith(".py") and not os.path.isabs(argv[1]):
+        argv[1] = str(base / argv[1])
     if svc.working_directory and not os.path.isabs(svc.working_directory):
         svc.working_directory = str(base / svc.working_directory)
 

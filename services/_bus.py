@@ -140,6 +140,14 @@ class Subscription:
         except anyio.ClosedResourceError:
             pass
 
+    def __await__(self) -> Any:
+        """``sub = await bus.subscribe(...)``: subscribed until ``await sub.unsubscribe()``
+        or the end of the connection (as nats.py's)."""
+        return self.__aenter__().__await__()
+
+    async def unsubscribe(self) -> None:
+        await self.__aexit__(None, None, None)
+
     async def __aenter__(self) -> Subscription:
         bus = self._bus
         bus._subscriptions.append(self)

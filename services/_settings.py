@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,26 @@ def decode_settings(raw: dict[str, Any], type_: type | None, *, base: Path | Non
         raise SettingsError(service, *validation_key(exc, "settings")) from None
 
 
-def service_class(command: list[str]) -> tuple[type | None, str]:
+def service_class(command: list[str], working_directory: str = "") -> tuple[type | None, str]:
     """The SDK Service class a command runs, found without running it: for
-    ``python -m module`` the one Service subclass the module defines or exports.
+    ``python -m module`` the one Service subclass the module defines or exports (the
+    module is looked up as ``python -m`` would in ``working_directory``).  A script is not
+    imported (that could run it): its settings are checked when it starts.
     Returns ``(class, "")`` or ``(None, why it cannot be known)``."""
     from ._service import Service
 
     if "-m" not in command[:-1]:
-        return None, "not a `python -m module` command; its settings are the service's own business"
+        return None, "not a `python -m module` command; the service checks its settings when it starts"
     module_name = command[command.index("-m") + 1]
+    if working_directory:
+        sys.path.insert(0, working_directory)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         return None, f"module {module_name!r} cannot be imported: {exc}"
+    finally:
+        if working_directory:
+            sys.path.remove(working_directory)
     found = {
         obj for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, Service) and obj is not Service

@@ -125,14 +125,14 @@ class System:
         """Wait until every named service reports state ``ready`` (event-driven via
         kernel.services, with a ListServices after subscribing so nothing is missed)."""
         async with self.client() as bus:
-            await bus.subscribe("kernel.services")
+            sub = await bus.subscribe("kernel.services")
             with anyio.fail_after(timeout):
                 while True:
                     listing = await bus.call("kernel", ListServices(), ServiceList)
                     states = {s.name: s.state for s in listing.services}
                     if all(states.get(n) == "ready" for n in names):
                         return listing
-                    await bus.events.receive()
+                    await sub.receive()
 
     async def services(self) -> dict[str, Any]:
         async with self.client() as bus:
@@ -142,14 +142,14 @@ class System:
     async def wait_until(self, predicate: Any, timeout: float = 20) -> dict[str, Any]:
         """Re-check ``predicate(services by name)`` at every kernel.services event."""
         async with self.client() as bus:
-            await bus.subscribe("kernel.services")
+            sub = await bus.subscribe("kernel.services")
             with anyio.fail_after(timeout):
                 while True:
                     st = await bus.call("kernel", ListServices(), ServiceList)
                     services = {x.name: x for x in st.services}
                     if predicate(services):
                         return services
-                    await bus.events.receive()
+                    await sub.receive()
 
     async def wait_restarted(self, name: str, old_pid: int, timeout: float = 20) -> Any:
         """Until ``name`` runs again under another pid and is ready."""

@@ -76,7 +76,7 @@ async def test_a_killed_service_fails_its_pending_requests_and_comes_back(make_s
     listing = await system.wait_ready("greeter", "dependent")
     old = {s.name: s.pid for s in listing.services}
     async with system.client("client") as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         failed: list[BaseException] = []
         async with anyio.create_task_group() as tg:
             async def slow_call() -> None:
@@ -104,7 +104,7 @@ async def test_a_killed_service_fails_its_pending_requests_and_comes_back(make_s
                 g = next(s for s in st.services if s.name == "greeter")
                 if g.state == "ready" and g.pid != old["greeter"]:
                     break
-                await bus.events.receive()
+                await sub.receive()
         assert g.restarts == 1 and "SIGKILL" in g.last_exit
         assert (await bus.call("greeter", Greet(who="again"), Greeting, timeout=5)).text == "hello, again"
         dep = next(s for s in st.services if s.name == "dependent")
@@ -149,14 +149,14 @@ stop_timeout = 1.0
 """)
     first = next(s for s in (await system.wait_ready("hung")).services if s.name == "hung")
     async with system.client() as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         with anyio.fail_after(15):
             while True:
                 st = await bus.call("kernel", ListServices(), ServiceList)
                 hung = next(s for s in st.services if s.name == "hung")
                 if hung.state == "ready" and hung.pid != first.pid:
                     break
-                await bus.events.receive()
+                await sub.receive()
     assert hung.restarts == 1
     assert not alive(first.pid)
     assert "service_unresponsive" in system.log()
@@ -168,14 +168,14 @@ async def test_exit_78_is_a_permanent_failure_and_is_not_restarted(make_system) 
 command = ["{python}", "-c", "import sys; sys.exit(78)"]
 """)
     async with system.client() as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         with anyio.fail_after(15):
             while True:
                 st = await bus.call("kernel", ListServices(), ServiceList)
                 broken = next(s for s in st.services if s.name == "broken")
                 if broken.state == "failed":
                     break
-                await bus.events.receive()
+                await sub.receive()
     assert broken.restarts == 0 and "78" in broken.last_exit
 
 

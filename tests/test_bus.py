@@ -117,9 +117,9 @@ async def test_subscribe_and_publish_are_capability_checked(system: System) -> N
         with pytest.raises(Forbidden) as info:
             await bus.subscribe("kernel.")
         assert info.value.capability == "subscribe:kernel.*"
-        await bus.subscribe("example.")
-        with anyio.fail_after(5):
-            event = await bus.events.receive()
+        async with bus.subscribe("example.") as sub:
+            with anyio.fail_after(5):
+                event = await sub.receive()
         assert event.sender == "greeter" and event.header.dest == "example.tick"
         assert isinstance(event.decode(Tick), Tick)
 

@@ -89,10 +89,10 @@ capabilities = ["publish:sensor.*"]
 environment = { EDGEBUS_SENSOR_RATE = "50", EDGEBUS_SENSOR_SHIFT_AT = "6", EDGEBUS_SENSOR_SHIFT_GAIN = "1.5" }
 """)
     async with system.client() as bus:
-        await bus.subscribe("telemetry.drift")
+        sub = await bus.subscribe("telemetry.drift")
         started = anyio.current_time()
         with anyio.fail_after(40):
-            event = (await bus.events.receive()).decode(DriftEvent)
+            event = (await sub.receive()).decode(DriftEvent)
         # none before the shift (6 s in; windows of 200 frames at 50/s are evaluated from 4 s on)
         assert anyio.current_time() - started > 5.0
     assert event.model == "vibration-anomaly"

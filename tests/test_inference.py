@@ -210,18 +210,18 @@ async def test_heat_moves_down_the_ladder_and_back_up(make_system) -> None:
     system = await boot(make_system)
     x = np.array([[0.9, 0.1, 0.1, 0.1]], dtype=np.float32)
     async with system.client() as bus:
-        await bus.subscribe("scheduler.degradation")
+        sub = await bus.subscribe("scheduler.degradation")
         await bus.call("health", Simulate(temperature_c=95.0), Simulated)
         levels = []
         with anyio.fail_after(15):
             while 2 not in levels:
-                levels.append((await bus.events.receive()).decode(Degradation).level)
+                levels.append((await sub.receive()).decode(Degradation).level)
         result, y = await infer(bus, x)
         assert result.variant == "fallback" and result.level == 2 and y.tolist() == [[1.0]]
         await bus.call("health", Simulate(temperature_c=40.0), Simulated)
         with anyio.fail_after(15):
             while levels[-1] != 0:
-                levels.append((await bus.events.receive()).decode(Degradation).level)
+                levels.append((await sub.receive()).decode(Degradation).level)
         assert levels == [1, 2, 1, 0]
         result, y = await infer(bus, x)
         assert result.variant == "full"
@@ -248,11 +248,11 @@ capabilities = ["publish:sensor.*"]
 environment = {{ EDGEBUS_SENSOR_RATE = "50" }}
 """)
     async with system.client() as bus:
-        await bus.subscribe("sensor.")
+        sub = await bus.subscribe("sensor.")
         seen: dict[str, list] = {"sensor.replay": [], "sensor.camera": []}
         with anyio.fail_after(20):
             while len(seen["sensor.replay"]) < 6 or len(seen["sensor.camera"]) < 2:
-                incoming = await bus.events.receive()
+                incoming = await sub.receive()
                 frame = incoming.decode(SensorFrame)
                 seen[incoming.header.dest].append((frame.seq, np.array(incoming.tensor(frame.tensor))))
     replayed = seen["sensor.replay"]

@@ -21,7 +21,7 @@ from protocols.modelstore import (
     Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelList, ModelState, Remove, ReportHealth,
     HealthRecorded, Resolve, Resolved, Rollback,
 )
-from services.modelstore._service import pick_version
+from protocols.modelstore import pick_version
 
 from conftest import BIN, System
 
@@ -164,7 +164,7 @@ async def test_blobs_are_encrypted_and_served_decrypted(store_system) -> None:
 async def test_trial_rolls_back_by_itself_or_commits(store_system) -> None:
     system = store_system
     async with system.client() as bus:
-        await bus.subscribe("modelstore.")
+        sub = await bus.subscribe("modelstore.")
         for v in ("1.0.0", "1.1.0", "1.2.0"):
             await install(bus, bundle(v, KEY))
         state = await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
@@ -186,7 +186,7 @@ async def test_trial_rolls_back_by_itself_or_commits(store_system) -> None:
         events = []
         with anyio.move_on_after(2):
             while len(events) < 8:
-                events.append((await bus.events.receive()).header.dest)
+                events.append((await sub.receive()).header.dest)
         assert "modelstore.rolledback" in events and "modelstore.committed" in events
         # remove is refused for the active version, allowed for an old one
         with pytest.raises(Rejected, match="active"):

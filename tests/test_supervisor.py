@@ -42,11 +42,11 @@ command = {GREETER}
 requires = ["middle"]
 """)
     async with system.client() as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         events: list[ServiceStateChanged] = []
         with anyio.fail_after(20):
             while not any(e.name == "top" and e.state == "ready" for e in events):
-                incoming = await bus.events.receive()
+                incoming = await sub.receive()
                 events.append(incoming.decode(ServiceStateChanged))
     # may have missed base's early events; what follows must be in order
     order = [(e.name, e.state) for e in events if e.state in ("starting", "ready")]

@@ -15,7 +15,7 @@ import pytest
 
 from protocols import ListServices, ServiceList
 from protocols.telemetry import GetUplink, UplinkState
-from services.telemetry._outbox import Outbox
+from services.telemetry import Outbox
 
 from conftest import System, wait_for
 

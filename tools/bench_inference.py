@@ -71,12 +71,12 @@ async def _prepare(tmp: Path, bundles: list[bytes]) -> None:
     from protocols import ListServices, ServiceList
 
     async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         while True:
             st = await bus.call("kernel", ListServices(), ServiceList)
             if st.services and all(s.state == "ready" for s in st.services):
                 break
-            await bus.events.receive()
+            await sub.receive()
         for b in bundles:
             installed = await bus.request("modelstore", Install(), frames=[b], timeout=120)
             from protocols.modelstore import Installed

@@ -87,12 +87,12 @@ capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:sec
         async with connect("bench", run_dir=tmp / "run", credential=cred) as bus:
             from protocols import ListServices, ServiceList
 
-            await bus.subscribe("kernel.services", "modelstore.activated")
+            sub = await bus.subscribe("kernel.services", "modelstore.activated")
             while True:  # until the store is ready
                 st = await bus.call("kernel", ListServices(), ServiceList)
                 if any(s.name == "modelstore" and s.state == "ready" for s in st.services):
                     break
-                await bus.events.receive()
+                await sub.receive()
 
             async def load(version: str) -> ort.InferenceSession:
                 incoming = await bus.request("modelstore", GetModel(name="big", version=version), timeout=60)
@@ -118,7 +118,7 @@ capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:sec
                     await anyio.sleep(0.002)
 
             async def watch() -> None:  # hears activations, warms the new version, then swaps
-                async for incoming in bus.events:
+                async for incoming in sub:
                     if incoming.header.dest != "modelstore.activated":
                         continue
                     ev = incoming.decode(ModelEvent)

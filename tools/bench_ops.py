@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numba
 import numpy as np
 
-from drivers.ops import _image, _post, _signal
+from drivers.ops import image as _image, post as _post, signal as _signal
 from tools._benchkit import write_results
 from tools.build_demo_models import BANDS, RATE, simulate
 

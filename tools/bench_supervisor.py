@@ -69,12 +69,12 @@ def _descendants(pid: int) -> list[int]:
 
 async def _wait_all_ready(endpoint: str, credential: str, names: set[str] | None = None) -> list[Any]:
     async with connect("bench", endpoint=endpoint, credential=credential) as bus:
-        await bus.subscribe("kernel.services")
+        sub = await bus.subscribe("kernel.services")
         while True:
             st = await bus.call("kernel", ListServices(), ServiceList)
             if st.services and all(s.state == "ready" for s in st.services if names is None or s.name in names):
                 return st.services
-            await bus.events.receive()
+            await sub.receive()
 
 
 def _boot(config: str | None) -> tuple[subprocess.Popen[bytes], Path, float]:
@@ -90,7 +90,7 @@ async def measure_restarts(kills: int) -> dict[str, Any]:
         await _wait_all_ready(endpoint, cred)
         latencies, startups = [], []
         async with connect("bench", endpoint=endpoint, credential=cred) as bus:
-            await bus.subscribe("kernel.services")
+            sub = await bus.subscribe("kernel.services")
             for _ in range(kills):
                 st = await bus.call("kernel", ListServices(), ServiceList)
                 pid = next(s.pid for s in st.services if s.name == "greeter")
@@ -98,7 +98,7 @@ async def measure_restarts(kills: int) -> dict[str, Any]:
                 os.kill(pid, signal.SIGKILL)
                 starting = None
                 while True:
-                    ev = (await bus.events.receive()).decode(ServiceStateChanged)
+                    ev = (await sub.receive()).decode(ServiceStateChanged)
                     if ev.name != "greeter":
                         continue
                     if ev.state == "starting":

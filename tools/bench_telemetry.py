@@ -26,7 +26,7 @@ from protocols.modelstore import Activate, Install, Installed, ModelState
 from protocols.scheduler import Infer
 from protocols.telemetry import MetricFamily, MetricsSnapshot, Sample
 from services import connect
-from services.telemetry._outbox import Outbox
+from services.telemetry import Outbox
 from tools._benchkit import boot, matmul_onnx, stop, write_results
 from tools.bench_inference import _bundle, _config
 
@@ -69,12 +69,12 @@ capabilities = ["publish:metrics.loadgen"]
         cred = (tmp / "run" / "credentials" / "operator").read_text()
         async with connect("bench", run_dir=tmp / "run", credential=cred) as bus, \
                 connect("loadgen", run_dir=tmp / "run", credential=(tmp / "run/credentials/loadgen").read_text()) as gen:
-            await bus.subscribe("kernel.services")
+            sub = await bus.subscribe("kernel.services")
             while True:
                 st = await bus.call("kernel", ListServices(), ServiceList)
                 if st.services and all(s.state == "ready" for s in st.services if s.managed):
                     break
-                await bus.events.receive()
+                await sub.receive()
             installed = (await bus.request("modelstore", Install(), frames=[_bundle("small", matmul_onnx(4), 4, key)],
                                            timeout=120)).decode(Installed)
             await bus.call("modelstore", Activate(name=installed.name, version=installed.version), ModelState)

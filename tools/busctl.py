@@ -159,7 +159,7 @@ async def cmd_caps(bus: BusClient, args: argparse.Namespace) -> int:
     if words and words[0] in ("grant", "revoke"):
         if len(words) != 3:
             raise UsageError(f"usage: busctl caps {words[0]} NAME CAPABILITY" + (" [--ttl S]" if words[0] == "grant" else ""))
-        from services.security import GrantCapability, Grants, RevokeCapability
+        from protocols.security import GrantCapability, Grants, RevokeCapability
 
         msg = (GrantCapability(name=words[1], capability=words[2], ttl=args.ttl or 0.0) if words[0] == "grant"
                else RevokeCapability(name=words[1], capability=words[2]))
@@ -185,13 +185,14 @@ async def cmd_caps(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_monitor(bus: BusClient, args: argparse.Namespace) -> int:
+    sub = await bus.receive_unsolicited("kernel.monitor")
     await bus.call("kernel", Monitor(service=args.service or "", message_type=args.type or "",
                                      topic=args.topic or ""), timeout=args.timeout)
     decoder = msgspec.msgpack.Decoder(Traffic)
     seen = 0
     if not args.json:
         print(_table([], ("TIME", "KIND", "TYPE", "SENDER", "DEST", "ID", "BYTES", "OUTCOME")), flush=True)
-    async for incoming in bus.events:
+    async for incoming in sub:
         if incoming.type != "Traffic" or incoming.sender != "kernel":
             continue
         t = decoder.decode(incoming.body)
@@ -208,7 +209,7 @@ async def cmd_monitor(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_audit(bus: BusClient, args: argparse.Namespace) -> int:
-    from services.security import AuditRecords, AuditTail, AuditVerdict, AuditVerify
+    from protocols.security import AuditRecords, AuditTail, AuditVerdict, AuditVerify
 
     if args.action == "tail":
         records = (await bus.call("security", AuditTail(n=args.n), AuditRecords, timeout=args.timeout)).records
@@ -233,7 +234,7 @@ async def cmd_audit(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_trust(bus: BusClient, args: argparse.Namespace) -> int:
-    from services.security import TrustAdd, TrustedKeys, TrustList, TrustRemove
+    from protocols.security import TrustAdd, TrustedKeys, TrustList, TrustRemove
 
     if args.action == "add":
         if not args.key:
@@ -257,7 +258,7 @@ async def cmd_trust(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_attest(bus: BusClient, args: argparse.Namespace) -> int:
-    from services.security import Attest, SignedReport
+    from protocols.security import Attest, SignedReport
 
     signed = await bus.call("security", Attest(nonce=args.nonce or ""), SignedReport, timeout=args.timeout)
     _print_json(signed)  # always JSON: it is meant for `edgebus attest verify`
@@ -265,7 +266,7 @@ async def cmd_attest(bus: BusClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_security(bus: BusClient, args: argparse.Namespace) -> int:
-    from services.security import Enrolled, EnrollKey
+    from protocols.security import Enrolled, EnrollKey
 
     result = await bus.call("security", EnrollKey(name=args.name, public_key=args.public_key), Enrolled,
                             timeout=args.timeout)
@@ -507,7 +508,7 @@ async def cmd_reload(bus: BusClient, args: argparse.Namespace) -> int:
 
 async def cmd_wait(bus: BusClient, args: argparse.Namespace) -> int:
     """Wait for a state: event-driven (kernel.services), checked against GetService."""
-    await bus.subscribe("kernel.services")
+    sub = await bus.subscribe("kernel.services")
     s = None
     with anyio.move_on_after(args.timeout):
         while True:
@@ -516,7 +517,7 @@ async def cmd_wait(bus: BusClient, args: argparse.Namespace) -> int:
                 if args.json:
                     _print_json(s)
                 return 0
-            await bus.events.receive()
+            await sub.receive()
     state = s.state if s else "unknown"
     print(f"busctl: {args.name} is {state!r} after {args.timeout:g}s, not {args.state!r}", file=sys.stderr)
     return EXIT_FAILED

@@ -72,7 +72,7 @@ def check_services(config: Any, source: str, base: Any) -> tuple[list[str], list
             raise ConfigError(source, f"{key}.command",
                               f"program {program!r} does not exist or is not executable"
                               + ("" if "/" in program else " (looked up in PATH)"))
-        cls, why = service_class(svc.command)
+        cls, why = service_class(svc.command, svc.working_directory)
         if cls is None:
             if svc.settings:
                 unchecked.append((name, why))
@@ -100,7 +100,7 @@ def _attest_verify(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from kernel._attest import ZERO_PCR, extend
+    from kernel import ZERO_PCR, extend_pcr as extend
     from services.security import SignedReport, verify_ed25519
 
     try:

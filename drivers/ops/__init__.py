@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from . import _image, _post, _signal
+from . import _image as image, _post as post, _signal as signal  # each family with its numpy references
 from ._exceptions import OpInputError, OpParamsError, OpsError, PipelineError, UnknownOp
 from ._image import (
     bgr_to_gray,
@@ -39,6 +40,7 @@ from ._registry import Op, Pipeline, bands, boolean, choice, integer, number, nu
 from ._signal import band_energies, crest_factor, frame, kurtosis, rms, vibration_features
 
 __all__ = [
+    "image", "post", "signal",
     "OPS", "Op", "Pipeline", "pipeline", "run_pipeline",
     "OpsError", "UnknownOp", "OpParamsError", "PipelineError", "OpInputError",
     "resize", "letterbox", "letterbox_geometry", "normalize", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray",
