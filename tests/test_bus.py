@@ -348,3 +348,28 @@ def test_busctl_without_a_bus_fails_clearly(tmp_path: Path) -> None:
     proc = subprocess.run([str(BIN / "busctl"), "list", "--run-dir", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 3
     assert "is edgebus running" in proc.stderr
+
+
+async def test_subscriptions_have_their_own_bounded_queues(system: System) -> None:
+    """Two subscriptions of one client: each gets what matches it, in order; a full one
+    drops (and counts) only its own events; leaving one keeps the other's prefixes."""
+    async with system.client() as bus:
+        async with bus.subscribe("sub-test.a") as narrow, bus.subscribe("sub-test.", max_pending=2) as wide:
+            await bus.publish("sub-test.b", Tick(n=99))  # only `wide` matches
+            for n in range(5):
+                await bus.publish("sub-test.a.x", Tick(n=n))
+            with anyio.fail_after(5):
+                got = [(await narrow.receive()).decode(Tick).n for _ in range(5)]
+            assert got == [0, 1, 2, 3, 4]
+            # every event reached the client in order before narrow's last: wide kept 2 of 6
+            assert wide.dropped == 4
+            assert [(await wide.receive()).decode(Tick).n for _ in range(2)] == [99, 0]
+            assert narrow.dropped == 0
+        async with bus.subscribe("sub-test.") as wide:
+            async with bus.subscribe("sub-test.") as same:
+                pass  # leaving `same` must not unsubscribe the prefix `wide` still holds
+            await bus.publish("sub-test.c", Tick(n=7))
+            with anyio.fail_after(5):
+                assert (await wide.receive()).decode(Tick).n == 7
+        async for _ in same:  # a subscription that was left is exhausted, not hanging
+            raise AssertionError("no events after leaving")
