@@ -62,7 +62,7 @@ async def test_a_shift_in_the_demo_sensor_raises_a_drift_event(make_system) -> N
 [services.security]
 command = ["{python}", "-m", "services.security"]
 capabilities = ["call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-environment = { EDGEBUS_TRUSTED_KEYS = "demo=1b2919a2f33f79bff04474da0ab8b807def7108184315f111162a4b8c612ea62" }
+settings = { trusted_keys = [{ label = "demo", public_key = "1b2919a2f33f79bff04474da0ab8b807def7108184315f111162a4b8c612ea62" }] }
 [services.modelstore]
 command = ["{python}", "-m", "services.modelstore"]
 requires = ["security"]

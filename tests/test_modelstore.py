@@ -86,7 +86,7 @@ def config(extra: str = "") -> str:
 command = ["{{python}}", "-m", "services.security"]
 capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll",
                 "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-environment = {{ EDGEBUS_TRUSTED_KEYS = "test={pub_hex(KEY)}" }}
+settings = {{ trusted_keys = [{{ label = "test", public_key = "{pub_hex(KEY)}" }}] }}
 
 [services.modelstore]
 command = ["{{python}}", "-m", "services.modelstore"]

@@ -71,7 +71,7 @@ async def run(args: argparse.Namespace) -> dict:
 command = ["{{python}}", "-m", "services.security"]
 capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "call:kernel.GetMeasurements",
                 "subscribe:kernel.audit"]
-environment = {{ EDGEBUS_TRUSTED_KEYS = "bench={pub}" }}
+settings = {{ trusted_keys = [{{ label = "bench", public_key = "{pub}" }}] }}
 [services.modelstore]
 command = ["{{python}}", "-m", "services.modelstore"]
 requires = ["security"]

@@ -11,16 +11,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import anyio
 import msgspec
 
 from protocols import AuditEvent, Enroll, GetMeasurements, Grant, Granted, Measurements, Revoke
-from services import BadMessage, Context, InternalError, Service, UnknownDestination
-from services._files import atomic_write
+from protocols.runtime import ENV_STATE_DIR
+from services import BadMessage, Context, InternalError, Service, Settings, UnknownDestination, atomic_write
 
 from ._audit import AuditLog, verify_log
 from ._exceptions import SealError, SecurityError
@@ -58,35 +60,60 @@ from protocols.security import (
 )
 from ._trust import TrustStore
 
-__all__ = ["SecurityService"]
+__all__ = ["SecurityService", "SecuritySettings", "TrustedKeySetting"]
 
 #: Kernel audit kinds this service records itself, with the requester (``by``).
 _RECORDED_HERE = {"granted", "revoked", "enrolled", "unenrolled"}
 
 
+class TrustedKeySetting(Settings):
+    """A model-signing key the configuration trusts (``busctl trust remove`` cannot drop it)."""
+
+    label: str
+    #: the ed25519 public key, 64 hex characters
+    public_key: Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")]
+
+
+class SecuritySettings(Settings):
+    """``[services.security.settings]``."""
+
+    #: seconds between signed checkpoints of the audit chain (each only if records were added)
+    audit_checkpoint_interval: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: a signed checkpoint after this many records
+    audit_checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: the audit file is rotated (the chain kept) when a record would make it larger
+    audit_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1 << 20
+    #: ``[[services.security.settings.trusted_keys]]``: label, public_key
+    trusted_keys: list[TrustedKeySetting] = []
+
+
 class SecurityService(Service):
     name = "security"
+    Settings = SecuritySettings
     Request = Request
     Reply = Reply
-    checkpoint_interval = float(os.environ.get("EDGEBUS_AUDIT_CHECKPOINT_INTERVAL", "60"))
     publishes = ["security.checkpoint"]
 
     async def setup(self) -> None:
-        state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "security"
+        settings: SecuritySettings = self.settings
+        state = Path(os.environ.get(ENV_STATE_DIR, ".")) / "security"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = state
         self.keys = FileKeyStore(state)
-        self.audit = AuditLog(state / "audit", self.keys.sign,
-                              max_bytes=int(os.environ.get("EDGEBUS_AUDIT_MAX_BYTES", str(1 << 20))),
-                              checkpoint_every=int(os.environ.get("EDGEBUS_AUDIT_CHECKPOINT_EVERY", "100")))
-        self.trust = TrustStore(state / "trust.json", os.environ.get("EDGEBUS_TRUSTED_KEYS", ""))
+        self.audit = AuditLog(state / "audit", self.keys.sign, max_bytes=settings.audit_max_bytes,
+                              checkpoint_every=settings.audit_checkpoint_every)
+        self.trust = TrustStore(state / "trust.json", [(k.label, k.public_key) for k in settings.trusted_keys])
         self.grants_path = state / "grants.json"
         self.grants: list[GrantEntry] = (msgspec.json.decode(self.grants_path.read_bytes(), type=list[GrantEntry])
                                          if self.grants_path.exists() else [])
         self.enrollments_path = state / "enrollments.json"
         self.enrollments: dict[str, str] = (msgspec.json.decode(self.enrollments_path.read_bytes(), type=dict[str, str])
                                             if self.enrollments_path.exists() else {})
-        await self.bus.subscribe("kernel.audit")
+        # Subscribed before READY, so that no kernel event after it goes unrecorded.
+        self._subscriptions = contextlib.AsyncExitStack()
+        self.kernel_events = await self._subscriptions.enter_async_context(
+            self.bus.subscribe("kernel.audit", max_pending=10000))
+        self._appended = anyio.Event()
         # The kernel forgets run-time policy when it restarts; give it back.
         now = time.time()
         self.grants = [g for g in self.grants if g.action == "revoke" or not g.expires or g.expires > now]
@@ -100,40 +127,41 @@ class SecurityService(Service):
 
     async def main(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._record_kernel_events)
             tg.start_soon(self._checkpoints)
+            tg.start_soon(self._sync_audit)
+            await self._record_kernel_events()
 
     async def _record_kernel_events(self) -> None:
-        """Append kernel audit events; one fsync per batch (group commit)."""
+        """Append kernel audit events as they arrive, unsynced; ``_sync_audit`` fsyncs
+        (group commit: one fsync for a burst)."""
         decoder = msgspec.msgpack.Decoder(AuditEvent)
-        events = self.bus.events
+        async for incoming in self.kernel_events:
+            if incoming.sender != "kernel" or incoming.type != "AuditEvent":
+                continue
+            ev = decoder.decode(incoming.body)
+            if ev.kind in _RECORDED_HERE:
+                continue
+            self.audit.append(ev.kind, ev.subject, detail=ev.detail, capability=ev.capability,
+                              by="kernel", when=ev.time or None, sync=False)
+            self._appended.set()
+
+    async def _sync_audit(self) -> None:
         while True:
-            batch = [await events.receive()]
-            while True:
-                try:
-                    batch.append(events.receive_nowait())
-                except anyio.WouldBlock:
-                    break
-            for incoming in batch:
-                if incoming.sender != "kernel" or incoming.type != "AuditEvent":
-                    continue
-                ev = decoder.decode(incoming.body)
-                if ev.kind in _RECORDED_HERE:
-                    continue
-                self.audit.append(ev.kind, ev.subject, detail=ev.detail, capability=ev.capability,
-                                  by="kernel", when=ev.time or None, sync=False)
+            await self._appended.wait()
+            self._appended = anyio.Event()
             self.audit.sync()
 
     async def _checkpoints(self) -> None:
         """Sign the chain every interval and publish the checkpoint on security.checkpoint
         (telemetry sends it upstream, so a fleet server holds the device's signed chain)."""
         while True:
-            await anyio.sleep(self.checkpoint_interval)
+            await anyio.sleep(self.settings.audit_checkpoint_interval)
             record = self.audit.checkpoint()
             if record is not None:
                 await self.bus.publish("security.checkpoint", record)
 
     async def teardown(self) -> None:
+        await self._subscriptions.aclose()
         self.audit.checkpoint()
         self.audit.close()
 

@@ -1,16 +1,17 @@
 """The trust store: ed25519 public keys allowed to sign model bundles.
 
-Keys come from the configuration (EDGEBUS_TRUSTED_KEYS: ``label=hex,label=hex``), which
+Keys come from the configuration (the security service's ``trusted_keys`` setting), which
 cannot be removed at run time, and from ``busctl trust add``, kept in ``trust.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
 
-from services._files import atomic_write
+from services import atomic_write
 
 from ._keys import key_id, verify_ed25519
 from protocols.security import TrustedKey
@@ -29,11 +30,11 @@ def parse_public_key(text: str) -> bytes:
 
 
 class TrustStore:
-    def __init__(self, path: Path, configured: str = "") -> None:
+    def __init__(self, path: Path, configured: Iterable[tuple[str, str]] = ()) -> None:
+        """``configured``: (label, hex public key) pairs from the configuration."""
         self.path = path
         self.keys: dict[str, TrustedKey] = {}
-        for item in filter(None, (p.strip() for p in configured.split(","))):
-            label, _, hexkey = item.rpartition("=")
+        for label, hexkey in configured:
             raw = parse_public_key(hexkey)
             self.keys[key_id(raw)] = TrustedKey(key_id=key_id(raw), public_key=raw.hex(), label=label, source="config")
         if path.exists():
