@@ -67,7 +67,7 @@ settings = { trusted_keys = [{ label = "demo", public_key = "1b2919a2f33f79bff04
 command = ["{python}", "-m", "services.modelstore"]
 requires = ["security"]
 capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
-environment = { EDGEBUS_MODELSTORE_PRELOAD = "builtin-demo" }
+settings = { preload_demo = true }
 [services.accel-cpu]
 command = ["{python}", "-m", "drivers.accel"]
 requires = ["modelstore"]

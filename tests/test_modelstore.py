@@ -93,7 +93,7 @@ command = ["{{python}}", "-m", "services.modelstore"]
 requires = ["security"]
 capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
                 "call:security.AuditAppend", "publish:modelstore.*"]
-environment = {{ EDGEBUS_MODELSTORE_TRIAL_MIN_REQUESTS = "50" }}
+settings = {{ trial_min_requests = 50 }}
 max_restarts = 50     # the crash tests kill it over and over
 backoff_initial = 0.05
 backoff_max = 0.2

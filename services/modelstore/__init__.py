@@ -23,8 +23,11 @@ from ._exceptions import (
     UnknownSigner,
     UnsignedBundle,
 )
+from ._service import ModelStoreService
+from ._settings import ModelStoreSettings
 
 __all__ = [
+    "ModelStoreService", "ModelStoreSettings",
     "Bundle", "Fallback", "FeatureStats", "Manifest", "OpSpec", "Provenance", "Signature", "TensorSpec",
     "Variant", "parse_version",
     "BundleError", "DowngradeRefused", "ModelLoadError", "ModelStoreError", "NoSuchModel", "TamperedBundle",

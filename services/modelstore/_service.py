@@ -20,7 +20,8 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from services import BadMessage, Context, InternalError, Rejected, Service, Unavailable, UnknownDestination
+from protocols.runtime import ENV_STATE_DIR
+from services import BadMessage, Context, InternalError, Rejected, Service, SettingsError, Unavailable, UnknownDestination
 from services.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
 from ._bundle import Bundle, parse_version
@@ -58,6 +59,7 @@ from protocols.modelstore import (
 )
 from services._files import atomic_write
 
+from ._settings import ModelStoreSettings
 from ._store import ModelRecord, Store, StoreState
 
 __all__ = ["ModelStoreService", "pick_version"]
@@ -85,18 +87,13 @@ class _Health(msgspec.Struct):
 
 class ModelStoreService(Service):
     name = "modelstore"
+    Settings = ModelStoreSettings
     Request = Request
     Reply = Reply
     publishes = ["modelstore.*"]
-    keep = int(os.environ.get("EDGEBUS_MODELSTORE_KEEP", "3"))
-    trial_min_requests = int(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MIN_REQUESTS", "50"))
-    #: A trial fails when its error rate exceeds the previous version's by this many points,
-    trial_max_error_increase = float(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MAX_ERROR_INCREASE", "0.02"))
-    #: or its p95 latency exceeds the previous version's by this factor.
-    trial_max_p95_ratio = float(os.environ.get("EDGEBUS_MODELSTORE_TRIAL_MAX_P95_RATIO", "1.5"))
 
     async def setup(self) -> None:
-        root = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "modelstore"
+        root = Path(os.environ.get(ENV_STATE_DIR, ".")) / "modelstore"
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root = root
         sealed = root / "datakey.sealed"
@@ -109,18 +106,21 @@ class ModelStoreService(Service):
             atomic_write(sealed, blob)  # fsync'd: losing it would make every blob unreadable
         self.store = Store(root, key, self._fault)
         self.health: dict[tuple[str, str], _Health] = {}
-        await self._preload(os.environ.get("EDGEBUS_MODELSTORE_PRELOAD", ""))
+        await self._preload()
         for name in self.store.names():
             self.log.info("model_loaded", name=name, versions=self.store.versions(name),
                           active=self.store.record(name).active or None)
 
-    async def _preload(self, where: str) -> None:
-        """Install and activate the bundles of a directory whose models the store lacks
-        (``builtin-demo``: the demo bundles shipped in this package)."""
-        if not where:
-            return
-        directory = Path(__file__).with_name("demo") if where == "builtin-demo" else Path(where)
-        for path in sorted(directory.glob("*.ebm")):
+    async def _preload(self) -> None:
+        """Install and activate the preload bundles (settings ``preload_demo``: the demo
+        bundles shipped in this package; ``preload``: a directory's) whose models the store lacks."""
+        directories = [Path(__file__).with_name("demo")] if self.settings.preload_demo else []
+        if self.settings.preload is not None:
+            if not self.settings.preload.is_dir():
+                raise SettingsError(self.bus.name, "settings.preload",
+                                    f"{self.settings.preload} is not a directory of .ebm bundles")
+            directories.append(self.settings.preload)
+        for path in sorted(p for directory in directories for p in directory.glob("*.ebm")):
             name = Bundle.load(path).manifest.name
             if self.store.versions(name):
                 continue
@@ -252,7 +252,7 @@ class ModelStoreService(Service):
         self.store.add(bundle)
         await self._announce("installed", m.name, m.version, sender, detail=f"signed by {bundle.signature.key_id}")
         for old in self._prune(m.name):
-            await self._announce("removed", m.name, old, "the store", detail=f"pruned: it keeps the newest {self.keep}")
+            await self._announce("removed", m.name, old, "the store", detail=f"pruned: it keeps the newest {self.settings.keep}")
         return Installed(name=m.name, version=m.version, key_id=bundle.signature.key_id, variants=sorted(m.variants))
 
     async def _load_check(self, name: str, variant: str, model: bytes) -> None:
@@ -294,15 +294,15 @@ class ModelStoreService(Service):
         h.p95_ms = max(h.p95_ms, report.p95_ms) if h.requests > report.requests else report.p95_ms
         rec = self.store.record(report.name)
         in_trial = bool(rec.trial) and report.version == rec.trial
-        if not in_trial or h.requests < max(1, self.trial_min_requests):
+        if not in_trial or h.requests < self.settings.trial_min_requests:
             return HealthRecorded(name=report.name, version=report.version, verdict="trial" if in_trial else "")
         base = self.health.get((report.name, rec.previous), _Health())
         base_rate = base.errors / base.requests if base.requests else 0.0
         rate = h.errors / h.requests
         problems = []
-        if rate > base_rate + self.trial_max_error_increase:
+        if rate > base_rate + self.settings.trial_max_error_increase:
             problems.append(f"error rate {rate:.1%} against {base_rate:.1%}")
-        if base.p95_ms and h.p95_ms > base.p95_ms * self.trial_max_p95_ratio:
+        if base.p95_ms and h.p95_ms > base.p95_ms * self.settings.trial_max_p95_ratio:
             problems.append(f"p95 {h.p95_ms:.1f} ms against {base.p95_ms:.1f} ms")
         if problems:
             await self._rollback(report.name, f"trial of {rec.trial} failed its health gates: {'; '.join(problems)}",
@@ -329,7 +329,8 @@ class ModelStoreService(Service):
         rec = self.store.record(name)
         pinned = {rec.active, rec.previous, rec.trial, *rec.split}
         versions = self.store.versions(name)
-        removed = [v for v in (versions[:-self.keep] if len(versions) > self.keep else []) if v not in pinned]
+        keep = self.settings.keep
+        removed = [v for v in (versions[:-keep] if len(versions) > keep else []) if v not in pinned]
         for version in removed:
             self.store.remove_version(name, version)
         return removed
