@@ -1,5 +1,7 @@
 """The edgebus kernel: supervisor, bus router and capability checks.  Mechanism only."""
 
+from protocols.runtime import EXIT_CONFIG, EXIT_ERROR, EXIT_GAVE_UP, EXIT_OK  # edgebus boot's exit statuses
+
 from ._attest import ZERO_PCR, extend as extend_pcr
 from ._caps import ACTIONS, CapabilitySet, parse_capability
 from ._config import (
@@ -15,7 +17,7 @@ from ._config import (
     parse_config,
 )
 from ._exceptions import BindError, CapabilityError, ConfigError, KernelError, SpawnError
-from ._kernel import EXIT_CONFIG, EXIT_ERROR, EXIT_GAVE_UP, EXIT_OK, Kernel, default_dirs
+from ._kernel import Kernel, default_dirs
 from ._router import Principal, Router, RouterStatistics
 from ._supervisor import State, Supervisor
 

@@ -6,8 +6,8 @@ what ``subprocess``'s ``preexec_fn`` would do (which is unsafe in a threaded ker
 Standard library only, so it starts in milliseconds.  The spec arrives as JSON in
 EDGEBUS_EXEC_SPEC and is removed from the environment before exec.
 
-Failures exit 78 (EX_CONFIG: the kernel does not restart the service) after one JSON line
-on stderr naming what could not be applied.
+Failures exit with the spec's ``fail_status`` (the kernel passes EXIT_CONFIG, 78: it does
+not restart the service) after one JSON line on stderr naming what could not be applied.
 """
 
 import json
@@ -15,18 +15,21 @@ import os
 import resource
 import sys
 
-EXIT_PERMANENT_FAILURE = 78
+#: Set from the spec (``fail_status``) before anything can fail.
+fail_status = 1
 
 
 def fail(what: str, exc: BaseException) -> None:
     line = {"event": "isolation_failed", "level": "error", "step": what, "error": f"{type(exc).__name__}: {exc}"}
     sys.stderr.write(json.dumps(line) + "\n")
     sys.stderr.flush()
-    os._exit(EXIT_PERMANENT_FAILURE)
+    os._exit(fail_status)
 
 
 def main() -> None:
+    global fail_status
     spec = json.loads(os.environ.pop("EDGEBUS_EXEC_SPEC"))
+    fail_status = spec["fail_status"]
     for name in spec.get("unset", ()):  # what this interpreter added, not the service's
         os.environ.pop(name, None)
     cgroup = spec.get("cgroup")

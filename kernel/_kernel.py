@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 
-from protocols.runtime import endpoint_for_run_dir, get_logger
+from protocols.runtime import EXIT_GAVE_UP, EXIT_OK, endpoint_for_run_dir, get_logger
 
 import msgspec
 import zmq
@@ -28,15 +28,9 @@ from ._exceptions import ConfigError, KernelError
 from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
 
-__all__ = ["Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG"]
+__all__ = ["Kernel", "default_dirs"]
 
 log = get_logger(component="kernel")
-
-#: Exit codes of ``edgebus boot``.
-EXIT_OK = 0        # clean shutdown after SIGTERM/SIGINT
-EXIT_ERROR = 1     # the kernel could not start (run dir locked, bus cannot bind...)
-EXIT_GAVE_UP = 2   # a critical service exceeded its restart intensity: restart the container
-EXIT_CONFIG = 78   # the config is invalid (EX_CONFIG)
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -15,7 +15,6 @@ the one_for_one / rest_for_one strategies.
 
 from __future__ import annotations
 
-import collections
 import enum
 import errno
 import grp
@@ -34,20 +33,18 @@ import anyio
 import anyio.abc
 
 from protocols import ServiceStatus
-from protocols.runtime import get_logger
+from protocols.runtime import EXIT_CONFIG, get_logger
 
 from ._cgroup import Cgroups
 from ._config import ServiceConfig, SystemConfig, dependency_order
 from ._exceptions import SpawnError
+from ._restart import Ended, History, Intent, also_restart, decide
 
-__all__ = ["Supervisor", "State", "ManagedService", "describe_status", "EXIT_PERMANENT_FAILURE"]
+__all__ = ["Supervisor", "State", "ManagedService", "describe_status"]
 
 log = get_logger(component="supervisor")
 _child_log = get_logger()
 
-#: A service exiting with this status (EX_CONFIG) is not restarted: it reported that
-#: restarting cannot help (bad configuration, missing model...).
-EXIT_PERMANENT_FAILURE = 78
 EXEC_WRAPPER = str(Path(__file__).with_name("_exec.py"))
 
 
@@ -89,7 +86,8 @@ class ManagedService:
         self.exited.set()  # nothing running yet
         self.changed = anyio.Event()
         self.exit_status: int | None = None
-        self.restart_times: collections.deque[float] = collections.deque()
+        #: Restarts within the window and the current back-off (see _restart).
+        self.history = History()
         self.keeper: anyio.CancelScope | None = None
         #: Set when the current keeper task has finished (none running: set).
         self.keeper_done = anyio.Event()
@@ -231,6 +229,7 @@ class Supervisor:
         assert self._tg is not None
         if svc.keeper is None:
             svc.stop_requested = False
+            svc.history = History(svc.history.times)  # a new keeper backs off afresh
             svc.keeper = anyio.CancelScope()
             svc.keeper_done = anyio.Event()
             self._tg.start_soon(self._keep, svc, svc.keeper)
@@ -266,7 +265,6 @@ class Supervisor:
     async def _keep(self, svc: ManagedService, scope: anyio.CancelScope) -> None:
         """Start ``svc`` once its requirements are ready; restart it per its policy."""
         spec = svc.spec
-        backoff = spec.backoff_initial
         try:
             with scope:
                 attempt = 0
@@ -310,44 +308,32 @@ class Supervisor:
                         svc.restart_requested = False
                         svc.restarts += 1
                         continue
-                    ran_for = time.monotonic() - svc.started_at
                     status = svc.exit_status or 0
-                    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                    ended = Ended(code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                                  ran_for=time.monotonic() - svc.started_at, timed_out=timed_out,
+                                  description=svc.last_exit)
                     if svc.kill_reason:
                         self._on_audit("service-killed", svc.name, f"{svc.kill_reason}; {svc.last_exit}")
-                    elif code != 0:
+                    elif ended.code != 0:
                         self._on_audit("service-crashed", svc.name, svc.last_exit)
-                    if code == EXIT_PERMANENT_FAILURE:
-                        self._fail(svc, f"{svc.last_exit}: permanent failure, not restarted")
-                        return
-                    if spec.restart == "temporary" or (spec.restart == "transient" and code == 0 and not timed_out):
-                        self._set_state(svc, State.STOPPED, f"{svc.last_exit}; restart = {spec.restart}")
-                        return
-                    now = time.monotonic()
-                    svc.restart_times.append(now)
-                    while svc.restart_times and svc.restart_times[0] < now - spec.restart_window:
-                        svc.restart_times.popleft()
-                    if len(svc.restart_times) > spec.max_restarts:
-                        reason = (f"{len(svc.restart_times)} restarts within {spec.restart_window:g}s "
-                                  f"(max_restarts = {spec.max_restarts}); last: {svc.last_exit}")
-                        self._fail(svc, reason)
-                        if spec.critical:
-                            self.give_up(f"critical service {svc.name!r} failed: {reason}")
-                        return
-                    # The first crash in a window restarts at once (as OTP does); repeated
-                    # ones back off exponentially: backoff_initial, doubling to backoff_max.
-                    repeats = len(svc.restart_times) - 1
-                    if ran_for > spec.restart_window or repeats == 0:
-                        delay = 0.0
-                        backoff = spec.backoff_initial
-                    else:
-                        delay = backoff
-                        backoff = min(backoff * 2, spec.backoff_max)
-                    svc.restarts += 1
-                    self._set_state(svc, State.BACKOFF, f"{svc.last_exit}; restarting in {delay:g}s")
-                    if self.config.supervisor.strategy == "rest_for_one":
-                        self._restart_dependents(svc)
-                    await anyio.sleep(delay)
+                    decision = decide(spec, ended, svc.history, time.monotonic())
+                    svc.history = decision.history
+                    match decision.intent:
+                        case Intent.STOP:
+                            self._set_state(svc, State.STOPPED, decision.reason)
+                            return
+                        case Intent.FAIL:
+                            self._fail(svc, decision.reason)
+                            return
+                        case Intent.GIVE_UP:
+                            self._fail(svc, decision.reason)
+                            self.give_up(f"critical service {svc.name!r} failed: {decision.reason}")
+                            return
+                        case Intent.RESTART | Intent.BACKOFF:
+                            svc.restarts += 1
+                            self._set_state(svc, State.BACKOFF, decision.reason)
+                            self._restart_with(svc)
+                            await anyio.sleep(decision.delay)
         finally:
             if svc.keeper is scope:
                 svc.keeper = None
@@ -359,23 +345,16 @@ class Supervisor:
             self.fatal_reason = reason
             self.fatal.set()
 
-    def dependents(self, name: str) -> list[str]:
-        """Managed services that require ``name``, directly or not, in start order."""
-        found: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for other in self.services.values():
-                if other.name not in found and any(d == name or d in found for d in other.spec.requires):
-                    found.add(other.name)
-                    changed = True
-        return [n for n in dependency_order(self.config) if n in found]
+    def _also_restart(self, name: str) -> list[str]:
+        """The managed services that restart with ``name`` under the strategy, in start order."""
+        requires = {n: s.spec.requires for n, s in self.services.items()}
+        return also_restart(self.config.supervisor.strategy, name, requires, dependency_order(self.config))
 
-    def _restart_dependents(self, svc: ManagedService) -> None:
+    def _restart_with(self, svc: ManagedService) -> None:
         """rest_for_one: everything that requires ``svc`` stops now and starts again once
         ``svc`` is ready again (its keeper waits for that)."""
         assert self._tg is not None
-        for name in reversed(self.dependents(svc.name)):
+        for name in reversed(self._also_restart(svc.name)):
             dep = self.services[name]
             if dep.running:
                 dep.restart_requested = True
@@ -445,6 +424,7 @@ class Supervisor:
             # The wrapper's Python may coerce the C locale by adding LC_CTYPE (PEP 538):
             # the service's environment must stay exactly what the config says.
             isolation["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
+            isolation["fail_status"] = EXIT_CONFIG  # restarting cannot fix isolation settings
             env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
             command = [sys.executable, "-I", EXEC_WRAPPER]
         credential = svc.credential = self._issue_credential(svc.name, svc.spec)
@@ -568,10 +548,10 @@ class Supervisor:
         spawns = svc.spawns
         for dep in svc.spec.requires:  # like systemd's Requires=: pull in what it needs
             if dep in self.services and self.services[dep].keeper is None:
-                self.services[dep].restart_times.clear()
+                self.services[dep].history = History()
                 self._start_keeper(self.services[dep])
         if svc.keeper is None:
-            svc.restart_times.clear()
+            svc.history = History()
             self._start_keeper(svc)
         elif svc.state == State.READY:
             return svc.status()
@@ -581,7 +561,7 @@ class Supervisor:
 
     async def restart(self, name: str) -> ServiceStatus:
         """Stop and start; under rest_for_one the services requiring it restart too."""
-        cascade = self.dependents(name) if self.config.supervisor.strategy == "rest_for_one" else []
+        cascade = self._also_restart(name)
         for dep in reversed(cascade):
             await self.stop(dep, f"{name!r}, which it requires, restarts")
         await self.stop(name, "restart requested")
@@ -619,7 +599,7 @@ class Supervisor:
         self.config = new
         for name in changed:  # the same object: dependents may be waiting on its events
             self.services[name].spec = new_specs[name]
-            self.services[name].restart_times.clear()
+            self.services[name].history = History()
         for name in added:
             self.services[name] = ManagedService(name, new_specs[name])
         for name in dependency_order(new):
