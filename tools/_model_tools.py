@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
-from services.modelstore import Bundle, BundleError, Manifest, TensorSpec, Variant
+from protocols.modelstore import Manifest, TensorSpec, Variant
+from services.modelstore import Bundle, BundleError
 
 __all__ = ["add_commands"]
 
@@ -32,6 +34,36 @@ def read_private_key(path: str) -> Any:
 
     raw = bytes.fromhex(Path(path).read_text().split()[0])
     return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def unknown_keys(value: Any, type_: Any = Manifest, path: str = "") -> list[str]:
+    """Keys of ``value`` (JSON data) that ``type_`` has no field for, as dotted paths.
+
+    The manifest tolerates unknown fields (a newer device's bundle still installs on an
+    older one), so a misspelt key would be dropped silently: an author's spec is checked
+    here instead, where the author can fix it."""
+    info = type_ if isinstance(type_, msgspec.inspect.Type) else msgspec.inspect.type_info(type_)
+    found: list[str] = []
+    match info:
+        case msgspec.inspect.StructType() if isinstance(value, dict):
+            fields = {f.encode_name: f.type for f in info.fields}
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key not in fields:
+                    found.append(where)
+                else:
+                    found += unknown_keys(item, fields[key], where)
+        case msgspec.inspect.ListType() if isinstance(value, list):
+            for i, item in enumerate(value):
+                found += unknown_keys(item, info.item_type, f"{path}[{i}]")
+        case msgspec.inspect.DictType() if isinstance(value, dict):
+            for key, item in value.items():
+                found += unknown_keys(item, info.value_type, f"{path}.{key}")
+        case msgspec.inspect.UnionType():
+            for member in info.types:
+                if isinstance(member, msgspec.inspect.StructType):
+                    found += unknown_keys(value, member, path)
+    return found
 
 
 def graph_io(model_bytes: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -75,6 +107,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     except Exception as exc:  # onnx raises its own DecodeError & co
         return _fail(f"{args.model} is not an ONNX model: {exc}")
     spec: dict[str, Any] = json.loads(Path(args.spec).read_text()) if args.spec else {}
+    misspelt = unknown_keys(spec)
+    if misspelt:
+        return _fail(f"{args.spec}: unknown manifest key(s) {', '.join(misspelt)}; fix or remove them "
+                     "(the manifest's fields: protocols.modelstore.Manifest)")
     files = {"full.onnx": model}
     variants = {"full": Variant(file="full.onnx", sha256="", size=0)}
     for extra in args.variant or []:

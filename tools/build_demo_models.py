@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     import onnx
     import onnxruntime
 
-    from services.modelstore import Bundle, Manifest
+    from protocols.modelstore import Fallback, FeatureStats, Manifest, OpSpec, Provenance, Variant
+    from services.modelstore import Bundle
     from tools._model_tools import graph_io, read_private_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -164,24 +165,24 @@ def main(argv: list[str] | None = None) -> None:
     sess = onnxruntime.InferenceSession(full_bytes, providers=["CPUExecutionProvider"])
     accuracy = float(((sess.run(None, {"features": X})[0][:, 0] > 0.5) == y).mean())
     inputs, outputs = graph_io(full_bytes)
-    manifest = msgspec.convert({
-        "name": "vibration-anomaly", "version": args.version, "created": time.time(),
-        "author": "edgebus demo", "description": f"bearing-fault detector on 7 vibration features "
-                                                 f"(training accuracy {accuracy:.3f})",
-        "inputs": msgspec.to_builtins(inputs), "outputs": msgspec.to_builtins(outputs),
-        "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0},
-                     "small": {"file": "small.onnx", "sha256": "", "size": 0,
-                               "description": "logistic regression on the same features"}},
-        "pre": [{"op": "signal.frame", "params": {"length": FRAME}},
-                {"op": "signal.vibration_features", "params": {"rate": RATE, "bands": [list(b) for b in BANDS]}}],
-        "post": [{"op": "post.threshold_hysteresis", "params": {"on": 0.7, "off": 0.4}}],
-        "fallback": {"feature": "kurtosis", "threshold": 4.0, "above": 1.0, "below": 0.0},
-        "reference": {"inputs": {}, **{}},
-        "provenance": {"training_data_sha256": hashlib.sha256(X.tobytes()).hexdigest(),
-                       "source_revision": "tools/build_demo_models.py",
-                       "tools": {"numpy": np.__version__, "onnx": onnx.__version__,
-                                 "onnxruntime": onnxruntime.__version__}},
-    } | {"reference": reference(normal)}, Manifest)
+    manifest = Manifest(
+        name="vibration-anomaly", version=args.version, created=time.time(),
+        author="edgebus demo", description=f"bearing-fault detector on 7 vibration features "
+                                          f"(training accuracy {accuracy:.3f})",
+        inputs=inputs, outputs=outputs,
+        variants={"full": Variant(file="full.onnx", sha256="", size=0),
+                  "small": Variant(file="small.onnx", sha256="", size=0,
+                                   description="logistic regression on the same features")},
+        pre=[OpSpec(op="signal.frame", params={"length": FRAME}),
+             OpSpec(op="signal.vibration_features", params={"rate": RATE, "bands": [list(b) for b in BANDS]})],
+        post=[OpSpec(op="post.threshold_hysteresis", params={"on": 0.7, "off": 0.4})],
+        fallback=Fallback(feature="kurtosis", threshold=4.0, above=1.0, below=0.0),
+        reference=msgspec.convert(reference(normal), dict[str, FeatureStats]),
+        provenance=Provenance(training_data_sha256=hashlib.sha256(X.tobytes()).hexdigest(),
+                              source_revision="tools/build_demo_models.py",
+                              tools={"numpy": np.__version__, "onnx": onnx.__version__,
+                                     "onnxruntime": onnxruntime.__version__}),
+    )
     bundle = Bundle.create(manifest, {"full.onnx": full_bytes, "small.onnx": small_bytes})
     bundle.sign(read_private_key(str(key_path)))
     path = out / f"vibration-anomaly-{args.version}.ebm"

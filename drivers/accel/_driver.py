@@ -25,7 +25,7 @@ import anyio
 
 from protocols import pack_tensors
 from services import BadMessage, Context, InternalError, Service, run
-from protocols.modelstore import GetModel, ModelBytes
+from protocols.modelstore import GetModel, Manifest, ModelBytes
 
 from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
 
@@ -33,14 +33,14 @@ __all__ = ["AcceleratorDriver"]
 
 
 class _Model:
-    def __init__(self, session: Any, manifest: dict, providers: list[str]) -> None:
+    def __init__(self, session: Any, manifest: Manifest, providers: list[str]) -> None:
         self.session = session
         self.manifest = manifest
         self.providers = providers
         self.input_names = [i.name for i in session.get_inputs()]
         #: its last run took under 0.5 ms: run it on the event loop, not in a worker thread
         self.quick = False
-        pre, post = manifest.get("pre", []), manifest.get("post", [])
+        pre, post = manifest.pre, manifest.post
         #: the manifest's ops, names and parameters checked once, here, at load
         self.pre: Any = None
         self.post: Any = None
@@ -49,7 +49,7 @@ class _Model:
         if pre or post:
             from drivers.ops import OpsError, pipeline
 
-            steps = lambda ops: [(op["op"], op.get("params", {})) for op in ops]  # noqa: E731
+            steps = lambda ops: [(op.op, op.params) for op in ops]  # noqa: E731
             self.pre = pipeline(steps(pre)) if pre else None
             self.post = pipeline(steps(post)) if post else None
             self.op_errors = (OpsError,)
@@ -109,7 +109,7 @@ class AcceleratorDriver(Service):
                 done.set()
         return self.models[key]
 
-    def _session(self, data: bytes, manifest: dict) -> _Model:
+    def _session(self, data: bytes, manifest: Manifest) -> _Model:
         ort = self.ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads

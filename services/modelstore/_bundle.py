@@ -2,7 +2,7 @@
 
 Layout: a zip archive (stored, not compressed: ONNX files barely compress) with
 
-* ``manifest.json``: the ``Manifest`` (msgspec JSON), which lists every model file with
+* ``manifest.json``: the ``Manifest`` (``protocols.modelstore``, msgspec JSON), which lists every model file with
   its sha256 and size: the signature covers the files through it (the OpenSSF
   model-signing idea);
 * ``signature.json``: ``{"key_id", "public_key", "signature"}``, ed25519 over the exact
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import time
 import zipfile
 from pathlib import Path
@@ -25,99 +24,14 @@ from typing import Any
 
 import msgspec
 
+from protocols.modelstore import Manifest, ManifestError, Variant
+
 from ._exceptions import BundleError, TamperedBundle, UnsignedBundle
 
-__all__ = ["Manifest", "TensorSpec", "OpSpec", "Variant", "Fallback", "FeatureStats", "Provenance",
-           "Signature", "Bundle", "parse_version", "MANIFEST", "SIGNATURE"]
+__all__ = ["Signature", "Bundle", "MANIFEST", "SIGNATURE"]
 
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-
-
-def parse_version(version: str) -> tuple[int, int, int, tuple[Any, ...]]:
-    """Semantic version as a sortable key (a pre-release sorts before its release)."""
-    m = _SEMVER.match(version)
-    if not m:
-        raise BundleError(f"version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
-    pre = m.group(4)
-    pre_key: tuple[Any, ...] = (1,) if pre is None else (0, *((0, int(p)) if p.isdigit() else (1, p)
-                                                            for p in pre.split(".")))
-    return int(m.group(1)), int(m.group(2)), int(m.group(3)), pre_key
-
-
-class TensorSpec(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
-    name: str
-    dtype: str
-    #: None for a dynamic dimension (batch).
-    shape: list[int | None]
-
-
-class OpSpec(msgspec.Struct, omit_defaults=True):
-    """A pre- or post-processing op (a numba kernel in drivers/, by name) and its parameters."""
-
-    op: str
-    params: dict[str, Any] = {}
-
-
-class Variant(msgspec.Struct, omit_defaults=True):
-    file: str
-    sha256: str
-    size: int
-    #: e.g. "int8 dynamic quantisation of full"
-    description: str = ""
-
-
-class Fallback(msgspec.Struct, omit_defaults=True):
-    """The rule-based path used when no model can run: a threshold on one input feature."""
-
-    feature: str
-    threshold: float
-    #: output when feature > threshold, and otherwise
-    above: Any = 1
-    below: Any = 0
-
-
-class FeatureStats(msgspec.Struct, omit_defaults=True):
-    """Reference statistics of one input or output feature, for drift detection."""
-
-    mean: float
-    std: float
-    #: Histogram bin edges and reference proportions (for PSI).
-    bins: list[float] = []
-    proportions: list[float] = []
-    #: how many samples the statistics come from (the KS test treats it as a two-sample test)
-    count: int = 0
-
-
-class Provenance(msgspec.Struct, omit_defaults=True):
-    training_data_sha256: str = ""
-    source_revision: str = ""
-    tools: dict[str, str] = {}
-
-
-class Manifest(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    name: str
-    version: str
-    created: float
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    variants: dict[str, Variant]
-    author: str = ""
-    description: str = ""
-    pre: list[OpSpec] = []
-    post: list[OpSpec] = []
-    fallback: Fallback | None = None
-    reference: dict[str, FeatureStats] = {}
-    provenance: Provenance = msgspec.field(default_factory=Provenance)
-
-    def check(self) -> None:
-        if not _NAME.match(self.name):
-            raise BundleError(f"model name {self.name!r} must be 1-63 of a-z, 0-9, '_' and '-'")
-        parse_version(self.version)
-        if "full" not in self.variants:
-            raise BundleError("a bundle needs a 'full' variant")
 
 
 class Signature(msgspec.Struct):
@@ -133,9 +47,9 @@ class Bundle:
         self.manifest_bytes = manifest_bytes
         try:
             self.manifest = msgspec.json.decode(manifest_bytes, type=Manifest)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.manifest.check()
+        except (msgspec.DecodeError, msgspec.ValidationError, ManifestError) as exc:
             raise BundleError(f"manifest.json: {exc}") from exc
-        self.manifest.check()
         self.files = files
         self.signature = signature
 
@@ -143,6 +57,9 @@ class Bundle:
 
     @classmethod
     def create(cls, manifest: Manifest, files: dict[str, bytes]) -> "Bundle":
+        missing = sorted(v.file for v in manifest.variants.values() if v.file not in files)
+        if missing:
+            raise BundleError(f"the manifest's variants name file(s) {missing} that were not given")
         manifest.variants = {
             name: Variant(file=v.file, sha256=hashlib.sha256(files[v.file]).hexdigest(), size=len(files[v.file]),
                           description=v.description)

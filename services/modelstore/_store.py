@@ -24,9 +24,10 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from services._files import atomic_write
+from protocols.modelstore import Manifest, parse_version
+from services import atomic_write
 
-from ._bundle import Bundle, Manifest, Signature, parse_version
+from ._bundle import Bundle, Signature
 from ._exceptions import ModelStoreError, NoSuchModel
 
 __all__ = ["Store", "ModelRecord", "StoreState"]
