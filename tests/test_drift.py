@@ -76,7 +76,7 @@ capabilities = ["call:modelstore.GetModel"]
 command = ["{python}", "-m", "services.scheduler"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:sensor.*", "publish:samples.*", "publish:results.*", "publish:alerts.*", "publish:scheduler.*"]
-environment = { EDGEBUS_SCHEDULER_PIPELINES = '[{"source": "sensor.vibration", "model": "vibration-anomaly", "rate": 100}]' }
+settings = { drivers = [{ name = "accel-cpu" }], pipelines = [{ source = "sensor.vibration", model = "vibration-anomaly", rate = 100 }] }
 [services.telemetry]
 command = ["{python}", "-m", "services.telemetry"]
 requires = ["modelstore"]

@@ -33,7 +33,8 @@ environment = {{ EDGEBUS_METRICS_INTERVAL = "0.2" }}
 [services.telemetry]
 command = ["{{python}}", "-m", "services.telemetry"]
 capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
-environment = {{ EDGEBUS_TELEMETRY_HTTP = "127.0.0.1:{port}", EDGEBUS_METRICS_INTERVAL = "0.2" }}
+environment = {{ EDGEBUS_METRICS_INTERVAL = "0.2" }}
+settings = {{ http = "127.0.0.1:{port}" }}
 [services.client]
 capabilities = ["call:greeter.Greet", "call:telemetry.GetMetrics"]
 """)

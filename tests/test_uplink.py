@@ -89,7 +89,7 @@ async def test_broker_down_then_back_delivers_every_summary_in_order_exactly_onc
 [services.telemetry]
 command = ["{{python}}", "-m", "services.telemetry"]
 capabilities = ["subscribe:metrics.*", "subscribe:alerts.*", "call:kernel.ListServices"]
-environment = {{ EDGEBUS_TELEMETRY_HTTP = "", EDGEBUS_UPLINK_HOST = "127.0.0.1", EDGEBUS_UPLINK_PORT = "{broker.port}", EDGEBUS_DEVICE_ID = "dev1", EDGEBUS_TELEMETRY_SUMMARY_S = "0.1" }}
+settings = {{ http = "", device_id = "dev1", summary_interval = 0.1, uplink = {{ host = "127.0.0.1", port = {broker.port} }} }}
 backoff_initial = 0.05
 """)
     await system.wait_ready("telemetry")
@@ -147,3 +147,39 @@ def test_a_full_outbox_drops_the_lowest_priority_oldest_first_and_counts(tmp_pat
     outbox.close()
     reopened = Outbox(tmp_path / "o.db", max_bytes=1000)  # durable: the same content after reopening
     assert [q.seq for q in reopened.head(100)][-1] > summaries[-1]
+
+
+async def test_the_broker_password_comes_from_the_environment_variable_the_settings_name(make_system, broker,
+                                                                                       tmp_path: Path) -> None:
+    import pwd
+
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "dev1", "s3cret"], check=True)
+    passwords.chmod(0o600)
+    broker.conf.write_text(f"user {pwd.getpwuid(os.getuid()).pw_name}\nlistener {broker.port} 127.0.0.1\n"
+                           f"allow_anonymous false\npassword_file {passwords}\npersistence false\n")
+    broker.start()
+    config = f"""
+[services.telemetry]
+command = ["{{python}}", "-m", "services.telemetry"]
+capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
+pass_environment = ["EDGEBUS_TEST_UPLINK_PASSWORD"]
+[services.telemetry.settings]
+http = ""
+device_id = "dev1"
+summary_interval = 0.1
+uplink = {{ host = "127.0.0.1", port = {broker.port}, username = "dev1", password_env = "EDGEBUS_TEST_UPLINK_PASSWORD" }}
+"""
+    assert "s3cret" not in config
+    system: System = make_system(config, env={"EDGEBUS_TEST_UPLINK_PASSWORD": "s3cret"})
+    await system.wait_ready("telemetry")
+    with anyio.fail_after(20):
+        while not ((state := await uplink(system)).connected and state.sent > 0):
+            await anyio.sleep(0.1)
+    # Without the variable in its environment, the service stops naming the setting.
+    other: System = make_system(config)
+    services = await other.wait_until(lambda s: s["telemetry"].state == "failed")
+    assert services["telemetry"].last_exit == "exited with status 78"
+    lines = [msgspec.json.decode(line) for line in other.log().splitlines() if '"settings_invalid"' in line]
+    assert [line["key"] for line in lines] == ["settings.uplink.password_env"]
+    assert "EDGEBUS_TEST_UPLINK_PASSWORD is not set" in lines[0]["problem"]

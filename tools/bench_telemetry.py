@@ -60,7 +60,8 @@ async def run(args: argparse.Namespace) -> dict:
 [services.telemetry]
 command = ["{python}", "-m", "services.telemetry"]
 capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
-environment = { EDGEBUS_TELEMETRY_HTTP = "", EDGEBUS_METRICS_INTERVAL = "0.5" }
+environment = { EDGEBUS_METRICS_INTERVAL = "0.5" }
+settings = { http = "" }
 [services.loadgen]
 capabilities = ["publish:metrics.loadgen"]
 """

@@ -112,7 +112,7 @@ class TelemetryService(Service):
             try:
                 manifest = (await self.bus.call("modelstore", InspectModel(name=model, version=version),
                                                 ModelManifest)).manifest
-                reference = manifest.get("reference") or {}
+                reference = msgspec.to_builtins(manifest.reference)
                 self.detectors[key] = DriftDetector(reference, window=self.drift_window, every=self.drift_every) \
                     if reference else None
             except BusError as exc:

@@ -9,12 +9,13 @@ MQTT topics: ``edgebus/<device-id>/<topic>``.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import anyio
 import msgspec
 
-from services import get_logger
+from services import Settings, get_logger
 
 from ._outbox import Outbox
 
@@ -23,22 +24,27 @@ __all__ = ["Uplink", "UplinkSettings"]
 log = get_logger(component="uplink")
 
 
-class UplinkSettings(msgspec.Struct, kw_only=True):
+class UplinkSettings(Settings):
+    """``[services.telemetry.settings.uplink]``: the MQTT broker to forward to."""
+
     host: str
-    port: int = 1883
-    device_id: str = "edgebus"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
     username: str = ""
-    password: str = ""
-    #: CA bundle: turns TLS on
-    tls_ca: str = ""
-    client_cert: str = ""
-    client_key: str = ""
-    keepalive: int = 30
+    #: the NAME of the environment variable holding the password (list it in the service's
+    #: ``pass_environment``): a secret never sits in the config
+    password_env: str = ""
+    #: CA bundle: turns TLS on (relative paths: from the config file's directory)
+    tls_ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    keepalive: Annotated[int, msgspec.Meta(ge=5)] = 30
 
 
 class Uplink:
-    def __init__(self, settings: UplinkSettings, outbox: Outbox) -> None:
+    def __init__(self, settings: UplinkSettings, outbox: Outbox, *, device_id: str, password: str = "") -> None:
         self.settings = settings
+        self.device_id = device_id
+        self.password = password
         self.outbox = outbox
         self.connected = False
         self.sent = 0
@@ -53,12 +59,12 @@ class Uplink:
         import paho.mqtt.client as mqtt
 
         s = self.settings
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgebus-{s.device_id}", clean_session=True)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgebus-{self.device_id}", clean_session=True)
         if s.username:
-            client.username_pw_set(s.username, s.password or None)
-        if s.tls_ca:
-            client.tls_set(ca_certs=s.tls_ca, certfile=s.client_cert or None, keyfile=s.client_key or None,
-                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.username_pw_set(s.username, self.password or None)
+        if s.tls_ca is not None:
+            client.tls_set(ca_certs=str(s.tls_ca), certfile=str(s.client_cert) if s.client_cert else None,
+                           keyfile=str(s.client_key) if s.client_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         return client
 
     async def run(self) -> None:
@@ -95,7 +101,7 @@ class Uplink:
             return
         self.connected = True
         log.info("uplink_connected", host=self.settings.host, queued=self.outbox.count())
-        prefix = f"edgebus/{self.settings.device_id}/"
+        prefix = f"edgebus/{self.device_id}/"
         while True:
             batch = self.outbox.head(100)
             if not batch:
@@ -107,7 +113,7 @@ class Uplink:
                 continue
             for message in batch:
                 # the id the far side de-duplicates on: the outbox sequence, the same on a resend
-                payload = b'{"id":"%s:%d",' % (self.settings.device_id.encode(), message.seq) + message.payload[1:]
+                payload = b'{"id":"%s:%d",' % (self.device_id.encode(), message.seq) + message.payload[1:]
                 info = client.publish(prefix + message.topic, payload, qos=1)
                 delivered = await anyio.to_thread.run_sync(lambda: _wait(info))
                 if not delivered:
