@@ -57,7 +57,7 @@ def mm_bundle() -> bytes:
 
 
 def config(drivers: int = 1, extra: str = "") -> str:
-    names = ",".join(f"accel-{i}" for i in range(drivers))
+    names = ", ".join(f'{{ name = "accel-{i}" }}' for i in range(drivers))
     accel = "".join(f"""
 [services.accel-{i}]
 command = ["{{python}}", "-m", "drivers.accel"]
@@ -78,7 +78,7 @@ command = ["{{python}}", "-m", "services.scheduler"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*",
                 "subscribe:sensor.*", "publish:scheduler.*", "publish:alerts.*", "publish:results.*"]
-environment = {{ EDGEBUS_SCHEDULER_DRIVERS = "{names}", EDGEBUS_SCHEDULER_STEP_S = "0.2", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "5", EDGEBUS_SCHEDULER_HEALTH_REPORT_S = "60" }}
+settings = {{ drivers = [{names}], step_s = 0.2, max_delay_ms = 5, health_report_s = 60 }}
 {extra}"""
 
 

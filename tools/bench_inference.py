@@ -49,7 +49,7 @@ environment = {{ EDGEBUS_ACCEL_THREADS = "1" }}
 command = ["{{python}}", "-m", "services.scheduler"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
-environment = {{ EDGEBUS_SCHEDULER_MAX_BATCH = "{max_batch}", EDGEBUS_SCHEDULER_MAX_DELAY_MS = "0", EDGEBUS_SCHEDULER_MAX_QUEUE = "4096" }}
+settings = {{ max_batch = {max_batch}, max_delay_ms = 0, max_queue = 4096 }}
 """
 
 

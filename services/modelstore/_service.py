@@ -24,7 +24,7 @@ from protocols.runtime import ENV_STATE_DIR
 from services import BadMessage, Context, InternalError, Rejected, Service, SettingsError, Unavailable, UnknownDestination
 from services.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
-from ._bundle import Bundle, parse_version
+from ._bundle import Bundle
 from ._exceptions import (
     BundleError,
     DowngradeRefused,
@@ -56,27 +56,15 @@ from protocols.modelstore import (
     Resolved,
     Rollback,
     Split,
+    parse_version,
+    pick_version,
 )
-from services._files import atomic_write
+from services import atomic_write
 
 from ._settings import ModelStoreSettings
 from ._store import ModelRecord, Store, StoreState
 
-__all__ = ["ModelStoreService", "pick_version"]
-
-
-def pick_version(name: str, key: str, weights: dict[str, float]) -> str:
-    """Sticky weighted choice: the same key always lands on the same version."""
-    total = sum(w for w in weights.values() if w > 0)
-    point = int.from_bytes(hashlib.sha256(f"{name}\0{key}".encode()).digest()[:8], "big") / 2**64 * total
-    for version in sorted(weights, key=parse_version):
-        w = weights[version]
-        if w <= 0:
-            continue
-        if point < w:
-            return version
-        point -= w
-    return max(weights, key=parse_version)
+__all__ = ["ModelStoreService"]
 
 
 class _Health(msgspec.Struct):
@@ -196,7 +184,7 @@ class ModelStoreService(Service):
             case InspectModel(name=name, version=version):
                 version = version or store.record(name).active or (store.versions(name) or [""])[-1]
                 manifest, sig = store.manifest(name, version)
-                return ModelManifest(manifest=msgspec.to_builtins(manifest), key_id=sig.key_id)
+                return ModelManifest(manifest=manifest, key_id=sig.key_id)
             case GetModel(name=name, version=version, variant=variant):
                 self._known(name)
                 version = version or store.record(name).active
@@ -207,8 +195,7 @@ class ModelStoreService(Service):
                     raise BadMessage(f"{name} {version} has no variant {variant!r}; it has {sorted(manifest.variants)}")
                 sha = manifest.variants[variant].sha256
                 data = store.read_file(sha)
-                return ModelBytes(name=name, version=version, variant=variant, sha256=sha,
-                                  manifest=msgspec.to_builtins(manifest)), [data]
+                return ModelBytes(name=name, version=version, variant=variant, sha256=sha, manifest=manifest), [data]
             case Resolve(name=name, key=key):
                 self._known(name)
                 rec = store.record(name)

@@ -1,3 +1,3 @@
-from services.scheduler._scheduler import main
+from services.scheduler._service import main
 
 main()

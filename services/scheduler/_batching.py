@@ -1,0 +1,70 @@
+"""Dynamic batching: requests for the same model, version and priority whose inputs stack
+into one tensor (same shape past the batch axis) share a batch of up to ``max_batch``.
+
+A batch forms while every driver slot is busy: requests that arrive meanwhile join it.
+With a slot free, the first request leaves at once, or after ``max_delay`` when that is
+set: low latency when idle, big batches under load.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import numpy as np
+
+from ._queueing import Job, ModelQueue
+
+__all__ = ["stackable", "take", "form_batch", "stack", "split"]
+
+
+def stackable(first: Job, job: Job) -> bool:
+    """Whether ``job`` may join the batch that ``first`` opened."""
+    return (job.version == first.version and job.priority == first.priority
+            and [a.shape[1:] for a in job.arrays] == [a.shape[1:] for a in first.arrays])
+
+
+def take(queue: ModelQueue, batch: list[Job], max_batch: int, now: float) -> bool:
+    """Move jobs from the head of ``queue`` into ``batch`` (expired ones are answered and
+    dropped) while they stack and it has room.  True when it stopped only because the queue
+    ran dry: more may join if the batch waits."""
+    while len(batch) < max_batch:
+        job = queue.head()
+        if job is None:
+            return True
+        if not stackable(batch[0], job):
+            return False
+        queue.pop()
+        if not queue.expire(job, now):
+            batch.append(job)
+    return False
+
+
+async def form_batch(queue: ModelQueue, max_batch: int, max_delay: float) -> list[Job]:
+    """The next batch of ``queue`` (empty when every queued job had expired)."""
+    first = queue.pop_live(time.time())
+    if first is None:
+        return []
+    batch = [first]
+    end = time.monotonic() + max_delay
+    while take(queue, batch, max_batch, time.time()):
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            break
+        with anyio.move_on_after(remaining):
+            await queue.wait()
+    return batch
+
+
+def stack(batch: list[Job]) -> list[np.ndarray]:
+    """Each input of the batch as one tensor: the jobs' rows along axis 0, in order."""
+    return [np.concatenate([j.arrays[i] for j in batch]) for i in range(len(batch[0].arrays))]
+
+
+def split(batch: list[Job], outputs: list[np.ndarray]) -> None:
+    """Give each job its rows of every output (views, not copies)."""
+    offset = 0
+    for job in batch:
+        n = len(job.arrays[0])
+        job.outputs = [o[offset:offset + n] for o in outputs]
+        offset += n

@@ -1,0 +1,40 @@
+"""Sensor pipelines: frames from a sensor topic, at most ``rate`` per second, through a
+model; each score is a detection, and the alert follows it with hysteresis (raised at
+``on`` or above, cleared at ``off`` or below)."""
+
+from __future__ import annotations
+
+import math
+
+from ._settings import PipelineSettings
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    def __init__(self, settings: PipelineSettings) -> None:
+        self.settings = settings
+        self.source = settings.source
+        self.model = settings.model
+        self.result_topic = settings.result or f"results.{settings.model}"
+        self.alerts_topic = settings.alerts or f"alerts.{settings.model}"
+        self.alert = False
+        self._last = -math.inf
+
+    def admit(self, now: float) -> bool:
+        """Whether a frame arriving at ``now`` (monotonic seconds) goes to the model, or is
+        skipped as over the pipeline's rate."""
+        if now - self._last < 1.0 / self.settings.rate:
+            return False
+        self._last = now
+        return True
+
+    def score(self, value: float) -> bool | None:
+        """Feed one score; the new alert state when it changes, else None."""
+        if not self.alert and value >= self.settings.on:
+            self.alert = True
+            return True
+        if self.alert and value <= self.settings.off:
+            self.alert = False
+            return False
+        return None

@@ -1,0 +1,384 @@
+"""The scheduler service: wires queueing, batching, placement, the degradation ladder and
+the sensor pipelines to the bus.
+
+* Requests: ``Infer`` (admitted into the model's queue, answered when its batch is back)
+  and ``GetSchedule``.
+* Versions come from the model store: the active one, or the A/B split's pick for the
+  request key (``protocols.modelstore.pick_version``, sticky per key).
+* Subscriptions, each consumed by its own task: ``modelstore.`` (the model list changed),
+  ``health.`` (each health source's readings go to the drivers it watches), and one per
+  pipeline's sensor topic.
+* Serving health per model version goes to the model store for its trial gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+
+from protocols import pack_tensors
+from protocols.accel import Run, RunResult
+from protocols.health import Health
+from protocols.modelstore import (
+    HealthRecorded,
+    InspectModel,
+    ListModels,
+    Manifest,
+    ModelList,
+    ModelManifest,
+    ModelState,
+    ReportHealth,
+    pick_version,
+)
+from protocols.scheduler import (
+    Alert,
+    Degradation,
+    Detection,
+    GetSchedule,
+    Infer,
+    InferResult,
+    ModelQueue as QueueState,
+    Reply,
+    Request,
+    Schedule,
+)
+from protocols.sensors import SensorFrame
+from protocols.telemetry import FeatureSamples
+from services import (
+    BusError,
+    Context,
+    Forbidden,
+    Incoming,
+    InternalError,
+    RemoteError,
+    Service,
+    Subscription,
+    Unavailable,
+    UnknownDestination,
+    run,
+)
+
+from ._batching import form_batch, split, stack
+from ._ladder import Ladder, fallback, variant_for
+from ._pipelines import Pipeline
+from ._placement import Driver, apply_health, run_with_failover, thermal_pressure
+from ._queueing import Job, ModelQueue, check_inputs, check_priority
+from ._settings import SchedulerSettings
+
+__all__ = ["Scheduler"]
+
+
+class _Served:
+    """Serving health of one model version since the last report."""
+
+    __slots__ = ("requests", "errors", "latencies_ms")
+
+    def __init__(self) -> None:
+        self.requests = self.errors = 0
+        self.latencies_ms: list[float] = []
+
+
+class Scheduler(Service):
+    name = "scheduler"
+    Settings = SchedulerSettings
+    Request = Request
+    Reply = Reply
+    publishes = ["scheduler.*", "alerts.*", "results.*", "samples.*"]
+    max_concurrency = 256
+
+    settings: SchedulerSettings
+
+    async def setup(self) -> None:
+        s = self.settings
+        self.drivers = [Driver.from_settings(d) for d in s.drivers]
+        self.pipelines = [Pipeline(p) for p in s.pipelines]
+        self.ladder = Ladder(s.hot_c, s.cool_c, s.overload_at)
+        self.queues: dict[str, ModelQueue] = {}
+        self.manifests: dict[tuple[str, str], Manifest] = {}
+        self.models: dict[str, ModelState] = {}
+        self.served: dict[tuple[str, str], _Served] = {}
+        m = self.metrics
+        self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
+                                   ("model", "version"))
+        self.m_compute = m.histogram("edgebus_inference_compute_seconds", "Time of its batch at the driver",
+                                     ("model", "version"))
+        self.m_total = m.histogram("edgebus_inference_total_seconds", "Time from arrival to result",
+                                   ("model", "version"))
+        self.m_batch = m.histogram("edgebus_inference_batch_size", "Requests per batch", ("model",),
+                                   buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.m_depth = m.gauge("edgebus_inference_queue_depth", "Requests waiting", ("model",))
+        self.m_level = m.gauge("edgebus_degradation_level", "0 full, 1 smaller variant, 2 rule-based fallback")
+        self.m_level.set(0)
+        await self._refresh_models()
+        # subscribed before READY, so no event after it is missed; consumed in main()
+        self._subscriptions = contextlib.AsyncExitStack()
+        self._models_sub = await self._subscribe("modelstore.")
+        self._health_sub = await self._subscribe("health.")
+        self._pipeline_subs = [(p, await self._subscribe(p.source)) for p in self.pipelines]
+        self._tg_started = anyio.Event()
+
+    async def _subscribe(self, prefix: str) -> Subscription | None:
+        try:
+            return await self._subscriptions.enter_async_context(self.bus.subscribe(prefix))
+        except Forbidden as exc:  # runs without it; says what is missing
+            self.log.warning("subscription_refused", prefix=prefix, reason=str(exc))
+            return None
+
+    async def teardown(self) -> None:
+        await self._subscriptions.aclose()
+
+    async def main(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._tg_started.set()
+            if self._models_sub is not None:
+                tg.start_soon(self._model_events, self._models_sub)
+            if self._health_sub is not None:
+                tg.start_soon(self._health_events, self._health_sub)
+            for pipeline, sub in self._pipeline_subs:
+                if sub is not None:
+                    tg.start_soon(self._sensor_frames, pipeline, sub)
+            tg.start_soon(self._ladder_steps)
+            tg.start_soon(self._report_health)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
+        match req:
+            case GetSchedule():
+                return self._schedule()
+            case Infer():
+                arrays = [ctx.tensor(t) for t in req.tensors]
+                return await self.infer(req.model, arrays, req.version, req.priority, req.key,
+                                        ctx.deadline or time.time() + self.settings.default_timeout)
+
+    async def infer(self, model: str, arrays: list[np.ndarray], version: str, priority: int, key: str,
+                    deadline: float) -> tuple[InferResult, list]:
+        if not version and model not in self.models:
+            await self._refresh_models()  # installed a moment ago: its event may still be on its way
+        version = version or self._resolve(model, key)
+        check_inputs(model, await self._manifest(model, version), arrays)
+        check_priority(priority)
+        await self._tg_started.wait()
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = ModelQueue(model, self.settings.max_queue)
+            self._tg.start_soon(self._batcher, queue)
+        job = Job(model, version, arrays, priority, deadline)
+        queue.admit(job)
+        try:
+            await job.done.wait()
+        finally:
+            job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        descs, frames = pack_tensors(job.outputs)
+        job.result.outputs = descs
+        return job.result, frames
+
+    # -- models ------------------------------------------------------------------------------------
+
+    async def _refresh_models(self) -> None:
+        try:
+            listing = await self.bus.call("modelstore", ListModels(), ModelList, timeout=10)
+        except BusError as exc:
+            self.log.warning("modelstore_unreachable", error=str(exc))
+            return
+        self.models = {m.name: m for m in listing.models}
+
+    def _resolve(self, model: str, key: str) -> str:
+        state = self.models.get(model)
+        if state is None:
+            raise UnknownDestination(f"no model {model!r} in the model store")
+        if state.split:
+            return pick_version(model, key, state.split)
+        if not state.active:
+            raise Unavailable(f"{model} has no active version; activate one (busctl model activate)")
+        return state.active
+
+    async def _manifest(self, model: str, version: str) -> Manifest:
+        cached = self.manifests.get((model, version))
+        if cached is None:
+            try:
+                reply = await self.bus.call("modelstore", InspectModel(name=model, version=version), ModelManifest)
+            except UnknownDestination:
+                raise UnknownDestination(f"no model {model} {version} in the model store") from None
+            cached = self.manifests[(model, version)] = reply.manifest
+        return cached
+
+    # -- batching and dispatch ---------------------------------------------------------------------
+
+    async def _batcher(self, queue: ModelQueue) -> None:
+        # batches in flight per model: one per driver (acquired here, released by _dispatch)
+        slots = anyio.Semaphore(len(self.drivers))
+        while True:
+            await queue.wait()
+            await slots.acquire()
+            batch = await form_batch(queue, self.settings.max_batch, self.settings.max_delay_ms / 1000)
+            if not batch:
+                slots.release()
+                continue
+            level = self.ladder.level
+            variant = variant_for(self.manifests.get((queue.model, batch[0].version)), level)
+            self._tg.start_soon(self._dispatch, queue, variant, level, batch, slots)
+
+    async def _dispatch(self, queue: ModelQueue, variant: str, level: int, batch: list[Job],
+                        slots: anyio.Semaphore) -> None:
+        model, version = queue.model, batch[0].version
+        started = time.monotonic()
+        try:
+            outputs, driver, compute_ms = await self._compute(model, version, variant, batch)
+        except Exception as exc:  # every client gets an answer, whatever broke
+            if not isinstance(exc, RemoteError):
+                self.log.exception("batch_failed", model=model)
+            error = exc if isinstance(exc, RemoteError) else InternalError(f"{type(exc).__name__}: {exc}")
+            for job in batch:
+                job.fail(error)
+            queue.failed += len(batch)
+            self._record(model, version, len(batch), len(batch), time.monotonic() - started)
+            return
+        finally:
+            slots.release()
+        now = time.monotonic()
+        split(batch, outputs)
+        for job in batch:
+            job.result = InferResult(model=model, version=version, variant=variant, outputs=[], level=level,
+                                     driver=driver, batch=len(batch), queue_ms=(started - job.enqueued) * 1e3,
+                                     compute_ms=compute_ms, total_ms=(now - job.enqueued) * 1e3)
+            job.done.set()
+        queue.batches += 1
+        queue.batched += len(batch)
+        queue.served += len(batch)
+        queue.late += sum(1 for job in batch if job.cancelled)
+        queue.batch_took(now - started)
+        self.m_batch.observe(len(batch), model)
+        self.m_depth.set(len(queue), model)
+        for job in batch:
+            self.m_queue.observe(started - job.enqueued, model, version)
+            self.m_compute.observe(now - started, model, version)
+            self.m_total.observe(now - job.enqueued, model, version)
+        self._record(model, version, len(batch), 0, now - started)
+
+    async def _compute(self, model: str, version: str, variant: str,
+                       batch: list[Job]) -> tuple[list[np.ndarray], str, float]:
+        """The batch's outputs, the driver that computed them and its compute time."""
+        inputs = stack(batch)
+        manifest = self.manifests[(model, version)]
+        if variant == "fallback":
+            return fallback(manifest, inputs[0]), "scheduler", 0.0
+        # the input features, for drift detection (not for the clients)
+        features = bool(manifest.pre and manifest.reference)
+        descs, frames = pack_tensors(inputs)
+
+        async def send(driver: Driver) -> Any:
+            return await self.bus.request(driver.name, Run(model=model, version=version, variant=variant,
+                                                           inputs=descs, features=features),
+                                          frames=frames, deadline=deadline)
+
+        def failed(driver: Driver, exc: Exception) -> None:
+            self.log.warning("driver_failed", driver=driver.name, model=model, error=str(exc))
+
+        deadline = max(j.deadline for j in batch)
+        incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
+        result = incoming.decode(RunResult)
+        outputs = [incoming.tensor(t) for t in result.outputs]
+        if features:
+            fdescs, fframes = pack_tensors([outputs.pop()])
+            await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
+                                                                      tensor=fdescs[0]), frames=fframes)
+        return outputs, driver.name, result.compute_ms
+
+    # -- the ladder --------------------------------------------------------------------------------
+
+    async def _ladder_steps(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.step_s)
+            depth = sum(len(q) for q in self.queues.values())
+            step = self.ladder.step(thermal_pressure(self.drivers, time.monotonic()), depth)
+            if step is not None:
+                self.m_level.set(step.level)
+                self.log.warning("degradation", level=step.level, previous=step.previous, reason=step.reason)
+                await self.bus.publish("scheduler.degradation", Degradation(level=step.level, previous=step.previous,
+                                                                            reason=step.reason))
+
+    # -- events: model store, health, sensors ------------------------------------------------------
+
+    async def _model_events(self, sub: Subscription) -> None:
+        async for _ in sub:
+            await self._refresh_models()
+
+    async def _health_events(self, sub: Subscription) -> None:
+        async for incoming in sub:
+            if incoming.type != "Health":
+                continue
+            reading = incoming.decode(Health)
+            # the sender is stamped by the kernel: the health driver that measured it
+            apply_health(self.drivers, incoming.sender, reading.temperature_c)
+
+    async def _sensor_frames(self, pipeline: Pipeline, sub: Subscription) -> None:
+        async for incoming in sub:
+            if incoming.header.dest != pipeline.source or incoming.type != "SensorFrame":
+                continue
+            if not pipeline.admit(time.monotonic()):
+                continue  # over the pipeline's rate: this frame is skipped
+            self._tg.start_soon(self._run_pipeline, pipeline, incoming)
+
+    async def _run_pipeline(self, pipeline: Pipeline, incoming: Incoming) -> None:
+        frame = incoming.decode(SensorFrame)
+        samples = incoming.tensor(frame.tensor).copy()
+        model = pipeline.model
+        try:
+            result, frames = await self.infer(model, [samples[None, :]], "", 1, pipeline.source,
+                                              time.time() + pipeline.settings.timeout)
+        except RemoteError as exc:
+            self.log.warning("pipeline_failed", model=model, source=pipeline.source, error=str(exc))
+            return
+        score = float(np.asarray(frames[0]).view(np.float32).reshape(-1)[0]) if frames else 0.0
+        changed = pipeline.score(score)
+        await self.bus.publish(pipeline.result_topic, Detection(model=model, version=result.version,
+                                                                source=pipeline.source, seq=frame.seq, score=score,
+                                                                alert=pipeline.alert, level=result.level))
+        if changed is not None:
+            state = "raised" if changed else "cleared"
+            self.log.warning("alert", model=model, source=pipeline.source, state=state, score=round(score, 3))
+            await self.bus.publish(pipeline.alerts_topic, Alert(model=model, source=pipeline.source, state=state,
+                                                                score=score, seq=frame.seq))
+
+    # -- health reports for the model store's trial gates ------------------------------------------
+
+    def _record(self, model: str, version: str, n: int, errors: int, seconds: float) -> None:
+        entry = self.served.setdefault((model, version), _Served())
+        entry.requests += n
+        entry.errors += errors
+        entry.latencies_ms.extend([seconds * 1e3] * n)
+
+    async def _report_health(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.health_report_s)
+            served, self.served = self.served, {}
+            for (model, version), s in served.items():
+                p95 = float(np.percentile(s.latencies_ms, 95)) if s.latencies_ms else 0.0
+                try:
+                    await self.bus.call("modelstore", ReportHealth(name=model, version=version, requests=s.requests,
+                                                                   errors=s.errors, p95_ms=p95), HealthRecorded)
+                except BusError as exc:
+                    self.log.warning("health_report_failed", error=str(exc))
+
+    def _schedule(self) -> Schedule:
+        now = time.monotonic()
+        return Schedule(
+            level=self.ladder.level, pressure=self.ladder.pressure,
+            models=[QueueState(model=m, depth=len(q), served=q.served, expired=q.expired, failed=q.failed,
+                               late=q.late, batches=q.batches,
+                               mean_batch=round(q.batched / q.batches, 2) if q.batches else 0.0)
+                    for m, q in sorted(self.queues.items())],
+            drivers=[d.state(now) for d in self.drivers])
+
+
+def main() -> None:
+    run(Scheduler)
