@@ -81,7 +81,7 @@ settings = { drivers = [{ name = "accel-cpu" }], pipelines = [{ source = "sensor
 command = ["{python}", "-m", "services.telemetry"]
 requires = ["modelstore"]
 capabilities = ["subscribe:metrics.*", "subscribe:samples.*", "call:modelstore.InspectModel", "publish:telemetry.*", "call:kernel.ListServices"]
-environment = { EDGEBUS_TELEMETRY_HTTP = "", EDGEBUS_DRIFT_WINDOW = "200", EDGEBUS_DRIFT_EVERY = "25" }
+settings = { http = "", drift_window = 200, drift_every = 25 }
 [services.vibration]
 command = ["{python}", "-m", "drivers.sensors", "vibration"]
 requires = ["scheduler", "telemetry"]

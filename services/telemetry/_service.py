@@ -2,16 +2,19 @@
 
 Services publish their registry on ``metrics.<service>`` every interval; the kernel's own
 counters (requests, events, denials per service) come from its ListServices.  The
-Prometheus text format is served over HTTP on ``EDGEBUS_TELEMETRY_HTTP`` (loopback by
+Prometheus text format is served over HTTP on the ``http`` setting's address (loopback by
 default, ``127.0.0.1:9464``; empty: no HTTP) at ``/metrics``, and on the bus (GetMetrics,
-``busctl metrics``).
+``busctl metrics``).  One subscription per concern, each consumed by its own task:
+metrics, alerts and audit checkpoints (forwarded upstream), feature samples (drift).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -35,11 +38,13 @@ from protocols.telemetry import (
     Sample,
     UplinkState,
 )
-from services import BusError, Context, Forbidden, Service, run
+from protocols.runtime import ENV_STATE_DIR
+from services import BusError, Context, Forbidden, Incoming, Service, SettingsError, Subscription, run
 
 from ._drift import DriftDetector
 from ._outbox import PRIORITY, Outbox
 from ._prometheus import render
+from ._settings import TelemetrySettings
 from ._uplink import Uplink, UplinkSettings
 
 __all__ = ["TelemetryService"]
@@ -47,52 +52,80 @@ __all__ = ["TelemetryService"]
 
 class TelemetryService(Service):
     name = "telemetry"
+    Settings = TelemetrySettings
     Request = Request
     Reply = Reply
 
     async def setup(self) -> None:
-        env = os.environ.get
+        settings: TelemetrySettings = self.settings
         self.snapshots: dict[str, list[MetricFamily]] = {}
         self.seen: dict[str, float] = {}
-        await self.bus.subscribe("metrics.")
-        for prefix, what in (("alerts.", "alerts_not_forwarded"), ("samples.", "drift_off"),
-                             ("security.checkpoint", "checkpoints_not_forwarded")):
-            try:
-                await self.bus.subscribe(prefix)
-            except Forbidden as exc:
-                self.log.warning(what, reason=str(exc))
+        # Subscribed before READY, so that nothing published after it is missed.
+        self.subscriptions = contextlib.AsyncExitStack()
+        self.metric_events = await self._subscribe("metrics.")
+        self.alert_events = await self._subscribe("alerts.", if_forbidden="alerts_not_forwarded")
+        self.sample_events = await self._subscribe("samples.", if_forbidden="drift_off")
+        self.checkpoint_events = await self._subscribe("security.checkpoint", if_forbidden="checkpoints_not_forwarded")
         self.detectors: dict[tuple[str, str], DriftDetector | None] = {}
-        self.drift_window = int(env("EDGEBUS_DRIFT_WINDOW", "200"))
-        self.drift_every = int(env("EDGEBUS_DRIFT_EVERY", "50"))
+        self.drift_window = settings.drift_window
+        self.drift_every = settings.drift_every
         self.m_psi = self.metrics.gauge("edgebus_drift_psi", "PSI of the latest window against the reference",
                                         ("model", "version", "feature"))
         self.m_drift = self.metrics.counter("edgebus_drift_events", "Drift events raised", ("model", "version"))
         self.m_ingested = self.metrics.counter("edgebus_telemetry_samples_ingested", "Metric samples received")
-        state = Path(os.environ.get("EDGEBUS_STATE_DIR", ".")) / "telemetry"
+        state = Path(os.environ.get(ENV_STATE_DIR, ".")) / "telemetry"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.outbox = Outbox(state / "outbox.db", max_bytes=int(env("EDGEBUS_OUTBOX_MAX_BYTES", str(64 << 20))),
-                             max_age=float(env("EDGEBUS_OUTBOX_MAX_AGE_S", str(7 * 86400))),
-                             min_free_share=float(env("EDGEBUS_OUTBOX_MIN_FREE_SHARE", "0.05")))
-        self.device = env("EDGEBUS_DEVICE_ID", "edgebus")
-        self.summary_interval = float(env("EDGEBUS_TELEMETRY_SUMMARY_S", "60"))
+        self.outbox = Outbox(state / "outbox.db", max_bytes=settings.outbox_max_bytes, max_age=settings.outbox_max_age,
+                             min_free_share=settings.outbox_min_free_share)
+        self.device = settings.device_id
+        self.summary_interval = settings.summary_interval
         self.uplink = None
-        if env("EDGEBUS_UPLINK_HOST"):
-            self.uplink = Uplink(UplinkSettings(
-                host=env("EDGEBUS_UPLINK_HOST", ""), port=int(env("EDGEBUS_UPLINK_PORT", "1883")), device_id=self.device,
-                username=env("EDGEBUS_UPLINK_USERNAME", ""), password=env("EDGEBUS_UPLINK_PASSWORD", ""),
-                tls_ca=env("EDGEBUS_UPLINK_TLS_CA", ""), client_cert=env("EDGEBUS_UPLINK_CLIENT_CERT", ""),
-                client_key=env("EDGEBUS_UPLINK_CLIENT_KEY", "")), self.outbox)
+        if settings.uplink is not None:
+            self.uplink = Uplink(settings.uplink, self.outbox, device_id=self.device,
+                                 password=self._uplink_password(settings.uplink))
         self._last_summary: dict[str, float] = {}
-        address = os.environ.get("EDGEBUS_TELEMETRY_HTTP", "127.0.0.1:9464")
+        address = settings.http
         self.http = None
         if address:
             host, _, port = address.rpartition(":")
             self.http = await anyio.create_tcp_listener(local_host=host or "127.0.0.1", local_port=int(port))
             self.log.info("metrics_http", address=f"http://{host}:{self.http.extra(anyio.abc.SocketAttribute.local_port)}/metrics")
 
+    async def _subscribe(self, prefix: str, *, if_forbidden: str = "") -> Subscription | None:
+        """A subscription kept until teardown; None (logged as ``if_forbidden``) when the
+        capability is missing and the concern is optional."""
+        try:
+            return await self.subscriptions.enter_async_context(self.bus.subscribe(prefix))
+        except Forbidden as exc:
+            if not if_forbidden:
+                raise
+            self.log.warning(if_forbidden, reason=str(exc))
+            return None
+
+    def _uplink_password(self, uplink: UplinkSettings) -> str:
+        """The broker password, from the environment variable the settings name."""
+        if not uplink.password_env:
+            return ""
+        password = os.environ.get(uplink.password_env)
+        if password is None:
+            raise SettingsError(self.bus.name, "settings.uplink.password_env",
+                                f"the environment variable {uplink.password_env} is not set: set it in the "
+                                f"kernel's environment and list it in this service's pass_environment")
+        return password
+
+    async def teardown(self) -> None:
+        await self.subscriptions.aclose()
+
     async def main(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._collect)
+            assert self.metric_events is not None
+            tg.start_soon(self._collect_metrics, self.metric_events)
+            if self.alert_events is not None:
+                tg.start_soon(self._forward_alerts, self.alert_events)
+            if self.checkpoint_events is not None:
+                tg.start_soon(self._forward_checkpoints, self.checkpoint_events)
+            if self.sample_events is not None:
+                tg.start_soon(self._watch_drift, self.sample_events)
             tg.start_soon(self._summaries)
             if self.uplink is not None:
                 tg.start_soon(self.uplink.run)
@@ -147,29 +180,41 @@ class TelemetryService(Service):
                 self._last_summary[service] = requests
             self.enqueue("summary", "summary", {"interval_s": self.summary_interval, "services": services})
 
-    async def _collect(self) -> None:
-        decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
-        alerts = msgspec.msgpack.Decoder(Alert)
-        samples = msgspec.msgpack.Decoder(FeatureSamples)
-        async for incoming in self.bus.events:
+    async def _forward_checkpoints(self, events: Subscription) -> None:
+        """The security service's signed audit checkpoints, upstream."""
+        async for incoming in events:
             if incoming.header.dest == "security.checkpoint" and incoming.sender == "security":
                 self.enqueue("audit/checkpoint", "audit", msgspec.msgpack.decode(incoming.body))
-                continue
-            if incoming.header.dest.startswith("samples.") and incoming.type == "FeatureSamples":
-                s = samples.decode(incoming.body)
+
+    async def _watch_drift(self, events: Subscription) -> None:
+        """Model-input features (``samples.<model>``) into each model version's detector."""
+        decoder = msgspec.msgpack.Decoder(FeatureSamples)
+        async for incoming in events:
+            if (s := self._decode(incoming, "FeatureSamples", decoder)) is not None:
                 await self._drift(s.model, s.version, np.asarray(incoming.tensor(s.tensor)))
-                continue
-            if incoming.header.dest.startswith("alerts.") and incoming.type == "Alert":
-                alert = alerts.decode(incoming.body)
-                self.enqueue("alerts/" + incoming.header.dest[len("alerts."):], "alert",
+
+    async def _forward_alerts(self, events: Subscription) -> None:
+        """Alerts (``alerts.<what>``), upstream."""
+        decoder = msgspec.msgpack.Decoder(Alert)
+        async for incoming in events:
+            if (alert := self._decode(incoming, "Alert", decoder)) is not None:
+                self.enqueue("alerts/" + incoming.header.dest.removeprefix("alerts."), "alert",
                              {**msgspec.to_builtins(alert), "from": incoming.sender})
-                continue
-            if incoming.type != "MetricsSnapshot":
-                continue
-            try:
-                snap = decoder.decode(incoming.body)
-            except msgspec.DecodeError:
-                self.log.warning("bad_metrics", sender=incoming.sender)
+
+    def _decode(self, incoming: Incoming, type_name: str, decoder: msgspec.msgpack.Decoder) -> Any:
+        if incoming.type != type_name:
+            return None
+        try:
+            return decoder.decode(incoming.body)
+        except msgspec.DecodeError:
+            self.log.warning("bad_event", type=type_name, topic=incoming.header.dest, sender=incoming.sender)
+            return None
+
+    async def _collect_metrics(self, events: Subscription) -> None:
+        """Every service's registry (``metrics.<service>``), for the exposition and summaries."""
+        decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
+        async for incoming in events:
+            if (snap := self._decode(incoming, "MetricsSnapshot", decoder)) is None:
                 continue
             # the kernel-stamped sender, not what the snapshot claims
             self.snapshots[incoming.sender] = snap.families
