@@ -319,6 +319,23 @@ def test_keygen_pack_sign_verify_inspect_quantize(tmp_path: Path) -> None:
     assert set(Bundle.load(tmp_path / "q.ebm").manifest.variants) == {"full", "int8"}
 
 
+def test_the_manifest_ignores_unknown_fields_but_pack_refuses_them_in_a_spec(tmp_path: Path) -> None:
+    # a newer producer's manifest (an extra member, top level and nested) still decodes
+    newer = msgspec.to_builtins(Bundle.load("services/modelstore/demo/vibration-anomaly-1.0.0.ebm").manifest)
+    newer["labels"] = ["ok", "fault"]
+    newer["fallback"]["hysteresis"] = 0.1
+    assert msgspec.convert(newer, Manifest).fallback.feature == "kurtosis"
+    with pytest.raises(msgspec.ValidationError, match="threshold"):  # but types stay strict
+        msgspec.convert(newer | {"fallback": {"feature": "kurtosis", "threshold": "4"}}, Manifest)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(onnx_model(1.0))
+    (tmp_path / "spec.json").write_text('{"fallback": {"feature": "x", "treshold": 1.0}}')
+    packed = edgebus("model", "pack", str(model), "--name", "demo", "--version", "1.0.0", "--spec",
+                     str(tmp_path / "spec.json"), "--out", str(tmp_path / "b.ebm"))
+    assert packed.returncode == 1 and "fallback.treshold" in packed.stderr
+    assert not (tmp_path / "b.ebm").exists()
+
+
 async def test_busctl_model_commands(store_system, tmp_path: Path) -> None:
     system = store_system
     for v in ("1.0.0", "1.1.0"):
