@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 import signal
 import time
 
@@ -56,8 +57,10 @@ def mm_bundle() -> bytes:
     return b.to_bytes()
 
 
-def config(drivers: int = 1, extra: str = "") -> str:
-    names = ", ".join(f'{{ name = "accel-{i}" }}' for i in range(drivers))
+def config(drivers: int = 1, extra: str = "", health: Sequence[str] = ()) -> str:
+    """``health``: each driver's health source (default: the one health driver)."""
+    names = ", ".join(f'{{ name = "accel-{i}"' + (f', health = "{health[i]}"' if health else "") + " }"
+                      for i in range(drivers))
     accel = "".join(f"""
 [services.accel-{i}]
 command = ["{{python}}", "-m", "drivers.accel"]
@@ -225,6 +228,39 @@ async def test_heat_moves_down_the_ladder_and_back_up(make_system) -> None:
         assert levels == [1, 2, 1, 0]
         result, y = await infer(bus, x)
         assert result.variant == "full"
+
+
+async def test_a_hot_driver_gets_no_batch_while_a_cool_one_is_up(make_system) -> None:
+    # accel-0 is watched by "health", accel-1 by "health-1" (a second health driver)
+    base = config(2, health=["health", "health-1"])
+    second = base[base.index("[services.health]"):base.index("[services.scheduler]")]
+    system: System = make_system(base + second.replace("[services.health]", "[services.health-1]"))
+    await system.wait_ready("security", "modelstore", "scheduler", "health", "health-1", "accel-0", "accel-1")
+    async with system.client() as bus:
+        await bus.request("modelstore", Install(), frames=[mm_bundle()], timeout=60)
+        await bus.call("modelstore", Activate(name="mm", version="1.0.0"), ModelState)
+        readings = await bus.subscribe("health.")
+        await bus.call("health", Simulate(temperature_c=95.0), Simulated)
+        await bus.call("health-1", Simulate(temperature_c=40.0), Simulated)
+        with anyio.fail_after(10):  # until the scheduler has both readings
+            while True:
+                temps = {d.name: d.temperature_c for d in (await bus.call("scheduler", GetSchedule(), Schedule)).drivers}
+                if temps == {"accel-0": 95.0, "accel-1": 40.0}:
+                    break
+                await readings.receive()
+        x = np.ones((1, 4), dtype=np.float32)
+        results: list[InferResult] = []
+
+        async def one() -> None:
+            results.append((await infer(bus, x))[0])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(one)
+        schedule = await bus.call("scheduler", GetSchedule(), Schedule)
+    assert {r.driver for r in results} == {"accel-1"}  # the hot one was avoided, though idle
+    assert {r.variant for r in results} == {"full"} and schedule.level == 0  # a cool driver: no pressure
+    assert {d.name: d.batches for d in schedule.drivers}["accel-0"] == 0
 
 
 async def test_replay_and_camera_sensors_publish_their_frames(make_system, tmp_path: Path) -> None:
