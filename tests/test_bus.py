@@ -30,7 +30,7 @@ max_pending = 40
 [services.greeter]
 command = ["{python}", "-m", "services.examples.greeter"]
 capabilities = ["publish:example.*"]
-environment = { GREETER_TICK_INTERVAL = "0.2" }
+settings = { tick_interval = 0.2 }
 
 [services.greeter-trio]
 command = ["{python}", "-m", "services.examples.greeter"]

@@ -83,10 +83,10 @@ requires = ["modelstore"]
 capabilities = ["subscribe:metrics.*", "subscribe:samples.*", "call:modelstore.InspectModel", "publish:telemetry.*", "call:kernel.ListServices"]
 settings = { http = "", drift_window = 200, drift_every = 25 }
 [services.vibration]
-command = ["{python}", "-m", "drivers.sensors", "vibration"]
+command = ["{python}", "-m", "drivers.sensors"]
 requires = ["scheduler", "telemetry"]
 capabilities = ["publish:sensor.*"]
-environment = { EDGEBUS_SENSOR_RATE = "50", EDGEBUS_SENSOR_SHIFT_AT = "6", EDGEBUS_SENSOR_SHIFT_GAIN = "1.5" }
+settings = { kind = "vibration", rate = 50, shift_at = 6, shift_gain = 1.5 }
 """)
     async with system.client() as bus:
         sub = await bus.subscribe("telemetry.drift")

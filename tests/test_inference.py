@@ -66,7 +66,7 @@ def config(drivers: int = 1, extra: str = "", health: Sequence[str] = ()) -> str
 command = ["{{python}}", "-m", "drivers.accel"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.GetModel"]
-environment = {{ EDGEBUS_ACCEL_THREADS = "1" }}
+settings = {{ threads = 1 }}
 backoff_initial = 0.05
 max_restarts = 20
 """ for i in range(drivers))
@@ -74,7 +74,7 @@ max_restarts = 20
 [services.health]
 command = ["{{python}}", "-m", "drivers.health"]
 capabilities = ["publish:health.*"]
-environment = {{ EDGEBUS_HEALTH_SIMULATED = "1", EDGEBUS_HEALTH_INTERVAL = "0.2" }}
+settings = {{ simulated = true, interval = 0.2 }}
 
 [services.scheduler]
 command = ["{{python}}", "-m", "services.scheduler"]
@@ -275,13 +275,13 @@ async def test_replay_and_camera_sensors_publish_their_frames(make_system, tmp_p
         Image.new("RGB", (8, 6), colour).save(tmp_path / "images" / f"{i}.png")
     system: System = make_system(f"""
 [services.replay]
-command = ["{{python}}", "-m", "drivers.sensors", "replay", "{tmp_path / 'rec.npy'}"]
+command = ["{{python}}", "-m", "drivers.sensors"]
 capabilities = ["publish:sensor.*"]
-environment = {{ EDGEBUS_SENSOR_FAST = "1", EDGEBUS_SENSOR_LOOP = "1" }}
+settings = {{ kind = "replay", file = "{tmp_path / 'rec.npy'}", fast = true, loop = true }}
 [services.camera]
-command = ["{{python}}", "-m", "drivers.sensors", "camera", "{tmp_path / 'images'}"]
+command = ["{{python}}", "-m", "drivers.sensors"]
 capabilities = ["publish:sensor.*"]
-environment = {{ EDGEBUS_SENSOR_RATE = "50" }}
+settings = {{ kind = "camera", folder = "../images", rate = 50 }}
 """)
     async with system.client() as bus:
         sub = await bus.subscribe("sensor.")

@@ -33,7 +33,7 @@ async def test_dependents_start_only_after_their_dependencies_are_ready(make_sys
     system: System = make_system(f"""
 [services.base]
 command = {GREETER}
-environment = {{ GREETER_SETUP_DELAY = "1.0" }}
+settings = {{ setup_delay = 1.0 }}
 [services.middle]
 command = {GREETER}
 requires = ["base"]
@@ -187,7 +187,7 @@ command = {GREETER}
 command = {GREETER}
 [services.change]
 command = {GREETER}
-environment = {{ GREETER_TICK_INTERVAL = "7" }}
+settings = {{ tick_interval = 7.0 }}
 [services.new]
 command = {GREETER}
 """)
@@ -298,7 +298,7 @@ async def test_start_pulls_in_stopped_dependencies_and_reports_ready(make_system
     system: System = make_system(f"""
 [services.base]
 command = {GREETER}
-environment = {{ GREETER_SETUP_DELAY = "0.5" }}
+settings = {{ setup_delay = 0.5 }}
 [services.top]
 command = {GREETER}
 requires = ["base"]

@@ -44,7 +44,7 @@ capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:sec
 command = ["{{python}}", "-m", "drivers.accel"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.GetModel"]
-environment = {{ EDGEBUS_ACCEL_THREADS = "1" }}
+settings = {{ threads = 1 }}
 [services.scheduler]
 command = ["{{python}}", "-m", "services.scheduler"]
 requires = ["modelstore"]

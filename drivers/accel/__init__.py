@@ -2,6 +2,7 @@
 behind the bus, running pre-op, session.run, post-op pipelines on batches."""
 
 from ._driver import AcceleratorDriver
+from ._settings import AccelSettings
 from protocols.accel import Describe, Device, Load, Loaded, Run, RunResult
 
-__all__ = ["AcceleratorDriver", "Describe", "Device", "Load", "Loaded", "Run", "RunResult"]
+__all__ = ["AcceleratorDriver", "AccelSettings", "Describe", "Device", "Load", "Loaded", "Run", "RunResult"]

@@ -1,14 +1,14 @@
 """An accelerator driver: one ONNX Runtime device behind the bus.
 
 Execution providers: CPU always; CUDA, TensorRT, OpenVINO, CoreML and the rest when
-``onnxruntime.get_available_providers()`` has them (``EDGEBUS_ACCEL_PROVIDERS`` picks, in
+``onnxruntime.get_available_providers()`` has them (the ``providers`` setting picks, in
 order).  After a session is created the providers actually in use are checked, so a
 silent fallback to CPU is reported (``Loaded.fell_back_from``, a warning), never hidden.
 
 Sessions are created from model bytes fetched from the model store (``GetModel``: the
 model is decrypted only in memory; for the same reason the optimised graph is not cached
 on disk).  Options are deliberate: ``intra_op_num_threads`` from the driver's share of the
-CPUs (``EDGEBUS_ACCEL_THREADS``), one inter-op thread (batches arrive one at a time),
+CPUs (the ``threads`` setting), one inter-op thread (batches arrive one at a time),
 all graph optimisations, memory pattern and arena on.
 
 A Run applies the manifest's pre ops (numba kernels in drivers.ops), session.run, then the
@@ -25,6 +25,8 @@ import anyio
 
 from protocols import pack_tensors
 from services import BadMessage, Context, InternalError, Service, run
+
+from ._settings import AccelSettings
 from protocols.modelstore import GetModel, Manifest, ModelBytes
 
 from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
@@ -57,6 +59,7 @@ class _Model:
 
 class AcceleratorDriver(Service):
     name = "accel-cpu"
+    Settings = AccelSettings
     Request = Request
     Reply = Reply
     max_concurrency = 4
@@ -66,12 +69,12 @@ class AcceleratorDriver(Service):
 
         self.ort = ort
         available = ort.get_available_providers()
-        wanted = [p for p in os.environ.get("EDGEBUS_ACCEL_PROVIDERS", "").split(",") if p] or ["CPUExecutionProvider"]
+        wanted = self.settings.providers or ["CPUExecutionProvider"]
         missing = [p for p in wanted if p not in available]
         if missing:
             self.log.warning("providers_unavailable", wanted=missing, available=available)
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        self.threads = int(os.environ.get("EDGEBUS_ACCEL_THREADS", str(max(1, (os.cpu_count() or 2) // 2))))
+        self.threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
         self.models: dict[tuple[str, str, str], _Model] = {}
         self._loading: dict[tuple[str, str, str], anyio.Event] = {}
         self.log.info("accelerator_ready", providers=self.providers, threads=self.threads)

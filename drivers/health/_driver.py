@@ -1,32 +1,36 @@
 """The health driver: publishes the device's state on ``health.<name>`` every interval.
 
 Readings come from /proc and /sys/class/thermal.  For tests and demos the temperature can
-be simulated: ``EDGEBUS_HEALTH_THERMAL_PROFILE="0:45,10:85,30:50"`` (seconds since start:
-°C, linearly interpolated, the last value held), or set at run time with ``Simulate``
-(only when ``EDGEBUS_HEALTH_SIMULATED=1``).
+be simulated: the setting ``thermal_profile = [[0, 45], [10, 85], [30, 50]]`` (seconds since
+start, °C; linearly interpolated, the last value held), or set at run time with ``Simulate``
+(only when ``simulated = true`` or a profile is given).
 """
 
 from __future__ import annotations
 
-import os
 import time
+from typing import Annotated
 
 import anyio
+import msgspec
 
 from protocols.health import Health, Simulate, Simulated
-from services import Context, Forbidden, Service, run
+from services import Context, Forbidden, Service, Settings, run
 
 from ._readers import read_cpu_load, read_memory, read_temperature
 
-__all__ = ["HealthDriver", "Health", "Simulate", "Simulated"]
+__all__ = ["HealthDriver", "HealthSettings", "Health", "Simulate", "Simulated"]
 
 
-def _profile(text: str) -> list[tuple[float, float]]:
-    points = []
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        t, _, c = item.partition(":")
-        points.append((float(t), float(c)))
-    return sorted(points)
+class HealthSettings(Settings):
+    """``[services.<name>.settings]`` of a health driver."""
+
+    #: seconds between readings published on ``health.<name>``
+    interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    #: allow ``Simulate`` (a temperature set at run time), for tests and demos
+    simulated: bool = False
+    #: a simulated temperature: [seconds since start, °C] points, interpolated, the last held
+    thermal_profile: list[tuple[Annotated[float, msgspec.Meta(ge=0)], float]] = []
 
 
 def _interpolate(points: list[tuple[float, float]], t: float) -> float:
@@ -42,12 +46,12 @@ class HealthDriver(Service):
     name = "health"
     Request = Simulate
     Reply = Simulated
+    Settings = HealthSettings
     publishes = ["health.*"]
-    interval = float(os.environ.get("EDGEBUS_HEALTH_INTERVAL", "1.0"))
 
     async def setup(self) -> None:
-        self.profile = _profile(os.environ.get("EDGEBUS_HEALTH_THERMAL_PROFILE", ""))
-        self.simulation_allowed = os.environ.get("EDGEBUS_HEALTH_SIMULATED") == "1" or bool(self.profile)
+        self.profile = sorted(self.settings.thermal_profile)
+        self.simulation_allowed = self.settings.simulated or bool(self.profile)
         self.override: float | None = None
         self.started = time.monotonic()
 
@@ -63,7 +67,7 @@ class HealthDriver(Service):
 
     async def handle(self, req: Simulate, ctx: Context) -> Simulated:
         if not self.simulation_allowed:
-            raise Forbidden("temperature simulation is off (EDGEBUS_HEALTH_SIMULATED=1 turns it on)")
+            raise Forbidden("temperature simulation is off (the driver's setting simulated = true turns it on)")
         self.override = req.temperature_c
         await self.bus.publish(f"health.{self.bus.name}", self.reading())
         return Simulated(temperature_c=req.temperature_c)
@@ -71,7 +75,7 @@ class HealthDriver(Service):
     async def main(self) -> None:
         while True:
             await self.bus.publish(f"health.{self.bus.name}", self.reading())
-            await anyio.sleep(self.interval)
+            await anyio.sleep(self.settings.interval)
 
 
 def main() -> None:

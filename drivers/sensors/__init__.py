@@ -1,7 +1,16 @@
-"""Sensor drivers (``python -m drivers.sensors KIND``): publish frames on sensor.<name>."""
+"""Sensor drivers (``python -m drivers.sensors``): publish frames on sensor.<name>; the
+settings' ``kind`` says which sensor (vibration, replay, camera)."""
 
-from ._driver import CameraSensor, ReplaySensor, SensorFrame, VibrationSensor, load_recording
+from ._driver import (
+    CameraSettings,
+    ReplaySettings,
+    SensorDriver,
+    SensorFrame,
+    SensorSettings,
+    VibrationSettings,
+    load_recording,
+)
 from ._vibration import FRAME, RATE, VibrationSimulator
 
-__all__ = ["SensorFrame", "VibrationSensor", "ReplaySensor", "CameraSensor", "load_recording",
-           "VibrationSimulator", "FRAME", "RATE"]
+__all__ = ["SensorDriver", "SensorSettings", "VibrationSettings", "ReplaySettings", "CameraSettings", "SensorFrame",
+           "load_recording", "VibrationSimulator", "FRAME", "RATE"]

@@ -1,78 +1,160 @@
 """Sensor drivers: publish tensor frames on ``sensor.<name>`` at their configured rate.
 
-* ``python -m drivers.sensors vibration``: the simulated accelerometer.
-  ``EDGEBUS_SENSOR_RATE`` (frames per second, default 5), ``EDGEBUS_SENSOR_FAULT_AT``
-  (seconds after start when a bearing fault appears; empty: never),
-  ``EDGEBUS_SENSOR_FAULT_SEVERITY`` (default 1.5), ``EDGEBUS_SENSOR_SHIFT_AT`` /
-  ``EDGEBUS_SENSOR_SHIFT_GAIN`` (a distribution shift for drift demos: the gain moves).
-* ``python -m drivers.sensors replay FILE``: replays a recording: ``.npy`` (frames along
-  axis 0, or a 1-D signal cut into frames), ``.wav`` (PCM, cut into frames) or ``.csv``
-  (one frame per row), at the real rate (``EDGEBUS_SENSOR_RATE``, or for a signal its
-  sample rate / ``EDGEBUS_SENSOR_FRAME``) or as fast as possible (``EDGEBUS_SENSOR_FAST=1``);
-  ``EDGEBUS_SENSOR_LOOP=1`` starts over at the end.
-* ``python -m drivers.sensors camera DIR``: the images of a folder (png, jpg, .npy), in name
-  order, as HWC uint8 frames at ``EDGEBUS_SENSOR_RATE``; loops.
+``python -m drivers.sensors``; what the sensor is comes from its settings
+(``[services.<name>.settings]``), a tagged union on ``kind``:
+
+* ``kind = "vibration"``: the simulated accelerometer, ``rate`` frames per second (5); a
+  bearing fault ``fault_at`` seconds after start (none by default) of ``fault_severity``
+  (1.5); ``seed`` (0); a distribution shift for drift demos: the gain moves to
+  ``shift_gain`` (1.4) at ``shift_at`` seconds (none by default).
+* ``kind = "replay"``: replays the recording ``file``: ``.npy`` (frames along axis 0, or a
+  1-D signal cut into frames of ``frame`` samples, 2048), ``.wav`` (PCM, cut into frames)
+  or ``.csv`` (one frame per row), at ``rate`` (default: the real rate, a signal's sample
+  rate / ``frame``, else 5) or as fast as possible (``fast = true``); ``loop = true``
+  starts over at the end.
+* ``kind = "camera"``: the images of ``folder`` (png, jpg, .npy), in name order, as HWC
+  uint8 frames at ``rate`` (5); loops.
+
+Relative paths (``file``, ``folder``) are taken from the config file's directory.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import wave
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import msgspec
 import numpy as np
 
 from protocols import pack_tensors
 from protocols.sensors import SensorFrame
-from services import EXIT_CONFIG, Service, run
+from services import EXIT_CONFIG, Service, Settings, SettingsError, run
 
 from ._vibration import RATE, VibrationSimulator
 
-__all__ = ["VibrationSensor", "ReplaySensor", "CameraSensor", "SensorFrame", "load_recording"]
+__all__ = ["SensorDriver", "SensorSettings", "VibrationSettings", "ReplaySettings", "CameraSettings",
+           "SensorFrame", "load_recording"]
+
+_Rate = Annotated[float, msgspec.Meta(gt=0)]
+_Seconds = Annotated[float, msgspec.Meta(ge=0)]
 
 
-class VibrationSensor(Service):
-    name = "vibration"
+class VibrationSettings(Settings, tag_field="kind", tag="vibration"):
+    """The simulated accelerometer."""
+
+    rate: _Rate = 5.0
+    #: seconds after start when a bearing fault appears; none: never
+    fault_at: _Seconds | None = None
+    fault_severity: Annotated[float, msgspec.Meta(gt=0)] = 1.5
+    seed: int = 0
+    #: seconds after start when the gain moves to ``shift_gain`` (a drift demo); none: never
+    shift_at: _Seconds | None = None
+    shift_gain: Annotated[float, msgspec.Meta(gt=0)] = 1.4
+
+
+class ReplaySettings(Settings, tag_field="kind", tag="replay"):
+    """A recording (.npy, .wav, .csv) replayed."""
+
+    file: Path
+    #: samples per frame when the recording is a 1-D signal
+    frame: Annotated[int, msgspec.Meta(ge=1)] = 2048
+    #: frames per second; none: the recording's real rate (its sample rate / frame), else 5
+    rate: _Rate | None = None
+    #: as fast as possible (rate ignored)
+    fast: bool = False
+    #: start over at the end
+    loop: bool = False
+
+
+class CameraSettings(Settings, tag_field="kind", tag="camera"):
+    """The images of a folder, in name order, looped."""
+
+    folder: Path
+    rate: _Rate = 5.0
+
+
+#: ``[services.<name>.settings]`` of a sensor: ``kind`` says which.
+SensorSettings = VibrationSettings | ReplaySettings | CameraSettings
+
+
+class SensorDriver(Service):
+    """One sensor, of the kind its settings name."""
+
+    name = "sensor"
+    Settings = SensorSettings
     publishes = ["sensor.*"]
 
     async def setup(self) -> None:
-        self.rate = float(os.environ.get("EDGEBUS_SENSOR_RATE", "5"))
-        fault_at = os.environ.get("EDGEBUS_SENSOR_FAULT_AT", "")
-        self.fault_at = float(fault_at) if fault_at else None
-        self.severity = float(os.environ.get("EDGEBUS_SENSOR_FAULT_SEVERITY", "1.5"))
-        self.sim = VibrationSimulator(seed=int(os.environ.get("EDGEBUS_SENSOR_SEED", "0")))
-        shift_at = os.environ.get("EDGEBUS_SENSOR_SHIFT_AT", "")
-        self.shift_at = float(shift_at) if shift_at else None
-        self.shift_gain = float(os.environ.get("EDGEBUS_SENSOR_SHIFT_GAIN", "1.4"))
         self.topic = f"sensor.{self.bus.name}"
+        self.produced = self.metrics.counter("edgebus_sensor_bytes", "Bytes of sensor data published")
+        match self.settings:
+            case ReplaySettings(file=path, frame=frame, rate=rate):
+                try:
+                    self.frames, self.sample_rate = load_recording(path, frame)
+                except (OSError, ValueError) as exc:
+                    raise SettingsError(self.bus.name, "settings.file", str(exc)) from None
+                self.rate = rate or (self.sample_rate / frame if self.sample_rate else 5.0)
+            case CameraSettings(folder=folder):
+                try:
+                    self.files = sorted(p for p in folder.iterdir()
+                                        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".npy"))
+                except OSError as exc:
+                    raise SettingsError(self.bus.name, "settings.folder", str(exc)) from None
+                if not self.files:
+                    raise SettingsError(self.bus.name, "settings.folder", f"{folder} holds no .png, .jpg or .npy images")
 
     async def main(self) -> None:
+        match self.settings:
+            case VibrationSettings() as settings:
+                await self._simulate(settings)
+            case ReplaySettings(fast=fast, loop=loop):
+                await self._publish_frames(self.frames, self.sample_rate, 0.0 if fast else 1.0 / self.rate, loop)
+            case CameraSettings(rate=rate):
+                await self._publish_frames(_load_images(self.files), 0.0, 1.0 / rate, loop=True)
+
+    async def _simulate(self, settings: VibrationSettings) -> None:
+        sim = VibrationSimulator(seed=settings.seed)
         started = time.monotonic()
-        period = 1.0 / self.rate
+        period = 1.0 / settings.rate
         seq = 0
         next_at = started
         announced = False
-        produced = _bytes_counter(self)
         while True:
             elapsed = time.monotonic() - started
-            fault = self.severity if self.fault_at is not None and elapsed >= self.fault_at else 0.0
+            fault = settings.fault_severity if settings.fault_at is not None and elapsed >= settings.fault_at else 0.0
             if fault and not announced:
                 announced = True
                 self.log.info("fault_injected", severity=fault, after_s=round(elapsed, 1))
-            samples = self.sim.frame(fault)
-            if self.shift_at is not None and elapsed >= self.shift_at:
-                samples = samples * np.float32(self.shift_gain)  # a distribution shift: the gain moved
+            samples = sim.frame(fault)
+            if settings.shift_at is not None and elapsed >= settings.shift_at:
+                samples = samples * np.float32(settings.shift_gain)  # a distribution shift: the gain moved
             descs, frames = pack_tensors([samples])
             await self.bus.publish(self.topic, SensorFrame(seq=seq, time=time.time(), sample_rate=RATE,
                                                            tensor=descs[0], fault=fault), frames=frames)
-            produced.inc(value=samples.nbytes)
+            self.produced.inc(value=samples.nbytes)
             seq += 1
             next_at += period
             await anyio.sleep(max(0.0, next_at - time.monotonic()))
+
+    async def _publish_frames(self, frames: Any, sample_rate: float, period: float, loop: bool) -> None:
+        seq = 0
+        next_at = time.monotonic()
+        while True:
+            for frame in frames:
+                descs, buffers = pack_tensors([frame])
+                await self.bus.publish(self.topic, SensorFrame(seq=seq, time=time.time(), sample_rate=sample_rate,
+                                                               tensor=descs[0]), frames=buffers)
+                self.produced.inc(value=frame.nbytes)
+                seq += 1
+                next_at += period
+                await anyio.sleep(max(0.0, next_at - time.monotonic()))
+            if not loop:
+                self.log.info("recording_done", frames=seq)
+                await anyio.sleep_forever()
 
 
 def load_recording(path: Path, frame: int) -> tuple[np.ndarray, float]:
@@ -98,81 +180,22 @@ def load_recording(path: Path, frame: int) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(data.astype(np.float32) if data.dtype.kind == "f" else data), rate
 
 
-class ReplaySensor(Service):
-    name = "replay"
-    publishes = ["sensor.*"]
+def _load_images(files: list[Path]) -> list[np.ndarray]:
+    from PIL import Image
 
-    async def setup(self) -> None:
-        if len(sys.argv) < 3:
-            sys.exit(EXIT_CONFIG)
-        frame = int(os.environ.get("EDGEBUS_SENSOR_FRAME", "2048"))
-        try:
-            self.frames, sample_rate = load_recording(Path(sys.argv[2]), frame)
-        except (OSError, ValueError) as exc:
-            self.log.error("recording_unreadable", error=str(exc))
-            raise SystemExit(EXIT_CONFIG) from exc
-        self.sample_rate = sample_rate
-        rate = os.environ.get("EDGEBUS_SENSOR_RATE")
-        self.rate = float(rate) if rate else (sample_rate / frame if sample_rate else 5.0)
-        self.fast = os.environ.get("EDGEBUS_SENSOR_FAST") == "1"
-        self.loop = os.environ.get("EDGEBUS_SENSOR_LOOP") == "1"
+    def load(p: Path) -> np.ndarray:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        with Image.open(p) as img:
+            return np.asarray(img.convert("RGB"))
 
-    async def main(self) -> None:
-        await _publish_frames(self, self.frames, self.sample_rate, 0.0 if self.fast else 1.0 / self.rate, self.loop)
-
-
-class CameraSensor(Service):
-    name = "camera"
-    publishes = ["sensor.*"]
-
-    async def setup(self) -> None:
-        folder = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".npy"))
-        if not files:
-            self.log.error("no_images", folder=str(folder))
-            raise SystemExit(EXIT_CONFIG)
-        self.files = files
-        self.rate = float(os.environ.get("EDGEBUS_SENSOR_RATE", "5"))
-
-    async def main(self) -> None:
-        from PIL import Image
-
-        def load(p: Path) -> np.ndarray:
-            if p.suffix == ".npy":
-                return np.load(p, allow_pickle=False)
-            with Image.open(p) as img:
-                return np.asarray(img.convert("RGB"))
-
-        images = [load(p) for p in self.files]
-        await _publish_frames(self, images, 0.0, 1.0 / self.rate, loop=True)
-
-
-def _bytes_counter(svc: Service) -> Any:
-    return svc.metrics.counter("edgebus_sensor_bytes", "Bytes of sensor data published")
-
-
-async def _publish_frames(svc: Service, frames: Any, sample_rate: float, period: float, loop: bool) -> None:
-    topic = f"sensor.{svc.bus.name}"
-    produced = _bytes_counter(svc)
-    seq = 0
-    next_at = time.monotonic()
-    while True:
-        for frame in frames:
-            descs, buffers = pack_tensors([frame])
-            await svc.bus.publish(topic, SensorFrame(seq=seq, time=time.time(), sample_rate=sample_rate,
-                                                     tensor=descs[0]), frames=buffers)
-            produced.inc(value=frame.nbytes)
-            seq += 1
-            next_at += period
-            await anyio.sleep(max(0.0, next_at - time.monotonic()))
-        if not loop:
-            svc.log.info("recording_done", frames=seq)
-            await anyio.sleep_forever()
+    return [load(p) for p in files]
 
 
 def main() -> None:
-    kinds = {"vibration": VibrationSensor, "replay": ReplaySensor, "camera": CameraSensor}
-    kind = sys.argv[1] if len(sys.argv) > 1 else "vibration"
-    if kind not in kinds:
-        sys.exit(f"unknown sensor kind {kind!r}; available: {', '.join(kinds)}")
-    run(kinds[kind])
+    if len(sys.argv) > 1:
+        print(f"drivers.sensors takes no arguments (got {' '.join(sys.argv[1:])}): the sensor's kind and "
+              "options are its settings, e.g. [services.<name>.settings] kind = \"replay\", file = \"rec.npy\"",
+              file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    run(SensorDriver)

@@ -1,17 +1,34 @@
-"""An example third-party service: typed requests, tensor pass-through, and a periodic event.
+"""An example third-party service: typed settings, typed requests, tensor pass-through,
+and a periodic event.
 
-Run by the default config as ``python -m services.examples.greeter``.
+Run by the default config as ``python -m services.examples.greeter``, with its settings in
+``[services.greeter.settings]``::
+
+    [services.greeter.settings]
+    greeting = "good morning, {who}"
+    tick_interval = 5.0
 """
 
 from __future__ import annotations
 
-import os
+from typing import Annotated
 
 import anyio
 import msgspec
 
 from protocols import Tensor
-from services import Context, Service, run
+from services import Context, Service, Settings, run
+
+
+class GreeterSettings(Settings):
+    """What ``[services.greeter.settings]`` may hold; anything else is an error."""
+
+    #: the reply to Greet; ``{who}`` is replaced by the name greeted
+    greeting: str = "hello, {who}"
+    #: seconds between ``example.tick`` events
+    tick_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: seconds ``setup()`` takes, for readiness tests (READY is sent only after it)
+    setup_delay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class Greet(msgspec.Struct, tag=True):
@@ -65,19 +82,19 @@ Reply = Greeting | Sum | Echoed | Slept
 
 class Greeter(Service):
     name = "greeter"
+    Settings = GreeterSettings
     Request = Request
     Reply = Reply
     publishes = ["example.tick"]
-    tick_interval = float(os.environ.get("GREETER_TICK_INTERVAL", "5"))
 
     async def setup(self) -> None:
         # A slow initialisation, for readiness tests: READY is only sent after this.
-        await anyio.sleep(float(os.environ.get("GREETER_SETUP_DELAY", "0")))
+        await anyio.sleep(self.settings.setup_delay)
 
     async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
         match req:
             case Greet(who=who):
-                return Greeting(text=f"hello, {who}", greeted_by=self.bus.name)
+                return Greeting(text=self.settings.greeting.replace("{who}", who), greeted_by=self.bus.name)
             case Add(a=a, b=b):
                 return Sum(value=a + b)
             case Echo(text=text, tensors=tensors):
@@ -89,7 +106,7 @@ class Greeter(Service):
     async def main(self) -> None:
         n = 0
         while True:
-            await anyio.sleep(self.tick_interval)
+            await anyio.sleep(self.settings.tick_interval)
             n += 1
             await self.bus.publish("example.tick", Tick(n=n))
 

@@ -1,0 +1,19 @@
+"""An accelerator driver's settings: ``[services.<name>.settings]``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from services import Settings
+
+__all__ = ["AccelSettings"]
+
+
+class AccelSettings(Settings):
+    #: ONNX Runtime execution providers to use, in order of preference (those
+    #: ``onnxruntime.get_available_providers()`` lacks are skipped with a warning); empty: CPU
+    providers: list[str] = []
+    #: ``intra_op_num_threads`` of each session; 0: half the CPUs
+    threads: Annotated[int, msgspec.Meta(ge=0)] = 0
