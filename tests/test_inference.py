@@ -311,3 +311,21 @@ async def test_busctl_infer_and_sched(make_system, tmp_path: Path) -> None:
     assert "degradation level 0" in text and "accel-0" in text and "mm" in text
     bad = system.busctl("infer", "mm", "--input", str(tmp_path / "missing.npy"))
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_sensor_settings_are_a_tagged_union_on_kind(tmp_path: Path) -> None:
+    from drivers.sensors import CameraSettings, ReplaySettings, SensorSettings, VibrationSettings
+    from services import SettingsError, decode_settings
+
+    assert decode_settings({"kind": "vibration", "fault_at": 20}, SensorSettings, base=tmp_path) == \
+        VibrationSettings(fault_at=20.0)
+    replay = decode_settings({"kind": "replay", "file": "rec/a.wav", "loop": True}, SensorSettings, base=tmp_path)
+    assert replay == ReplaySettings(file=tmp_path / "rec/a.wav", loop=True)  # relative: from the config's directory
+    assert decode_settings({"kind": "camera", "folder": "/abs"}, SensorSettings, base=tmp_path) == \
+        CameraSettings(folder=Path("/abs"))
+    for raw, key in [({"kind": "vibraton"}, "settings.kind"), ({"rate": 5}, "settings"),
+                     ({"kind": "camera", "folder": "x", "fast": True}, "settings.fast"),
+                     ({"kind": "vibration", "rate": 0}, "settings.rate")]:
+        with pytest.raises(SettingsError) as info:
+            decode_settings(raw, SensorSettings, base=tmp_path, service="cam")
+        assert info.value.key == key, (raw, info.value)
