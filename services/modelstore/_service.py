@@ -22,7 +22,7 @@ import msgspec
 
 from protocols.runtime import ENV_STATE_DIR
 from services import BadMessage, Context, InternalError, Rejected, Service, SettingsError, Unavailable, UnknownDestination
-from services.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
+from protocols.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
 from ._bundle import Bundle
 from ._exceptions import (
