@@ -18,7 +18,8 @@ from ._config import (
 )
 from ._exceptions import BindError, CapabilityError, ConfigError, KernelError, SpawnError
 from ._kernel import Kernel, default_dirs
-from ._router import Principal, Router, RouterStatistics
+from ._peers import Principal, RouterStatistics
+from ._router import Router
 from ._supervisor import State, Supervisor
 
 __all__ = [

@@ -23,6 +23,17 @@ from protocols import Error, ErrorCode, Reload, Reloaded, RestartService, StartS
 from ._caps import CapabilitySet
 from ._cgroup import Cgroups
 from ._attest import MeasurementLog
+from ._boundary import (
+    AddPrincipal,
+    Audit,
+    EnrollKey,
+    FinishOperation,
+    OperationRequested,
+    PeerGone,
+    PeerReady,
+    RemovePrincipal,
+    SetKnownServices,
+)
 from ._config import ServiceConfig, SystemConfig, config_dir, load_config
 from ._exceptions import ConfigError, KernelError
 from ._router import ZAP_DOMAIN, Principal, Router
@@ -80,26 +91,25 @@ class Kernel:
         self._lock_fd: int | None = None
         self.cgroups, why = Cgroups.detect()
         self._cgroup_note = why
-        self.supervisor = Supervisor(
-            config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
-            config_dir=str(config_dir(config_path)),
-            issue_credential=self._issue_credential, on_state=self._state_changed,
-            on_exit=self._service_exited, on_spawn=self._measure, cgroups=self.cgroups,
-            on_audit=lambda kind, name, detail: self.router.submit(self.router.audit, kind, name, detail),
-        )
         self.measurements = MeasurementLog()
         self._auth: ThreadAuthenticator | None = None
         #: The operator and external services, by name; managed ones get a fresh credential
         #: at each spawn instead.
         self.principals = self._static_principals(config, {})
+        # The router runs in its own thread and the supervisor on the event loop.  They
+        # exchange messages only (see _boundary): the supervisor's go through
+        # router.submit, the router's come back through router.notices (_serve_notices).
         self.router = Router(
             self.endpoint, config.bus, list(self.principals.values()),
-            known_services=[n for n, s in config.services.items() if s.enabled],
-            on_ready=self.supervisor.mark_ready, on_gone=self.supervisor.peer_gone,
-            status=self.supervisor.status, operate=self._operate,
+            known_services=[n for n, s in config.services.items() if s.enabled], supervised=True,
             measurements=self.measurements.snapshot, enrolled=self._config_enrolment(config),
         )
         self._config_enrolled = self._config_enrolment(config)
+        self.supervisor = Supervisor(
+            config, endpoint=self.endpoint, run_dir=str(run_dir), state_dir=str(state_dir),
+            config_dir=str(config_dir(config_path)), issue_credential=self._issue_credential,
+            tell_router=self.router.submit, on_spawn=self._measure, cgroups=self.cgroups,
+        )
 
     @staticmethod
     def _config_enrolment(config: SystemConfig) -> dict[str, str]:
@@ -125,21 +135,25 @@ class Kernel:
                                      **({"credential": old.credential} if old else {}))
         return result
 
-    # The supervisor runs on the event loop; the router in its own thread.  Everything the
-    # supervisor asks of the router is queued with submit() and runs in the router thread,
-    # in order, before the router handles its next message.
-
     def _issue_credential(self, name: str, spec: ServiceConfig) -> str:
         principal = Principal(name, CapabilitySet(spec.capabilities), settings=spec.settings)
-        self.router.submit(self.router.add_principal, principal)
+        self.router.submit(AddPrincipal(principal))
         return principal.credential
 
-    def _state_changed(self, name: str, state: str, previous: str, pid: int, detail: str) -> None:
-        self.router.submit(self.router.service_state_changed, name, state, previous, pid, detail)
-
-    def _service_exited(self, name: str, why: str) -> None:
-        # Answer its pending requests with `unavailable` now, not after missed heartbeats.
-        self.router.submit(self.router.disconnect_name, name, f"process {why}")
+    async def _serve_notices(self) -> None:
+        """What the router reports: peers ready and gone, operations to carry out."""
+        assert self.router.notices is not None and self._tg is not None
+        async for notice in self.router.notices:
+            try:
+                match notice:
+                    case PeerReady(name=name):
+                        self.supervisor.mark_ready(name)
+                    case PeerGone(name=name, why=why, credential=credential, silent=silent):
+                        self.supervisor.peer_gone(name, why, credential, silent)
+                    case OperationRequested(request=request, identity=identity, request_id=request_id):
+                        self._tg.start_soon(self._run_operation, request, identity, request_id)
+            except Exception:  # a bug in handling one notice must not stop the kernel
+                log.exception("notice_failed", notice=type(notice).__name__)
 
     def prepare(self) -> None:
         """Create the directories, take the run-dir lock, write external credentials."""
@@ -199,6 +213,7 @@ class Kernel:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    tg.start_soon(self._serve_notices)
                     await tg.start(self.router.serve)
                     await tg.start(self.supervisor.run)
                     task_status.started()
@@ -238,7 +253,7 @@ class Kernel:
         """Re-read the config; apply it if valid, otherwise change nothing and say why."""
         try:
             new, source = load_config(self.config_path)
-            await _check_settings(self.config_path)
+            await _check_settings(self.supervisor, self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc), detail="the running system is unchanged")
             raise
@@ -249,15 +264,15 @@ class Kernel:
         router = self.router
         previous, self.principals = self.principals, self._static_principals(new, self.principals)
         for name in previous.keys() - self.principals.keys():
-            router.submit(router.remove_principal, name)
+            router.submit(RemovePrincipal(name))
         for principal in self.principals.values():
-            router.submit(router.add_principal, principal)
-        router.submit(router.set_known_services, [n for n, s in new.services.items() if s.enabled])
+            router.submit(AddPrincipal(principal))
+        router.submit(SetKnownServices(frozenset(n for n, s in new.services.items() if s.enabled)))
         enrolment = self._config_enrolment(new)
         for name in set(self._config_enrolled.values()) - set(enrolment.values()):
-            router.submit(router.enroll, name, "")  # its key left the config
+            router.submit(EnrollKey(name, ""))  # its key left the config
         for key, name in enrolment.items():
-            router.submit(router.enroll, name, key)
+            router.submit(EnrollKey(name, key))
         self._config_enrolled = enrolment
         result = await self.supervisor.apply(new)
         self._write_credentials()
@@ -271,11 +286,6 @@ class Kernel:
             pass  # logged by reload; the running system is unchanged
         except Exception:
             log.exception("reload_failed")
-
-    def _operate(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
-        """Called from the router thread (via the event loop) for StartService & co."""
-        assert self._tg is not None
-        self._tg.start_soon(self._run_operation, msg, identity, request_id)
 
     async def _run_operation(self, msg: msgspec.Struct, identity: bytes, request_id: int) -> None:
         result: msgspec.Struct
@@ -298,7 +308,7 @@ class Kernel:
         except Exception as exc:  # the operation failed; the kernel goes on
             log.exception("operation_failed", operation=type(msg).__name__)
             result = Error(code=ErrorCode.INTERNAL, message=f"{type(msg).__name__} failed: {type(exc).__name__}: {exc}")
-        self.router.submit(self.router.finish_operation, identity, request_id, result)
+        self.router.submit(FinishOperation(identity, request_id, result))
 
     async def _announce_ready(self) -> None:
         await self.supervisor.wait_all_ready()
@@ -327,8 +337,8 @@ class Kernel:
                 if not allowed:  # this runs in the ZAP thread: log, and queue the audit
                     log.warning("authentication_failed", mechanism="CURVE", key=key.decode()[:8] + "...",
                                 reason="public key not enrolled")
-                    router.post(router.audit, "authentication-failed", "tcp peer",
-                                f"CURVE key {key.decode()} is not enrolled")
+                    router.submit(Audit("authentication-failed", "tcp peer",
+                                        f"CURVE key {key.decode()} is not enrolled"))
                 return allowed
 
         self._auth = ThreadAuthenticator(zmq.Context.instance(), log=_ZapLog())
@@ -355,19 +365,18 @@ _CHECK_TIMEOUT = 60.0
 _CHECK_ERROR = re.compile(r"^edgebus: invalid config (.*?)(?: at (\S+))?: (.*)$", re.S)
 
 
-async def _check_settings(path: str | None) -> None:
+async def _check_settings(supervisor: Supervisor, path: str | None) -> None:
     """Every service's settings against its declared type: the kernel does not import the
     services, so ``edgebus config check`` does it in a process of its own."""
     if path is None:
         return  # the built-in default, checked by the test suite
     argv = [sys.executable, "-m", "tools.edgebus", "config", "check", "--quiet", path]
     try:
-        with anyio.fail_after(_CHECK_TIMEOUT):
-            result = await anyio.run_process(argv, check=False)
+        code, stderr = await supervisor.run_helper(argv, _CHECK_TIMEOUT)
     except TimeoutError:
         raise ConfigError(path, "", f"checking the services' settings took over {_CHECK_TIMEOUT:g}s") from None
-    if result.returncode != 0:
-        text = result.stderr.decode(errors="replace").strip()
+    if code != 0:
+        text = stderr.strip() or f"exit status {code}"
         m = _CHECK_ERROR.match(text)
         if m:
             raise ConfigError(m.group(1), m.group(2) or "", m.group(3))

@@ -24,7 +24,6 @@ import pwd
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import anyio.abc
 from protocols import ServiceStatus
 from protocols.runtime import EXIT_CONFIG, get_logger
 
+from ._boundary import Audit, Command, ServiceExited, ServiceRemoved, ServiceUpdate
 from ._cgroup import Cgroups
 from ._config import ServiceConfig, SystemConfig, dependency_order
 from ._exceptions import SpawnError
@@ -74,9 +74,6 @@ class ManagedService:
         self.spec = spec
         self.state = State.CONFIGURED
         self.pid = 0
-        #: ``state`` and ``pid`` change together under this lock (see ``_set_state``): the
-        #: router thread reads them for ListServices and must never see one without the other.
-        self.lock = threading.Lock()
         self.popen: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.started_at = 0.0
@@ -109,14 +106,17 @@ class ManagedService:
         return not self.exited.is_set()
 
     def status(self) -> ServiceStatus:
-        with self.lock:
-            state, pid = self.state, self.pid
         return ServiceStatus(
-            name=self.name, state=state.value, pid=pid, managed=True,
+            name=self.name, state=self.state.value, pid=self.pid, managed=True,
             requires=list(self.spec.requires), restarts=self.restarts,
-            uptime=round(time.monotonic() - self.started_at, 3) if pid and self.started_at else 0.0,
+            uptime=round(time.monotonic() - self.started_at, 3) if self.pid and self.started_at else 0.0,
             last_exit=self.last_exit,
         )
+
+    def update(self, previous: State | None = None, detail: str = "") -> ServiceUpdate:
+        """Its status for the router (``previous``: the state it changed from)."""
+        return ServiceUpdate(self.status(), started_at=self.started_at,
+                             previous=previous.value if previous is not None else "", detail=detail)
 
 
 class Supervisor:
@@ -131,27 +131,30 @@ class Supervisor:
         state_dir: str,
         config_dir: str = "",
         issue_credential: Callable[[str, ServiceConfig], str],
-        on_state: Callable[[str, str, str, int, str], None] = lambda *a: None,
-        on_exit: Callable[[str, str], None] = lambda name, why: None,
+        tell_router: Callable[[Command], None] = lambda command: None,
         on_spawn: Callable[[str, list[str], ServiceConfig], None] = lambda name, argv, spec: None,
-        on_audit: Callable[[str, str, str], None] = lambda kind, name, detail: None,
         cgroups: Cgroups | None = None,
     ) -> None:
+        """``tell_router`` takes what the router must know (service statuses, exits, audit
+        records): the router's ``submit``.  ``issue_credential`` registers a fresh credential
+        for a spawn; ``on_spawn`` measures what is about to run."""
         self._on_spawn = on_spawn
-        self._on_audit = on_audit
+        self._tell_router = tell_router
         self.config = config
         self.endpoint = endpoint
         self.run_dir = run_dir
         self.state_dir = state_dir
         self.config_dir = config_dir or os.getcwd()
         self._issue_credential = issue_credential
-        self._on_state = on_state
-        self._on_exit = on_exit
         self.cgroups = cgroups
         self.services: dict[str, ManagedService] = {
             name: ManagedService(name, spec) for name, spec in config.services.items() if spec.managed and spec.enabled
         }
+        for svc in self.services.values():
+            tell_router(svc.update())
         self._by_pid: dict[int, ManagedService] = {}
+        #: The kernel's own short-lived helper processes (run_helper), by pid.
+        self._helpers: dict[int, _Helper] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.shutting_down = False
         #: Set when a critical service exceeded its restart intensity: the kernel gives up.
@@ -160,26 +163,29 @@ class Supervisor:
 
     # -- state ------------------------------------------------------------------------------
 
+    def _audit(self, kind: str, svc: ManagedService, detail: str) -> None:
+        self._tell_router(Audit(kind, svc.name, detail))
+
     def _fail(self, svc: ManagedService, detail: str) -> None:
         self._set_state(svc, State.FAILED, detail)
-        self._on_audit("service-failed", svc.name, detail)
+        self._audit("service-failed", svc, detail)
 
     def _set_state(self, svc: ManagedService, state: State, detail: str = "", *, pid: int | None = None) -> None:
         """Move ``svc`` to ``state``; its pid becomes ``pid`` (a new process), stays (the
-        process runs) or becomes 0 (it has exited), in the same step: no reader ever sees
-        an exited process's pid gone while its state still says ready, or a new process's
-        pid beside the old one's state."""
+        process runs) or becomes 0 (it has exited), in the same step, and the router is
+        told: it never sees an exited process's pid gone while its state still says ready,
+        or a new process's pid beside the old one's state."""
         previous = svc.state
-        with svc.lock:
-            svc.pid = pid if pid is not None else svc.pid if svc.running else 0
-            svc.state = state
+        svc.pid = pid if pid is not None else svc.pid if svc.running else 0
+        svc.state = state
         if previous == state:
+            self._tell_router(svc.update())  # (counters may have changed)
             return
         changed, svc.changed = svc.changed, anyio.Event()
         changed.set()
         log.info("service_state", name=svc.name, state=state.value, previous=previous.value,
                  pid=svc.pid or None, detail=detail or None)
-        self._on_state(svc.name, state.value, previous.value, svc.pid, detail)
+        self._tell_router(svc.update(previous, detail))
 
     def status(self, name: str) -> ServiceStatus | None:
         svc = self.services.get(name)
@@ -256,11 +262,46 @@ class Supervisor:
                 return
             svc = self._by_pid.pop(pid, None)
             if svc is None:
-                continue  # an orphan re-parented to us: reaped, nothing more to do
+                helper = self._helpers.pop(pid, None)
+                if helper is not None:
+                    helper.status = status
+                    helper.exited.set()
+                continue  # (or an orphan re-parented to us: reaped, nothing more to do)
             if svc.popen is not None:
                 svc.popen.returncode = os.waitstatus_to_exitcode(status)
             svc.exit_status = status
             svc.exited.set()
+
+    async def run_helper(self, argv: list[str], timeout: float) -> tuple[int, str]:
+        """Run a helper process of the kernel's own to its end: (exit code, its stderr).
+        The reaper collects every child, so the kernel's helpers go through it too (a
+        process started by other means would be reaped from under its waiter).  Raises
+        TimeoutError after ``timeout`` seconds, the helper killed."""
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, close_fds=True)
+        helper = self._helpers[popen.pid] = _Helper()  # before the reaper can run: no race
+        assert popen.stderr is not None
+        fd = popen.stderr.fileno()
+        os.set_blocking(fd, False)
+        err = b""
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    await anyio.wait_readable(fd)
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        break
+                    err = (err + chunk)[-65536:]
+                await helper.exited.wait()
+        finally:
+            popen.stderr.close()
+            if not helper.exited.is_set():
+                popen.kill()  # reaped by the reaper
+        popen.returncode = os.waitstatus_to_exitcode(helper.status)
+        return popen.returncode, err.decode(errors="replace")
 
     async def _keep(self, svc: ManagedService, scope: anyio.CancelScope) -> None:
         """Start ``svc`` once its requirements are ready; restart it per its policy."""
@@ -286,7 +327,7 @@ class Supervisor:
                         self._fail(svc, f"cannot start: {type(exc).__name__}: {exc}")
                         return
                     if attempt:
-                        self._on_audit("service-restarted", svc.name, f"pid {svc.pid}, restart {svc.restarts}")
+                        self._audit("service-restarted", svc, f"pid {svc.pid}, restart {svc.restarts}")
                     attempt += 1
                     timed_out = False
                     with anyio.move_on_after(spec.start_timeout):
@@ -313,9 +354,9 @@ class Supervisor:
                                   ran_for=time.monotonic() - svc.started_at, timed_out=timed_out,
                                   description=svc.last_exit)
                     if svc.kill_reason:
-                        self._on_audit("service-killed", svc.name, f"{svc.kill_reason}; {svc.last_exit}")
+                        self._audit("service-killed", svc, f"{svc.kill_reason}; {svc.last_exit}")
                     elif ended.code != 0:
-                        self._on_audit("service-crashed", svc.name, svc.last_exit)
+                        self._audit("service-crashed", svc, svc.last_exit)
                     decision = decide(spec, ended, svc.history, time.monotonic())
                     svc.history = decision.history
                     match decision.intent:
@@ -474,7 +515,7 @@ class Supervisor:
         stopped = self.shutting_down or svc.stop_requested
         expected = stopped or svc.state == State.STOPPING or svc.restart_requested
         (log.info if expected else log.warning)("service_exited", name=svc.name, pid=pid, status=svc.last_exit)
-        self._on_exit(svc.name, svc.last_exit)
+        self._tell_router(ServiceExited(svc.name, svc.last_exit))
         if stopped:
             self._set_state(svc, State.STOPPED, svc.last_exit)
         # otherwise the keeper decides: restart (backoff), stopped (transient) or failed
@@ -596,17 +637,27 @@ class Supervisor:
                 await self.stop(name, "configuration reloaded")
         for name in removed:
             del self.services[name]
+            self._tell_router(ServiceRemoved(name))
         self.config = new
         for name in changed:  # the same object: dependents may be waiting on its events
             self.services[name].spec = new_specs[name]
             self.services[name].history = History()
         for name in added:
             self.services[name] = ManagedService(name, new_specs[name])
+            self._tell_router(self.services[name].update())
         for name in dependency_order(new):
             if name in added or name in changed:
                 self._start_keeper(self.services[name])
         log.info("config_applied", added=added, removed=removed, restarted=changed, unchanged=len(unchanged))
         return {"started": added, "stopped": removed, "restarted": changed, "unchanged": unchanged}
+
+
+class _Helper:
+    __slots__ = ("exited", "status")
+
+    def __init__(self) -> None:
+        self.exited = anyio.Event()
+        self.status = 0
 
 
 def _killpg(pgid: int, sig: int) -> None:

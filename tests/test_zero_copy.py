@@ -7,8 +7,6 @@ points at the very bytes the sender's numpy array owns.
 
 from __future__ import annotations
 
-import threading
-
 import msgspec
 import numpy as np
 import pytest
@@ -29,14 +27,8 @@ def inproc_router():
     client_p = Principal("client", CapabilitySet(["call:echo.*"]))
     echo_p = Principal("echo", CapabilitySet([]))
     router = Router("inproc://zero-copy-bus", BusConfig(), [client_p, echo_p], ctx=ctx)
-    router.bind()
-    thread = threading.Thread(target=router._run, daemon=True)
-    thread.start()
-    yield ctx, router, client_p, echo_p
-    router._running = False
-    router._wake()
-    thread.join(5)
-    router.close()
+    with router.running():
+        yield ctx, router, client_p, echo_p
     ctx.term()
 
 

@@ -301,17 +301,20 @@ def inproc_zero_copy(n: int = 200) -> dict[str, Any]:
     reference: a 4 MiB tensor's round trip costs the same as a tiny message's, and the echo
     service receives the client's own buffer (same address), if and only if nothing on
     the path copies the payload."""
-    import threading
-
-    import numpy as np
-
     from kernel import BusConfig, CapabilitySet, Principal, Router
 
     ctx = zmq.Context()
     client_p, echo_p = Principal("client", CapabilitySet(["call:echo.*"])), Principal("echo", CapabilitySet([]))
     router = Router("inproc://bench-bus", BusConfig(heartbeat_interval=60.0), [client_p, echo_p], ctx=ctx)
-    router.bind()
-    threading.Thread(target=router._run, daemon=True).start()
+    with router.running():
+        return _inproc_round_trips(ctx, client_p, echo_p, n)
+
+
+def _inproc_round_trips(ctx: zmq.Context, client_p: Any, echo_p: Any, n: int) -> dict[str, Any]:
+    import threading
+
+    import numpy as np
+
     codec = Codec()
 
     def peer(name: str, cred: str, types: list[str]) -> zmq.Socket:
@@ -365,8 +368,6 @@ def inproc_zero_copy(n: int = 200) -> dict[str, Any]:
             result["tensor_gbps"] = 2 * size / statistics.median(times) / 1e9
             result["same_buffer_at_the_service"] = bool(seen) and seen[0] == arr.__array_interface__["data"][0]
         seen.clear()
-    router._running = False
-    router._wake()
     return result
 
 

@@ -1,0 +1,212 @@
+"""The kernel's own API (requests to ``kernel``): services and their statuses, interfaces,
+the capability table, monitoring, the security service's policy changes, measurements, and
+the operations the supervisor carries out (start, stop, restart, reload)."""
+
+from __future__ import annotations
+
+import time
+import typing
+from collections.abc import Callable
+
+import msgspec
+
+from protocols import (
+    BodyDecoder,
+    CapabilityTable,
+    DecodeError,
+    Enroll,
+    Error,
+    ErrorCode,
+    GetMeasurements,
+    GetService,
+    Grant,
+    Granted,
+    Header,
+    Interface,
+    Introspect,
+    KernelRequest,
+    ListCapabilities,
+    ListServices,
+    Measurements,
+    Monitor,
+    Monitoring,
+    Reload,
+    RestartService,
+    Revoke,
+    ServiceList,
+    ServiceStateChanged,
+    ServiceStatus,
+    StartService,
+    StopMonitor,
+    StopService,
+)
+
+from ._boundary import FinishOperation, OperationRequested, ServiceUpdate
+from ._caps import parse_capability
+from ._core import RouterCore, log
+from ._exceptions import CapabilityError
+from ._peers import Peer
+
+_KERNEL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(KernelRequest))
+#: The only service that may change the policy.
+_SECURITY = "security"
+
+
+class KernelApi(RouterCore):
+    def _init_api(self, known_services: frozenset[str], measurements: Callable[[], Measurements] | None) -> None:
+        self._kernel_api = BodyDecoder(KernelRequest)
+        #: Configured service names: requests to others are answered unknown-destination.
+        self.known_services = known_services
+        #: The supervisor's last word on each managed service (pushed by it, see _boundary).
+        self._managed: dict[str, ServiceUpdate] = {}
+        self._measurements = measurements
+
+    def _kernel_request(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        if hdr.type not in _KERNEL_TYPES:
+            self.answer(peer, hdr, Error(code=ErrorCode.UNKNOWN_TYPE, message=(
+                f"the kernel does not serve {hdr.type!r}; it serves {', '.join(sorted(_KERNEL_TYPES))}")))
+            return
+        try:
+            msg = self._kernel_api.decode(hdr.type, body)
+        except DecodeError as exc:
+            self.answer(peer, hdr, Error(code=ErrorCode.BAD_MESSAGE, message=str(exc)))
+            return
+        reply = self._serve(peer, hdr, msg)
+        if reply is not None:
+            self.answer(peer, hdr, reply)
+
+    def _serve(self, peer: Peer, hdr: Header, msg: msgspec.Struct) -> msgspec.Struct | None:
+        """The answer to one kernel request: a reply, an Error, or None for an operation
+        the supervisor answers later."""
+        match msg:
+            case ListServices():
+                return ServiceList(services=self.statuses())
+            case GetService(name=name) | Introspect(name=name) if not self._exists(name):
+                return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=f"no service named {name!r}")
+            case GetService(name=name):
+                return self.status(name)
+            case Introspect(name=name):
+                target = self._by_name.get(name)
+                if target is None:
+                    return Error(code=ErrorCode.UNAVAILABLE, message=(
+                        f"service {name!r} is not connected; its interface is known once it says Hello"))
+                h = target.hello
+                return Interface(name=name, types=sorted(h.types), schema=h.schema,
+                                 reply_schema=h.reply_schema, publishes=h.publishes)
+            case ListCapabilities(name=name):
+                table = self.capability_table()
+                if name:
+                    if name not in table:
+                        return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=f"no principal named {name!r}")
+                    table = {name: table[name]}
+                return CapabilityTable(table=table)
+            case Monitor():
+                self._monitors[peer.identity] = msg
+                return Monitoring()
+            case StopMonitor():
+                self._monitors.pop(peer.identity, None)
+                return Monitoring()
+            case Grant() | Revoke() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
+                self._audit("denied", peer.name, detail=f"{hdr.type}: only the security service changes the policy")
+                return Error(code=ErrorCode.FORBIDDEN, message=(
+                    f"{hdr.type}: only the security service changes the policy; "
+                    f"ask it (busctl caps grant|revoke, busctl security enroll)"))
+            case Grant(capability=cap) | Revoke(capability=cap) if not _parses(cap):
+                return Error(code=ErrorCode.BAD_MESSAGE, message=f"not a capability: {cap!r}")
+            case Grant(name=name, capability=cap, expires=expires):
+                self._grant(name, cap, expires)
+                log.info("granted", principal=name, capability=cap, expires=expires or None)
+                self._audit("granted", name, capability=cap,
+                            detail=f"until {expires:.0f}" if expires else "without expiry")
+                return self._granted(name)
+            case Revoke(name=name, capability=cap):
+                self._revoke(name, cap)
+                log.info("revoked", principal=name, capability=cap)
+                self._audit("revoked", name, capability=cap)
+                return self._granted(name)
+            case Enroll(name=name, public_key=key) if key and not getattr(
+                    self._by_principal_name.get(name), "external", False):
+                return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=(
+                    f"no external service named {name!r} is configured; add [services.{name}] "
+                    "(without a command) to the config before enrolling its key"))
+            case Enroll(name=name, public_key=key):
+                self._enroll(name, key)
+                self._audit("enrolled" if key else "unenrolled", name, detail=key)
+                return self._granted(name)
+            case GetMeasurements():
+                if self._measurements is None:
+                    return Error(code=ErrorCode.UNAVAILABLE, message="this kernel keeps no measurement log")
+                return self._measurements()
+            case StartService() | StopService() | RestartService() | Reload() if self.notices is None:
+                return Error(code=ErrorCode.UNAVAILABLE, message="this router has no supervisor to operate on")
+            case StartService(name=name) | StopService(name=name) | RestartService(name=name) \
+                    if name not in self._managed:
+                return Error(code=ErrorCode.UNKNOWN_DESTINATION,
+                             message=f"no service named {name!r} is started by the kernel")
+            case StartService() | StopService() | RestartService() | Reload():
+                # Supervisor work takes time: it runs on the event loop and is answered
+                # later (FinishOperation); this thread goes on routing meanwhile.
+                self._notify(OperationRequested(msg, peer.identity, hdr.id))
+                return None
+        return Error(code=ErrorCode.INTERNAL, message=f"the kernel has no handler for {hdr.type!r}")
+
+    def _granted(self, name: str) -> Granted:
+        principal = self._by_principal_name.get(name)
+        return Granted(name=name, capabilities=principal.caps.describe() if principal else [])
+
+    def _finish_operation(self, op: FinishOperation) -> None:
+        peer = self._peers.get(op.identity)
+        if peer is None:
+            return  # the requester left meanwhile
+        result = op.result
+        if isinstance(result, ServiceStatus):
+            result = self.status(result.name)
+        self.answer(peer, op.request_id, result)
+
+    # -- service statuses --------------------------------------------------------------------
+
+    def _service_update(self, update: ServiceUpdate) -> None:
+        self._managed[update.status.name] = update
+        if update.previous and update.previous != update.status.state and self._sock is not None:
+            st = update.status
+            self.publish_kernel_event("kernel.services", ServiceStateChanged(
+                name=st.name, state=st.state, previous=update.previous, pid=st.pid, detail=update.detail))
+
+    def _exists(self, name: str) -> bool:
+        return name in self._by_name or name in self.known_services
+
+    def status(self, name: str) -> ServiceStatus:
+        """What the kernel knows of ``name``: the supervisor's status (for a managed service)
+        and its connection's."""
+        update = self._managed.get(name)
+        if update is not None:
+            st = msgspec.structs.replace(update.status)
+            if st.pid and update.started_at:
+                st.uptime = round(time.monotonic() - update.started_at, 3)
+        else:
+            st = ServiceStatus(name=name, state="configured")
+        peer = self._by_name.get(name)
+        principal = self._by_principal_name.get(name)
+        if principal is not None:
+            st.capabilities = principal.caps.describe()
+        if peer is not None:
+            st.connected = True
+            if not st.managed:
+                st.state = "ready" if peer.ready else "connected"
+                st.pid = peer.hello.pid
+            st.types = sorted(peer.types)
+            st.subscriptions = sorted(peer.subscriptions)
+            st.requests_in, st.requests_out = peer.requests_in, peer.requests_out
+            st.events_out, st.denied, st.pending = peer.events_out, peer.denied, peer.pending
+        return st
+
+    def statuses(self) -> list[ServiceStatus]:
+        return [self.status(n) for n in sorted(self.known_services | set(self._by_name))]
+
+
+def _parses(capability: str) -> bool:
+    try:
+        parse_capability(capability)
+    except CapabilityError:
+        return False
+    return True

@@ -1,0 +1,157 @@
+"""What every part of the router shares: the socket, the peer tables, the counters, and the
+one way the kernel sends an answer.
+
+The router is one object (``Router``, in _router.py) assembled from a part per job, each in
+its own module and each a subclass of ``RouterCore``:
+
+=================  ==========================================================================
+_routing.py        the hot path: requests, replies, the pending table, expiry, flow control
+_session.py        Hello/Welcome, credentials and CURVE identities, heartbeats, disconnects
+_pubsub.py         subscriptions, the topic cache, publishing, kernel events, audit, monitors
+_policy.py         principals, run-time grants and revocations, CURVE enrolment
+_api.py            the kernel's own request API and the service statuses it reports
+_router.py         the socket's lifecycle, the router thread, commands from the event loop
+=================  ==========================================================================
+
+Parts call each other through ``self`` (one flat object: the hot path pays no extra call or
+attribute hop for the split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import zmq
+
+from protocols import SIGNATURE, Error, ErrorCode, Header, Kind, body_tag
+from protocols.transport import send_frames
+from protocols.runtime import get_logger
+
+from ._boundary import Mailbox, Notice
+from ._config import BusConfig
+from ._peers import Peer
+
+log = get_logger(component="router")
+
+REQUEST, REPLY, ERROR, EVENT, CONTROL = (int(k) for k in Kind)
+KIND_NAMES = {int(k): k.name.lower() for k in Kind}
+#: The sender name the kernel stamps on what it says itself.
+KERNEL = "kernel"
+#: Per-peer caches (capability checks, denial counts) are cleared when they reach this size.
+CACHE_LIMIT = 4096
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def worth_logging(count: int) -> bool:
+    """Rate limit for repeated warnings: the 1st, 10th, 100th, 1000th, then every 10000th."""
+    return count in (1, 10, 100, 1000) or count % 10000 == 0
+
+
+class RouterCore:
+    """The shared state; see the module's docstring for the parts."""
+
+    def _init_core(self, endpoint: str, config: BusConfig, ctx: zmq.Context, supervised: bool) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self._ctx = ctx
+        self._sock: zmq.Socket | None = None
+        #: ROUTER identity -> peer, for every authenticated connection.
+        self._peers: dict[bytes, Peer] = {}
+        #: Service name -> peer (services only: shared credentials' clients are not named).
+        self._by_name: dict[str, Peer] = {}
+        self._enc = msgspec.msgpack.Encoder()
+        #: What the router tells its supervisor; None when it runs without one.
+        self.notices: Mailbox[Notice] | None = Mailbox() if supervised else None
+        self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
+
+    def _notify(self, notice: Notice) -> None:
+        if self.notices is not None:
+            self.notices.put(notice)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _sendv(self, parts: list[Any]) -> None:
+        send_frames(self._sock, parts, NOBLOCK)  # type: ignore[arg-type]
+
+    def _send(self, parts: list[Any], to: Peer | None = None) -> bool:
+        """Forward or deliver ``parts``; a full queue drops (counted), a dead connection
+        disconnects ``to``."""
+        try:
+            self._sendv(parts)
+            return True
+        except zmq.Again:
+            if to is not None:
+                self._count_drop(to)
+            return False
+        except zmq.ZMQError as exc:
+            if to is not None and to.identity in self._peers:
+                self.disconnect(to, f"send failed: {exc.strerror}")
+            return False
+
+    def _count_drop(self, to: Peer) -> None:
+        to.dropped += 1
+        self._dropped_events += 1
+        if worth_logging(to.dropped):
+            log.warning("peer_queue_full", peer=to.name, dropped=to.dropped, limit=self.config.queue_limit)
+
+    def answer(self, to: Peer | bytes, request: Header | int, body: msgspec.Struct) -> None:
+        """Answer a message from the kernel itself: with ``body`` as the reply, or as an
+        ERROR when it is an ``Error``.  The one way the kernel answers anything.
+
+        ``to`` is the peer, or the bare identity of a connection that has not said Hello.
+        ``request`` is the header of the message answered (monitors then see a refusal) or,
+        for an answer given later, its id.  A peer gone or flooded gets nothing more (its
+        disconnect comes from its process's exit or its heartbeats)."""
+        peer, identity = (None, to) if isinstance(to, bytes) else (to, to.identity)
+        hdr = request if isinstance(request, Header) else None
+        if isinstance(body, Error):
+            reply = Header(kind=Kind.ERROR, type="Error", id=hdr.id if hdr else request, sender=KERNEL)
+        else:
+            reply = Header(kind=Kind.REPLY, type=body_tag(body), id=hdr.id if hdr else request, sender=KERNEL)
+        try:
+            self._sendv([identity, SIGNATURE, self._enc.encode(reply), self._enc.encode(body)])
+        except zmq.Again:
+            if peer is not None:
+                self._count_drop(peer)
+        except zmq.ZMQError:
+            pass
+        if hdr is not None and peer is not None and isinstance(body, Error) and self._monitors:
+            self._observe(hdr, peer.name, hdr.dest, (), outcome=body.code.value)
+
+    def _reject(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str) -> None:
+        """A message the router cannot process: answer if possible, and always log."""
+        peer = self._peers.get(identity)
+        log.warning("message_rejected", peer=peer.name if peer else identity.hex(),
+                    code=code.value, problem=message, type=hdr.type if hdr else None)
+        # Errors are never answered with errors, or two confused peers would loop.
+        if hdr is None or hdr.kind != ERROR:
+            self.answer(peer or identity, hdr.id if hdr else 0, Error(code=code, message=message))
+
+    # -- capabilities ------------------------------------------------------------------------
+
+    def _allowed(self, peer: Peer, kind: int, action: str, target: str) -> bool:
+        key = (kind, action, target)
+        ok = peer.cache.get(key)
+        if ok is None:
+            if len(peer.cache) >= CACHE_LIMIT:  # a peer inventing topics cannot grow it
+                peer.cache.clear()
+            ok = peer.cache[key] = peer.principal.caps.allows(action, target)
+        return ok
+
+    def _deny(self, peer: Peer, hdr: Header, capability: str) -> None:
+        """Answer forbidden; log and audit it (the 1st, 10th, 100th... denial of the same
+        capability for the same peer: a flood cannot flood the log)."""
+        peer.denied += 1
+        self._denied += 1
+        count = peer.denials[capability] = peer.denials.get(capability, 0) + 1
+        if len(peer.denials) > CACHE_LIMIT:
+            peer.denials.clear()
+        if worth_logging(count):
+            kind = KIND_NAMES.get(hdr.kind)
+            log.warning("denied", peer=peer.name, capability=capability, kind=kind,
+                        type=hdr.type, dest=hdr.dest, count=count)
+            self._audit("denied", peer.name, capability=capability,
+                        detail=f"{kind} {hdr.type} to {hdr.dest}" + (f" ({count} times so far)" if count > 1 else ""))
+        self.answer(peer, hdr, Error(code=ErrorCode.FORBIDDEN, capability=capability,
+                                     message=f"{peer.name!r} lacks the capability {capability!r}"))

@@ -1,0 +1,174 @@
+"""Sessions: the handshake (Hello, credentials or CURVE identity, Welcome), control messages,
+heartbeats and disconnects."""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from typing import Any
+
+import zmq
+
+from protocols import (
+    PROTOCOL_MINOR,
+    BodyDecoder,
+    Bye,
+    Control,
+    DecodeError,
+    Error,
+    ErrorCode,
+    Header,
+    Heartbeat,
+    Hello,
+    Kind,
+    Ready,
+    Subscribe,
+    SIGNATURE,
+    Unsubscribe,
+    Welcome,
+)
+
+from ._boundary import PeerGone, PeerReady
+from ._config import SERVICE_NAME
+from ._core import KERNEL, RouterCore, log
+from ._peers import Peer
+
+_CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
+
+
+class Sessions(RouterCore):
+    def _init_sessions(self) -> None:
+        self._control = BodyDecoder(Control)
+        self._shared_ids = itertools.count(1)
+        #: The signature frame of the message being routed: its metadata names a CURVE
+        #: peer (User-Id).  Set by the router thread's receive loop.
+        self._sig_frame: Any = None
+        self._next_beat = 0.0
+        self._beat_header = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=KERNEL))
+        self._beat_body = self._enc.encode(Heartbeat())
+
+    def _hello(self, identity: bytes, hdr: Header, body: bytes) -> None:
+        try:
+            hello = self._control.decode(hdr.type, body)
+        except DecodeError as exc:
+            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        curve_key = self._curve_user_id()
+        if curve_key:
+            # Authenticated by CurveZMQ (ZAP admitted only enrolled keys): the key names it.
+            principal = self._by_principal_name.get(self.enrolled.get(curve_key, ""))
+            reason = f"CURVE key {curve_key[:8]}... is not enrolled (any more)"
+            advice = "the CURVE key this connection uses is no longer enrolled; enrol it again"
+        else:
+            principal = self._principals.get(hello.credential) if hello.credential else None
+            reason = "missing credential" if not hello.credential else "unknown credential"
+            advice = ("Hello carries no valid credential; use the credential the kernel gave this "
+                      "service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
+        if principal is None:
+            log.warning("authentication_failed", claimed=hello.service, pid=hello.pid, reason=reason)
+            self._audit("authentication-failed", hello.service or "?", detail=reason)
+            self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=advice))
+            return
+        if principal.shared:
+            if hello.service and not SERVICE_NAME.match(hello.service):
+                self.answer(identity, hdr, Error(code=ErrorCode.BAD_MESSAGE, message=(
+                    f"client label {hello.service!r} must be 1-63 of a-z, 0-9, '_' and '-'")))
+                return
+            name = f"{hello.service or principal.name}.{next(self._shared_ids)}"
+        else:
+            name = principal.name
+            if hello.service and hello.service != name:
+                log.warning("authentication_failed", claimed=hello.service, credential_of=name)
+                self._audit("authentication-failed", hello.service, detail=f"presented the credential of {name!r}")
+                self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=(
+                    f"this credential belongs to {name!r}, not {hello.service!r}")))
+                return
+            old = self._by_name.get(name)
+            if old is not None:
+                self.disconnect(old, "replaced by a new connection with the same credential")
+        peer = Peer(identity, name, principal, hello)
+        self._peers[identity] = peer
+        if not principal.shared:
+            self._by_name[name] = peer
+        self.answer(peer, hdr, Welcome(
+            name=name,
+            heartbeat_interval=self.config.heartbeat_interval,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            max_message_size=self.config.max_message_size,
+            minor=PROTOCOL_MINOR,
+            settings=principal.settings,
+        ))
+        log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
+
+    def _curve_user_id(self) -> str:
+        frame = self._sig_frame
+        if frame is None:
+            return ""
+        try:
+            return frame.get("User-Id") or ""
+        except zmq.ZMQError:  # no such property: not a ZAP-authenticated connection
+            return ""
+
+    def _control_message(self, peer: Peer, hdr: Header, body: bytes) -> None:
+        if hdr.type not in _CONTROL_TYPES:
+            self._reject(peer.identity, hdr, ErrorCode.UNKNOWN_TYPE,
+                         f"unknown control message {hdr.type!r}; known: {', '.join(sorted(_CONTROL_TYPES))}")
+            return
+        try:
+            msg = self._control.decode(hdr.type, body)
+        except DecodeError as exc:
+            self._reject(peer.identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        match msg:
+            case Heartbeat():
+                pass
+            case Ready():
+                if not peer.ready:
+                    peer.ready = True
+                    log.info("peer_ready", peer=peer.name)
+                    if not peer.principal.shared:
+                        self._notify(PeerReady(peer.name))
+            case Subscribe(topics=topics):
+                self._subscribe(peer, hdr, topics)
+            case Unsubscribe(topics=topics):
+                self._unsubscribe(peer, hdr, topics)
+            case Bye(reason=reason):
+                self.disconnect(peer, f"said bye: {reason}" if reason else "said bye")
+            case Hello():
+                # A peer that restarted its session on the same socket: start afresh.
+                self.disconnect(peer, "sent a new Hello")
+                self._hello(peer.identity, hdr, body)
+
+    def _heartbeats(self, now: float) -> None:
+        """Every heartbeat interval: beat to each peer, and disconnect the silent ones."""
+        if now < self._next_beat:
+            return
+        interval = self.config.heartbeat_interval
+        self._next_beat = now + interval
+        limit = interval * self.config.heartbeat_liveness
+        for peer in list(self._peers.values()):
+            if now - peer.last_seen > limit:
+                self.disconnect(peer, f"no heartbeat for {now - peer.last_seen:.1f}s", silent=True)
+            else:
+                self._send([peer.identity, SIGNATURE, self._beat_header, self._beat_body], peer)
+
+    def disconnect(self, peer: Peer, why: str, silent: bool = False) -> None:
+        """Forget ``peer``: its requests are answered or dropped, its subscriptions and
+        monitors end, and the supervisor hears of it (a service's, not a client's)."""
+        if self._peers.pop(peer.identity, None) is None:
+            return
+        if self._by_name.get(peer.name) is peer:
+            del self._by_name[peer.name]
+        self._monitors.pop(peer.identity, None)
+        if peer.subscriptions:
+            self._topic_cache.clear()
+        self._drop_pending(peer, why)
+        log.info("peer_disconnected", peer=peer.name, reason=why)
+        if not peer.principal.shared:
+            self._notify(PeerGone(peer.name, why, peer.principal.credential, silent))
+
+    def _disconnect_name(self, name: str, why: str) -> None:
+        peer = self._by_name.get(name)
+        if peer is not None:
+            self.disconnect(peer, why)
+
