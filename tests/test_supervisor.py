@@ -86,10 +86,10 @@ backoff_max = 0.1
 [services.greeter]
 command = {GREETER}
 """)
-    services = await wait_until(system, lambda s: s["crasher"].state == "failed")
+    # (the crash loop may well be over before the greeter's interpreter has started)
+    services = await wait_until(system, lambda s: s["crasher"].state == "failed" and s["greeter"].state == "ready")
     assert services["crasher"].restarts == 3
     assert "restarts within" in system.log() and "exited with status 3" in services["crasher"].last_exit
-    assert services["greeter"].state == "ready"
     async with system.client() as bus:
         assert (await bus.call("greeter", Greet(who="still"), Greeting, timeout=5)).text == "hello, still"
     assert system.stop() == 0
@@ -223,7 +223,8 @@ limits = { open_files = 123, cpu_seconds = 1000, core_size = 0, nice = 7, cpu_af
     assert environ["VISIBLE"] == "yes" and environ["EDGEBUS_TEST_PASSED"] == "1"
     assert "EDGEBUS_TEST_NOT_PASSED" not in environ and "EDGEBUS_EXEC_SPEC" not in environ
     assert set(environ) <= {"PATH", "VISIBLE", "EDGEBUS_TEST_PASSED", "EDGEBUS_SERVICE", "EDGEBUS_BUS",
-                            "EDGEBUS_RUN_DIR", "EDGEBUS_STATE_DIR", "EDGEBUS_LOG_FORMAT", "EDGEBUS_LOG_LEVEL",
+                            "EDGEBUS_RUN_DIR", "EDGEBUS_STATE_DIR", "EDGEBUS_CONFIG_DIR", "EDGEBUS_LOG_FORMAT",
+                            "EDGEBUS_LOG_LEVEL",
                             "PYTHONUNBUFFERED", "EDGEBUS_CREDENTIAL_FD"}
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
