@@ -4,6 +4,9 @@ Hierarchy::
 
     ModelStoreError
     ├── BundleError             the file is not a readable bundle
+    │   ├── BadEntry            an entry is not one a bundle may hold (name, method, layout)
+    │   ├── BundleTooLarge      over a size limit (manifest, total, compression ratio, directory)
+    │   ├── GraphMismatch       the manifest's inputs/outputs contradict a model's graph
     │   ├── UnsignedBundle      it carries no signature
     │   ├── TamperedBundle      a file or the manifest does not match what was signed
     │   └── UnknownSigner       the signature does not verify with any trusted key
@@ -14,7 +17,7 @@ Hierarchy::
 
 from __future__ import annotations
 
-__all__ = ["ModelStoreError", "BundleError", "UnsignedBundle", "TamperedBundle", "UnknownSigner",
+__all__ = ["ModelStoreError", "BundleError", "BadEntry", "BundleTooLarge", "GraphMismatch", "UnsignedBundle", "TamperedBundle", "UnknownSigner",
            "DowngradeRefused", "ModelLoadError", "NoSuchModel"]
 
 
@@ -26,6 +29,20 @@ class BundleError(ModelStoreError):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(f"bad bundle: {problem}")
+
+
+class BadEntry(BundleError):
+    """An archive entry a bundle may not hold: a name that is not exactly one of the
+    manifest's files (``..``, absolute, backslash, duplicate, unlisted), an encrypted or
+    unsupported entry."""
+
+
+class BundleTooLarge(BundleError):
+    """Over a limit the store reads bundles within: what, how much, and the limit."""
+
+
+class GraphMismatch(BundleError):
+    """The manifest declares inputs or outputs that a model's graph contradicts."""
 
 
 class UnsignedBundle(BundleError):

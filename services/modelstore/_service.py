@@ -1,15 +1,18 @@
 """The model store service.
 
 Install checks a bundle (files against the signed manifest, the signature against the
-security service's trust store, no downgrade, ONNX Runtime loads every variant) before a
-single byte is stored; the store is unchanged by a refused bundle.  Activation is an
+security service's trust store, no downgrade, the manifest's inputs and outputs against
+each graph, ONNX Runtime loads every variant) before a single byte is stored; the store is
+unchanged by a refused bundle.  It reads the bundle in bounded stages (``Archive``), the
+signature verified before any model file is inflated, and does its long work (inflating,
+hashing, encrypting, the load check) in worker threads and a throwaway process, so the
+event loop keeps answering requests and heartbeats.  Activation is an
 atomic switch of ``state.json``; the new version runs in ``trial`` until the health
 reports of the scheduler or telemetry commit it, or roll it back by themselves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -24,16 +27,14 @@ from protocols.runtime import ENV_STATE_DIR
 from services import BadMessage, Context, InternalError, Rejected, Service, SettingsError, Unavailable, UnknownDestination
 from protocols.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
-from ._bundle import Bundle
+from ._bundle import Archive, Bundle, check_graph
 from ._exceptions import (
     BundleError,
     DowngradeRefused,
     ModelLoadError,
     ModelStoreError,
     NoSuchModel,
-    TamperedBundle,
     UnknownSigner,
-    UnsignedBundle,
 )
 from protocols.modelstore import (
     Activate,
@@ -93,6 +94,10 @@ class ModelStoreService(Service):
             blob = (await self.bus.call("security", Seal(key=key, context="modelstore"), Sealed)).blob
             atomic_write(sealed, blob)  # fsync'd: losing it would make every blob unreadable
         self.store = Store(root, key, self._fault)
+        #: one install at a time (memory: one bundle's files), and the store's writes
+        #: (blobs, manifests, the sweep of a remove) never interleave
+        self._installing = anyio.Lock()
+        self._writing = anyio.Lock()
         self.health: dict[tuple[str, str], _Health] = {}
         await self._preload()
         for name in self.store.names():
@@ -109,7 +114,8 @@ class ModelStoreService(Service):
                                     f"{self.settings.preload} is not a directory of .ebm bundles")
             directories.append(self.settings.preload)
         for path in sorted(p for directory in directories for p in directory.glob("*.ebm")):
-            name = Bundle.load(path).manifest.name
+            with Archive(path.read_bytes()) as archive:
+                name = archive.manifest.name
             if self.store.versions(name):
                 continue
             installed = await self._install(path.read_bytes(), "preload")
@@ -142,8 +148,8 @@ class ModelStoreService(Service):
             case Install():
                 if len(ctx.frames) != 1:
                     raise BadMessage("Install carries the bundle as exactly one raw frame")
-                return await self._install(bytes(ctx.frames[0].buffer if hasattr(ctx.frames[0], "buffer")
-                                                 else ctx.frames[0]), ctx.sender)
+                frame = ctx.frames[0]  # read in place: no copy of a large bundle
+                return await self._install(frame.buffer if hasattr(frame, "buffer") else frame, ctx.sender)
             case Activate(name=name, version=version):
                 return await self._activate(name, version, ctx.sender)
             case Rollback(name=name):
@@ -163,7 +169,8 @@ class ModelStoreService(Service):
                                    "wait for the trial to end")
                 if version == rec.previous:
                     self._commit_record(name, msgspec.structs.replace(rec, previous=""))
-                store.remove_version(name, version)
+                async with self._writing:  # its sweep must not take an install's fresh blobs
+                    store.remove_version(name, version)
                 await self._announce("removed", name, version, ctx.sender)
                 return self._state(name)
             case Split(name=name, weights=weights):
@@ -194,7 +201,7 @@ class ModelStoreService(Service):
                 if variant not in manifest.variants:
                     raise BadMessage(f"{name} {version} has no variant {variant!r}; it has {sorted(manifest.variants)}")
                 sha = manifest.variants[variant].sha256
-                data = store.read_file(sha)
+                data = await anyio.to_thread.run_sync(store.read_file, sha)  # decrypt off the event loop
                 return ModelBytes(name=name, version=version, variant=variant, sha256=sha, manifest=manifest), [data]
             case Resolve(name=name, key=key):
                 self._known(name)
@@ -209,40 +216,46 @@ class ModelStoreService(Service):
 
     # -- operations -------------------------------------------------------------------------------
 
-    async def _install(self, data: bytes, sender: str) -> Installed:
-        bundle = Bundle.from_bytes(data)
-        bundle.check_files()
-        if bundle.signature is None:
-            raise UnsignedBundle()
-        m = bundle.manifest
-        # First against the key the bundle names: a failure here means the manifest (or
-        # the signature) changed after signing, whoever the signer is.
-        sig = bundle.signature
-        try:
-            embedded = bytes.fromhex(sig.public_key)
-        except ValueError:
-            raise TamperedBundle("signature.json") from None
-        if hashlib.sha256(embedded).hexdigest()[:16] != sig.key_id or not bundle.check_signature_with(embedded):
-            raise TamperedBundle("manifest.json")
-        # Then: is that key one the device trusts?
-        try:
-            await self.bus.call("security", VerifySignature(data=bundle.manifest_bytes,
-                                                            signature=bytes.fromhex(bundle.signature.signature),
-                                                            key_id=bundle.signature.key_id), SignatureValid)
-        except BadMessage:
-            raise UnknownSigner(bundle.signature.key_id) from None
-        versions = self.store.versions(m.name)
-        if versions and parse_version(m.version) <= parse_version(versions[-1]):
-            raise DowngradeRefused(m.name, m.version, versions[-1])
-        for variant, spec in m.variants.items():
-            await self._load_check(m.name, variant, bundle.files[spec.file])
-        self.store.add(bundle)
-        await self._announce("installed", m.name, m.version, sender, detail=f"signed by {bundle.signature.key_id}")
-        for old in self._prune(m.name):
+    async def _install(self, data: object, sender: str) -> Installed:
+        async with self._installing:
+            # Stages of PROTOCOL.md 11.4, each bounded: the directory, manifest and signature
+            # under small caps, the signature verified, the entries held to the signed
+            # manifest, and only then the model files inflated (in a worker thread).
+            archive = await anyio.to_thread.run_sync(Archive, data)
+            with archive:
+                m = archive.manifest
+                sig = archive.verify_embedded()
+                archive.check_entries()
+                # Then: is that key one the device trusts?
+                try:
+                    await self.bus.call("security", VerifySignature(data=archive.manifest_bytes,
+                                                                    signature=bytes.fromhex(sig.signature),
+                                                                    key_id=sig.key_id), SignatureValid)
+                except BadMessage:
+                    raise UnknownSigner(sig.key_id) from None
+                self._check_newer(m.name, m.version)
+                files = await anyio.to_thread.run_sync(archive.read_files)
+                for spec in m.variants.values():
+                    await anyio.to_thread.run_sync(check_graph, m, spec.file, files[spec.file])
+                for variant, spec in m.variants.items():
+                    await self._load_check(m.name, variant, files[spec.file])
+                bundle = Bundle(archive.manifest_bytes, files, sig)
+            async with self._writing:
+                self._check_newer(m.name, m.version)
+                await anyio.to_thread.run_sync(self.store.add, bundle)  # encrypt and fsync off the loop
+                pruned = self._prune(m.name)
+            del bundle, files
+        await self._announce("installed", m.name, m.version, sender, detail=f"signed by {sig.key_id}")
+        for old in pruned:
             await self._announce("removed", m.name, old, "the store", detail=f"pruned: it keeps the newest {self.settings.keep}")
-        return Installed(name=m.name, version=m.version, key_id=bundle.signature.key_id, variants=sorted(m.variants))
+        return Installed(name=m.name, version=m.version, key_id=sig.key_id, variants=sorted(m.variants))
 
-    async def _load_check(self, name: str, variant: str, model: bytes) -> None:
+    def _check_newer(self, name: str, version: str) -> None:
+        versions = self.store.versions(name)
+        if versions and parse_version(version) <= parse_version(versions[-1]):
+            raise DowngradeRefused(name, version, versions[-1])
+
+    async def _load_check(self, name: str, variant: str, model: object) -> None:
         def run() -> subprocess.CompletedProcess[bytes]:
             return subprocess.run([sys.executable, "-m", "services.modelstore._check"], input=model,
                                   capture_output=True, timeout=120)
