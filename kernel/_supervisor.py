@@ -4,13 +4,17 @@ Every service is a fresh interpreter (or any command) in its own process group, 
 clean environment, stdin from /dev/null, stdout/stderr captured and re-emitted as
 structured log lines, and one inherited descriptor: a pipe holding its bus credential.
 The kernel reaps every child itself (``waitpid(-1)`` on SIGCHLD), so orphans re-parented
-to it (as PID 1 or as a child subreaper) are reaped too.
+to it (as PID 1 or as a child subreaper) are reaped too, and so are the kernel's own helper
+processes (``run_helper``).
 
 Each service has a *keeper* task that starts it once what it requires is ready, waits for
-its READY (never a timer), and applies its restart policy when it exits: OTP restart types
-(permanent, transient, temporary), exponential back-off, restart intensity (a service that
-restarts too often is marked failed; a critical one makes the whole system give up), and
-the one_for_one / rest_for_one strategies.
+its READY (never a timer), and acts on its restart policy when it exits: OTP restart types,
+back-off, restart intensity and the one_for_one / rest_for_one strategies, decided by the
+pure functions of _restart.py.
+
+The supervisor runs on the event loop and tells the router (another thread) what it must
+know by messages only (``tell_router``): each service's status whenever it changes, exits,
+audit records.
 """
 
 from __future__ import annotations
