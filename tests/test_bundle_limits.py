@@ -306,3 +306,55 @@ async def test_a_large_install_never_stalls_the_store(make_system) -> None:
     assert len(latencies) >= 10, latencies
     assert max(latencies) < 1.0, f"ListModels took up to {max(latencies):.2f}s during the install"
     assert await store_state(system) == (pid, "ready")
+
+
+def with_flags(archive: bytes, name: str, *, flags: int | None = None, method: int | None = None) -> bytes:
+    """``archive`` with the general-purpose flags or the method of entry ``name`` changed in
+    both its local and its central header."""
+    out = bytearray(archive)
+    n = name.encode()
+    for magic, flag_at, method_at, name_at in ((b"PK\x03\x04", 6, 8, 30), (b"PK\x01\x02", 8, 10, 46)):
+        at = out.find(magic)
+        while at >= 0:
+            if out[at + name_at:at + name_at + len(n)] == n:
+                if flags is not None:
+                    out[at + flag_at:at + flag_at + 2] = struct.pack("<H", flags)
+                if method is not None:
+                    out[at + method_at:at + method_at + 2] = struct.pack("<H", method)
+            at = out.find(magic, at + 4)
+    return bytes(out)
+
+
+async def test_malformed_archives_are_refused_naming_the_problem(store_system) -> None:
+    system = store_system
+    pid, _ = await store_state(system)
+    m = onnx_model(1.0)
+    good = zipfile.ZipFile(io.BytesIO(signed_bundle({"full.onnx": m}, {"full": "full.onnx"})))
+    parts = {name: good.read(name) for name in good.namelist()}
+    manifest, signature = stored("manifest.json", parts["manifest.json"]), stored("signature.json", parts["signature.json"])
+    full = stored("full.onnx", m)
+    many = [stored(f"f{i:05}.onnx", b"") for i in range(3000)]  # a central directory of ~150 KiB
+    zip64 = raw_zip([manifest, signature, full])
+    end = zip64.rfind(b"PK\x05\x06")
+    zip64 = zip64[:end] + struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 1) + zip64[end:]
+    cases = {
+        "nul in a name": (raw_zip([manifest, signature, stored("full.onnx\0.sh", m)]), "NUL byte"),
+        "bzip2": (with_flags(raw_zip([manifest, signature, full]), "full.onnx", method=12), "compression method 12"),
+        "encrypted": (with_flags(raw_zip([manifest, signature, full]), "full.onnx", flags=1), "is encrypted"),
+        "stored, sizes differ": (raw_zip([manifest, signature, ("full.onnx", 0, m, zlib.crc32(m), len(m) + 1)]),
+                                 "is stored but declares"),
+        "huge directory": (raw_zip([manifest, signature, full, *many]), "central directory is over 65536 bytes"),
+        "huge manifest": (raw_zip([stored("manifest.json", b" " * (2 << 20)), signature, full]),
+                          "manifest.json declares 2097152 bytes, over the limit of 1048576"),
+        "zip64": (zip64, "ZIP64"),
+        "no manifest": (raw_zip([signature, full]), "it has no manifest.json"),
+        "stored file missing": (raw_zip([manifest, signature]), "full.onnx (missing)"),
+    }
+    async with system.client() as bus:
+        for label, (data, text) in cases.items():
+            with pytest.raises(BadMessage) as info:
+                await install(bus, data)
+            assert text in str(info.value), (label, str(info.value))
+        # the same entries, well formed, install
+        assert (await install(bus, raw_zip([manifest, signature, full]))).version == "1.0.0"
+    assert await store_state(system) == (pid, "ready")
