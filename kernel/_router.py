@@ -126,6 +126,7 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
         if self.endpoint.startswith("ipc://"):
             os.chmod(self.endpoint[len("ipc://"):], 0o600)
         self._sock = sock
+        self._stopping = False
         waker = self._ctx.socket(zmq.DEALER)
         waker.setsockopt(zmq.IDENTITY, WAKE_IDENTITY)
         waker.setsockopt(zmq.LINGER, 0)
