@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import anyio.abc
@@ -285,19 +285,10 @@ class Supervisor:
                                  stderr=subprocess.PIPE, close_fds=True)
         helper = self._helpers[popen.pid] = _Helper()  # before the reaper can run: no race
         assert popen.stderr is not None
-        fd = popen.stderr.fileno()
-        os.set_blocking(fd, False)
         err = b""
         try:
             with anyio.fail_after(timeout):
-                while True:
-                    await anyio.wait_readable(fd)
-                    try:
-                        chunk = os.read(fd, 65536)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        break
+                async for chunk in _chunks(popen.stderr.fileno()):
                     err = (err + chunk)[-65536:]
                 await helper.exited.wait()
         finally:
@@ -526,18 +517,9 @@ class Supervisor:
 
     async def _pump(self, svc: ManagedService, stream: Any, name: str) -> None:
         """Re-emit a child's output as structured lines bound to the child's name."""
-        fd = stream.fileno()
-        os.set_blocking(fd, False)
         buf = b""
         try:
-            while True:
-                await anyio.wait_readable(fd)
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    break
+            async for chunk in _chunks(stream.fileno()):
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
@@ -662,6 +644,20 @@ class _Helper:
     def __init__(self) -> None:
         self.exited = anyio.Event()
         self.status = 0
+
+
+async def _chunks(fd: int) -> AsyncIterator[bytes]:
+    """What a pipe gives until its end, read without blocking the event loop."""
+    os.set_blocking(fd, False)
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return
+        yield chunk
 
 
 def _killpg(pgid: int, sig: int) -> None:
