@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# make run CONFIG=my-system.toml boots that config instead of the built-in default.
 run: $(STAMP)
-	$(VENV)/bin/edgebus boot --run-dir .run
+	$(VENV)/bin/edgebus boot --run-dir .run $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP) mosquitto
 	$(PY) -m pytest -q

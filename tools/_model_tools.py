@@ -29,11 +29,18 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+class KeyFileError(ValueError):
+    pass
+
+
 def read_private_key(path: str) -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    raw = bytes.fromhex(Path(path).read_text().split()[0])
-    return Ed25519PrivateKey.from_private_bytes(raw)
+    try:
+        raw = bytes.fromhex(Path(path).read_text().split()[0])
+        return Ed25519PrivateKey.from_private_bytes(raw)
+    except (ValueError, IndexError):
+        raise KeyFileError(f"{path} is not an ed25519 private key (64 hex characters, from `edgebus keygen`)") from None
 
 
 def unknown_keys(value: Any, type_: Any = Manifest, path: str = "") -> list[str]:
@@ -106,7 +113,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
         inputs, outputs = graph_io(model)
     except Exception as exc:  # onnx raises its own DecodeError & co
         return _fail(f"{args.model} is not an ONNX model: {exc}")
-    spec: dict[str, Any] = json.loads(Path(args.spec).read_text()) if args.spec else {}
+    try:
+        spec: dict[str, Any] = json.loads(Path(args.spec).read_text()) if args.spec else {}
+    except ValueError as exc:
+        return _fail(f"{args.spec} is not JSON: {exc}")
+    if not isinstance(spec, dict):
+        return _fail(f"{args.spec}: a spec is a JSON object (pre, post, fallback, reference, provenance)")
     misspelt = unknown_keys(spec)
     if misspelt:
         return _fail(f"{args.spec}: unknown manifest key(s) {', '.join(misspelt)}; fix or remove them "
@@ -128,7 +140,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     except (msgspec.ValidationError, BundleError) as exc:
         return _fail(f"cannot pack: {exc}")
     if args.key:
-        bundle.sign(read_private_key(args.key))
+        try:
+            bundle.sign(read_private_key(args.key))
+        except KeyFileError as exc:
+            return _fail(str(exc))
     bundle.save(args.out)
     print(f"packed {args.name} {args.version} into {args.out}" + (" (signed)" if args.key else " (unsigned)"))
     return 0
@@ -138,9 +153,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
     try:
         bundle = Bundle.load(args.bundle)
         bundle.check_files()
-    except BundleError as exc:
+        key = read_private_key(args.key)
+    except (BundleError, KeyFileError) as exc:
         return _fail(str(exc))
-    bundle.sign(read_private_key(args.key))
+    bundle.sign(key)
     bundle.save(args.out or args.bundle)
     print(f"signed {bundle.manifest.name} {bundle.manifest.version} with key {bundle.signature.key_id}")  # type: ignore[union-attr]
     return 0

@@ -142,7 +142,10 @@ def _attest_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tools._cli import version
+
     parser = argparse.ArgumentParser(prog="edgebus", description="edgebus: the operating layer for AI at the edge")
+    parser.add_argument("--version", action="version", version=version("edgebus"))
     sub = parser.add_subparsers(dest="command", required=True)
     boot = sub.add_parser("boot", help="run the kernel and its services in the foreground")
     boot.add_argument("--config", help="system config (TOML); the built-in default when omitted")
@@ -171,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tools._cli import finish
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    finish("edgebus", lambda: args.func(args))
 
 
 if __name__ == "__main__":
