@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import anyio
@@ -183,3 +184,55 @@ uplink = {{ host = "127.0.0.1", port = {broker.port}, username = "dev1", passwor
     lines = [msgspec.json.decode(line) for line in other.log().splitlines() if '"settings_invalid"' in line]
     assert [line["key"] for line in lines] == ["settings.uplink.password_env"]
     assert "EDGEBUS_TEST_UPLINK_PASSWORD is not set" in lines[0]["problem"]
+
+
+def _log_events(system: System, event: str) -> list[dict]:
+    out = []
+    for line in system.log().splitlines():
+        if f'"{event}"' in line:
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                out.append(record)
+    return out
+
+
+async def test_a_short_blip_after_a_long_outage_costs_the_initial_back_off_not_the_maximum(make_system,
+                                                                                           broker) -> None:
+    system: System = make_system(f"""
+[services.telemetry]
+command = ["{{python}}", "-m", "services.telemetry"]
+capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
+[services.telemetry.settings]
+http = ""
+device_id = "dev1"
+summary_interval = 0.1
+uplink = {{ host = "127.0.0.1", port = {broker.port}, backoff_initial = 0.05, backoff_max = 4.0 }}
+""")
+    await system.wait_ready("telemetry")
+    # a long outage (no broker yet): the back-off climbs to its maximum
+    wait_for(lambda: any(r["backoff"] == 4.0 for r in _log_events(system, "uplink_retry")), 30,
+             "the back-off to reach its maximum (4 s)")
+    broker.start()
+    wait_for(lambda: len(_log_events(system, "uplink_connected")) == 1, 10, "the first connection")
+    with anyio.fail_after(10):  # delivering
+        first = (await uplink(system)).sent
+        while (await uplink(system)).sent < first + 3:
+            await anyio.sleep(0.05)
+    # a short blip: the broker goes away and comes straight back
+    broker.stop()
+    broker.start()
+    back = time.monotonic()
+    wait_for(lambda: len(_log_events(system, "uplink_connected")) == 2, 10, "the reconnection")
+    cost = time.monotonic() - back
+    # the CONNACK reset the back-off: about the initial 0.05 s (jittered) plus noticing the
+    # loss (0.25 s at most), not the 2-4 s of a back-off left at its maximum
+    assert cost < 1.0, f"reconnecting after the blip took {cost:.2f} s"
+    retries = [r for r in _log_events(system, "uplink_retry") if r["reason"] == "connection_lost"]
+    assert retries and retries[-1]["backoff"] == 0.05 and 0.025 <= retries[-1]["retry_in"] <= 0.05
+    with anyio.fail_after(10):  # and it delivers again
+        sent = (await uplink(system)).sent
+        while (await uplink(system)).sent <= sent:
+            await anyio.sleep(0.05)
