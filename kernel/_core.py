@@ -41,6 +41,9 @@ KERNEL = "kernel"
 #: Per-peer caches (capability checks, denial counts) are cleared when they reach this size.
 CACHE_LIMIT = 4096
 NOBLOCK = int(zmq.NOBLOCK)
+#: More than a header can grow when the kernel stamps it: a sender name (at most 63
+#: characters, plus ".N" for a shared credential's client) and an id of up to 9 bytes.
+STAMP_ROOM = 256
 
 
 def worth_logging(count: int) -> bool:
@@ -64,6 +67,11 @@ class RouterCore:
         #: What the router tells its supervisor; None when it runs without one.
         self.notices: Mailbox[Notice] | None = Mailbox() if supervised else None
         self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
+        #: The size limit applies to messages as forwarded.  Stamping the sender and
+        #: rewriting the id grow a header by less than STAMP_ROOM bytes: only a message that
+        #: close to the limit has its forwarded size computed.
+        self._max_size = config.max_message_size
+        self._stamp_free_size = self._max_size - STAMP_ROOM
 
     def _notify(self, notice: Notice) -> None:
         if self.notices is not None:
@@ -118,6 +126,10 @@ class RouterCore:
             pass
         if hdr is not None and peer is not None and isinstance(body, Error) and self._monitors:
             self._observe(hdr, peer.name, hdr.dest, (), outcome=body.code.value)
+
+    def _too_large_stamped(self, size: int) -> str:
+        return (f"message of {size} bytes as forwarded (with the sender stamped) exceeds the bus limit of "
+                f"{self._max_size} bytes; keep messages {STAMP_ROOM} bytes under the limit")
 
     def _reject(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str) -> None:
         """A message the router cannot process: answer if possible, and always log."""

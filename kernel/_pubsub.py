@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from protocols import SIGNATURE, AuditEvent, Header, Kind, Monitor, Subscribed, Traffic, body_tag
+from protocols import SIGNATURE, AuditEvent, ErrorCode, Header, Kind, Monitor, Subscribed, Traffic, body_tag
 
 from ._core import EVENT, KERNEL, KIND_NAMES, RouterCore
 from ._peers import Peer
@@ -31,7 +31,7 @@ class PubSub(RouterCore):
         #: monitor's identity -> what it watches
         self._monitors: dict[bytes, Monitor] = {}
 
-    def _publish(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+    def _publish(self, peer: Peer, hdr: Header, parts: list[zmq.Frame], size: int) -> None:
         topic = hdr.dest
         # Every peer may report its own metrics (metrics.<its name>): no capability needed.
         if not (topic.startswith("metrics.") and topic[8:] == peer.name) and \
@@ -40,8 +40,15 @@ class PubSub(RouterCore):
             return
         peer.events_out += 1
         hdr.sender = peer.name
-        hdr.id = 0
-        parts[2] = self._enc.encode(hdr)
+        orig, hdr.id = hdr.id, 0
+        stamped = self._enc.encode(hdr)
+        if size > self._stamp_free_size and size - len(parts[2]) + len(stamped) > self._max_size:
+            hdr.id = orig
+            self._malformed += 1
+            self._reject(peer.identity, hdr, ErrorCode.BAD_MESSAGE,
+                         self._too_large_stamped(size - len(parts[2]) + len(stamped)))
+            return
+        parts[2] = stamped
         subscribers = self._topic_cache.get(topic)
         if subscribers is None:
             subscribers = self._subscribers(topic)

@@ -64,11 +64,12 @@ class Routing(RouterCore):
         if len(parts) > 4:
             for p in parts[4:]:
                 size += len(p)
-        if size > self.config.max_message_size:
+        if size > self._max_size:
             self._malformed += 1
-            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
-                         f"message of {size} bytes exceeds the bus limit of "
-                         f"{self.config.max_message_size} bytes")
+            problem = f"message of {size} bytes exceeds the bus limit of {self._max_size} bytes"
+            if hdr.kind == REPLY or hdr.kind == ERROR:
+                self._undeliverable_reply(identity, hdr, problem)
+            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, problem)
             return
         peer = self._peers.get(identity)
         if peer is None:
@@ -82,15 +83,15 @@ class Routing(RouterCore):
         peer.last_seen = now = time.monotonic()
         kind = hdr.kind
         if kind == REQUEST:
-            self._request(peer, hdr, parts, now)
+            self._request(peer, hdr, parts, now, size)
         elif kind == REPLY or kind == ERROR:
-            self._reply(peer, hdr, parts)
+            self._reply(peer, hdr, parts, size)
         elif kind == EVENT:
-            self._publish(peer, hdr, parts)
+            self._publish(peer, hdr, parts, size)
         else:
             self._control_message(peer, hdr, parts[3])
 
-    def _request(self, peer: Peer, hdr: Header, parts: list[Any], now: float) -> None:
+    def _request(self, peer: Peer, hdr: Header, parts: list[Any], now: float, size: int) -> None:
         dest = hdr.dest
         typ = hdr.type
         ok = peer.calls.get((dest, typ))
@@ -140,8 +141,15 @@ class Routing(RouterCore):
         kid = next(self._ids)
         hdr.id = kid
         hdr.sender = peer.name
+        stamped = self._enc.encode(hdr)
+        if size > self._stamp_free_size and size - len(parts[2]) + len(stamped) > self._max_size:
+            hdr.id = orig
+            self._malformed += 1
+            self.answer(peer, hdr, Error(code=ErrorCode.BAD_MESSAGE, message=self._too_large_stamped(
+                size - len(parts[2]) + len(stamped))))
+            return
         parts[0] = target.identity
-        parts[2] = self._enc.encode(hdr)
+        parts[2] = stamped
         try:
             self._sendv(parts)
         except zmq.Again:
@@ -163,7 +171,7 @@ class Routing(RouterCore):
             hdr.id = orig  # monitors see the requester's id, as on the reply
             self._observe(hdr, peer.name, dest, parts)
 
-    def _reply(self, peer: Peer, hdr: Header, parts: list[zmq.Frame]) -> None:
+    def _reply(self, peer: Peer, hdr: Header, parts: list[zmq.Frame], size: int) -> None:
         kid = hdr.id
         pending = self._pending.get(kid)
         if pending is None or pending.target is not peer:
@@ -181,12 +189,33 @@ class Routing(RouterCore):
         hdr.id = pending.request_id
         hdr.sender = peer.name
         hdr.dest = ""
+        stamped = self._enc.encode(hdr)
+        if size > self._stamp_free_size and size - len(parts[2]) + len(stamped) > self._max_size:
+            problem = self._too_large_stamped(size - len(parts[2]) + len(stamped))
+            self._malformed += 1
+            self.answer(requester, pending.request_id, Error(code=ErrorCode.BAD_MESSAGE, message=(
+                f"the reply of {peer.name!r} to {pending.type!r} was not delivered: {problem}")))
+            hdr.id = kid
+            self._reject(peer.identity, hdr, ErrorCode.BAD_MESSAGE, problem)
+            return
         parts[0] = requester.identity
-        parts[2] = self._enc.encode(hdr)
+        parts[2] = stamped
         self._send(parts, requester)
         self._routed += 1
         if self._monitors:
             self._observe(hdr, peer.name, requester.name, parts)
+
+    def _undeliverable_reply(self, identity: bytes, hdr: Header, problem: str) -> None:
+        """A reply (or error) too large to route: its requester is answered ``bad-message`` at
+        once instead of waiting out its deadline."""
+        peer = self._peers.get(identity)
+        pending = self._pending.get(hdr.id)
+        if peer is None or pending is None or pending.target is not peer:
+            return
+        del self._pending[hdr.id]
+        peer.pending -= 1
+        self.answer(pending.requester, pending.request_id, Error(code=ErrorCode.BAD_MESSAGE, message=(
+            f"the reply of {peer.name!r} to {pending.type!r} was not delivered: {problem}")))
 
     def _expire(self, now: float) -> None:
         """Answer ``timeout`` for every request whose deadline has passed."""
