@@ -12,7 +12,10 @@ CPUs (the ``threads`` setting), one inter-op thread (batches arrive one at a tim
 all graph optimisations, memory pattern and arena on.
 
 A Run applies the manifest's pre ops (numba kernels in drivers.ops), session.run, then the
-post ops, on a whole batch; tensors arrive and leave as zero-copy frames.
+post ops, on a whole batch; tensors arrive and leave as zero-copy frames.  The pre ops must
+give one row of the model's input per input row (``Pipeline.rows``): an input they make
+nothing of, or several rows of, is answered bad-message naming it and what the ops take,
+never an empty or misaligned result.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import anyio
 
 from protocols import pack_tensors
-from services import BadMessage, Context, InternalError, Service, run
+from services import BadMessage, Context, InternalError, RemoteError, Service, run
 
 from ._settings import AccelSettings
 from protocols.modelstore import GetModel, Manifest, ModelBytes
@@ -137,12 +140,15 @@ class AcceleratorDriver(Service):
             t0 = time.perf_counter()
             xs = arrays
             if m.pre and not req.raw:
-                xs = [m.pre(arrays[0])]
+                xs = [self._pre(m, req.model, arrays[0])]
             t1 = time.perf_counter()
             outputs = m.session.run(None, dict(zip(m.input_names, xs)))
             t2 = time.perf_counter()
             if m.post and not req.raw:
-                outputs = [outputs[0], m.post(outputs[0])]
+                try:
+                    outputs = [outputs[0], m.post(outputs[0])]
+                except m.op_errors as exc:
+                    raise BadMessage(f"{req.model}: its post ops cannot take what the model gave: {exc}") from exc
             if req.features:
                 outputs = [*outputs, xs[0]]
             t3 = time.perf_counter()
@@ -154,8 +160,8 @@ class AcceleratorDriver(Service):
             else:
                 outputs, pre_ms, run_ms, post_ms = await anyio.to_thread.run_sync(compute)
             m.quick = (pre_ms + run_ms + post_ms) < 0.5
-        except m.op_errors as exc:
-            raise BadMessage(str(exc)) from exc
+        except RemoteError:  # bad-message from the ops, said as the client should read it
+            raise
         except Exception as exc:  # ORT's errors: wrong dtype/shape, NaN checks...
             message = str(exc).splitlines()[0][:400]
             if "INVALID_ARGUMENT" in str(exc) or "Unexpected input" in str(exc) or "data type" in str(exc):
@@ -163,6 +169,16 @@ class AcceleratorDriver(Service):
             raise InternalError(f"{req.model}: {message}") from exc
         descs, frames = pack_tensors(outputs)
         return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
+
+    @staticmethod
+    def _pre(m: _Model, model: str, x: Any) -> Any:
+        """The pre ops on a batch: one row of the model's input per row of ``x``, or
+        bad-message naming the input, what it is and what the ops take."""
+        try:
+            return m.pre.rows(x)
+        except m.op_errors as exc:
+            raise BadMessage(f"{model}: input 0 does not fit the pre ops ({' -> '.join(m.pre.names)}) that make "
+                             f"the model's input {m.input_names[0]!r}: {exc}") from exc
 
     def _describe(self) -> Device:
         from drivers.health import read_cpu_load, read_memory, read_temperature

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ._exceptions import OpParamsError, PipelineError, UnknownOp
+from ._exceptions import OpInputError, OpParamsError, PipelineError, UnknownOp
 
 __all__ = ["Check", "Op", "Pipeline", "integer", "number", "numbers", "boolean", "choice", "bands"]
 
@@ -99,19 +99,25 @@ class Op:
     ``required`` and ``optional`` map each parameter to its check; an optional parameter
     left out takes the function's default.  ``relate`` checks parameters against each other
     (raising OpParamsError).  ``last`` marks an op that returns several arrays, so nothing
-    can follow it in a pipeline.  Call ``op(x, **params)``, or ``op.bind(params)`` to check
-    the parameters once and get a function of the array alone.
+    can follow it in a pipeline.  ``takes(params)`` says in words what input the op takes
+    with those parameters (for the errors a pipeline raises).  ``may_be_empty`` marks an op
+    whose result may rightly hold nothing (no detection survives ``post.nms``); any other
+    op's empty result is an error, never a result.  Call ``op(x, **params)``, or
+    ``op.bind(params)`` to check the parameters once and get a function of the array alone.
     """
 
     def __init__(self, name: str, fn: Callable[..., Any], *, required: Mapping[str, Check] | None = None,
                  optional: Mapping[str, Check] | None = None,
-                 relate: Callable[[dict[str, Any]], None] | None = None, last: bool = False) -> None:
+                 relate: Callable[[dict[str, Any]], None] | None = None, last: bool = False,
+                 takes: Callable[[Mapping[str, Any]], str] | None = None, may_be_empty: bool = False) -> None:
         self.name = name
         self.fn = fn
         self.required = dict(required or {})
         self.optional = dict(optional or {})
         self.relate = relate
         self.last = last
+        self.takes = takes
+        self.may_be_empty = may_be_empty
 
     def bind(self, params: Mapping[str, Any]) -> Callable[[np.ndarray], Any]:
         if not isinstance(params, Mapping):
@@ -134,6 +140,10 @@ class Op:
             self.relate(checked)
         return functools.partial(self.fn, **checked)
 
+    def describe_input(self, params: Mapping[str, Any]) -> str:
+        """What the op takes with ``params`` (already checked), in words; "" when unsaid."""
+        return self.takes(params) if self.takes is not None else ""
+
     def __call__(self, x: np.ndarray, **params: Any) -> Any:
         return self.bind(params)(x)
 
@@ -141,15 +151,27 @@ class Op:
         return f"Op({self.name!r}, required={list(self.required)}, optional={list(self.optional)})"
 
 
+def _shape(x: Any) -> str:
+    """``float32 [1, 7]``: an array as the errors name it."""
+    a = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    return f"{a.dtype} {list(a.shape)}"
+
+
 class Pipeline:
     """Ops looked up in ``registry`` by name, their parameters checked, to apply in order.
 
     ``steps`` is what a manifest's ``pre`` or ``post`` list holds: ``(name, params)`` pairs.
-    Calling the pipeline on an array runs each op on the previous one's result.
+    Calling the pipeline on an array runs each op on the previous one's result; an op whose
+    result is empty raises OpInputError (unless the op may rightly give nothing), so an
+    input the ops cannot use never turns into an empty answer.  ``rows(batch)`` runs it
+    on a batch whose every row must give exactly one row (a model's pre ops on the
+    scheduler's batches).
     """
 
     def __init__(self, registry: Mapping[str, Op], steps: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         self.names: list[str] = []
+        self._ops: list[Op] = []
+        self._params: list[Mapping[str, Any]] = []
         self._fns: list[Callable[[np.ndarray], Any]] = []
         for name, params in steps:
             op = registry.get(name)
@@ -158,13 +180,40 @@ class Pipeline:
             if self.names and registry[self.names[-1]].last:
                 raise PipelineError(self.names[-1], f"gives several arrays, so it must be the last op, "
                                                     f"but {name!r} follows it")
-            self._fns.append(op.bind(params))
+            fn = op.bind(params)
+            self._fns.append(fn)
+            self._ops.append(op)
+            self._params.append(fn.keywords if isinstance(fn, functools.partial) else params)
             self.names.append(name)
 
+    def _refuse(self, i: int, x: Any, problem: str) -> OpInputError:
+        takes = self._ops[i].describe_input(self._params[i])
+        return OpInputError(self.names[i], f"{_shape(x)} {problem}" + (f"; it takes {takes}" if takes else ""))
+
     def __call__(self, x: np.ndarray) -> Any:
-        for fn in self._fns:
-            x = fn(x)
+        for i, fn in enumerate(self._fns):
+            y = fn(x)
+            if isinstance(y, np.ndarray) and y.size == 0 and not self._ops[i].may_be_empty:
+                raise self._refuse(i, x, f"gives an empty result ({_shape(y)})")
+            x = y
         return x
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The pipeline on a batch ``[N, ...]`` where each op must keep one row per input
+        row (``N`` rows out for ``N`` in): an op that makes more or fewer rows, or no array,
+        raises OpInputError naming it, the shape it was given and what it takes."""
+        n = len(x)
+        for i, fn in enumerate(self._fns):
+            y = fn(x)
+            if not isinstance(y, np.ndarray) or y.ndim == 0 or len(y) != n or (y.size == 0 and n):
+                got = f"{len(y)} row(s) ({_shape(y)})" if isinstance(y, np.ndarray) and y.ndim else type(y).__name__
+                raise self._refuse(i, x, f"gives {got} for {n} input row(s); each row must give exactly one")
+            x = y
+        return x
+
+    def takes(self) -> str:
+        """What the first op takes, in words ("" when it does not say)."""
+        return self._ops[0].describe_input(self._params[0]) if self._ops else ""
 
     def __repr__(self) -> str:
         return f"Pipeline({' -> '.join(self.names) or 'identity'})"

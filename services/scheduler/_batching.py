@@ -15,7 +15,7 @@ import numpy as np
 
 from ._queueing import Job, ModelQueue
 
-__all__ = ["stackable", "take", "form_batch", "stack", "split"]
+__all__ = ["stackable", "take", "form_batch", "stack", "split", "misfit", "undefined"]
 
 
 def stackable(first: Job, job: Job) -> bool:
@@ -59,6 +59,28 @@ async def form_batch(queue: ModelQueue, max_batch: int, max_delay: float) -> lis
 def stack(batch: list[Job]) -> list[np.ndarray]:
     """Each input of the batch as one tensor: the jobs' rows along axis 0, in order."""
     return [np.concatenate([j.arrays[i] for j in batch]) for i in range(len(batch[0].arrays))]
+
+
+def misfit(batch: list[Job], outputs: list[np.ndarray]) -> str:
+    """Why ``outputs`` cannot be split among ``batch`` ("" when they can): the first output
+    (the model's) must hold one row per input row, none left over, none missing."""
+    rows = sum(len(job.arrays[0]) for job in batch)
+    if not outputs:
+        return f"no output for {rows} input row(s)"
+    first = outputs[0]
+    if np.ndim(first) == 0 or len(first) != rows:
+        return f"output 0 has shape {list(np.shape(first))} for {rows} input row(s); it needs one row per input row"
+    return ""
+
+
+def undefined(job: Job) -> str:
+    """Where the model gave NaN for this job's rows ("" when nowhere): a result no caller
+    can use, so it is answered as an error, not as a score."""
+    for i, out in enumerate(job.outputs):
+        if out.dtype.kind == "f" and out.size and np.isnan(out).any():
+            rows = np.flatnonzero(np.isnan(out.reshape(len(out), -1)).any(axis=1)) if out.ndim else np.array([0])
+            return f"output {i} is NaN for input row(s) {rows[:8].tolist()}"
+    return ""
 
 
 def split(batch: list[Job], outputs: list[np.ndarray]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from protocols.modelstore import Manifest
+from services import BadMessage
 
 __all__ = ["Ladder", "Step", "variant_for", "fallback", "SMALLER", "TOP"]
 
@@ -85,9 +86,14 @@ def fallback(manifest: Manifest, x: np.ndarray) -> list[np.ndarray]:
     names = list(manifest.reference)  # the features, in column order
     features = x
     if manifest.pre:
-        from drivers.ops import run_pipeline
+        from drivers.ops import OpsError, pipeline
 
-        features = run_pipeline([(op.op, op.params) for op in manifest.pre], x)
+        pre = pipeline([(op.op, op.params) for op in manifest.pre])
+        try:  # one row of features per row of the batch, as the accelerator drivers hold it
+            features = pre.rows(x)
+        except OpsError as exc:
+            raise BadMessage(f"{manifest.name}: input 0 does not fit the pre ops ({' -> '.join(pre.names)}): "
+                             f"{exc}") from exc
     column = features[..., names.index(rule.feature)] if rule.feature in names else features[..., 0]
     out = np.where(column > rule.threshold, rule.above, rule.below).astype(np.float32)
     return [out.reshape(-1, 1)]

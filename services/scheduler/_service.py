@@ -49,6 +49,7 @@ from protocols.scheduler import (
 from protocols.sensors import SensorFrame
 from protocols.telemetry import FeatureSamples
 from services import (
+    BadMessage,
     BusError,
     Context,
     Forbidden,
@@ -62,7 +63,7 @@ from services import (
     run,
 )
 
-from ._batching import form_batch, split, stack
+from ._batching import form_batch, misfit, split, stack, undefined
 from ._ladder import Ladder, fallback, variant_for
 from ._pipelines import Pipeline
 from ._placement import Driver, apply_health, run_with_failover, thermal_pressure
@@ -233,9 +234,14 @@ class Scheduler(Service):
         started = time.monotonic()
         try:
             outputs, driver, compute_ms = await self._compute(model, version, variant, batch)
+            problem = misfit(batch, outputs)
+            if problem:  # never split misaligned rows among the callers, nor answer nothing as ok
+                raise InternalError(f"{model} {version} ({variant}) on {driver}: {problem}; not answered as a result")
         except Exception as exc:  # every client gets an answer, whatever broke
             if not isinstance(exc, RemoteError):
                 self.log.exception("batch_failed", model=model)
+            elif isinstance(exc, InternalError):
+                self.log.error("batch_failed", model=model, error=str(exc))
             error = exc if isinstance(exc, RemoteError) else InternalError(f"{type(exc).__name__}: {exc}")
             for job in batch:
                 job.fail(error)
@@ -246,14 +252,22 @@ class Scheduler(Service):
             slots.release()
         now = time.monotonic()
         split(batch, outputs)
+        undefined_for = 0
         for job in batch:
+            problem = undefined(job)
+            if problem:  # NaN is no score: that caller is told, the others keep their results
+                undefined_for += 1
+                job.fail(BadMessage(f"{model} {version}: {problem}; the model or its pre ops are undefined for "
+                                    "this input (e.g. a statistic of a constant signal)"))
+                continue
             job.result = InferResult(model=model, version=version, variant=variant, outputs=[], level=level,
                                      driver=driver, batch=len(batch), queue_ms=(started - job.enqueued) * 1e3,
                                      compute_ms=compute_ms, total_ms=(now - job.enqueued) * 1e3)
             job.done.set()
         queue.batches += 1
         queue.batched += len(batch)
-        queue.served += len(batch)
+        queue.served += len(batch) - undefined_for
+        queue.failed += undefined_for
         queue.late += sum(1 for job in batch if job.cancelled)
         queue.batch_took(now - started)
         self.m_batch.observe(len(batch), model)
@@ -262,7 +276,7 @@ class Scheduler(Service):
             self.m_queue.observe(started - job.enqueued, model, version)
             self.m_compute.observe(now - started, model, version)
             self.m_total.observe(now - job.enqueued, model, version)
-        self._record(model, version, len(batch), 0, now - started)
+        self._record(model, version, len(batch), undefined_for, now - started)
 
     async def _compute(self, model: str, version: str, variant: str,
                        batch: list[Job]) -> tuple[list[np.ndarray], str, float]:
