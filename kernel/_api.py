@@ -4,6 +4,7 @@ the operations the supervisor carries out (start, stop, restart, reload)."""
 
 from __future__ import annotations
 
+import math
 import time
 import typing
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from protocols import (
     Monitor,
     Monitoring,
     Reload,
+    Reset,
     RestartService,
     Revoke,
     ServiceList,
@@ -99,20 +101,33 @@ class KernelApi(RouterCore):
                     if name not in table:
                         return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=f"no principal named {name!r}")
                     table = {name: table[name]}
-                return CapabilityTable(table=table)
+                entries = self.capability_entries()
+                return CapabilityTable(table=table, entries={n: entries.get(n, []) for n in table} if name else entries)
             case Monitor():
                 self._monitors[peer.identity] = msg
                 return Monitoring()
             case StopMonitor():
                 self._monitors.pop(peer.identity, None)
                 return Monitoring()
-            case Grant() | Revoke() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
+            case Grant() | Revoke() | Reset() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
                 self._audit("denied", peer.name, detail=f"{hdr.type}: only the security service changes the policy")
                 return Error(code=ErrorCode.FORBIDDEN, message=(
                     f"{hdr.type}: only the security service changes the policy; "
-                    f"ask it (busctl caps grant|revoke, busctl security enroll)"))
-            case Grant(capability=cap) | Revoke(capability=cap) if not _parses(cap):
+                    f"ask it (busctl caps grant|revoke|reset, busctl security enroll)"))
+            case Grant(capability=cap) | Revoke(capability=cap) | Reset(capability=cap) if not _parses(cap):
                 return Error(code=ErrorCode.BAD_MESSAGE, message=f"not a capability: {cap!r}")
+            case Grant(name=name) | Revoke(name=name) | Reset(name=name) if not self.is_principal(name):
+                return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=(
+                    f"no principal named {name!r}: {hdr.type} applies to a configured service or 'operator' "
+                    f"(configured: {', '.join(sorted(self.known_services | set(self._by_principal_name)))})"))
+            case Grant(expires=expires) if not (math.isfinite(expires) and expires >= 0):
+                return Error(code=ErrorCode.BAD_MESSAGE, message=(
+                    f"expires {expires!r} is not a Unix time: give a finite time in the future, or 0 for no expiry"))
+            case Reset(name=name, capability=cap):
+                if self._reset(name, cap):  # else nothing to withdraw: idempotent
+                    log.info("reset", principal=name, capability=cap)
+                    self._audit("reset", name, capability=cap)
+                return self._granted(name)
             case Grant(name=name, capability=cap, expires=expires):
                 self._grant(name, cap, expires)
                 log.info("granted", principal=name, capability=cap, expires=expires or None)

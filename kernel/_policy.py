@@ -7,6 +7,8 @@ import heapq
 import time
 from collections.abc import Iterable
 
+from protocols import CapabilityEntry
+
 from ._caps import CapabilitySet
 from ._core import RouterCore, log
 from ._peers import Principal
@@ -76,6 +78,24 @@ class Policy(RouterCore):
         if name in self._by_principal_name:
             self._apply_policy(self._by_principal_name[name])
 
+    def _reset(self, name: str, capability: str) -> bool:
+        """Withdraw the run-time grant or revocation of exactly ``capability``; False if
+        there was none."""
+        granted = self._grants.get(name, {}).pop(capability, None) is not None
+        revoked = capability in self._revoked.get(name, ())
+        self._revoked.get(name, set()).discard(capability)
+        for table in (self._grants, self._revoked):
+            if name in table and not table[name]:
+                del table[name]
+        if name in self._by_principal_name:
+            self._apply_policy(self._by_principal_name[name])
+        return granted or revoked
+
+    def is_principal(self, name: str) -> bool:
+        """A name the policy may speak of: the operator, a configured service (started or
+        not) or a connected external one."""
+        return name in self._by_principal_name or name in self.known_services
+
     def _expire_grants(self) -> None:
         now = time.time()
         heap = self._grant_expiry
@@ -97,3 +117,19 @@ class Policy(RouterCore):
 
     def capability_table(self) -> dict[str, list[str]]:
         return {name: p.caps.describe() for name, p in sorted(self._by_principal_name.items())}
+
+    def capability_entries(self) -> dict[str, list[CapabilityEntry]]:
+        """Every principal's configured patterns, live run-time grants (with expiry) and
+        revocations; also those of a configured service that has not started yet."""
+        now = time.time()
+        names = set(self._by_principal_name) | set(self._grants) | set(self._revoked)
+        result: dict[str, list[CapabilityEntry]] = {}
+        for name in sorted(names):
+            principal = self._by_principal_name.get(name)
+            entries = [CapabilityEntry(capability=c, origin="config") for c in (principal.base if principal else ())]
+            entries += [CapabilityEntry(capability=c, origin="grant", expires=e)
+                        for c, e in sorted(self._grants.get(name, {}).items()) if not e or e > now]
+            entries += [CapabilityEntry(capability=c, origin="revocation") for c in sorted(self._revoked.get(name, ()))]
+            if entries or principal is not None:
+                result[name] = entries
+        return result

@@ -23,9 +23,9 @@ __all__ = [
     "Hello", "Welcome", "Ready", "Heartbeat", "Bye", "Subscribe", "Unsubscribe", "Subscribed",
     "Control", "ControlReply",
     "ListServices", "GetService", "Introspect", "ListCapabilities", "Monitor", "StopMonitor",
-    "StartService", "StopService", "RestartService", "Reload", "Grant", "Revoke", "Enroll",
+    "StartService", "StopService", "RestartService", "Reload", "Grant", "Revoke", "Reset", "Enroll",
     "GetMeasurements", "KernelRequest",
-    "ServiceStatus", "ServiceList", "Interface", "CapabilityTable", "Monitoring", "Reloaded",
+    "ServiceStatus", "ServiceList", "Interface", "CapabilityEntry", "CapabilityTable", "Monitoring", "Reloaded",
     "Measurement", "Measurements", "Granted", "KernelReply",
     "Traffic", "ServiceStateChanged", "AuditEvent", "KernelEvent",
     "Tensor",
@@ -173,16 +173,25 @@ class Reload(msgspec.Struct, tag=True):
 
 
 class Grant(msgspec.Struct, tag=True, omit_defaults=True):
-    """Add a capability to a principal at run time (only the security service may)."""
+    """Add a capability to a principal at run time (only the security service may).
+    ``name`` must be a principal: a configured service or ``operator``."""
 
     name: str
     capability: str
-    #: Unix time after which the grant no longer counts; 0 means never.
+    #: Unix time after which the grant no longer counts; 0 means never.  Finite, >= 0.
     expires: float = 0.0
 
 
 class Revoke(msgspec.Struct, tag=True):
     """Withdraw a capability, granted or configured (only the security service may)."""
+
+    name: str
+    capability: str
+
+
+class Reset(msgspec.Struct, tag=True):
+    """Withdraw the run-time grant or revocation of exactly ``capability``: the principal is
+    back to what its configuration says (only the security service may)."""
 
     name: str
     capability: str
@@ -201,7 +210,7 @@ class GetMeasurements(msgspec.Struct, tag=True):
 
 
 KernelRequest = (ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
-                 | StartService | StopService | RestartService | Reload | Grant | Revoke | Enroll
+                 | StartService | StopService | RestartService | Reload | Grant | Revoke | Reset | Enroll
                  | GetMeasurements)
 
 
@@ -240,9 +249,23 @@ class Interface(msgspec.Struct, tag=True, omit_defaults=True):
     publishes: list[str] = []
 
 
-class CapabilityTable(msgspec.Struct, tag=True):
-    #: service name -> capability patterns
+class CapabilityEntry(msgspec.Struct, tag=True, omit_defaults=True):
+    """One pattern of a principal and where it comes from."""
+
+    capability: str
+    #: ``config`` (the configuration), ``grant`` (a run-time grant) or ``revocation`` (a
+    #: run-time revocation: a deny pattern, listed with ``!`` in ``table``)
+    origin: str
+    #: For a grant: the Unix time at which it lapses; 0: never.
+    expires: float = 0.0
+
+
+class CapabilityTable(msgspec.Struct, tag=True, omit_defaults=True):
+    #: service name -> capability patterns (revoked ones prefixed ``!``)
     table: dict[str, list[str]]
+    #: principal name -> every configured pattern, run-time grant and revocation, with its
+    #: origin and expiry (also for a configured service not started yet that has run-time ones)
+    entries: dict[str, list[CapabilityEntry]] = {}
 
 
 class Monitoring(msgspec.Struct, tag=True):
@@ -310,7 +333,7 @@ class AuditEvent(msgspec.Struct, tag=True, omit_defaults=True):
     """What the kernel reports for the audit log, on ``kernel.audit``."""
 
     #: denied | authentication-failed | service-crashed | service-restarted |
-    #: service-failed | granted | revoked | enrolled
+    #: service-failed | granted | revoked | reset | grant-expired | enrolled | unenrolled
     kind: str
     subject: str
     detail: str = ""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 
 __all__ = [
-    "AuditAppend", "AuditTail", "AuditVerify", "GrantCapability", "RevokeCapability", "ListGrants",
+    "AuditAppend", "AuditTail", "AuditVerify", "GrantCapability", "RevokeCapability", "ResetCapability",
+    "ListGrants",
     "EnrollKey", "TrustAdd", "TrustRemove", "TrustList", "VerifySignature", "Seal", "Unseal", "Attest",
     "DeviceKey", "Request",
     "AuditRecord", "AuditRecords", "AuditVerdict", "GrantEntry", "Grants", "Enrolled", "TrustedKey",
@@ -35,13 +36,21 @@ class AuditVerify(msgspec.Struct, tag=True):
 
 
 class GrantCapability(msgspec.Struct, tag=True, omit_defaults=True):
+    #: A principal: a configured service or ``operator``.
     name: str
     capability: str
-    #: Seconds the grant lasts; 0 means until revoked.
-    ttl: float = 0.0
+    #: Seconds the grant lasts (finite, > 0); absent: until revoked or reset.
+    ttl: float | None = None
 
 
 class RevokeCapability(msgspec.Struct, tag=True):
+    name: str
+    capability: str
+
+
+class ResetCapability(msgspec.Struct, tag=True):
+    """Remove the run-time grant or revocation of exactly ``capability`` from ``name``."""
+
     name: str
     capability: str
 
@@ -101,7 +110,7 @@ class DeviceKey(msgspec.Struct, tag=True):
     pass
 
 
-Request = (AuditAppend | AuditTail | AuditVerify | GrantCapability | RevokeCapability | ListGrants
+Request = (AuditAppend | AuditTail | AuditVerify | GrantCapability | RevokeCapability | ResetCapability | ListGrants
            | EnrollKey | TrustAdd | TrustRemove | TrustList | VerifySignature | Seal | Unseal | Attest
            | DeviceKey)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -154,33 +155,59 @@ def _schema_type(schema: dict[str, Any]) -> str:
     return str(t)
 
 
+_CAPS_USAGE = ("usage: busctl caps [NAME] | caps grant NAME CAP [--ttl S] | caps revoke NAME CAP "
+               "| caps reset NAME CAP")
+_ORIGINS = {"config": "config", "grant": "run-time grant", "revocation": "run-time revocation"}
+
+
 async def cmd_caps(bus: BusClient, args: argparse.Namespace) -> int:
     words = list(args.words)
-    if words and words[0] in ("grant", "revoke"):
+    if words and words[0] in ("grant", "revoke", "reset"):
+        verb = words[0]
         if len(words) != 3:
-            raise UsageError(f"usage: busctl caps {words[0]} NAME CAPABILITY" + (" [--ttl S]" if words[0] == "grant" else ""))
-        from protocols.security import GrantCapability, Grants, RevokeCapability
+            raise UsageError(f"usage: busctl caps {verb} NAME CAPABILITY" + (" [--ttl S]" if verb == "grant" else ""))
+        if args.ttl is not None and verb != "grant":
+            raise UsageError(f"--ttl goes with caps grant, not caps {verb}")
+        if args.ttl is not None and not (math.isfinite(args.ttl) and args.ttl > 0):
+            raise UsageError(f"--ttl {args.ttl:g}: a grant lasts a number of seconds > 0; "
+                             "leave --ttl out for a grant until revoked")
+        from protocols.security import GrantCapability, Grants, ResetCapability, RevokeCapability
 
-        msg = (GrantCapability(name=words[1], capability=words[2], ttl=args.ttl or 0.0) if words[0] == "grant"
-               else RevokeCapability(name=words[1], capability=words[2]))
+        name, cap = words[1], words[2]
+        msg = {"grant": GrantCapability(name=name, capability=cap, ttl=args.ttl),
+               "revoke": RevokeCapability(name=name, capability=cap),
+               "reset": ResetCapability(name=name, capability=cap)}[verb]
         result = await bus.call("security", msg, Grants, timeout=args.timeout)
         if args.json:
             _print_json(result)
         else:
-            print(f"{'granted' if words[0] == 'grant' else 'revoked'} {words[2]} "
-                  f"{'to' if words[0] == 'grant' else 'from'} {words[1]}"
-                  + (f" for {args.ttl:g}s" if words[0] == "grant" and args.ttl else ""))
-            print(f"{words[1]} now holds: {', '.join(result.effective) or '(nothing: default deny)'}")
+            done = {"grant": f"granted {cap} to {name}" + (f" for {args.ttl:g}s" if args.ttl is not None else ""),
+                    "revoke": f"revoked {cap} from {name}",
+                    "reset": f"reset {cap} of {name} to its configuration"}[verb]
+            print(done)
+            print(f"{name} now holds: {', '.join(result.effective) or '(nothing: default deny)'}")
         return 0
-    if len(words) > 1:
-        raise UsageError("usage: busctl caps [NAME] | caps grant NAME CAP [--ttl S] | caps revoke NAME CAP")
+    if len(words) > 1 or args.ttl is not None:
+        raise UsageError(_CAPS_USAGE)
     table = await bus.call("kernel", ListCapabilities(name=words[0] if words else ""), CapabilityTable,
                            timeout=args.timeout)
     if args.json:
         _print_json(table.table)
         return 0
-    rows = [(name, cap) for name, caps in table.table.items() for cap in (caps or ["(none: default deny)"])]
-    print(_table(rows, ("PRINCIPAL", "CAPABILITY")))
+    rows: list[tuple[str, str, str, str]] = []
+    for name in sorted(table.entries or table.table):
+        entries = table.entries.get(name)
+        if entries is None:  # a kernel without origins: the effective patterns only
+            rows += [(name, cap, "", "") for cap in table.table[name]]
+        for e in entries or []:
+            shown = f"!{e.capability}" if e.origin == "revocation" else e.capability
+            expiry = (f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.expires))} "
+                      f"(in {max(e.expires - time.time(), 0):.0f}s)" if e.expires
+                      else "never" if e.origin == "grant" else "")
+            rows.append((name, shown, _ORIGINS.get(e.origin, e.origin), expiry))
+        if entries == []:
+            rows.append((name, "(none: default deny)", "", ""))
+    print(_table(rows, ("PRINCIPAL", "CAPABILITY", "ORIGIN", "EXPIRES")))
     return 0
 
 
@@ -597,9 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default="ready",
                    choices=["starting", "ready", "stopping", "stopped", "backoff", "failed"])
     p.set_defaults(func=cmd_wait)
-    p = sub.add_parser("caps", parents=[common], help="the capability table; caps grant|revoke NAME CAP")
-    p.add_argument("words", nargs="*", metavar="[NAME | grant NAME CAP | revoke NAME CAP]")
-    p.add_argument("--ttl", type=float, help="with grant: seconds until the grant expires")
+    p = sub.add_parser("caps", parents=[common],
+                       help="the capability table (origin, expiry; '!' marks a revocation); "
+                            "caps grant|revoke|reset NAME CAP")
+    p.add_argument("words", nargs="*", metavar="[NAME | grant NAME CAP | revoke NAME CAP | reset NAME CAP]")
+    p.add_argument("--ttl", type=float, help="with grant: seconds (> 0) until the grant expires; "
+                                             "without: until revoked or reset")
     p.set_defaults(func=cmd_caps)
     p = sub.add_parser("audit", parents=[common], help="the audit log: tail, verify")
     p.add_argument("action", choices=["tail", "verify"])

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -20,9 +21,18 @@ from typing import Annotated
 import anyio
 import msgspec
 
-from protocols import AuditEvent, Enroll, GetMeasurements, Grant, Granted, Measurements, Revoke
+from protocols import AuditEvent, Enroll, GetMeasurements, Grant, Granted, Measurements, Reset, Revoke
 from protocols.runtime import ENV_STATE_DIR
-from services import BadMessage, Context, InternalError, Service, Settings, UnknownDestination, atomic_write
+from services import (
+    BadMessage,
+    Context,
+    InternalError,
+    Rejected,
+    Service,
+    Settings,
+    UnknownDestination,
+    atomic_write,
+)
 
 from ._audit import AuditLog, verify_log
 from ._exceptions import SealError, SecurityError
@@ -45,6 +55,7 @@ from protocols.security import (
     PublicKey,
     Reply,
     Request,
+    ResetCapability,
     RevokeCapability,
     Seal,
     Sealed,
@@ -63,7 +74,7 @@ from ._trust import TrustStore
 __all__ = ["SecurityService", "SecuritySettings", "TrustedKeySetting"]
 
 #: Kernel audit kinds this service records itself, with the requester (``by``).
-_RECORDED_HERE = {"granted", "revoked", "enrolled", "unenrolled"}
+_RECORDED_HERE = {"granted", "revoked", "reset", "enrolled", "unenrolled"}
 
 
 class TrustedKeySetting(Settings):
@@ -117,10 +128,22 @@ class SecurityService(Service):
         # The kernel forgets run-time policy when it restarts; give it back.
         now = time.time()
         self.grants = [g for g in self.grants if g.action == "revoke" or not g.expires or g.expires > now]
-        for g in self.grants:
+        kept = len(self.grants)
+        for g in list(self.grants):
             msg = (Grant(name=g.name, capability=g.capability, expires=g.expires) if g.action == "grant"
                    else Revoke(name=g.name, capability=g.capability))
-            await self.bus.call("kernel", msg, Granted, timeout=10)
+            try:
+                await self.bus.call("kernel", msg, Granted, timeout=10)
+            except (UnknownDestination, BadMessage) as exc:
+                # Its principal left the configuration (or an older version stored what the
+                # kernel now refuses): kept, it would lie dormant for any later namesake.
+                self.log.warning("policy_dropped", principal=g.name, capability=g.capability,
+                                 action=g.action, reason=exc.message)
+                self.grants.remove(g)
+                self.audit.append("policy-dropped", g.name, capability=g.capability,
+                                  detail=f"{g.action}: {exc.message}", by="security")
+        if len(self.grants) != kept:
+            _save(self.grants_path, self.grants)
         for name, key in self.enrollments.items():
             await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted, timeout=10)
         self.audit.append("security-started", "security", detail=f"device key {self.keys.key_id}")
@@ -185,17 +208,32 @@ class SecurityService(Service):
             case AuditVerify():
                 self.audit.sync()
                 return verify_log(self.audit.directory, self.keys.public_key)
+            case GrantCapability(ttl=ttl) if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+                raise BadMessage(f"ttl {ttl:g} is not a number of seconds > 0; leave ttl out "
+                                 "for a grant until revoked (busctl caps grant NAME CAP without --ttl)")
             case GrantCapability(name=name, capability=cap, ttl=ttl):
-                expires = time.time() + ttl if ttl > 0 else 0.0
+                # The kernel refuses a name that is no principal (unknown-destination) and a
+                # bad pattern (bad-message): its error goes back as is, and nothing is kept.
+                expires = time.time() + ttl if ttl is not None else 0.0
                 granted = await self.bus.call("kernel", Grant(name=name, capability=cap, expires=expires), Granted)
                 self._remember(GrantEntry(name=name, capability=cap, action="grant", expires=expires))
                 self.audit.append("granted", name, capability=cap, by=ctx.sender,
-                                  detail=f"for {ttl:g}s" if ttl > 0 else "until revoked")
+                                  detail=f"for {ttl:g}s" if ttl is not None else "until revoked")
                 return Grants(grants=self._of(name), effective=granted.capabilities)
             case RevokeCapability(name=name, capability=cap):
                 granted = await self.bus.call("kernel", Revoke(name=name, capability=cap), Granted)
                 self._remember(GrantEntry(name=name, capability=cap, action="revoke"))
                 self.audit.append("revoked", name, capability=cap, by=ctx.sender)
+                return Grants(grants=self._of(name), effective=granted.capabilities)
+            case ResetCapability(name=name, capability=cap):
+                entry = next((g for g in self.grants if (g.name, g.capability) == (name, cap)), None)
+                if entry is None:
+                    raise Rejected(f"{name!r} has no run-time grant or revocation of {cap!r} to reset; "
+                                   f"busctl caps {name} lists its capabilities and their origin")
+                granted = await self.bus.call("kernel", Reset(name=name, capability=cap), Granted)
+                self.grants.remove(entry)
+                _save(self.grants_path, self.grants)
+                self.audit.append("reset", name, capability=cap, by=ctx.sender, detail=f"was a {entry.action}")
                 return Grants(grants=self._of(name), effective=granted.capabilities)
             case ListGrants():
                 now = time.time()
