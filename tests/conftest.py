@@ -1,14 +1,29 @@
-"""Fixtures: real `edgebus boot` processes in throwaway run directories."""
+"""Fixtures: real `edgebus boot` processes in throwaway run directories.
+
+Nothing a test starts outlives it.  ``System.kill()``/``stop()`` end the kernel and then
+every process it made: the services run in their own process groups but keep the
+kernel's session (it is started as a session leader), and each has its run directory in
+its environment; both find them in /proc, and each is sent SIGKILL through a pidfd and
+waited for.  At the end of the session ``pytest_sessionfinish`` looks for any process
+started during the session that is still alive (a descendant of this pytest, or one whose
+command line or environment names this run's temporary directory or carries this
+session's token) and fails the run naming each, after killing them.  Processes of other
+runs on the machine (another pytest, ``make run`` in the same checkout) match none of
+these and are left alone.
+"""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import anyio
 import msgspec
@@ -82,6 +97,69 @@ def children(ppid: int) -> list[int]:
 def group(pgid: int) -> list[int]:
     """Live processes of a process group."""
     return [pid for pid, stat in processes() if int(stat[2]) == pgid and stat[0] != "Z"]
+
+
+def proc_environ(pid: int) -> bytes:
+    """The environment ``pid`` was started with (NUL-separated), or b"" when unreadable."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def describe(pid: int) -> str:
+    stat = proc_stat(pid)
+    parent = f" ppid {stat[1]}" if stat else ""
+    return f"pid {pid}{parent}: {proc_cmdline(pid) or proc_comm(pid) or '?'}"
+
+
+def kill_and_wait(pids: Iterable[int], timeout: float = 10) -> list[int]:
+    """SIGKILL each of ``pids`` and wait until every one has exited (a zombie has), both
+    through a pidfd: once opened, a pid reused by another process cannot be hit, and the
+    wait is an event, not a poll.  Returns those that were still running; raises
+    AssertionError naming any left after ``timeout``."""
+    fds: dict[int, int] = {}
+    for pid in pids:
+        if pid == os.getpid() or not alive(pid):
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if not alive(pid):  # gone (or a zombie) between the check and the open
+            os.close(fd)
+            continue
+        fds[fd] = pid
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = sorted(fds.values())
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    end = time.monotonic() + timeout
+    try:
+        while fds:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"still running {timeout}s after SIGKILL: "
+                                     + "; ".join(describe(pid) for pid in fds.values()))
+            for fd, _ in poller.poll(int(left * 1000) + 1):  # readable: the process has exited
+                poller.unregister(fd)
+                os.close(fd)
+                del fds[fd]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return killed
 
 
 class System:
@@ -162,26 +240,64 @@ class System:
             raise AssertionError(f"busctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
-    def stop(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                raise AssertionError(f"edgebus boot did not stop within {timeout}s:\n{self.log()[-3000:]}")
-        self._log.close()
-        return self.proc.returncode
+    def leftovers(self) -> list[int]:
+        """Every live process this kernel made, itself included: its session (services
+        get their own process group, not their own session), and anything whose
+        environment names this system's run directory (a service that left the session)."""
+        sid = self.proc.pid  # started with start_new_session: the kernel leads its session
+        paths = {str(self.run_dir).encode(), str(self.run_dir.resolve()).encode()}
+        markers = [path + end for path in paths for end in (b"\0", b"/")]  # the run dir, the bus socket in it
+        me = os.getpid()
 
-    def kill(self) -> None:
+        def names_run_dir(pid: int) -> bool:
+            environ = proc_environ(pid)
+            return any(m in environ for m in markers)
+
+        return [pid for pid, stat in processes()
+                if pid != me and stat[0] != "Z" and (int(stat[3]) == sid or names_run_dir(pid))]
+
+    def _end_all(self) -> list[int]:
+        """SIGKILL the kernel first (nothing is restarted), then whatever it made, until a
+        sweep finds nothing (a spawn under way when the kernel died shows up later)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
-        self._log.close()
+        killed: list[int] = []
+        for _ in range(10):
+            pids = self.leftovers()
+            if not pids:
+                return killed
+            killed += kill_and_wait(pids)
+        raise AssertionError("processes of the test's kernel keep appearing: "
+                             + "; ".join(describe(pid) for pid in self.leftovers()))
+
+    def stop(self, timeout: float = 20) -> int:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._end_all()
+                    raise AssertionError(f"edgebus boot did not stop within {timeout}s:\n{self.log()[-3000:]}")
+            # the kernel stopped on its own: whatever it left behind is a defect, and is ended here
+            survivors = [describe(pid) for pid in self.leftovers()]
+            self._end_all()
+            if survivors:
+                warnings.warn(f"edgebus boot exited leaving processes behind (killed): {'; '.join(survivors)}")
+        finally:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the kernel and every process it made, and wait until they are gone."""
+        try:
+            self._end_all()
+        finally:
+            self._log.close()
 
 
 @pytest.fixture
@@ -197,8 +313,91 @@ def make_system(tmp_path: Path) -> Iterator[Any]:
         return system
 
     yield make
+    errors = []
     for s in systems:
-        s.kill()
+        try:
+            s.kill()
+        except AssertionError as exc:  # still try the others
+            errors.append(str(exc))
+    if errors:
+        raise AssertionError("; ".join(errors))
+
+
+# -- the session leaves nothing behind ----------------------------------------------------------
+
+#: the variable every process a test starts with this environment carries
+SESSION_ENV = "EDGEBUS_TEST_SESSION"
+
+
+class _Watch:
+    """What was running when the session began, and how to know this session's processes."""
+
+    def __init__(self, basetemp: Path) -> None:
+        self.me = os.getpid()
+        self.token = f"{SESSION_ENV}={uuid.uuid4().hex}"
+        self.basetemp = str(basetemp.resolve()) + os.sep
+        self.before = {(pid, stat[19]) for pid, stat in processes()}
+
+    def ours(self, pid: int, stat: list[str], parents: dict[int, int]) -> bool:
+        """Started by this session: a descendant of this pytest, or a process whose command
+        line or environment names this run's temporary directory or carries its token."""
+        p, seen = int(stat[1]), 0
+        while p > 1 and seen < 64:
+            if p == self.me:
+                return True
+            p, seen = parents.get(p, 0), seen + 1
+        environ = proc_environ(pid)
+        return (self.basetemp in proc_cmdline(pid) + os.sep or self.basetemp.encode() in environ
+                or self.token.encode() + b"\0" in environ)
+
+    def leaked(self) -> list[int]:
+        table = processes()
+        parents = {pid: int(stat[1]) for pid, stat in table}
+        return [pid for pid, stat in table
+                if pid != self.me and stat[0] != "Z" and (pid, stat[19]) not in self.before
+                and self.ours(pid, stat, parents)]
+
+
+_watch: _Watch | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Records what runs when the session starts; ``pytest_sessionfinish`` fails the run
+    naming every process the session started that is still alive at its end."""
+    global _watch
+    _watch = _Watch(tmp_path_factory.getbasetemp())
+    name, value = _watch.token.split("=", 1)
+    os.environ[name] = value  # inherited by whatever a test starts with this environment
+    yield
+    os.environ.pop(name, None)
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _watch is None:
+        return
+    leaked = _watch.leaked()
+    if leaked:  # a moment for what is exiting anyway (a zombie counts as gone)
+        end = time.monotonic() + 1.0
+        while leaked and time.monotonic() < end:
+            time.sleep(0.05)
+            leaked = [pid for pid in leaked if alive(pid)]
+    if not leaked:
+        return
+    names = [describe(pid) for pid in leaked]
+    try:
+        kill_and_wait(leaked)
+    except AssertionError as exc:
+        names.append(str(exc))
+    message = ("processes started by this test session were still running at its end (now killed):\n  "
+               + "\n  ".join(names))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True, bold=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class RawPeer:
