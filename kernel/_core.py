@@ -67,11 +67,22 @@ class RouterCore:
         #: What the router tells its supervisor; None when it runs without one.
         self.notices: Mailbox[Notice] | None = Mailbox() if supervised else None
         self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
+        self._unanswered = 0
+        #: RCVTIMEO of the router socket while no backlog waits: the tick's period, in ms.
+        self._idle_timeout = max(int(min(config.heartbeat_interval, 0.1) * 1000), 1)
         #: The size limit applies to messages as forwarded.  Stamping the sender and
         #: rewriting the id grow a header by less than STAMP_ROOM bytes: only a message that
         #: close to the limit has its forwarded size computed.
         self._max_size = config.max_message_size
         self._stamp_free_size = self._max_size - STAMP_ROOM
+        #: Peers with answers waiting in their backlog (ROUTER identity -> peer).
+        self._backlogged: dict[bytes, Peer] = {}
+        #: A backlog beyond either bound ends the peer's session (it does not read).
+        self._backlog_limit = max(10 * config.queue_limit, 10000)
+        self._backlog_bytes_limit = max(2 * config.max_message_size, 64 * 1024 * 1024)
+        #: Peers whose backlog overflowed: their sessions end at the next flush.
+        self._overflowed: list[tuple[Peer, str]] = []
+        self._overflows = 0
 
     def _notify(self, notice: Notice) -> None:
         if self.notices is not None:
@@ -83,8 +94,8 @@ class RouterCore:
         send_frames(self._sock, parts, NOBLOCK)  # type: ignore[arg-type]
 
     def _send(self, parts: list[Any], to: Peer | None = None) -> bool:
-        """Forward or deliver ``parts``; a full queue drops (counted), a dead connection
-        disconnects ``to``."""
+        """Deliver an event (or a monitor's record) ``parts``: a full queue drops it (counted
+        in ``to.dropped``), a dead connection disconnects ``to``."""
         try:
             self._sendv(parts)
             return True
@@ -96,6 +107,73 @@ class RouterCore:
             if to is not None and to.identity in self._peers:
                 self.disconnect(to, f"send failed: {exc.strerror}")
             return False
+
+    def _deliver(self, parts: list[Any], to: Peer) -> None:
+        """Deliver an answer (a reply or error) ``parts`` to ``to``: never dropped.  When its
+        queue is full the answer waits in its backlog, sent as it reads (_flush_backlogs)."""
+        try:
+            self._sendv(parts)
+        except zmq.Again:
+            self._hold(to, parts)
+        except zmq.ZMQError as exc:
+            if to.identity in self._peers:
+                self.disconnect(to, f"send failed: {exc.strerror}")
+
+    def _hold(self, to: Peer, parts: list[Any]) -> None:
+        if self._peers.get(to.identity) is not to:
+            return  # its session has ended: nothing is owed to it any more
+        if to.backlog_bytes < 0:  # overflowed: the session ends at the next flush
+            self._count_drop(to)
+            return
+        size = 0
+        for p in parts[1:]:
+            size += len(p)
+        if not to.backlog:
+            if not self._backlogged and self._sock is not None:
+                self._sock.setsockopt(zmq.RCVTIMEO, 1)  # wake up often to flush (see run)
+            self._backlogged[to.identity] = to
+        to.backlog.append((list(parts), size))
+        to.backlog_bytes += size
+        if len(to.backlog) > self._backlog_limit or to.backlog_bytes > self._backlog_bytes_limit:
+            why = (f"it does not read its messages: {len(to.backlog)} answers ({to.backlog_bytes} bytes) "
+                   f"waited beyond its queue of bus.queue_limit = {self.config.queue_limit} messages")
+            self._overflows += 1
+            self._count_drop(to)
+            to.dropped += len(to.backlog) - 1
+            to.backlog.clear()
+            to.backlog_bytes = -1
+            self._overflowed.append((to, why))
+            log.warning("peer_backlog_overflow", peer=to.name, reason=why)
+
+    def _flush_backlogs(self) -> None:
+        """Send what waits in the backlogs, as far as each peer's queue takes it; end the
+        sessions of the peers whose backlog overflowed."""
+        while self._overflowed:
+            peer, why = self._overflowed.pop()
+            self._backlogged.pop(peer.identity, None)
+            self.disconnect(peer, why)
+        sendv = self._sendv
+        for identity, peer in list(self._backlogged.items()):
+            backlog = peer.backlog
+            try:
+                while backlog:
+                    parts, size = backlog[0]
+                    sendv(parts)
+                    backlog.popleft()
+                    peer.backlog_bytes -= size
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                self.disconnect(peer, f"send failed: {exc.strerror}")
+            del self._backlogged[identity]
+        if not self._backlogged and self._sock is not None:
+            self._sock.setsockopt(zmq.RCVTIMEO, self._idle_timeout)
+
+    def _forget_backlog(self, peer: Peer) -> None:
+        """``peer``'s session ended: what waited for it goes (its requests are forgotten)."""
+        if self._backlogged.pop(peer.identity, None) is not None or peer.backlog:
+            peer.backlog.clear()
+            peer.backlog_bytes = 0
 
     def _count_drop(self, to: Peer) -> None:
         to.dropped += 1
@@ -109,19 +187,23 @@ class RouterCore:
 
         ``to`` is the peer, or the bare identity of a connection that has not said Hello.
         ``request`` is the header of the message answered (monitors then see a refusal) or,
-        for an answer given later, its id.  A peer gone or flooded gets nothing more (its
-        disconnect comes from its process's exit or its heartbeats)."""
+        for an answer given later, its id.  A peer whose queue is full gets it from its
+        backlog once it reads (or its session ends when that overflows); a peer gone gets
+        nothing."""
         peer, identity = (None, to) if isinstance(to, bytes) else (to, to.identity)
         hdr = request if isinstance(request, Header) else None
         if isinstance(body, Error):
             reply = Header(kind=Kind.ERROR, type="Error", id=hdr.id if hdr else request, sender=KERNEL)
         else:
             reply = Header(kind=Kind.REPLY, type=body_tag(body), id=hdr.id if hdr else request, sender=KERNEL)
+        parts = [identity, SIGNATURE, self._enc.encode(reply), self._enc.encode(body)]
         try:
-            self._sendv([identity, SIGNATURE, self._enc.encode(reply), self._enc.encode(body)])
+            self._sendv(parts)
         except zmq.Again:
             if peer is not None:
-                self._count_drop(peer)
+                self._hold(peer, parts)
+            else:
+                self._unanswered += 1  # a connection that has not said Hello and does not read
         except zmq.ZMQError:
             pass
         if hdr is not None and peer is not None and isinstance(body, Error) and self._monitors:

@@ -3,6 +3,7 @@ the requests routed to them and not yet answered."""
 
 from __future__ import annotations
 
+import collections
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class Peer:
     __slots__ = (
         "identity", "name", "principal", "types", "hello", "ready", "last_seen", "cache", "calls",
         "subscriptions", "pending", "denials", "requests_in", "requests_out", "events_out",
-        "denied", "dropped",
+        "denied", "dropped", "backlog", "backlog_bytes",
     )
 
     def __init__(self, identity: bytes, name: str, principal: Principal, hello: Hello) -> None:
@@ -67,6 +68,11 @@ class Peer:
         #: capability -> times denied (for rate-limited logging and auditing)
         self.denials: dict[str, int] = {}
         self.requests_in = self.requests_out = self.events_out = self.denied = self.dropped = 0
+        #: Answers (replies, errors) that did not fit in its queue, in order, each with its
+        #: size in bytes, and their total (-1: overflowed, the session ends): delivered as
+        #: it reads (RouterCore._flush_backlogs).
+        self.backlog: collections.deque[tuple[list[Any], int]] = collections.deque()
+        self.backlog_bytes = 0
 
     def forget_permissions(self) -> None:
         """Drop the cached capability checks (the principal's capabilities changed)."""
@@ -98,3 +104,7 @@ class RouterStatistics:
     malformed: int
     stray_replies: int
     dropped_events: int
+    #: Peers with answers waiting in the kernel (their queue was full), and sessions ended
+    #: because such a backlog overflowed.
+    backlogged: int = 0
+    overflowed: int = 0

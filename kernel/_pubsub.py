@@ -120,7 +120,8 @@ class PubSub(RouterCore):
             self._audit_dropped = 0
         hdr = self._enc.encode(Header(kind=Kind.EVENT, type="AuditEvent", dest=_AUDIT_TOPIC, sender=KERNEL))
         while self._audit_backlog:
-            self._send([to.identity, SIGNATURE, hdr, self._enc.encode(self._audit_backlog.popleft())], to)
+            # (more than its queue holds: what does not fit waits in its backlog, see _deliver)
+            self._deliver([to.identity, SIGNATURE, hdr, self._enc.encode(self._audit_backlog.popleft())], to)
 
     # -- monitors ----------------------------------------------------------------------------
 

@@ -101,7 +101,7 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
         # The per-message check in _route sits well below and answers with a clear error.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size * 2)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, max(int(min(self.config.heartbeat_interval, 0.1) * 1000), 1))
+        sock.setsockopt(zmq.RCVTIMEO, self._idle_timeout)  # 1 ms while a backlog waits (_hold)
         endpoint = self.endpoint
         try:
             sock.bind(endpoint)
@@ -142,8 +142,9 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
         recv = sock.recv
         route = self._route
         commands = self._commands
+        backlogged = self._backlogged
         tick_every = min(self.config.heartbeat_interval, 0.1)
-        next_tick = 0.0
+        next_tick = next_flush = 0.0
         while not self._stopping:
             if commands:
                 self._run_commands()
@@ -170,6 +171,13 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
                     self._malformed += 1
                     log.exception("router_internal_error", frames=len(parts))
             now = time.monotonic()
+            if backlogged and now >= next_flush:
+                # Answers wait for a peer that reads slowly: retry, at most every millisecond.
+                next_flush = now + 0.001
+                try:
+                    self._flush_backlogs()
+                except Exception:
+                    log.exception("router_internal_error", during="flush")
             if now >= next_tick:
                 next_tick = now + tick_every
                 try:
@@ -234,6 +242,7 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
             peers=len(self._peers), pending=len(self._pending), routed=self._routed,
             denied=self._denied, malformed=self._malformed, stray_replies=self._stray,
             dropped_events=self._dropped_events,
+            backlogged=len(self._backlogged), overflowed=self._overflows,
         )
 
     # -- commands from other threads -----------------------------------------------------------

@@ -200,7 +200,7 @@ class Routing(RouterCore):
             return
         parts[0] = requester.identity
         parts[2] = stamped
-        self._send(parts, requester)
+        self._deliver(parts, requester)
         self._routed += 1
         if self._monitors:
             self._observe(hdr, peer.name, requester.name, parts)
@@ -235,7 +235,8 @@ class Routing(RouterCore):
 
     def _drop_pending(self, peer: Peer, why: str) -> None:
         """``peer`` is gone: what it was asked is answered ``unavailable``, what it asked is
-        forgotten (a late reply to it is dropped as stray)."""
+        forgotten (a late reply to it is dropped as stray), and so is its backlog."""
+        self._forget_backlog(peer)
         for kid, pending in list(self._pending.items()):
             if pending.target is peer:
                 del self._pending[kid]

@@ -235,6 +235,9 @@ class ServiceStatus(msgspec.Struct, tag=True):
     events_out: int = 0
     denied: int = 0
     pending: int = 0
+    #: Messages to it the kernel could not deliver (its queue was full): events and
+    #: heartbeats dropped, and answers lost when its session ended for not reading them.
+    dropped: int = 0
 
 
 class ServiceList(msgspec.Struct, tag=True):

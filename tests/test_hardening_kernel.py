@@ -4,14 +4,18 @@ services, real sockets."""
 
 from __future__ import annotations
 
+import collections
 import time
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
+import zmq
 
-from protocols import SIGNATURE, Error, ErrorCode, Header, Kind
-from services.examples.greeter import Echo, Greet
+from protocols import SIGNATURE, Error, ErrorCode, Header, Hello, Kind, ListServices, ServiceList
+from services import RemoteError
+from services.examples.greeter import Echo, Greet, Sleep
 
 from conftest import RawPeer, System
 
@@ -89,3 +93,107 @@ def test_an_event_too_large_once_stamped_is_refused_to_its_publisher(make_system
     finally:
         peer.close()
     assert err.code == ErrorCode.BAD_MESSAGE and "as forwarded" in err.message, err
+
+
+# -- every request gets exactly one answer ---------------------------------------------------
+
+
+def _counting_context(answers: collections.Counter[int]) -> zmq.Context:
+    """A zmq context whose DEALERs count the replies and errors they receive, by correlation
+    id (the header is frame 1 of every message): what the kernel answered, whether or not
+    the SDK still waited for it.  Real sockets; only the counting is added."""
+
+    class CountingSocket(zmq.Socket):  # type: ignore[misc]
+        _frame = 0
+
+        def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+            frame = super().recv(flags, copy=copy, track=track)
+            if self._frame == 1:
+                header = msgspec.msgpack.decode(frame if copy else frame.bytes, type=Header)
+                if header.kind in (Kind.REPLY, Kind.ERROR):
+                    answers[header.id] += 1
+            more = self.getsockopt(zmq.RCVMORE) if copy else frame.more
+            self._frame = self._frame + 1 if more else 0
+            return frame
+
+    class CountingContext(zmq.Context):  # type: ignore[misc]
+        _socket_class = CountingSocket
+
+    return CountingContext()
+
+
+def test_a_burst_of_15000_requests_gets_exactly_one_answer_each(make_system) -> None:
+    """Requests at a sleeping service with short deadlines: the kernel's timeout answers come
+    all at once, faster than the client reads; none may be lost."""
+    system: System = make_system(GREETER)
+    answers: collections.Counter[int] = collections.Counter()
+    outcomes: collections.Counter[str] = collections.Counter()
+    n = 15000
+
+    async def main() -> list[int]:
+        await system.wait_ready("greeter")
+        ctx = _counting_context(answers)
+        try:
+            async with system.client(ctx=ctx) as bus:
+                answers.clear()  # (the Welcome)
+
+                async def one() -> None:
+                    try:
+                        await bus.request("greeter", Sleep(seconds=5.0), timeout=0.5)
+                        outcomes["reply"] += 1
+                    except RemoteError as exc:
+                        outcomes[f"{exc.code.value} from {exc.sender or 'the SDK'}"] += 1
+
+                started = time.monotonic()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(n):
+                        tg.start_soon(one)
+                # The kernel answers at the deadline (0.5 s after each send); give what it
+                # sent time to arrive, then count.
+                with anyio.fail_after(30):
+                    while sum(answers.values()) < n:
+                        await anyio.sleep(0.1)
+                await anyio.sleep(0.5)  # (a duplicate would show up meanwhile)
+                assert time.monotonic() - started < 30
+                return sorted(answers)
+        finally:
+            ctx.destroy(0)
+
+    ids = anyio.run(main)
+    assert len(ids) == n, (len(ids), outcomes)
+    assert set(answers.values()) == {1}, collections.Counter(answers.values())
+    assert sum(outcomes.values()) == n
+    log = system.log()
+    assert "peer_backlog_overflow" not in log
+
+
+def test_a_peer_that_never_reads_has_its_session_ended_with_the_reason(make_system) -> None:
+    """What waits for a peer is bounded: past the backlog's limit its session ends (said in
+    the log), the kernel's memory does not grow without end, and others are served."""
+    system: System = make_system("[bus]\nqueue_limit = 100\n")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(system.endpoint)
+        hello = Hello(service="flood", credential=system.credential("operator"))
+        sock.send_multipart([SIGNATURE, _enc.encode(Header(kind=Kind.CONTROL, type="Hello", id=1)), _enc.encode(hello)])
+        body = _enc.encode(Greet(who="x"))
+        for i in range(30000):  # answered unknown-destination, at once; never read
+            sock.send_multipart([SIGNATURE, _enc.encode(Header(kind=Kind.REQUEST, type="Greet", dest="nowhere",
+                                                               id=i + 2)), body])
+        deadline = time.monotonic() + 20
+        while "peer_backlog_overflow" not in system.log():
+            assert time.monotonic() < deadline, "the kernel kept the answers of a peer that never reads"
+            time.sleep(0.1)
+        assert "it does not read its messages" in system.log()
+    finally:
+        ctx.destroy(0)
+
+    async def still_serves() -> None:
+        async with system.client() as bus:
+            await bus.call("kernel", ListServices(), ServiceList, timeout=5)
+
+    anyio.run(still_serves)
