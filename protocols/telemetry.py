@@ -69,7 +69,10 @@ class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
     enabled: bool
     connected: bool = False
     queued: int = 0
+    #: the payload bytes queued
     queued_bytes: int = 0
+    #: the outbox's files on disk (database and WAL): what ``outbox_max_bytes`` bounds
+    outbox_disk_bytes: int = 0
     sent: int = 0
     bytes_sent: int = 0
     #: messages the outbox's bounds dropped, by priority (0 summary .. 3 alert)

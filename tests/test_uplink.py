@@ -132,22 +132,24 @@ backoff_initial = 0.05
 
 
 def test_a_full_outbox_drops_the_lowest_priority_oldest_first_and_counts(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "o.db", max_bytes=1000)
-    for i in range(30):
+    bound = 20_000  # bytes on disk: the database and its WAL
+    outbox = Outbox(tmp_path / "o.db", max_bytes=bound)
+    for i in range(300):
         outbox.put("summary", b"s" * 50, 0)
-        if i % 10 == 0:
+        if i % 100 == 0:
             outbox.put("alerts/x", b"a" * 50, 3)
-    assert outbox.size() <= 1000
-    kept = outbox.head(100)
+        assert outbox.disk_bytes() <= bound
+    kept = outbox.head(1000)
     assert sum(1 for q in kept if q.priority == 3) == 3  # every alert kept
     summaries = [q.seq for q in kept if q.priority == 0]
-    assert summaries == sorted(summaries) and len(summaries) == 1000 // 50 - 3  # the newest ones
-    assert outbox.dropped() == {0: 30 - len(summaries)}
+    assert summaries == list(range(summaries[0], summaries[-1] + 1)) and summaries[-1] == kept[-1].seq  # the newest
+    assert len(summaries) >= 20
+    assert outbox.dropped() == {0: 300 - len(summaries)}
     outbox.put("summary", b"s" * 50, 0)  # and it keeps accepting
-    assert outbox.count() == len(kept)
+    assert outbox.count() >= len(kept) - 1
     outbox.close()
-    reopened = Outbox(tmp_path / "o.db", max_bytes=1000)  # durable: the same content after reopening
-    assert [q.seq for q in reopened.head(100)][-1] > summaries[-1]
+    reopened = Outbox(tmp_path / "o.db", max_bytes=bound)  # durable: the same content after reopening
+    assert [q.seq for q in reopened.head(1000)][-1] > summaries[-1]
 
 
 async def test_the_broker_password_comes_from_the_environment_variable_the_settings_name(make_system, broker,

@@ -42,7 +42,7 @@ from protocols.runtime import ENV_STATE_DIR
 from services import BusError, Context, Forbidden, Incoming, Service, SettingsError, Subscription, run
 
 from ._drift import DriftDetector
-from ._outbox import PRIORITY, Outbox
+from ._outbox import PRIORITY, Outbox, OutboxFull
 from ._prometheus import render
 from ._settings import TelemetrySettings
 from ._uplink import Uplink, UplinkSettings
@@ -135,7 +135,11 @@ class TelemetryService(Service):
     def enqueue(self, topic: str, kind: str, body: object) -> None:
         """Accept a message for the uplink (durable once this returns)."""
         payload = msgspec.json.encode({"device": self.device, "kind": kind, "time": time.time(), "body": body})
-        self.outbox.put(topic, payload, PRIORITY[kind])
+        try:
+            self.outbox.put(topic, payload, PRIORITY[kind])
+        except OutboxFull as exc:  # counted in the outbox's dropped
+            self.log.warning("uplink_message_dropped", topic=topic, kind=kind, reason=str(exc))
+            return
         if self.uplink is not None:
             self.uplink.notify()
 
@@ -257,6 +261,7 @@ class TelemetryService(Service):
                           if f.name == "edgebus_sensor_bytes" for s in f.samples)
                 return UplinkState(enabled=up is not None, connected=bool(up and up.connected),
                                    queued=self.outbox.count(), queued_bytes=self.outbox.size(),
+                                   outbox_disk_bytes=self.outbox.disk_bytes(),
                                    sent=up.sent if up else 0, bytes_sent=up.bytes_sent if up else 0,
                                    dropped=self.outbox.dropped(), raw_sensor_bytes=int(raw))
 

@@ -23,7 +23,11 @@ class TelemetrySettings(Settings):
     #: feature rows in a drift window, and new rows between evaluations
     drift_window: Annotated[int, msgspec.Meta(ge=10)] = 200
     drift_every: Annotated[int, msgspec.Meta(ge=1)] = 50
-    #: the outbox's bounds: bytes, age (seconds), and the free-disk share it leaves
+    #: the outbox's bounds, over which it drops the lowest priority, oldest first (alerts last):
+    #: bytes ON DISK (its files: the database and its WAL, so the payloads plus SQLite's
+    #: overhead; freed space is given back to the file system), age (seconds), and the share
+    #: of its disk to keep free (it drops until the share is restored; when even an empty
+    #: outbox could not restore it, it does not grow)
     outbox_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 16)] = 64 << 20
     outbox_max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
     outbox_min_free_share: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.05
