@@ -19,6 +19,7 @@ attribute hop for the split).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -51,6 +52,44 @@ def worth_logging(count: int) -> bool:
     return count in (1, 10, 100, 1000) or count % 10000 == 0
 
 
+class Summary:
+    """Counts a repeated refusal per source (a connection, a claimed name) and in all, and
+    says which occurrences are worth a log line or an audit record: the 1st, 10th, 100th...
+    of all, and of each source while sources' lines stay within ``budget`` a minute.  So
+    input nobody authenticated cannot fill the disk, however many connections send it."""
+
+    __slots__ = ("total", "_counts", "_budget", "_window_end", "_lines")
+
+    def __init__(self, budget: int = 10) -> None:
+        self.total = 0
+        self._counts: dict[Any, int] = {}
+        self._budget = budget
+        self._window_end = 0.0
+        self._lines = 0
+
+    def count(self, source: Any) -> int:
+        """Count one occurrence from ``source``: its count from that source if it is worth
+        reporting, else 0."""
+        self.total += 1
+        counts = self._counts
+        n = counts.get(source, 0) + 1
+        if n == 1 and len(counts) >= CACHE_LIMIT:
+            counts.clear()  # bounded: a flood of sources only resets the per-source counts
+        counts[source] = n
+        if worth_logging(self.total):
+            return n
+        if not worth_logging(n):
+            return 0
+        now = time.monotonic()
+        if now >= self._window_end:
+            self._window_end, self._lines = now + 60.0, 0
+        self._lines += 1
+        return n if self._lines <= self._budget else 0
+
+    def forget(self, source: Any) -> None:
+        self._counts.pop(source, None)
+
+
 class RouterCore:
     """The shared state; see the module's docstring for the parts."""
 
@@ -68,6 +107,11 @@ class RouterCore:
         self.notices: Mailbox[Notice] | None = Mailbox() if supervised else None
         self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0
         self._unanswered = 0
+        #: Malformed messages, by connection; Hellos refused for their credential, by
+        #: connection; authentication-failed audit records, by claimed name.
+        self._rejections = Summary()
+        self._auth_failures = Summary()
+        self._audit_failures = Summary()
         #: RCVTIMEO of the router socket while no backlog waits: the tick's period, in ms.
         self._idle_timeout = max(int(min(config.heartbeat_interval, 0.1) * 1000), 1)
         #: The size limit applies to messages as forwarded.  Stamping the sender and
@@ -209,15 +253,29 @@ class RouterCore:
         if hdr is not None and peer is not None and isinstance(body, Error) and self._monitors:
             self._observe(hdr, peer.name, hdr.dest, (), outcome=body.code.value)
 
+    def _authentication_failed(self, identity: bytes, claimed: str, reason: str, **fields: Any) -> None:
+        """Log and audit a Hello refused for its credential: the 1st, 10th, 100th... of each
+        connection and of all, with the count (see Summary); the audit records likewise
+        (_audit).  Nobody can fill the disk without logging in."""
+        count = self._auth_failures.count(identity)
+        if count:
+            log.warning("authentication_failed", claimed=claimed, reason=reason, connection=identity.hex(),
+                        count=count, total=self._auth_failures.total, **fields)
+        self._audit("authentication-failed", claimed or "?", detail=reason)
+
     def _too_large_stamped(self, size: int) -> str:
         return (f"message of {size} bytes as forwarded (with the sender stamped) exceeds the bus limit of "
                 f"{self._max_size} bytes; keep messages {STAMP_ROOM} bytes under the limit")
 
     def _reject(self, identity: bytes, hdr: Header | None, code: ErrorCode, message: str) -> None:
-        """A message the router cannot process: answer if possible, and always log."""
+        """A message the router cannot process: answer if possible, and log it (the 1st,
+        10th, 100th... of each connection, with the count: see Summary)."""
         peer = self._peers.get(identity)
-        log.warning("message_rejected", peer=peer.name if peer else identity.hex(),
-                    code=code.value, problem=message, type=hdr.type if hdr else None)
+        count = self._rejections.count(identity)
+        if count:
+            log.warning("message_rejected", peer=peer.name if peer else identity.hex(),
+                        code=code.value, problem=message, type=hdr.type if hdr else None,
+                        count=count, total=self._rejections.total)
         # Errors are never answered with errors, or two confused peers would loop.
         if hdr is None or hdr.kind != ERROR:
             self.answer(peer or identity, hdr.id if hdr else 0, Error(code=code, message=message))

@@ -35,6 +35,7 @@ from ._boundary import (
     SetKnownServices,
 )
 from ._config import ServiceConfig, SystemConfig, config_dir, load_config
+from ._core import Summary
 from ._exceptions import ConfigError, KernelError
 from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
@@ -330,13 +331,17 @@ class Kernel:
         (self.run_dir / "bus.curve.pub").write_bytes(public)
         self.router.curve_secret_key = secret
         router = self.router
+        refused = Summary()  # used by the ZAP thread only
 
         class Enrolled:
             def callback(self, domain: str, key: bytes) -> bool:
                 allowed = key.decode() in router.enrolled
                 if not allowed:  # this runs in the ZAP thread: log, and queue the audit
-                    log.warning("authentication_failed", mechanism="CURVE", key=key.decode()[:8] + "...",
-                                reason="public key not enrolled")
+                    # (summarised: the 1st, 10th, 100th... of each key and of all; so is the audit)
+                    count = refused.count(key)
+                    if count:
+                        log.warning("authentication_failed", mechanism="CURVE", key=key.decode()[:8] + "...",
+                                    reason="public key not enrolled", count=count, total=refused.total)
                     router.submit(Audit("authentication-failed", "tcp peer",
                                         f"CURVE key {key.decode()} is not enrolled"))
                 return allowed

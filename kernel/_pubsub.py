@@ -100,7 +100,17 @@ class PubSub(RouterCore):
     def _audit(self, kind: str, subject: str, *, capability: str = "", detail: str = "") -> None:
         """An audit record for the security service, published on kernel.audit.  While
         nobody subscribes (the security service starting or restarting) records wait in
-        a bounded buffer and are delivered to the next subscriber."""
+        a bounded buffer and are delivered to the next subscriber.
+
+        Authentication failures (input nobody authenticated) are summarised: the 1st, 10th,
+        100th... for each claimed name and in all, with the count (see Summary)."""
+        if kind == "authentication-failed":
+            count = self._audit_failures.count(subject)
+            if not count:
+                return
+            if count > 1 or self._audit_failures.total > 1:
+                detail += (f" ({count} times for {subject!r}, {self._audit_failures.total} "
+                           f"authentication failures in all so far)")
         event = AuditEvent(kind=kind, subject=subject, capability=capability, detail=detail, time=time.time())
         if not (self._topic_cache.get(_AUDIT_TOPIC) or self._subscribers(_AUDIT_TOPIC)):
             if len(self._audit_backlog) == self._audit_backlog.maxlen:

@@ -197,3 +197,76 @@ def test_a_peer_that_never_reads_has_its_session_ended_with_the_reason(make_syst
             await bus.call("kernel", ListServices(), ServiceList, timeout=5)
 
     anyio.run(still_serves)
+
+
+# -- input nobody authenticated is summarised, not logged line by line ---------------------
+
+
+def _flood(system: System, garbage: int, bad_hellos: int) -> tuple[int, list[Any]]:
+    """Send ``garbage`` malformed messages and ``bad_hellos`` Hellos with wrong credentials
+    on one raw connection, then log in on it (so everything before was processed); return
+    the kernel log lines added meanwhile and the authentication-failed audit records."""
+    from protocols import AuditEvent
+
+    records: list[Any] = []
+
+    async def main() -> int:
+        async with system.client() as bus, bus.subscribe("kernel.audit") as audit:
+            before = len(system.log().splitlines())
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            try:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(system.endpoint)
+                for i in range(garbage):
+                    sock.send_multipart([b"garbage %d" % i] + [b"x"] * (i % 5))
+                for i in range(bad_hellos):
+                    sock.send_multipart([SIGNATURE, _enc.encode(Header(kind=Kind.CONTROL, type="Hello", id=i + 1)),
+                                         _enc.encode(Hello(service="intruder", credential=f"guess-{i}"))])
+                good = Hello(service="late", credential=system.credential("operator"))
+                sock.send_multipart([SIGNATURE, _enc.encode(Header(kind=Kind.CONTROL, type="Hello", id=99999)),
+                                     _enc.encode(good)])
+                with anyio.fail_after(20):
+                    while True:
+                        await anyio.sleep(0.01)
+                        while sock.poll(0):
+                            frames = sock.recv_multipart()
+                            if len(frames) > 1 and msgspec.msgpack.decode(frames[1], type=Header).id == 99999:
+                                break
+                        else:
+                            continue
+                        break
+            finally:
+                ctx.destroy(0)
+            await bus.call("kernel", ListServices(), ServiceList, timeout=5)  # still serving
+            with anyio.move_on_after(1.0):  # audit records published before the Welcome are here
+                async for event in audit:
+                    record = event.decode(AuditEvent)
+                    if record.kind == "authentication-failed":
+                        records.append(record)
+            return len(system.log().splitlines()) - before
+
+    return anyio.run(main), records
+
+
+def test_garbage_before_hello_is_summarised_in_the_log(make_system) -> None:
+    system: System = make_system("[bus]\n")
+    lines, records = _flood(system, garbage=5000, bad_hellos=0)
+    assert lines < 30, system.log()[-5000:]
+    summary = [ln for ln in system.log().splitlines() if "message_rejected" in ln]
+    assert any('"count": 1000' in ln for ln in summary), summary  # counted, not forgotten
+
+
+def test_bad_credentials_are_summarised_in_the_audit_log(make_system) -> None:
+    system: System = make_system("[bus]\n")
+    _, records = _flood(system, garbage=0, bad_hellos=500)
+    assert 1 <= len(records) < 30, len(records)
+    assert "100 times" in records[-1].detail, records[-1]
+
+
+@pytest.mark.xfail(strict=True, reason="kernel/_session.py must log refused Hellos through "
+                   "RouterCore._authentication_failed (summarised); today it logs each one")
+def test_bad_credentials_are_summarised_in_the_kernel_log(make_system) -> None:
+    system: System = make_system("[bus]\n")
+    lines, _ = _flood(system, garbage=0, bad_hellos=500)
+    assert lines < 30, lines
