@@ -66,6 +66,11 @@ class MetricsText(msgspec.Struct, tag=True):
 
 
 class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
+    """The uplink and its outbox.  The counters (sent, bytes_sent, dropped,
+    raw_sensor_bytes) persist in the outbox's database and all count from
+    ``counting_since``: they compare like with like across restarts of telemetry and of
+    the sensors."""
+
     enabled: bool
     connected: bool = False
     queued: int = 0
@@ -77,8 +82,10 @@ class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
     bytes_sent: int = 0
     #: messages the outbox's bounds dropped, by priority (0 summary .. 3 alert)
     dropped: dict[int, int] = {}
-    #: what the sensors produced (from their metrics): against bytes_sent, the saving
+    #: what the sensors produced (the increases of their metrics): against bytes_sent, the saving
     raw_sensor_bytes: int = 0
+    #: when the counters started counting (Unix time; the outbox database's creation)
+    counting_since: float = 0.0
 
 
 Reply = MetricsText | UplinkState

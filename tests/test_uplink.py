@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from protocols import ListServices, ServiceList
-from protocols.telemetry import GetUplink, UplinkState
+from protocols.telemetry import GetMetrics, GetUplink, MetricsText, UplinkState
 from services.telemetry import Outbox
 
 from conftest import System, wait_for
@@ -238,3 +238,81 @@ uplink = {{ host = "127.0.0.1", port = {broker.port}, backoff_initial = 0.05, ba
         sent = (await uplink(system)).sent
         while (await uplink(system)).sent <= sent:
             await anyio.sleep(0.05)
+
+
+async def test_the_counters_persist_together_across_restarts_of_telemetry_and_of_the_sensor(make_system,
+                                                                                           broker) -> None:
+    system: System = make_system(f"""
+[services.telemetry]
+command = ["{{python}}", "-m", "services.telemetry"]
+capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
+environment = {{ EDGEBUS_METRICS_INTERVAL = "0.2" }}
+backoff_initial = 0.05
+[services.telemetry.settings]
+http = ""
+device_id = "dev1"
+summary_interval = 0.02
+outbox_max_bytes = 65536
+uplink = {{ host = "127.0.0.1", port = {broker.port}, backoff_initial = 0.05, backoff_max = 0.5 }}
+[services.vibration]
+command = ["{{python}}", "-m", "drivers.sensors"]
+capabilities = ["publish:sensor.*"]
+environment = {{ EDGEBUS_METRICS_INTERVAL = "0.2" }}
+backoff_initial = 0.05
+settings = {{ kind = "vibration", rate = 20 }}
+""")
+    await system.wait_ready("telemetry", "vibration")
+    with anyio.fail_after(30):  # broker down: the bound drops summaries
+        while not (state := await uplink(system)).dropped.get(0) or not state.raw_sensor_bytes:
+            await anyio.sleep(0.05)
+    broker.start()
+    with anyio.fail_after(30):  # broker up: they are sent
+        while (state := await uplink(system)).sent < 50:
+            await anyio.sleep(0.05)
+    since = state.counting_since
+    assert 0 < since <= time.time() and state.bytes_sent > 50 * 50
+
+    async def restarted(how: str, name: str, before: UplinkState) -> UplinkState:
+        pid = (await system.services())[name].pid
+        if how == "kill":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            system.busctl("restart", name, check=True)
+        await system.wait_restarted(name, pid)
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    after = await uplink(system)
+                except Exception:  # telemetry not answering yet
+                    await anyio.sleep(0.05)
+                    continue
+                # every counter goes on from where it was, from the same moment
+                assert after.counting_since == since
+                assert after.sent >= before.sent and after.bytes_sent >= before.bytes_sent
+                assert after.dropped.get(0, 0) >= before.dropped[0]
+                assert after.raw_sensor_bytes >= before.raw_sensor_bytes
+                if after.sent > before.sent and after.raw_sensor_bytes > before.raw_sensor_bytes:
+                    return after
+                await anyio.sleep(0.05)
+
+    state = await restarted("kill", "telemetry", state)     # kill -9: nothing counted is lost
+    state = await restarted("busctl", "telemetry", state)   # busctl restart
+    # the sensor restarts: its own counter starts again at 0
+    first_life = state.raw_sensor_bytes
+    pid = (await system.services())["vibration"].pid
+    system.busctl("restart", "vibration", check=True)
+    await system.wait_restarted("vibration", pid)
+
+    async def produced() -> float:  # the sensor's counter, as its latest snapshot says
+        async with system.client() as bus:
+            text = (await bus.call("telemetry", GetMetrics(), MetricsText)).text
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("edgebus_sensor_bytes_total") and 'service="vibration"' in line)
+
+    with anyio.fail_after(20):  # until its second life has reported
+        while not 0 < (current := await produced()) < first_life:
+            await anyio.sleep(0.05)
+    state = await uplink(system)  # (telemetry counts a snapshot as it takes it)
+    # the raw total is what the sensor produced in both its lives, not its latest life's
+    assert state.raw_sensor_bytes >= first_life + current, (state.raw_sensor_bytes, first_life, current)
+    assert state.counting_since == since

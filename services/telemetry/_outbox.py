@@ -25,6 +25,12 @@ accepted last of its priority; what is dropped is counted per priority:
   could not restore it, the outbox does not grow (it drops by the policy down to its size
   before the message came).
 
+Counters persist in the same database, so that they compare like with like: messages and
+bytes sent (counted in the transaction that removes the acknowledged message), messages
+dropped per priority, and totals of counters other processes report (``raw_sensor_bytes``:
+the increase of each sensor's own counter, which restarts with the sensor).  They all count
+from one moment, ``since()`` (the database's creation), across restarts of the service.
+
 A message that does not fit (larger than the bound, or the one the policy picks) is not
 kept: ``put`` raises ``OutboxFull`` saying why, and it is counted as dropped; a sequence
 number ``put`` returns is a message the outbox holds.
@@ -90,6 +96,14 @@ class Outbox:
                         " priority INTEGER NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)")
         self.db.execute("CREATE INDEX IF NOT EXISTS by_priority ON outbox (priority, seq)")
         self.db.execute("CREATE TABLE IF NOT EXISTS dropped (priority INTEGER PRIMARY KEY, count INTEGER NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS readings (counter TEXT NOT NULL, source TEXT NOT NULL,"
+                        " last REAL NOT NULL, PRIMARY KEY (counter, source))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+        if self.db.execute("SELECT 1 FROM meta WHERE key = 'since'").fetchone() is None:
+            with self._transaction():  # every counter counts from here (an older outbox's drops included)
+                self.db.execute("DELETE FROM dropped")
+                self.db.execute("INSERT INTO meta (key, value) VALUES ('since', ?)", (time.time(),))
         # the bounds may have changed since the last run
         self._shrink(self.limit_pages)
         self._reclaim(force=True)
@@ -148,11 +162,43 @@ class Outbox:
         return [Queued(*row) for row in self.db.execute(
             "SELECT seq, topic, priority, payload, created FROM outbox ORDER BY seq LIMIT ?", (limit,))]
 
-    def ack(self, seq: int) -> None:
-        """The broker has it: remove it, giving the space back when that is worth it."""
+    def ack(self, seq: int, sent_bytes: int = 0) -> None:
+        """The broker has it (``sent_bytes`` on the wire): remove it and count it sent, in
+        one transaction; give the space back when that is worth it."""
         with self._transaction():
-            self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            if self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount:
+                self._add("sent", 1)
+                self._add("bytes_sent", sent_bytes)
         self._reclaim()
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def _add(self, name: str, value: int) -> None:
+        self.db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, value))
+
+    def add_reading(self, counter: str, source: str, value: float) -> None:
+        """A reading of ``source``'s own cumulative counter (which restarts with that process)
+        into the persisted total ``counter``: what it grew since the last reading, or all of it
+        when it went down (the source restarted)."""
+        row = self.db.execute("SELECT last FROM readings WHERE counter = ? AND source = ?",
+                              (counter, source)).fetchone()
+        last = row[0] if row is not None else 0.0
+        increase = value - last if value >= last else value
+        if row is not None and increase == 0:
+            return
+        with self._transaction():
+            self.db.execute("INSERT INTO readings (counter, source, last) VALUES (?, ?, ?) "
+                            "ON CONFLICT(counter, source) DO UPDATE SET last = excluded.last", (counter, source, value))
+            self._add(counter, int(increase))
+
+    def counters(self) -> dict[str, int]:
+        """The persisted counters (``sent``, ``bytes_sent``, totals of readings), since ``since()``."""
+        return dict(self.db.execute("SELECT name, value FROM counters").fetchall())
+
+    def since(self) -> float:
+        """When every counter (these and ``dropped()``) started counting (Unix time)."""
+        return float(self.db.execute("SELECT value FROM meta WHERE key = 'since'").fetchone()[0])
 
     # -- the bounds --------------------------------------------------------------------------
 

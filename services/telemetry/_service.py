@@ -222,6 +222,9 @@ class TelemetryService(Service):
                 continue
             # the kernel-stamped sender, not what the snapshot claims
             self.snapshots[incoming.sender] = snap.families
+            produced = [s.value for f in snap.families if f.name == "edgebus_sensor_bytes" for s in f.samples]
+            if produced:  # a sensor's own counter: into the persisted total, like the uplink's
+                self.outbox.add_reading("raw_sensor_bytes", incoming.sender, sum(produced))
             self.m_ingested.inc(value=sum(len(f.samples) for f in snap.families))
             self.seen[incoming.sender] = time.time()
 
@@ -257,13 +260,13 @@ class TelemetryService(Service):
                 return MetricsText(text=await self.exposition())
             case GetUplink():
                 up = self.uplink
-                raw = sum(s.value for families in self.snapshots.values() for f in families
-                          if f.name == "edgebus_sensor_bytes" for s in f.samples)
+                counters = self.outbox.counters()
                 return UplinkState(enabled=up is not None, connected=bool(up and up.connected),
                                    queued=self.outbox.count(), queued_bytes=self.outbox.size(),
                                    outbox_disk_bytes=self.outbox.disk_bytes(),
-                                   sent=up.sent if up else 0, bytes_sent=up.bytes_sent if up else 0,
-                                   dropped=self.outbox.dropped(), raw_sensor_bytes=int(raw))
+                                   sent=counters.get("sent", 0), bytes_sent=counters.get("bytes_sent", 0),
+                                   dropped=self.outbox.dropped(), raw_sensor_bytes=counters.get("raw_sensor_bytes", 0),
+                                   counting_since=self.outbox.since())
 
     async def _serve_http(self, client: anyio.abc.SocketStream) -> None:
         """A minimal HTTP/1.0 responder: GET /metrics, anything else 404."""

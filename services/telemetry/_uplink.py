@@ -64,8 +64,6 @@ class Uplink:
         self.password = password
         self.outbox = outbox
         self.connected = False
-        self.sent = 0
-        self.bytes_sent = 0
         self.wakeup = anyio.Event()
         #: the current back-off (seconds): doubled by each failed attempt, reset by a CONNACK
         self.backoff = settings.backoff_initial
@@ -143,9 +141,7 @@ class Uplink:
                 if not delivered:
                     log.warning("uplink_lost", detail="no PUBACK; the message stays queued and goes again")
                     return
-                self.outbox.ack(message.seq)
-                self.sent += 1
-                self.bytes_sent += len(payload)
+                self.outbox.ack(message.seq, len(payload))  # counted sent, persistently
 
 
 def _wait(client: Any, info: Any, timeout: float = 10.0) -> bool:
