@@ -23,8 +23,10 @@ import enum
 import errno
 import grp
 import json
+import marshal
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,8 +283,9 @@ class Supervisor:
         The reaper collects every child, so the kernel's helpers go through it too (a
         process started by other means would be reaped from under its waiter).  Raises
         TimeoutError after ``timeout`` seconds, the helper killed."""
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, close_fds=True)
+        env = dict(os.environ)
+        popen = subprocess.Popen(_wrapped({"argv": argv}, env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, close_fds=True, env=env)
         helper = self._helpers[popen.pid] = _Helper()  # before the reaper can run: no race
         assert popen.stderr is not None
         err = b""
@@ -415,8 +418,8 @@ class Supervisor:
             env["EDGEBUS_LOG_LEVEL"] = os.environ["EDGEBUS_LOG_LEVEL"]
         return env
 
-    def _isolation(self, svc: ManagedService, argv: list[str]) -> dict[str, Any] | None:
-        """The exec wrapper's spec, or None when nothing needs applying."""
+    def _isolation(self, svc: ManagedService, argv: list[str]) -> dict[str, Any]:
+        """The exec wrapper's spec: limits, cgroup, user (_exec.py)."""
         spec, limits = svc.spec, svc.spec.limits
         exec_spec: dict[str, Any] = {"argv": argv, "rlimits": {}}
         rlimits = exec_spec["rlimits"]
@@ -445,8 +448,6 @@ class Supervisor:
                         exec_spec["gid"] = grp.getgrnam(spec.group).gr_gid
                 except KeyError as exc:
                     raise SpawnError(svc.name, argv, f"unknown user or group {exc.args[0]!r}") from None
-        if len(exec_spec) == 2 and not rlimits:
-            return None
         return exec_spec
 
     async def _spawn(self, svc: ManagedService) -> None:
@@ -454,15 +455,9 @@ class Supervisor:
         argv = [sys.executable if a == "{python}" else a for a in svc.spec.command]
         self._on_spawn(svc.name, argv, svc.spec)
         env = self._environment(svc)
-        isolation = self._isolation(svc, argv)
-        command = argv
-        if isolation is not None:
-            # The wrapper's Python may coerce the C locale by adding LC_CTYPE (PEP 538):
-            # the service's environment must stay exactly what the config says.
-            isolation["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
-            isolation["fail_status"] = EXIT_CONFIG  # restarting cannot fix isolation settings
-            env["EDGEBUS_EXEC_SPEC"] = json.dumps(isolation)
-            command = [sys.executable, "-I", EXEC_WRAPPER]
+        cwd = svc.spec.working_directory or self.state_dir
+        _check_executable(svc.name, argv, env["PATH"], cwd)
+        command = _wrapped(self._isolation(svc, argv), env)
         credential = svc.credential = self._issue_credential(svc.name, svc.spec)
         cred_r, cred_w = os.pipe()
         try:
@@ -470,7 +465,6 @@ class Supervisor:
         finally:
             os.close(cred_w)
         env["EDGEBUS_CREDENTIAL_FD"] = str(cred_r)
-        cwd = svc.spec.working_directory or self.state_dir
         if svc.ready.is_set():  # (normally already renewed at the last exit; dependents
             svc.ready = anyio.Event()  # may be waiting on the unset one: keep it)
         svc.exited = anyio.Event()
@@ -636,6 +630,30 @@ class Supervisor:
                 self._start_keeper(self.services[name])
         log.info("config_applied", added=added, removed=removed, restarted=changed, unchanged=len(unchanged))
         return {"started": added, "stopped": removed, "restarted": changed, "unchanged": unchanged}
+
+
+def _wrapped(spec: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The command that starts ``spec["argv"]`` through the exec wrapper (_exec.py), which
+    applies the isolation ``spec`` names and PR_SET_PDEATHSIG: the process dies with the
+    kernel.  Adds the spec to ``env``.  (Call from the event loop's thread: the death
+    signal follows the thread that forks.)"""
+    # The wrapper's Python may coerce the C locale by adding LC_CTYPE (PEP 538): the
+    # process's environment must stay exactly what was given.
+    spec["unset"] = [k for k in ("LC_CTYPE",) if k not in env]
+    spec["fail_status"] = EXIT_CONFIG  # restarting cannot fix isolation settings
+    spec["parent"] = os.getpid()
+    env["EDGEBUS_EXEC_SPEC"] = marshal.dumps(spec).hex()
+    return [sys.executable, "-I", "-S", EXEC_WRAPPER]
+
+
+def _check_executable(name: str, argv: list[str], path: str, cwd: str) -> None:
+    """Refuse a command that cannot run, as exec would (the wrapper execs it later, where
+    the failure would only show as an exit status)."""
+    program = os.path.join(cwd, argv[0]) if os.sep in argv[0] else shutil.which(argv[0], path=path)
+    if program is None or not os.path.exists(program):
+        raise SpawnError(name, argv, os.strerror(errno.ENOENT))
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        raise SpawnError(name, argv, os.strerror(errno.EACCES))
 
 
 class _Helper:

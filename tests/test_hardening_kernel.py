@@ -5,6 +5,9 @@ services, real sockets."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import signal
 import time
 from typing import Any
 
@@ -17,7 +20,7 @@ from protocols import SIGNATURE, Error, ErrorCode, Header, Hello, Kind, ListServ
 from services import RemoteError
 from services.examples.greeter import Echo, Greet, Sleep
 
-from conftest import RawPeer, System
+from conftest import RawPeer, System, alive, children, group, proc_comm, wait_for
 
 LIMIT = 65536
 
@@ -264,9 +267,56 @@ def test_bad_credentials_are_summarised_in_the_audit_log(make_system) -> None:
     assert "100 times" in records[-1].detail, records[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/_session.py must log refused Hellos through "
-                   "RouterCore._authentication_failed (summarised); today it logs each one")
 def test_bad_credentials_are_summarised_in_the_kernel_log(make_system) -> None:
     system: System = make_system("[bus]\n")
     lines, _ = _flood(system, garbage=0, bad_hellos=500)
     assert lines < 30, lines
+
+
+# -- no orphans -------------------------------------------------------------------------------
+
+DEFAULT_LIKE = """
+[services.security]
+command = ["{python}", "-m", "services.security"]
+capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "subscribe:kernel.audit"]
+
+[services.modelstore]
+command = ["{python}", "-m", "services.modelstore"]
+requires = ["security"]
+capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
+                "call:security.AuditAppend", "publish:modelstore.*"]
+settings = { preload_demo = false }
+
+[services.telemetry]
+command = ["{python}", "-m", "services.telemetry"]
+capabilities = ["subscribe:metrics.*", "call:kernel.ListServices"]
+settings = { http = "" }
+
+[services.greeter]
+command = ["{python}", "-m", "services.examples.greeter"]
+
+# Not a bus client at all: only the kernel's death signal can end it.
+[services.sleeper]
+command = ["sleep", "300"]
+start_timeout = 300
+stop_signal = "SIGKILL"
+"""
+
+
+def test_services_die_with_a_killed_kernel(make_system) -> None:
+    system: System = make_system(DEFAULT_LIKE)
+    anyio.run(lambda: system.wait_ready("security", "modelstore", "telemetry", "greeter", timeout=60))
+    kernel = system.proc.pid
+    services = wait_for(lambda: (lambda kids: kids if len(kids) >= 5 else None)(
+        [pid for pid in children(kernel) if alive(pid)]), 10, "the five services")
+    assert "sleep" in {proc_comm(pid) for pid in services}
+    try:
+        os.kill(kernel, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: not any(alive(pid) or group(pid) for pid in services), 5, "the services to die")
+        gone_after = time.monotonic() - killed
+    finally:
+        for pid in services:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert gone_after < 1.0, gone_after
