@@ -1,8 +1,9 @@
 """Sessions: the handshake (Hello, credentials or CURVE identity, Welcome), control messages,
-heartbeats and disconnects."""
+heartbeats and disconnects, and what a connection whose session ended is told."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import typing
 from typing import Any
@@ -30,10 +31,12 @@ from protocols import (
 
 from ._boundary import PeerGone, PeerReady
 from ._config import SERVICE_NAME
-from ._core import KERNEL, RouterCore, log
+from ._core import ERROR, KERNEL, RouterCore, log
 from ._peers import Peer
 
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
+#: How many recently ended sessions the kernel remembers the reason of (by connection).
+ENDED_MEMORY = 1024
 
 
 class Sessions(RouterCore):
@@ -46,6 +49,9 @@ class Sessions(RouterCore):
         self._next_beat = 0.0
         self._beat_header = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=KERNEL))
         self._beat_body = self._enc.encode(Heartbeat())
+        #: ROUTER identity -> why its session ended, for the ENDED_MEMORY latest (LRU): the
+        #: connection's next message is answered with that reason.
+        self._ended: collections.OrderedDict[bytes, str] = collections.OrderedDict()
 
     def _hello(self, identity: bytes, hdr: Header, body: bytes) -> None:
         try:
@@ -65,8 +71,7 @@ class Sessions(RouterCore):
             advice = ("Hello carries no valid credential; use the credential the kernel gave this "
                       "service (EDGEBUS_CREDENTIAL_FD or <run-dir>/credentials/)")
         if principal is None:
-            log.warning("authentication_failed", claimed=hello.service, pid=hello.pid, reason=reason)
-            self._audit("authentication-failed", hello.service or "?", detail=reason)
+            self._authentication_failed(identity, hello.service, reason, pid=hello.pid)
             self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=advice))
             return
         if principal.shared:
@@ -78,8 +83,8 @@ class Sessions(RouterCore):
         else:
             name = principal.name
             if hello.service and hello.service != name:
-                log.warning("authentication_failed", claimed=hello.service, credential_of=name)
-                self._audit("authentication-failed", hello.service, detail=f"presented the credential of {name!r}")
+                self._authentication_failed(identity, hello.service, f"presented the credential of {name!r}",
+                                            pid=hello.pid)
                 self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=(
                     f"this credential belongs to {name!r}, not {hello.service!r}")))
                 return
@@ -88,6 +93,7 @@ class Sessions(RouterCore):
                 self.disconnect(old, "replaced by a new connection with the same credential")
         peer = Peer(identity, name, principal, hello)
         self._peers[identity] = peer
+        self._ended.pop(identity, None)
         if not principal.shared:
             self._by_name[name] = peer
         self.answer(peer, hdr, Welcome(
@@ -99,6 +105,27 @@ class Sessions(RouterCore):
             settings=principal.settings,
         ))
         log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
+
+    def _sessionless(self, identity: bytes, hdr: Header) -> None:
+        """A message other than Hello on a connection without a session.  If the kernel
+        ended one there lately, it answers ``unauthenticated`` saying why (the peer learns
+        that its session is over and may say Hello again); else ``bad-message``.  Either is
+        logged at the 1st, 10th, 100th... of the connection (see Summary)."""
+        why = self._ended.get(identity)
+        if why is None:
+            self._malformed += 1
+            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
+                         "this peer has not said Hello; send Hello before anything else")
+            return
+        self._ended.move_to_end(identity)
+        count = self._rejections.count(identity)
+        if count:
+            log.info("message_after_session_end", connection=identity.hex(), reason=why, type=hdr.type,
+                     count=count, total=self._rejections.total)
+        if hdr.kind != ERROR:  # errors are never answered
+            self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=(
+                f"this connection's session ended: {why}; say Hello (with the same credential) "
+                "to start a new one")))
 
     def _curve_user_id(self) -> str:
         frame = self._sig_frame
@@ -163,6 +190,9 @@ class Sessions(RouterCore):
         if peer.subscriptions:
             self._topic_cache.clear()
         self._drop_pending(peer, why)
+        self._ended[peer.identity] = why
+        if len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
         log.info("peer_disconnected", peer=peer.name, reason=why)
         if not peer.principal.shared:
             self._notify(PeerGone(peer.name, why, peer.principal.credential, silent))

@@ -98,6 +98,17 @@ class AsyncSocket:
         if self._scope is not None:
             self._nudge()
 
+    def try_send(self, frames: Sequence[Any]) -> bool:
+        """Send one multipart message if the socket takes it now; False (nothing sent) if
+        its queue is full.  Never waits: for what must not queue behind other traffic."""
+        try:
+            send_frames(self.sock, frames, _NOBLOCK)
+        except zmq.Again:
+            return False
+        if self._scope is not None:
+            self._nudge()
+        return True
+
     async def recv(self, small: int = 3) -> list[Any]:
         """Receive one multipart message (see :func:`recv_frames`)."""
         while True:
@@ -111,4 +122,8 @@ class AsyncSocket:
         return frames
 
     def close(self, linger: int = 0) -> None:
+        """Close the socket.  A task waiting on it wakes: the one watching the FD with
+        anyio.ClosedResourceError, the others with zmq.ZMQError (ENOTSOCK)."""
+        if self._watching:
+            anyio.notify_closing(self._fd)
         self.sock.close(linger)

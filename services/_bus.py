@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import zmq
 
@@ -32,6 +33,7 @@ from protocols import (
     Codec,
     DecodeError,
     Error,
+    ErrorCode,
     Header,
     Heartbeat,
     Hello,
@@ -166,7 +168,7 @@ class Subscription:
         self._in.close()
         still = {p for s in bus._subscriptions if s._remote for p in s.prefixes}
         gone = [p for p in self.prefixes if p not in still]
-        if self._remote and gone and not bus.closed:
+        if self._remote and gone and not bus.closed and bus.connected:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 try:
                     await bus._control(Unsubscribe(topics=gone), Subscribed)
@@ -188,11 +190,39 @@ class Subscription:
 
 
 class _Slot:
-    __slots__ = ("event", "value")
+    """A call waiting for its answer: the reply or error (``value``), a local verdict
+    (``error``: its session ended with the answer owed), or ``retry`` (the kernel refused it
+    unread because the session had already ended: it was never delivered, so it is sent
+    again on the next session)."""
+
+    __slots__ = ("event", "value", "error", "retry", "session")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.value: Incoming | None = None
+        self.error: BusError | None = None
+        self.retry = False
+        #: the session it was sent on (0: not sent yet)
+        self.session = 0
+
+    def again(self) -> None:
+        self.event = anyio.Event()
+        self.retry = False
+        self.session = 0
+
+
+class _HelloRefused(ConnectError):
+    """The kernel answered Hello with an error (a credential it does not take)."""
+
+
+#: Reconnection waits: the first, and the most it doubles to.
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
+#: How long an ended session's socket is read for the kernel's refusals of what was sent
+#: after the end (they say which calls were never delivered and may be sent again).
+_DRAIN = 1.0
+#: Every this many messages sent or received back to back, let other tasks run (a loop
+#: that publishes, or a flood of events, would otherwise starve the heartbeat and signals).
+_FAIRNESS = 64
 
 
 class BusClient:
@@ -209,6 +239,9 @@ class BusClient:
         max_concurrency: int = 64,
         default_timeout: float = 30.0,
         ctx: zmq.Context | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+        reconnect: bool = True,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
@@ -220,11 +253,11 @@ class BusClient:
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self.default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.RCVHWM, 10000)
-        self._asock = AsyncSocket(sock)
+        self._curve = curve
+        #: Start a new session by itself when the kernel ends this one or goes silent.
+        self.reconnect = reconnect
+        self._connect_timeout = connect_timeout
+        self._asock = self._socket()
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _Slot] = {}
@@ -240,11 +273,59 @@ class BusClient:
         self._idle = anyio.Event()
         self.metrics = Metrics()
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Sessions so far (each a Hello answered by Welcome); set while one is up.
+        self.sessions = 0
+        self._up = anyio.Event()
+        #: Why the current session is ending (None while it is not).
+        self._ending: str | None = None
+        self._session_scope: anyio.CancelScope | None = None
+        self._marker = -1
+        self._said_ready = False
+        self._sent = 0
+
+    def _socket(self) -> AsyncSocket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        if self._curve is not None:
+            server_key, public_key, secret_key = self._curve
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+        return AsyncSocket(sock)
+
+    @property
+    def connected(self) -> bool:
+        """A session is up (False while reconnecting)."""
+        return self._up.is_set()
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _send(self, header: Header, body: msgspec.Struct | bytes, raw: Sequence[Any] = ()) -> None:
-        await self._asock.send(self._codec.pack(header, body, raw))
+    async def _send(self, header: Header, body: msgspec.Struct | bytes, raw: Sequence[Any] = ()) -> int:
+        """Send one message on the current session (waiting for one while reconnecting);
+        return the session's number."""
+        frames = self._codec.pack(header, body, raw)
+        self._sent += 1
+        if not self._sent % _FAIRNESS:
+            await anyio.lowlevel.checkpoint()
+        while True:
+            if not self._up.is_set():
+                await self._session_up()
+            asock, session = self._asock, self.sessions
+            try:
+                await asock.send(frames)
+                return session
+            except (zmq.ZMQError, anyio.ClosedResourceError):
+                if asock is self._asock and self._ending is None:
+                    raise
+                # Its session's socket closed while this waited for room: nothing of the
+                # message went out.  It goes on the next session.
+
+    async def _session_up(self) -> None:
+        if self.closed:
+            raise ConnectionLost("the connection is closed")
+        await self._up.wait()
 
     async def request(
         self,
@@ -259,6 +340,8 @@ class BusClient:
         """Send a request and wait for its reply; an ERROR reply raises its RemoteError.
 
         ``msg`` may be pre-encoded msgpack bytes, with ``type`` naming the message type.
+        When the session ends while the request is out (its answer lost), ConnectionLost
+        names why; one the kernel refused unread is sent again on the next session.
         """
         if deadline is None:
             deadline = time.time() + (self.default_timeout if timeout is None else timeout)
@@ -287,15 +370,23 @@ class BusClient:
 
     async def _exchange(self, header: Header, body: msgspec.Struct | bytes, frames: Sequence[Any], deadline: float) -> Incoming:
         slot = _Slot()
-        self._calls[header.id] = slot
         try:
-            await self._send(header, body, frames)
             with anyio.move_on_after(max(deadline - time.time(), 0.0)):
-                await slot.event.wait()
+                while True:
+                    self._calls[header.id] = slot
+                    slot.session = await self._send(header, body, frames)
+                    await slot.event.wait()
+                    if not slot.retry:
+                        break
+                    slot.again()  # refused unread by an ended session: never delivered
         finally:
             self._calls.pop(header.id, None)
+        if slot.error is not None:
+            raise slot.error
         if slot.value is None:
-            raise DeadlineExceeded(f"no reply to {header.type!r} from {header.dest or 'the kernel'!r} before the deadline")
+            waiting = "" if self._up.is_set() else f" (reconnecting to the kernel: {self._ending or 'not connected'})"
+            raise DeadlineExceeded(
+                f"no reply to {header.type!r} from {header.dest or 'the kernel'!r} before the deadline{waiting}")
         return slot.value
 
     def _remote_error(self, incoming: Incoming) -> RemoteError:
@@ -313,13 +404,14 @@ class BusClient:
         return incoming.decode(reply_type)
 
     async def publish(self, topic: str, msg: msgspec.Struct, *, frames: Sequence[Any] = ()) -> None:
-        """Publish an event.  A denial comes back asynchronously and is logged."""
+        """Publish an event.  A denial comes back asynchronously and is logged.  While the
+        client reconnects, this waits for the new session."""
         await self._send(Header(kind=Kind.EVENT, type=body_tag(msg), dest=topic), msg, frames)
 
     def subscribe(self, *prefixes: str, max_pending: int = 1024) -> Subscription:
         """Events whose topic starts with any of ``prefixes``, for ``async with ... as sub:
         async for event in sub``.  Entering raises Forbidden naming the capability when a
-        prefix is not allowed."""
+        prefix is not allowed.  A new session (after a reconnection) subscribes again."""
         return Subscription(self, prefixes, max_pending, remote=True)
 
     def receive_unsolicited(self, *prefixes: str, max_pending: int = 1024) -> Subscription:
@@ -329,13 +421,16 @@ class BusClient:
 
     async def ready(self) -> None:
         """Tell the kernel this service finished initialising and serves requests now."""
+        self._said_ready = True
         await self._send(Header(kind=Kind.CONTROL, type="Ready"), Ready())
 
-    # -- receiving ---------------------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------------------
 
     async def _handshake(self, timeout: float) -> None:
+        """Hello on the current socket; Welcome starts a session.  ConnectError otherwise
+        (_HelloRefused when the kernel answered with an error)."""
         msg_id = next(self._ids)
-        await self._send(Header(kind=Kind.CONTROL, type="Hello", id=msg_id), self._hello)
+        await self._asock.send(self._codec.pack(Header(kind=Kind.CONTROL, type="Hello", id=msg_id), self._hello))
         try:
             with anyio.fail_after(timeout):
                 while True:
@@ -351,7 +446,7 @@ class BusClient:
         try:
             if header.kind == _ERR:
                 err = _error_decoder.decode(body)
-                raise ConnectError(self.endpoint, f"{err.code.value}: {err.message}")
+                raise _HelloRefused(self.endpoint, f"{err.code.value}: {err.message}")
             if header.type != "Welcome":
                 raise ConnectError(self.endpoint, f"the kernel answered Hello with {header.type!r}, not Welcome")
             self.welcome = msgspec.msgpack.decode(body, type=Welcome)
@@ -360,19 +455,108 @@ class BusClient:
         self.name = self.welcome.name
         self._codec.max_size = self.welcome.max_message_size
         self._last_rx = time.monotonic()
+        self.sessions += 1
+        self._ending = None
 
-    async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        recv = self._asock.recv
+    async def _sessions(self, tg: anyio.abc.TaskGroup) -> None:
+        """Serve each session until it ends; then fail what it owed, and start the next
+        (or raise ConnectionLost when this client does not reconnect)."""
+        while True:
+            self._up.set()
+            async with anyio.create_task_group() as session:
+                self._session_scope = session.cancel_scope
+                session.start_soon(self._receive_loop, self._asock, tg)
+                session.start_soon(self._heartbeat_loop, self._asock)
+                if self.sessions > 1:
+                    session.start_soon(self._restore)
+            reason = self._ending or "the session ended"
+            for call_id, slot in list(self._calls.items()):
+                if slot.session == self.sessions and not slot.retry:
+                    del self._calls[call_id]
+                    slot.error = ConnectionLost(f"{reason} (the answer to this request was lost with it)")
+                    slot.event.set()
+            if not self.reconnect:
+                raise ConnectionLost(reason)
+            log.warning("session_lost", reason=reason, detail="reconnecting")
+            await self._reconnect(reason)
+
+    def _end_session(self, reason: str, drain: bool = False) -> None:
+        """The session is over: new messages wait for the next.  ``drain``: the kernel ended
+        it, and answers each message sent since with a refusal; read those until the
+        kernel has answered a marker sent now (or for at most _DRAIN seconds)."""
+        scope = self._session_scope
+        if self._ending is not None or scope is None:
+            return
+        self._ending = reason
+        self._up = anyio.Event()
+        log.warning("session_ended", reason=reason)
+        if drain:
+            self._marker = next(self._ids)
+            marker = self._codec.pack(Header(kind=Kind.CONTROL, type="Heartbeat", id=self._marker), Heartbeat())
+            if self._asock.try_send(marker):
+                scope.deadline = min(scope.deadline, anyio.current_time() + _DRAIN)
+                return
+        scope.cancel()
+
+    async def _reconnect(self, reason: str) -> None:
+        """A new socket and Hello (the same credential), with back-off, until Welcome; a
+        Hello the kernel refuses ends the client with ConnectionLost."""
+        delay = RECONNECT_FIRST
+        while True:
+            await anyio.sleep(delay)
+            self._asock.close()
+            self._asock = self._socket()
+            self._asock.sock.connect(self.endpoint)
+            try:
+                await self._handshake(min(self._connect_timeout, max(delay, 1.0)))
+            except _HelloRefused as exc:
+                raise ConnectionLost(f"{reason}; the kernel refused a new session: {exc.reason}") from None
+            except ConnectError as exc:
+                log.info("reconnect_failed", reason=exc.reason, retry_in=min(delay * 2, RECONNECT_MAX))
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            log.info("reconnected", name=self.name, sessions=self.sessions, after=reason)
+            return
+
+    async def _restore(self) -> None:
+        """On a new session: Ready again (a service that said it), and every subscription."""
+        try:
+            if self._said_ready:
+                await self._send(Header(kind=Kind.CONTROL, type="Ready"), Ready())
+            for sub in list(self._subscriptions):
+                if not sub._remote:
+                    continue
+                try:
+                    await self._control(Subscribe(topics=list(sub.prefixes)), Subscribed)
+                except RemoteError as exc:  # e.g. a capability revoked meanwhile
+                    log.error("subscription_lost", prefixes=list(sub.prefixes), error=str(exc))
+                    if sub in self._subscriptions:
+                        self._subscriptions.remove(sub)
+                    sub._in.close()
+        except ConnectionLost:
+            pass  # this session ended too: the next one restores them
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _receive_loop(self, asock: AsyncSocket, tg: anyio.abc.TaskGroup) -> None:
+        recv = asock.recv
         unpack = self._codec.unpack
+        session = self.sessions
+        n = 0
         while True:
             frames = await recv()
-            self._last_rx = time.monotonic()
+            n += 1
+            if not n % _FAIRNESS:
+                await anyio.lowlevel.checkpoint()
             try:
                 header, body, raw = unpack(frames)
             except ProtocolError as exc:
                 log.warning("bad_message_from_kernel", problem=str(exc))
                 continue
             kind = header.kind
+            if kind == _ERR and header.sender == "kernel" and self._kernel_error(header, body):
+                continue
+            self._last_rx = time.monotonic()
             if kind == _REPLY or kind == _ERR:
                 slot = self._calls.pop(header.id, None)
                 if slot is not None:
@@ -385,11 +569,12 @@ class BusClient:
             elif kind == _REQ:
                 incoming = Incoming(header, body, raw)
                 if self.draining or self._on_request is None:
-                    await self._reply_error(header, Unavailable(
-                        f"{self.name!r} is stopping" if self.draining else f"{self.name!r} serves no requests"))
+                    if self._ending is None:  # (an ended session's requester was answered already)
+                        await self._reply_error(header, Unavailable(
+                            f"{self.name!r} is stopping" if self.draining else f"{self.name!r} serves no requests"))
                     continue
                 self._in_flight += 1
-                tg.start_soon(self._serve_one, incoming)
+                tg.start_soon(self._serve_one, incoming, session)
             elif kind == _EVENT:
                 topic = header.dest
                 incoming = Incoming(header, body, raw)
@@ -402,10 +587,42 @@ class BusClient:
                     self.dropped_events += 1
             # CONTROL from the kernel (Heartbeat) only refreshes _last_rx.
 
-    async def _serve_one(self, incoming: Incoming) -> None:
+    def _kernel_error(self, header: Header, body: Any) -> bool:
+        """An error from the kernel that this client handles itself (True), or one to deliver.
+
+        ``unauthenticated`` after the Welcome means the kernel ended this session and refused
+        the message it answers, unread: the session ends here too, and a call so refused is
+        sent again on the next session.  An error answering no call of ours (a refused
+        heartbeat or event) is no sign that the session lives: it does not count as
+        a message from the kernel for liveness."""
+        slot = self._calls.get(header.id) if header.id else None
+        try:
+            err = _error_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if err.code != ErrorCode.UNAUTHENTICATED:
+            if slot is not None:
+                return False  # the answer to a call: delivered as usual
+            log.warning("error_from_bus", code=err.code.value, message=err.message, capability=err.capability or None)
+            return True
+        if slot is not None:
+            del self._calls[header.id]
+            slot.retry = True
+            slot.event.set()
+        if header.id and header.id == self._marker:
+            if self._session_scope is not None:
+                self._session_scope.cancel()  # every refusal sent before it has arrived
+            return True
+        self._end_session(err.message, drain=True)
+        return True
+
+    async def _serve_one(self, incoming: Incoming, session: int) -> None:
         try:
             reply = await self._answer(incoming)
-            await self._send(*reply)
+            if session == self.sessions and self._up.is_set():  # else its requester was answered unavailable
+                await self._send(*reply)
+        except ConnectionLost:
+            pass
         finally:
             self._in_flight -= 1  # after the reply left: wait_idle() means "all answered"
             if self._in_flight == 0:
@@ -452,27 +669,42 @@ class BusClient:
             self._idle = anyio.Event()
             await self._idle.wait()
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, asock: AsyncSocket) -> None:
+        """Beat every interval without ever waiting behind queued traffic, and end the
+        session when the kernel has said nothing for liveness x interval, or has not made
+        room for a heartbeat for as long (it is not reading)."""
         assert self.welcome is not None
         interval = self.welcome.heartbeat_interval
         limit = interval * self.welcome.heartbeat_liveness
-        beat = Heartbeat()
-        while True:
-            await self._send(Header(kind=Kind.CONTROL, type="Heartbeat"), beat)
-            silent = time.monotonic() - self._last_rx
-            if silent > limit:
-                raise ConnectionLost(f"no message or heartbeat from the kernel for {silent:.1f}s")
+        beat = self._codec.pack(Header(kind=Kind.CONTROL, type="Heartbeat"), Heartbeat())
+        taken = time.monotonic()
+        while self._ending is None:
+            now = time.monotonic()
+            if asock.try_send(beat):
+                taken = now
+            elif now - taken > limit:
+                self._end_session(f"the kernel has read nothing from this connection for {now - taken:.1f}s "
+                                  "(its send queue stayed full)")
+                return
+            silent = now - self._last_rx
+            if silent > limit and not asock.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._end_session(f"no message or heartbeat from the kernel for {silent:.1f}s")
+                return
             await anyio.sleep(interval)
 
     async def close(self, reason: str = "") -> None:
+        """Say Bye (waiting at most a second for room: never on a dead kernel) and end the
+        connection's tasks."""
         self.closed = True
         for sub in self._subscriptions:
             sub._in.close()
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._send(Header(kind=Kind.CONTROL, type="Bye"), Bye(reason=reason))
-            except zmq.ZMQError:
-                pass
+        if self._up.is_set() and self._ending is None:
+            bye = self._codec.pack(Header(kind=Kind.CONTROL, type="Bye"), Bye(reason=reason))
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                try:
+                    await self._asock.send(bye)
+                except (zmq.ZMQError, anyio.ClosedResourceError):
+                    pass
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -488,6 +720,7 @@ async def connect(
     on_request: Callable[[Incoming], Awaitable[Any]] | None = None,
     connect_timeout: float = 10.0,
     curve: tuple[bytes, bytes, bytes] | None = None,
+    reconnect: bool = True,
     **options: Any,
 ) -> AsyncIterator[BusClient]:
     """Join the bus, say Hello, and keep the connection alive for the ``async with`` body.
@@ -496,6 +729,13 @@ async def connect(
     EDGEBUS_RUN_DIR; the credential from ``credential`` or :func:`read_credential`.
     Over tcp, ``curve`` is (server public key, own public key, own secret key), Z85: the
     kernel knows the peer by its enrolled public key, and no credential is needed.
+
+    When the kernel ends the session (it says why) or goes silent for liveness x interval,
+    the client starts a new one with the same credential, after 0.1 s doubling up to 5 s
+    between attempts, and subscribes again; calls out at that moment fail with
+    ConnectionLost naming the reason, later ones wait for the new session.  With
+    ``reconnect=False`` (what a service does) the loss ends the ``async with`` with
+    ConnectionLost instead; so does a new Hello the kernel refuses.
     """
     if endpoint is None:
         if run_dir is None and not os.environ.get(ENV_BUS):
@@ -510,21 +750,15 @@ async def connect(
         raise ConnectError(endpoint, "the bus socket does not exist; is edgebus running with that run directory?")
     if credential is None:
         credential = read_credential()
-    client = BusClient(service, endpoint, credential, hello=hello, on_request=on_request, **options)
-    sock = client._asock.sock
-    if curve is not None:
-        server_key, public_key, secret_key = curve
-        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+    client = BusClient(service, endpoint, credential, hello=hello, on_request=on_request, curve=curve,
+                       reconnect=reconnect, connect_timeout=connect_timeout, **options)
     try:
-        sock.connect(endpoint)
+        client._asock.sock.connect(endpoint)
         await client._handshake(connect_timeout)
         try:
             async with anyio.create_task_group() as tg:
                 client._tg = tg
-                tg.start_soon(client._receive_loop, tg)
-                tg.start_soon(client._heartbeat_loop)
+                tg.start_soon(client._sessions, tg)
                 try:
                     yield client
                 finally:
@@ -538,4 +772,4 @@ async def connect(
             raise
     finally:
         client.closed = True
-        sock.close(0)
+        client._asock.close()

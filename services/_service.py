@@ -150,6 +150,9 @@ async def serve(cls: type[Service], name: str | None = None, **connect_options: 
         assert service is not None
         return await service.handle(request, Context(incoming.header, incoming.frames, service.bus))
 
+    # A service does not reconnect: when the kernel is gone or ends its session, it exits
+    # (EXIT_BUS) and the kernel, if any, restarts it with a fresh credential.
+    connect_options.setdefault("reconnect", False)
     async with connect(name, hello=cls.hello(name), on_request=on_request if decoder else None,
                        max_concurrency=cls.max_concurrency, **connect_options) as bus:
         assert bus.welcome is not None
