@@ -42,11 +42,25 @@ class FeatureSamples(msgspec.Struct, tag=True):
 
 
 class DriftEvent(msgspec.Struct, tag=True, omit_defaults=True):
-    """On telemetry.drift: the features of a model version that moved against its reference."""
+    """On telemetry.drift: a model version's drift level against its reference, on a change
+    only: ``raise`` when it goes to warn or alert (or between them), ``clear`` when it is back
+    to ok, and ``repeat`` while it stays at warn or alert, at most every ``drift_repeat``
+    seconds (a telemetry setting)."""
 
     model: str
     version: str
+    #: the features at warn or alert, each with its latest window's psi, ks, p_value and
+    #: level (none in a clear)
     features: list[dict]
+    #: ok | warn | alert: the level now
+    level: str = "alert"
+    #: raise | repeat | clear
+    change: str = "raise"
+    #: the level before (the same in a repeat)
+    previous: str = "ok"
+    #: when the version entered this level (Unix time)
+    since: float = 0.0
+    #: windows evaluated so far
     windows: int = 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from drivers.sensors import VibrationSimulator
-from services.telemetry._drift import DriftDetector, ks_pvalue, psi
+from services.telemetry._drift import DriftAlarm, DriftDetector, ks_pvalue, psi
 import pytest
 
 from tools.build_demo_models import FEATURES, features, reference
@@ -44,13 +46,108 @@ def test_a_gain_shift_is_detected_and_named() -> None:
     detector = DriftDetector(ref, window=200, every=50)
     healthy = features(np.stack([sim.frame() for _ in range(200)]))
     assert detector.add(healthy) is None
-    shifted = features(np.stack([sim.frame() * 1.4 for _ in range(200)]))  # a sensor's gain changed
+    shifted = features(np.stack([sim.frame() * 1.4 for _ in range(400)]))  # a sensor's gain changed
     moved = None
-    for start in range(0, 200, 50):
+    for start in range(0, 400, 50):  # a level changes once a whole window of new rows agrees
         moved = detector.add(shifted[start:start + 50]) or moved
     assert moved is not None
     names = {m.feature for m in moved}
     assert "rms" in names and names <= set(FEATURES)
+
+
+def test_no_shift_raises_no_drift_level_even_warn() -> None:
+    """PSI's sampling noise stays below warn: its threshold is not taken under the noise of
+    a window's size, and a level needs a whole window of new rows to agree."""
+    ref = _reference()
+    for seed, every in ((99, 50), (5, 25)):
+        sim = VibrationSimulator(seed=seed)
+        rows = features(np.stack([sim.frame() for _ in range(5000)]))
+        detector = DriftDetector(ref, window=200, every=every)
+        levels = set()
+        for start in range(0, len(rows), every):
+            detector.add(rows[start:start + every])
+            levels.add(detector.level)
+        assert levels == {"ok"}, (seed, every, levels)
+
+
+def test_the_alarm_raises_on_change_repeats_at_most_every_period_and_clears() -> None:
+    alarm = DriftAlarm(repeat=10.0)
+    assert alarm.update("ok", 0.0) is None
+    assert alarm.update("warn", 1.0) == ("raise", "ok")
+    assert alarm.update("alert", 2.0) == ("raise", "warn") and alarm.since == 2.0
+    assert [alarm.update("alert", t) for t in (3.0, 11.0)] == [None, None]
+    assert alarm.update("alert", 12.0) == ("repeat", "alert")
+    assert alarm.update("alert", 21.0) is None and alarm.update("alert", 22.5) == ("repeat", "alert")
+    assert alarm.update("ok", 23.0) == ("clear", "alert")
+    assert alarm.update("ok", 100.0) is None  # ok is never repeated
+
+
+async def test_a_persisting_shift_raises_one_event_repeats_on_the_period_and_clears_on_recovery(
+        make_system, tmp_path: Path) -> None:
+    import anyio
+
+    from protocols.telemetry import DriftEvent, GetUplink, UplinkState
+
+    # a recording: 4 s healthy, 8 s with the gain moved, 6 s healthy again (at 50 frames/s)
+    sim = VibrationSimulator(seed=11)
+    frames = [sim.frame() for _ in range(200)] + [sim.frame() * 1.4 for _ in range(400)] + \
+        [sim.frame() for _ in range(300)]
+    np.save(tmp_path / "shift.npy", np.stack(frames))
+    system = make_system(_SYSTEM.replace("DRIFT", "drift_window = 100, drift_every = 25, drift_repeat = 3")
+                         .replace("SENSOR", f'kind = "replay", file = "{tmp_path / "shift.npy"}", rate = 50'))
+    events: list[DriftEvent] = []
+    arrived: list[float] = []
+    async with system.client() as bus:
+        sub = await bus.subscribe("telemetry.drift")
+        with anyio.fail_after(60):
+            while not events or events[-1].change != "clear":
+                events.append((await sub.receive()).decode(DriftEvent))
+                arrived.append(anyio.current_time())
+        queued = (await bus.call("telemetry", GetUplink(), UplinkState)).queued
+    changes = [(e.change, e.level) for e in events]
+    # it used to be one event per evaluated window: 16 while the shift lasted
+    raises = [c for c in changes if c[0] == "raise"]
+    assert 1 <= len(raises) <= 2 and raises[-1] == ("raise", "alert"), changes
+    repeats = [e for e in events if e.change == "repeat"]
+    assert len(repeats) <= 4, changes  # the shift lasts 8 s: a reminder every 3 s at most
+    reminded = [t for t, e in zip(arrived, events) if e.change != "clear"]
+    assert all(b - a >= 2.5 for a, b in zip(reminded[len(raises) - 1:], reminded[len(raises):])), arrived
+    assert changes[-1] == ("clear", "ok") and events[-1].previous == "alert" and not events[-1].features
+    assert "rms" in {f["feature"] for f in events[len(raises) - 1].features}
+    assert all(e.since == events[len(raises) - 1].since for e in repeats)
+    assert queued == len(events)  # each event, and only those, queued for the uplink
+
+
+_SYSTEM = """
+[services.security]
+command = ["{python}", "-m", "services.security"]
+capabilities = ["call:kernel.GetMeasurements", "subscribe:kernel.audit"]
+settings = { trusted_keys = [{ label = "demo", public_key = "1b2919a2f33f79bff04474da0ab8b807def7108184315f111162a4b8c612ea62" }] }
+[services.modelstore]
+command = ["{python}", "-m", "services.modelstore"]
+requires = ["security"]
+capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
+settings = { preload_demo = true }
+[services.accel-cpu]
+command = ["{python}", "-m", "drivers.accel"]
+requires = ["modelstore"]
+capabilities = ["call:modelstore.GetModel"]
+[services.scheduler]
+command = ["{python}", "-m", "services.scheduler"]
+requires = ["modelstore"]
+capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:sensor.*", "publish:samples.*", "publish:results.*", "publish:alerts.*", "publish:scheduler.*"]
+settings = { drivers = [{ name = "accel-cpu" }], pipelines = [{ source = "sensor.vibration", model = "vibration-anomaly", rate = 100 }] }
+[services.telemetry]
+command = ["{python}", "-m", "services.telemetry"]
+requires = ["modelstore"]
+capabilities = ["subscribe:metrics.*", "subscribe:samples.*", "call:modelstore.InspectModel", "publish:telemetry.*", "call:kernel.ListServices"]
+settings = { http = "", DRIFT }
+[services.vibration]
+command = ["{python}", "-m", "drivers.sensors"]
+requires = ["scheduler", "telemetry"]
+capabilities = ["publish:sensor.*"]
+settings = { SENSOR }
+"""
 
 
 async def test_a_shift_in_the_demo_sensor_raises_a_drift_event(make_system) -> None:

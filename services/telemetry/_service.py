@@ -41,7 +41,7 @@ from protocols.telemetry import (
 from protocols.runtime import ENV_STATE_DIR
 from services import BusError, Context, Forbidden, Incoming, Service, SettingsError, Subscription, run
 
-from ._drift import DriftDetector
+from ._drift import LEVELS, DriftAlarm, DriftDetector
 from ._outbox import PRIORITY, Outbox, OutboxFull
 from ._prometheus import render
 from ._settings import TelemetrySettings
@@ -69,9 +69,13 @@ class TelemetryService(Service):
         self.detectors: dict[tuple[str, str], DriftDetector | None] = {}
         self.drift_window = settings.drift_window
         self.drift_every = settings.drift_every
+        self.alarms: dict[tuple[str, str], DriftAlarm] = {}
         self.m_psi = self.metrics.gauge("edgebus_drift_psi", "PSI of the latest window against the reference",
                                         ("model", "version", "feature"))
-        self.m_drift = self.metrics.counter("edgebus_drift_events", "Drift events raised", ("model", "version"))
+        self.m_level = self.metrics.gauge("edgebus_drift_level", "Drift level: 0 ok, 1 warn, 2 alert",
+                                          ("model", "version"))
+        self.m_drift = self.metrics.counter("edgebus_drift_events", "Drift events raised (a change to warn or alert)",
+                                            ("model", "version"))
         self.m_ingested = self.metrics.counter("edgebus_telemetry_samples_ingested", "Metric samples received")
         state = Path(os.environ.get(ENV_STATE_DIR, ".")) / "telemetry"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -158,16 +162,28 @@ class TelemetryService(Service):
         detector = self.detectors[key]
         if detector is None:
             return
-        moved = detector.add(rows)
+        windows = detector.windows
+        detector.add(rows)
+        if detector.windows == windows:
+            return  # no window evaluated
         for result in detector.last:
             self.m_psi.set(result.psi, model, version, result.feature)
-        if moved:
+        self.m_level.set(LEVELS.index(detector.level), model, version)
+        alarm = self.alarms.setdefault(key, DriftAlarm(self.settings.drift_repeat))
+        due = alarm.update(detector.level, time.time())
+        if due is None:
+            return  # no change, and no reminder due
+        change, previous = due
+        body = [msgspec.to_builtins(f) for f in detector.at_level()]
+        if change == "raise":
             self.m_drift.inc(model, version)
-            body = [msgspec.to_builtins(m) for m in moved]
-            self.log.warning("drift", model=model, version=version, features=[m.feature for m in moved])
-            await self.bus.publish("telemetry.drift", DriftEvent(model=model, version=version, features=body,
-                                                                 windows=detector.windows))
-            self.enqueue(f"drift/{model}", "drift", {"model": model, "version": version, "features": body})
+        (self.log.info if change == "clear" else self.log.warning)(
+            "drift", model=model, version=version, level=alarm.level, change=change, previous=previous,
+            features=[f["feature"] for f in body])
+        event = DriftEvent(model=model, version=version, features=body, level=alarm.level, change=change,
+                           previous=previous, since=alarm.since, windows=detector.windows)
+        await self.bus.publish("telemetry.drift", event)
+        self.enqueue(f"drift/{model}", "drift", msgspec.to_builtins(event))
 
     async def _summaries(self) -> None:
         """Condensed metrics every interval, for the uplink."""

@@ -23,6 +23,9 @@ class TelemetrySettings(Settings):
     #: feature rows in a drift window, and new rows between evaluations
     drift_window: Annotated[int, msgspec.Meta(ge=10)] = 200
     drift_every: Annotated[int, msgspec.Meta(ge=1)] = 50
+    #: seconds between reminders while a model version stays at drift warn or alert (a
+    #: telemetry.drift event is raised when the level changes, and cleared on recovery)
+    drift_repeat: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     #: the outbox's bounds, over which it drops the lowest priority, oldest first (alerts last):
     #: bytes ON DISK (its files: the database and its WAL, so the payloads plus SQLite's
     #: overhead; freed space is given back to the file system), age (seconds), and the share
