@@ -76,9 +76,7 @@ class Routing(RouterCore):
             if hdr.kind == CONTROL and hdr.type == "Hello":
                 self._hello(identity, hdr, parts[3])
             else:
-                self._malformed += 1
-                self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
-                             "this peer has not said Hello; send Hello before anything else")
+                self._sessionless(identity, hdr)
             return
         peer.last_seen = now = time.monotonic()
         kind = hdr.kind
@@ -236,7 +234,7 @@ class Routing(RouterCore):
     def _drop_pending(self, peer: Peer, why: str) -> None:
         """``peer`` is gone: what it was asked is answered ``unavailable``, what it asked is
         forgotten (a late reply to it is dropped as stray), and so is its backlog."""
-        self._forget_backlog(peer)
+        self._forget(peer)
         for kid, pending in list(self._pending.items()):
             if pending.target is peer:
                 del self._pending[kid]

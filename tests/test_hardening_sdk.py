@@ -116,18 +116,11 @@ capabilities = ["call:greeter.*", "subscribe:example.*"]
 """
 
 
-_NEEDS_HOOK = pytest.mark.xfail(strict=True, reason=(
-    "kernel/_routing.py must hand a message from a connection without a session to "
-    "Sessions._sessionless (kernel/_session.py), which answers unauthenticated with the reason "
-    "when the kernel ended a session there; today it answers bad-message 'has not said Hello'"))
-
-
 def _ended_for_silence(system: System, peer: str) -> bool:
     return any('"peer_disconnected"' in line and f'"peer": "{peer}"' in line and '"no heartbeat for' in line
                for line in system.log().splitlines())
 
 
-@_NEEDS_HOOK
 async def test_the_next_message_after_a_session_ended_is_told_why(make_system, raw_peer) -> None:
     system: System = make_system(_SESSIONS)
     await system.wait_ready("greeter")
@@ -154,7 +147,6 @@ async def test_the_next_message_after_a_session_ended_is_told_why(make_system, r
     assert err.code == ErrorCode.BAD_MESSAGE and "has not said Hello" in err.message
 
 
-@_NEEDS_HOOK
 async def test_a_client_whose_session_was_ended_reconnects_and_resubscribes(make_system) -> None:
     system: System = make_system(_SESSIONS)
     await system.wait_ready("greeter")
@@ -183,7 +175,6 @@ async def test_a_client_whose_session_was_ended_reconnects_and_resubscribes(make
             await _mark_arrives(operator, sub, "after")
 
 
-@_NEEDS_HOOK
 async def test_connect_without_reconnect_ends_with_the_reason(make_system) -> None:
     system: System = make_system(_SESSIONS)
     await system.wait_ready("greeter")
