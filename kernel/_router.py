@@ -297,3 +297,5 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
         if self._grant_expiry:
             self._expire_grants()
         self._heartbeats(now)
+        if self._trim_at and now >= self._trim_at:
+            self._trim_memory()

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -320,3 +321,65 @@ def test_services_die_with_a_killed_kernel(make_system) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     assert gone_after < 1.0, gone_after
+
+
+# -- memory comes back ------------------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _settled_rss(pid: int, quiet: float = 1.5, timeout: float = 15) -> float:
+    """The process's RSS once it stopped changing for ``quiet`` seconds."""
+    end = time.monotonic() + timeout
+    last, since = _rss_mib(pid), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < end, "the kernel's RSS did not settle"
+        time.sleep(0.1)
+        now = _rss_mib(pid)
+        if abs(now - last) > 0.05:
+            last, since = now, time.monotonic()
+    return last
+
+
+def _idle_connections(system: System, n: int, ctx: zmq.Context) -> None:
+    """``n`` connections at once, each says Hello with the operator credential; then all close."""
+    hello = _enc.encode(Hello(service="idle", credential=system.credential("operator")))
+    header = _enc.encode(Header(kind=Kind.CONTROL, type="Hello", id=1))
+    socks = []
+    try:
+        for _ in range(n):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(system.endpoint)
+            sock.send_multipart([SIGNATURE, header, hello])
+            socks.append(sock)
+        for sock in socks:
+            assert sock.poll(10000), "no Welcome"
+            assert msgspec.msgpack.decode(sock.recv_multipart()[1], type=Header).kind == Kind.REPLY
+    finally:
+        for sock in socks:
+            sock.close(0)
+
+
+def test_memory_of_closed_connections_comes_back(make_system) -> None:
+    system: System = make_system("[bus]\n")
+    kernel = system.proc.pid
+    ctx = zmq.Context()
+    try:
+        def ended(count: int) -> bool:
+            return system.log().count('"peer_disconnected"') >= count
+
+        _idle_connections(system, 100, ctx)  # warm up (imports, caches, arenas)
+        wait_for(lambda: ended(100), 10, "the 100 warm-up sessions to end")
+        before = _settled_rss(kernel)
+        _idle_connections(system, 1000, ctx)
+        wait_for(lambda: ended(1100), 20, "the 1000 sessions to end")
+        after = _settled_rss(kernel)
+    finally:
+        ctx.destroy(0)
+    assert after - before < 4.0, f"RSS {before:.1f} MiB before 1000 connections, {after:.1f} MiB after"
