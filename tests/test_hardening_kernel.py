@@ -203,6 +203,50 @@ def test_a_peer_that_never_reads_has_its_session_ended_with_the_reason(make_syst
     anyio.run(still_serves)
 
 
+SLOW_SUBSCRIBER = """
+[services.slow]
+capabilities = ["subscribe:flood.*"]
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="kernel/_api.py's status() must copy the peer's counter "
+                   "(st.dropped = peer.dropped) for busctl status and the metrics to show it")
+def test_events_dropped_for_a_full_queue_are_counted_in_the_status(make_system) -> None:
+    system: System = make_system("[bus]\nqueue_limit = 100\n" + SLOW_SUBSCRIBER)
+    from protocols import Subscribe
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.connect(system.endpoint)
+        for i, (typ, body) in enumerate((("Hello", Hello(service="slow", credential=system.credential("slow"))),
+                                         ("Subscribe", Subscribe(topics=["flood."])))):
+            sock.send_multipart([SIGNATURE, _enc.encode(Header(kind=Kind.CONTROL, type=typ, id=i + 1)), _enc.encode(body)])
+            while True:  # (past the kernel's heartbeats)
+                assert sock.poll(5000), f"no answer to {typ}"
+                header = msgspec.msgpack.decode(sock.recv_multipart()[1], type=Header)
+                if header.id == i + 1:
+                    assert header.kind == Kind.REPLY, header
+                    break
+        # from now on "slow" reads nothing
+
+        async def flood() -> None:
+            async with system.client() as bus:
+                for i in range(5000):
+                    await bus.publish("flood.x", Echo(text=f"event {i}"))
+                await bus.call("kernel", ListServices(), ServiceList, timeout=5)  # all routed
+
+        anyio.run(flood)
+        out = system.busctl("status", "slow", "--json", check=True).stdout
+    finally:
+        ctx.destroy(0)
+    status = msgspec.json.decode(out)
+    assert status["dropped"] > 1000, status  # 5000 sent; about queue_limit + 10 + the socket's buffers held
+    assert "peer_queue_full" in system.log()
+
+
 # -- input nobody authenticated is summarised, not logged line by line ---------------------
 
 

@@ -266,6 +266,10 @@ class TelemetryService(Service):
             MetricFamily(name="edgebus_bus_denied", kind="counter", help="Its messages the kernel denied",
                          samples=[Sample(name="edgebus_bus_denied_total", labels={"name": s.name},
                                          value=float(s.denied)) for s in listing.services]),
+            MetricFamily(name="edgebus_bus_dropped", kind="counter",
+                         help="Messages to it the kernel dropped: its queue was full (events, heartbeats)",
+                         samples=[Sample(name="edgebus_bus_dropped_total", labels={"name": s.name},
+                                         value=float(s.dropped)) for s in listing.services]),
         ]
         families["kernel"] = kernel
         return render(families)
