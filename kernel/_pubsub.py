@@ -17,6 +17,17 @@ from ._core import EVENT, KERNEL, KIND_NAMES, RouterCore
 from ._peers import Peer
 
 _AUDIT_TOPIC = "kernel.audit"
+#: A monitor is shown a message's body when it is at most this long (msgpack bytes).
+MONITOR_BODY_LIMIT = 4096
+
+
+class _ErrorCode(msgspec.Struct):
+    """The code of an error body (any code: one this kernel does not know is shown as is)."""
+
+    code: str = ""
+
+
+_error_decoder = msgspec.msgpack.Decoder(_ErrorCode)
 #: Only this service receives the audit records buffered while nobody subscribed.
 _SECURITY = "security"
 
@@ -151,9 +162,17 @@ class PubSub(RouterCore):
                 continue  # never report a monitor's own traffic back to it
             if record is None:
                 size = sum(len(p) for p in parts[1:]) if parts else 0
+                body = bytes(parts[3]) if len(parts) > 3 else b""
+                error = ""
+                if hdr.kind == Kind.ERROR and body:
+                    try:
+                        error = _error_decoder.decode(body).code or "?"
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        error = "?"
                 record = self._enc.encode(Traffic(
                     time=time.time(), kind=kind, message_type=hdr.type, sender=sender, dest=dest,
-                    id=hdr.id, size=size, frames=max(len(parts) - 4, 0), outcome=outcome))
+                    id=hdr.id, size=size, frames=max(len(parts) - 4, 0), outcome=outcome,
+                    body=body if len(body) <= MONITOR_BODY_LIMIT else b"", body_size=len(body), error=error))
                 ev_hdr = self._enc.encode(Header(kind=Kind.EVENT, type="Traffic", dest="kernel.monitor",
                                                  sender=KERNEL))
             self._send([identity, SIGNATURE, ev_hdr, record], mon)

@@ -322,6 +322,12 @@ class Traffic(msgspec.Struct, tag=True, omit_defaults=True):
     frames: int = 0
     #: Empty when delivered; otherwise the error code the kernel answered with.
     outcome: str = ""
+    #: The message's msgpack body (frame 2) when it is at most 4096 bytes, else empty.
+    body: bytes = b""
+    #: The length of that body, shown or not.
+    body_size: int = 0
+    #: For an error message: the code it carries.
+    error: str = ""
 
 
 class ServiceStateChanged(msgspec.Struct, tag=True, omit_defaults=True):
