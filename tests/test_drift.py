@@ -194,3 +194,50 @@ settings = { kind = "vibration", rate = 50, shift_at = 6, shift_gain = 1.5 }
         assert anyio.current_time() - started > 5.0
     assert event.model == "vibration-anomaly"
     assert "rms" in {f["feature"] for f in event.features}
+
+
+# -- the demo model does not cry wolf ---------------------------------------------------------------
+
+
+def test_the_demo_model_raises_no_alert_on_ten_minutes_of_healthy_frames_and_the_fault_at_once() -> None:
+    """The demo bundle as the system runs it (its pre ops, each variant in ONNX Runtime, the
+    vibration pipeline's on/off hysteresis from the default config), faster than real time:
+    10 minutes of the demo sensor at 25 frames/s raise no alert, and its default fault
+    (severity 1.5) raises one on its first frame and holds it."""
+    import tomllib
+
+    import onnxruntime
+
+    from drivers import ops
+    from services.modelstore import Bundle
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "kernel/default.toml").read_text())
+    pipeline = next(p for p in config["services"]["scheduler"]["settings"]["pipelines"]
+                    if p["model"] == "vibration-anomaly")
+    on, off = pipeline["on"], pipeline["off"]
+    sensor = config["services"]["vibration"]["settings"]
+    bundle = Bundle.load(root / "services/modelstore/demo/vibration-anomaly-1.0.0.ebm")
+    manifest = bundle.manifest
+    pre = ops.pipeline([(s.op, s.params) for s in manifest.pre])
+
+    def alerts(scores: np.ndarray) -> int:
+        state = ops.threshold_hysteresis(scores.reshape(-1, 1), on, off)[:, 0]
+        return int(np.count_nonzero(state[1:] & ~state[:-1]) + state[0])
+
+    sim = VibrationSimulator(seed=sensor.get("seed", 0))  # the default system's sensor
+    healthy = pre(np.stack([sim.frame() for _ in range(10 * 60 * 25)]))
+    severity = sensor.get("fault_severity", 1.5)
+    faulty = pre(np.stack([sim.frame(severity) for _ in range(250)]))  # 10 s at 25 frames/s
+    for variant in ("full", "small"):
+        session = onnxruntime.InferenceSession(bundle.files[manifest.variants[variant].file],
+                                               providers=["CPUExecutionProvider"])
+        scores = session.run(None, {"features": healthy})[0][:, 0]
+        # whatever frames the pipeline's rate lets through: none even reaches `on`
+        assert alerts(scores) == 0 and scores.max() < on, (variant, scores.max())
+        fault = session.run(None, {"features": faulty})[0][:, 0]
+        assert fault[0] >= on and alerts(fault) == 1 and fault.min() > off, (variant, fault[:5], fault.min())
+    # the rule-based fallback: no alert on healthy frames either
+    rule = manifest.fallback
+    column = healthy[:, list(manifest.reference).index(rule.feature)]
+    assert not np.any(column > rule.threshold)
