@@ -224,8 +224,8 @@ class RouterCore:
             except zmq.Again:
                 continue
             except zmq.ZMQError as exc:
-                self.disconnect(peer, f"send failed: {exc.strerror}")
-            del self._backlogged[identity]
+                self.disconnect(peer, f"send failed: {exc.strerror}")  # (forgets its backlog)
+            self._backlogged.pop(identity, None)
         if not self._backlogged and self._sock is not None:
             self._sock.setsockopt(zmq.RCVTIMEO, self._idle_timeout)
 
