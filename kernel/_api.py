@@ -213,6 +213,7 @@ class KernelApi(RouterCore):
             st.subscriptions = sorted(peer.subscriptions)
             st.requests_in, st.requests_out = peer.requests_in, peer.requests_out
             st.events_out, st.denied, st.pending = peer.events_out, peer.denied, peer.pending
+            st.dropped = peer.dropped
         return st
 
     def statuses(self) -> list[ServiceStatus]:

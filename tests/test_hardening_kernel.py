@@ -209,8 +209,6 @@ capabilities = ["subscribe:flood.*"]
 """
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/_api.py's status() must copy the peer's counter "
-                   "(st.dropped = peer.dropped) for busctl status and the metrics to show it")
 def test_events_dropped_for_a_full_queue_are_counted_in_the_status(make_system) -> None:
     system: System = make_system("[bus]\nqueue_limit = 100\n" + SLOW_SUBSCRIBER)
     from protocols import Subscribe
