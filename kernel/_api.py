@@ -16,6 +16,7 @@ from protocols import (
     CapabilityTable,
     DecodeError,
     Enroll,
+    Enrollments,
     Error,
     ErrorCode,
     GetMeasurements,
@@ -27,6 +28,7 @@ from protocols import (
     Introspect,
     KernelRequest,
     ListCapabilities,
+    ListEnrollments,
     ListServices,
     Measurements,
     Monitor,
@@ -103,6 +105,13 @@ class KernelApi(RouterCore):
                     table = {name: table[name]}
                 entries = self.capability_entries()
                 return CapabilityTable(table=table, entries={n: entries.get(n, []) for n in table} if name else entries)
+            case ListEnrollments(name=name):
+                entries = self.enrolment_entries()
+                if name:
+                    entries = [e for e in entries if e.name == name]
+                    if not entries:
+                        return self._not_enrollable(name, "ListEnrollments")
+                return Enrollments(entries=entries)
             case Monitor():
                 self._monitors[peer.identity] = msg
                 return Monitoring()
@@ -139,13 +148,28 @@ class KernelApi(RouterCore):
                 log.info("revoked", principal=name, capability=cap)
                 self._audit("revoked", name, capability=cap)
                 return self._granted(name)
-            case Enroll(name=name, public_key=key) if key and not getattr(
-                    self._by_principal_name.get(name), "external", False):
-                return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=(
-                    f"no external service named {name!r} is configured; add [services.{name}] "
-                    "(without a command) to the config before enrolling its key"))
+            case Enroll(public_key=key, reset=True) if key:
+                return Error(code=ErrorCode.BAD_MESSAGE, message=(
+                    "Enroll with reset withdraws the run-time decision and takes no key; "
+                    "enrol a key without reset"))
+            case Enroll(name=name, reset=True):
+                if self._reset_enrolment(name):
+                    key = self._key_in_force(name) if self._may_enroll(name) else ""
+                    log.info("enrolment_reset", principal=name, key=key or None)
+                    self._audit("enrolment-reset", name, detail=(
+                        f"the configuration's key {key} applies again" if key else "the configuration enrols no key"))
+                elif not self._may_enroll(name):
+                    return self._not_enrollable(name, "Enroll")
+                return self._granted(name)
+            case Enroll(name=name) if not self._may_enroll(name):
+                return self._not_enrollable(name, "Enroll")
+            case Enroll(name=name, public_key=key) if self.enrolled.get(key, name) != name:
+                return Error(code=ErrorCode.REJECTED, message=(
+                    f"that CURVE key is enrolled for {self.enrolled[key]!r}; a key identifies one principal: "
+                    f"unenroll it there first (busctl security unenroll {self.enrolled[key]})"))
             case Enroll(name=name, public_key=key):
-                self._enroll(name, key)
+                self._enroll_at_run_time(name, key)
+                log.info("enrolled" if key else "unenrolled", principal=name, key=key or None)
                 self._audit("enrolled" if key else "unenrolled", name, detail=key)
                 return self._granted(name)
             case GetMeasurements():
@@ -164,6 +188,23 @@ class KernelApi(RouterCore):
                 self._notify(OperationRequested(msg, peer.identity, hdr.id))
                 return None
         return Error(code=ErrorCode.INTERNAL, message=f"the kernel has no handler for {hdr.type!r}")
+
+    def _not_enrollable(self, name: str, request: str) -> Error:
+        """Why ``name`` has no CURVE enrolment: only a service configured without a command
+        connects over tcp (PROTOCOL.md 1.4, 9.1.3)."""
+        if name == "operator" or getattr(self._by_principal_name.get(name), "shared", False):
+            return Error(code=ErrorCode.REJECTED, message=(
+                f"{request}: the operator role is not enrolled: it is local, with its credential file in the run "
+                "directory; give a remote tool a service of its own ([services.<name>] without a command, with "
+                "the capabilities it needs) and enroll that"))
+        if name in self.known_services or name in self._by_principal_name:
+            return Error(code=ErrorCode.REJECTED, message=(
+                f"{request}: {name!r} is started by the kernel, which hands it a new credential at each spawn; "
+                f"only a service configured without a command connects over tcp: configure one "
+                f"([services.<name>] without a command) for the remote peer and enroll that"))
+        return Error(code=ErrorCode.UNKNOWN_DESTINATION, message=(
+            f"{request}: no service named {name!r} is configured to connect over tcp; add [services.{name}] "
+            "(without a command) to the config before enrolling its key"))
 
     def _granted(self, name: str) -> Granted:
         principal = self._by_principal_name.get(name)

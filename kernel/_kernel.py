@@ -37,6 +37,7 @@ from ._boundary import (
 from ._config import ServiceConfig, SystemConfig, config_dir, load_config
 from ._core import Summary
 from ._exceptions import ConfigError, KernelError
+from ._handshakes import monitor_handshakes, watch_handshakes
 from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
 
@@ -94,6 +95,8 @@ class Kernel:
         self._cgroup_note = why
         self.measurements = MeasurementLog()
         self._auth: ThreadAuthenticator | None = None
+        #: The router socket's failed CURVE handshakes (see _handshakes), with a tcp endpoint.
+        self._handshakes: zmq.Socket | None = None
         #: The operator and external services, by name; managed ones get a fresh credential
         #: at each spawn instead.
         self.principals = self._static_principals(config, {})
@@ -178,6 +181,8 @@ class Kernel:
         # Bind before the credentials appear: a client that finds its credential finds
         # the bus listening too.
         self.router.bind()
+        if self.config.bus.tcp_endpoint:
+            self._handshakes = monitor_handshakes(self.router._sock)  # before the router thread owns it
         creds = self.run_dir / "credentials"
         creds.mkdir(mode=0o700, exist_ok=True)
         os.chmod(creds, 0o700)
@@ -216,6 +221,8 @@ class Kernel:
                     self._tg = tg
                     tg.start_soon(self._serve_notices)
                     await tg.start(self.router.serve)
+                    if self._handshakes is not None:
+                        tg.start_soon(watch_handshakes, self._handshakes, self.router.submit)
                     await tg.start(self.supervisor.run)
                     task_status.started()
                     tg.start_soon(self._announce_ready)

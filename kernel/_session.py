@@ -35,6 +35,8 @@ from ._core import ERROR, KERNEL, RouterCore, log
 from ._peers import Peer
 
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
+#: The service whose run-time policy CURVE peers wait for after the kernel starts.
+_SECURITY = "security"
 #: How many recently ended sessions the kernel remembers the reason of (by connection).
 ENDED_MEMORY = 1024
 
@@ -52,6 +54,12 @@ class Sessions(RouterCore):
         #: ROUTER identity -> why its session ended, for the ENDED_MEMORY latest (LRU): the
         #: connection's next message is answered with that reason.
         self._ended: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: ROUTER identity -> the CURVE key (Z85) of each session opened over tcp: the
+        #: session ends when that key is no longer enrolled for its principal (_policy).
+        self._curve_keys: dict[bytes, str] = {}
+        #: False while CURVE peers wait for the security service to restore the run-time
+        #: policy (its unenrolments, revocations) after the kernel started: see _hello.
+        self._policy_restored = False
 
     def _hello(self, identity: bytes, hdr: Header, body: bytes) -> None:
         try:
@@ -60,6 +68,14 @@ class Sessions(RouterCore):
             self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
             return
         curve_key = self._curve_user_id()
+        if curve_key and not self._policy_restored and _SECURITY in self.known_services:
+            # The configuration enrols keys at boot; the security service's run-time
+            # decisions (an unenrolment, a revocation) come back only once it is ready.
+            # Until then a tcp peer might be let in that the policy keeps out.
+            self.answer(identity, hdr, Error(code=ErrorCode.UNAVAILABLE, message=(
+                "the security service has not restored the run-time policy since the kernel started; "
+                "try again in a moment")))
+            return
         if curve_key:
             # Authenticated by CurveZMQ (ZAP admitted only enrolled keys): the key names it.
             principal = self._by_principal_name.get(self.enrolled.get(curve_key, ""))
@@ -94,6 +110,8 @@ class Sessions(RouterCore):
         peer = Peer(identity, name, principal, hello)
         self._peers[identity] = peer
         self._ended.pop(identity, None)
+        if curve_key:
+            self._curve_keys[identity] = curve_key
         if not principal.shared:
             self._by_name[name] = peer
         self.answer(peer, hdr, Welcome(
@@ -123,9 +141,7 @@ class Sessions(RouterCore):
             log.info("message_after_session_end", connection=identity.hex(), reason=why, type=hdr.type,
                      count=count, total=self._rejections.total)
         if hdr.kind != ERROR:  # errors are never answered
-            self.answer(identity, hdr, Error(code=ErrorCode.UNAUTHENTICATED, message=(
-                f"this connection's session ended: {why}; say Hello (with the same credential) "
-                "to start a new one")))
+            self.answer(identity, hdr, _ended(why))
 
     def _curve_user_id(self) -> str:
         frame = self._sig_frame
@@ -155,6 +171,8 @@ class Sessions(RouterCore):
                     log.info("peer_ready", peer=peer.name)
                     if not peer.principal.shared:
                         self._notify(PeerReady(peer.name))
+                        if peer.name == _SECURITY:
+                            self._policy_restored = True  # it re-applies its policy before Ready
             case Subscribe(topics=topics):
                 self._subscribe(peer, hdr, topics)
             case Unsubscribe(topics=topics):
@@ -179,11 +197,19 @@ class Sessions(RouterCore):
             else:
                 self._send([peer.identity, SIGNATURE, self._beat_header, self._beat_body], peer)
 
-    def disconnect(self, peer: Peer, why: str, silent: bool = False) -> None:
+    def disconnect(self, peer: Peer, why: str, silent: bool = False, tell: bool = False) -> None:
         """Forget ``peer``: its requests are answered or dropped, its subscriptions and
-        monitors end, and the supervisor hears of it (a service's, not a client's)."""
+        monitors end, and the supervisor hears of it (a service's, not a client's).
+
+        ``tell``: the policy ended it (its key unenrolled, its principal removed): the peer
+        is told at once, by an ``unauthenticated`` error with id 0 giving the reason, rather
+        than at its next message (a peer whose session was taken over by a newer connection
+        is not told, or the two would take it from each other in turn)."""
         if self._peers.pop(peer.identity, None) is None:
             return
+        self._curve_keys.pop(peer.identity, None)
+        if tell:
+            self.answer(peer.identity, 0, _ended(why))
         if self._by_name.get(peer.name) is peer:
             del self._by_name[peer.name]
         self._monitors.pop(peer.identity, None)
@@ -201,4 +227,9 @@ class Sessions(RouterCore):
         peer = self._by_name.get(name)
         if peer is not None:
             self.disconnect(peer, why)
+
+
+def _ended(why: str) -> Error:
+    return Error(code=ErrorCode.UNAUTHENTICATED, message=(
+        f"this connection's session ended: {why}; say Hello (with the same credential) to start a new one"))
 

@@ -24,9 +24,9 @@ __all__ = [
     "Control", "ControlReply",
     "ListServices", "GetService", "Introspect", "ListCapabilities", "Monitor", "StopMonitor",
     "StartService", "StopService", "RestartService", "Reload", "Grant", "Revoke", "Reset", "Enroll",
-    "GetMeasurements", "KernelRequest",
+    "ListEnrollments", "GetMeasurements", "KernelRequest",
     "ServiceStatus", "ServiceList", "Interface", "CapabilityEntry", "CapabilityTable", "Monitoring", "Reloaded",
-    "Measurement", "Measurements", "Granted", "KernelReply",
+    "Measurement", "Measurements", "Granted", "EnrollmentEntry", "Enrollments", "KernelReply",
     "Traffic", "ServiceStateChanged", "AuditEvent", "KernelEvent",
     "Tensor",
 ]
@@ -199,10 +199,20 @@ class Reset(msgspec.Struct, tag=True):
 
 class Enroll(msgspec.Struct, tag=True, omit_defaults=True):
     """Let a CurveZMQ public key (Z85) connect over tcp as ``name``; empty key: unenroll.
-    Only the security service may."""
+    A run-time decision: it wins over the key the configuration enrols for ``name`` until
+    reset (``reset``: withdraw it, the configuration's key applies again).  Sessions open
+    with a key no longer enrolled end at once.  Only the security service may."""
 
     name: str
     public_key: str = ""
+    reset: bool = False
+
+
+class ListEnrollments(msgspec.Struct, tag=True, omit_defaults=True):
+    """The CURVE enrolment of each service that may connect over tcp (one, or all when
+    empty), with where its key comes from."""
+
+    name: str = ""
 
 
 class GetMeasurements(msgspec.Struct, tag=True):
@@ -211,7 +221,7 @@ class GetMeasurements(msgspec.Struct, tag=True):
 
 KernelRequest = (ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
                  | StartService | StopService | RestartService | Reload | Grant | Revoke | Reset | Enroll
-                 | GetMeasurements)
+                 | ListEnrollments | GetMeasurements)
 
 
 
@@ -305,8 +315,29 @@ class Granted(msgspec.Struct, tag=True):
     capabilities: list[str]
 
 
+class EnrollmentEntry(msgspec.Struct, tag=True, omit_defaults=True):
+    """The CURVE enrolment of one service configured without a ``command``."""
+
+    name: str
+    #: The key in force (Z85), empty when none is.
+    public_key: str = ""
+    #: Where it comes from: ``config`` (the configuration's ``curve_public_key``),
+    #: ``enrolment`` (enrolled at run time) or ``unenrolment`` (unenrolled at run time, the
+    #: configuration's key withdrawn); empty when neither enrols one.  Run-time decisions
+    #: win over the configuration until reset (``busctl security reset NAME``).
+    origin: str = ""
+    #: The key the configuration enrols for it (what a reset brings back), if any.
+    config_key: str = ""
+    #: A session is open with the key in force.
+    connected: bool = False
+
+
+class Enrollments(msgspec.Struct, tag=True):
+    entries: list[EnrollmentEntry]
+
+
 KernelReply = (ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring | Reloaded
-               | Measurements | Granted)
+               | Measurements | Granted | Enrollments)
 
 
 class Traffic(msgspec.Struct, tag=True, omit_defaults=True):
@@ -342,7 +373,8 @@ class AuditEvent(msgspec.Struct, tag=True, omit_defaults=True):
     """What the kernel reports for the audit log, on ``kernel.audit``."""
 
     #: denied | authentication-failed | service-crashed | service-restarted |
-    #: service-failed | granted | revoked | reset | grant-expired | enrolled | unenrolled
+    #: service-failed | granted | revoked | reset | grant-expired | enrolled | unenrolled |
+    #: enrolment-reset | audit-records-lost
     kind: str
     subject: str
     detail: str = ""

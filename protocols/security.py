@@ -7,7 +7,7 @@ import msgspec
 __all__ = [
     "AuditAppend", "AuditTail", "AuditVerify", "GrantCapability", "RevokeCapability", "ResetCapability",
     "ListGrants",
-    "EnrollKey", "TrustAdd", "TrustRemove", "TrustList", "VerifySignature", "Seal", "Unseal", "Attest",
+    "EnrollKey", "UnenrollKey", "ResetEnrollment", "TrustAdd", "TrustRemove", "TrustList", "VerifySignature", "Seal", "Unseal", "Attest",
     "DeviceKey", "Request",
     "AuditRecord", "AuditRecords", "AuditVerdict", "GrantEntry", "Grants", "Enrolled", "TrustedKey",
     "TrustedKeys", "SignatureValid", "Sealed", "Unsealed", "AttestationReport", "SignedReport",
@@ -60,10 +60,26 @@ class ListGrants(msgspec.Struct, tag=True):
 
 
 class EnrollKey(msgspec.Struct, tag=True, omit_defaults=True):
-    """Let a CurveZMQ public key (Z85) connect over tcp as ``name``; empty: unenroll."""
+    """Let a CurveZMQ public key (Z85, 40 characters) connect over tcp as ``name``, instead
+    of any key it had (the configuration's included), until reset.  An empty key is
+    refused: unenrolling is ``UnenrollKey``."""
 
     name: str
     public_key: str = ""
+
+
+class UnenrollKey(msgspec.Struct, tag=True):
+    """``name`` may no longer connect over tcp, whatever key the configuration enrols for
+    it, until reset; a session open with its key ends at once."""
+
+    name: str
+
+
+class ResetEnrollment(msgspec.Struct, tag=True):
+    """Withdraw the run-time enrolment or unenrolment of ``name``: the configuration's key
+    (if any) applies again."""
+
+    name: str
 
 
 class TrustAdd(msgspec.Struct, tag=True, omit_defaults=True):
@@ -111,8 +127,8 @@ class DeviceKey(msgspec.Struct, tag=True):
 
 
 Request = (AuditAppend | AuditTail | AuditVerify | GrantCapability | RevokeCapability | ResetCapability | ListGrants
-           | EnrollKey | TrustAdd | TrustRemove | TrustList | VerifySignature | Seal | Unseal | Attest
-           | DeviceKey)
+           | EnrollKey | UnenrollKey | ResetEnrollment | TrustAdd | TrustRemove | TrustList | VerifySignature | Seal
+           | Unseal | Attest | DeviceKey)
 
 
 # -- replies -----------------------------------------------------------------------------------

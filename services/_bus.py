@@ -49,6 +49,7 @@ from protocols import (
 )
 from protocols.runtime import ENV_BUS, ENV_CREDENTIAL_FD, ENV_CREDENTIAL_FILE, ENV_RUN_DIR, endpoint_for_run_dir, get_logger
 from protocols.transport import AsyncSocket
+from zmq.utils.monitor import parse_monitor_message
 
 from ._exceptions import (
     BusError,
@@ -215,6 +216,8 @@ class _HelloRefused(ConnectError):
     """The kernel answered Hello with an error (a credential it does not take)."""
 
 
+#: The socket events that tell how a CURVE handshake went (see BusClient._socket).
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 #: Reconnection waits: the first, and the most it doubles to.
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 #: How long an ended session's socket is read for the kernel's refusals of what was sent
@@ -284,6 +287,7 @@ class BusClient:
         self._sent = 0
 
     def _socket(self) -> AsyncSocket:
+        self._close_handshake_monitor()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
@@ -293,7 +297,20 @@ class BusClient:
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+            # The kernel refuses a key it does not enrol in the CURVE handshake itself: no
+            # message ever tells, only the socket's events (until the Hello is answered).
+            self._handshake_monitor = AsyncSocket(sock.get_monitor_socket(_HANDSHAKE_EVENTS))
         return AsyncSocket(sock)
+
+    def _close_handshake_monitor(self) -> None:
+        monitor = getattr(self, "_handshake_monitor", None)
+        self._handshake_monitor: AsyncSocket | None = None
+        if monitor is not None:
+            try:
+                self._asock.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass  # its socket is closed already
+            monitor.close()
 
     @property
     def connected(self) -> bool:
@@ -428,25 +445,41 @@ class BusClient:
 
     async def _handshake(self, timeout: float) -> None:
         """Hello on the current socket; Welcome starts a session.  ConnectError otherwise
-        (_HelloRefused when the kernel answered with an error)."""
-        msg_id = next(self._ids)
-        await self._asock.send(self._codec.pack(Header(kind=Kind.CONTROL, type="Hello", id=msg_id), self._hello))
+        (_HelloRefused when the kernel answered with an error, or refused this connection's
+        CURVE key).  A Hello answered ``unavailable`` (the kernel cannot take this peer yet)
+        is sent again, 0.1 s doubling to 1 s apart, within ``timeout``."""
+        deferred = ""
+        self._handshake_failures = 0
         try:
             with anyio.fail_after(timeout):
+                delay = 0.1
                 while True:
-                    frames = await self._asock.recv()
-                    try:
-                        header, body, _ = self._codec.unpack(frames)
-                    except ProtocolError:
-                        continue
-                    if header.id == msg_id and header.kind in (_REPLY, _ERR):
+                    header, body = await self._hello_answer()
+                    if header.kind != _ERR:
                         break
+                    try:
+                        err = _error_decoder.decode(body)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        raise ConnectError(self.endpoint, f"undecodable answer to Hello: {exc}") from exc
+                    if err.code != ErrorCode.UNAVAILABLE:
+                        raise _HelloRefused(self.endpoint, f"{err.code.value}: {err.message}")
+                    deferred = err.message
+                    log.info("hello_deferred", reason=err.message, retry_in=delay)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
         except TimeoutError:
-            raise ConnectError(self.endpoint, f"no answer to Hello within {timeout:g}s; is edgebus running?") from None
+            if deferred:
+                why = f"the kernel could not take this session within {timeout:g}s: {deferred}"
+            elif self._handshake_failures:
+                why = (f"no answer to Hello within {timeout:g}s: the CURVE handshake failed "
+                       f"{self._handshake_failures} times (the server key is not this kernel's, or the "
+                       "secret key does not belong to the public key)")
+            else:
+                why = f"no answer to Hello within {timeout:g}s; is edgebus running?"
+            raise ConnectError(self.endpoint, why) from None
+        finally:
+            self._close_handshake_monitor()
         try:
-            if header.kind == _ERR:
-                err = _error_decoder.decode(body)
-                raise _HelloRefused(self.endpoint, f"{err.code.value}: {err.message}")
             if header.type != "Welcome":
                 raise ConnectError(self.endpoint, f"the kernel answered Hello with {header.type!r}, not Welcome")
             self.welcome = msgspec.msgpack.decode(body, type=Welcome)
@@ -457,6 +490,48 @@ class BusClient:
         self._last_rx = time.monotonic()
         self.sessions += 1
         self._ending = None
+
+    async def _hello_answer(self) -> tuple[Header, Any]:
+        """Send Hello and wait for its answer (header, body).  _HelloRefused when the kernel
+        refuses this connection's CURVE key (the handshake fails with ZAP status 400)."""
+        msg_id = next(self._ids)
+        await self._asock.send(self._codec.pack(Header(kind=Kind.CONTROL, type="Hello", id=msg_id), self._hello))
+        answer: tuple[Header, Any] | None = None
+        refusal = ""
+
+        async def receive(scope: anyio.CancelScope) -> None:
+            nonlocal answer
+            while True:
+                frames = await self._asock.recv()
+                try:
+                    header, body, _ = self._codec.unpack(frames)
+                except ProtocolError:
+                    continue
+                if header.id == msg_id and header.kind in (_REPLY, _ERR):
+                    answer = (header, body)
+                    scope.cancel()
+                    return
+
+        async def watch(monitor: AsyncSocket, scope: anyio.CancelScope) -> None:
+            nonlocal refusal
+            while True:
+                event = parse_monitor_message(await monitor.recv())
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    refusal = (f"the kernel refused this connection's CURVE key (ZAP status {event['value']}): "
+                               "it is not enrolled (any more); the operator enrols it with busctl security "
+                               "enroll NAME KEY")
+                    scope.cancel()
+                    return
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    self._handshake_failures += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive, tg.cancel_scope)
+            if self._handshake_monitor is not None:
+                tg.start_soon(watch, self._handshake_monitor, tg.cancel_scope)
+        if answer is None:
+            raise _HelloRefused(self.endpoint, refusal)
+        return answer
 
     async def _sessions(self, tg: anyio.abc.TaskGroup) -> None:
         """Serve each session until it ends; then fail what it owed, and start the next
@@ -775,4 +850,5 @@ async def connect(
             raise
     finally:
         client.closed = True
+        client._close_handshake_monitor()
         client._asock.close()

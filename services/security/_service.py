@@ -2,7 +2,9 @@
 
 * capability grants and revocations (with expiry), the only peer the kernel takes them
   from, persisted in ``grants.json`` and re-applied when either side restarts;
-* CurveZMQ enrolment of peers that connect over tcp;
+* CurveZMQ enrolment of peers that connect over tcp: run-time enrolments and unenrolments,
+  which win over the configuration's keys until reset, persisted in ``enrollments.json``
+  and re-applied when either side restarts;
 * the audit log (kernel events on ``kernel.audit`` and ``AuditAppend`` from services);
 * the trust store of model-signing keys, and signature checks against it;
 * sealing of data keys under the device master key;
@@ -56,6 +58,7 @@ from protocols.security import (
     Reply,
     Request,
     ResetCapability,
+    ResetEnrollment,
     RevokeCapability,
     Seal,
     Sealed,
@@ -65,6 +68,7 @@ from protocols.security import (
     TrustedKeys,
     TrustList,
     TrustRemove,
+    UnenrollKey,
     Unseal,
     Unsealed,
     VerifySignature,
@@ -74,7 +78,7 @@ from ._trust import TrustStore
 __all__ = ["SecurityService", "SecuritySettings", "TrustedKeySetting"]
 
 #: Kernel audit kinds this service records itself, with the requester (``by``).
-_RECORDED_HERE = {"granted", "revoked", "reset", "enrolled", "unenrolled"}
+_RECORDED_HERE = {"granted", "revoked", "reset", "enrolled", "unenrolled", "enrolment-reset"}
 
 
 class TrustedKeySetting(Settings):
@@ -118,6 +122,7 @@ class SecurityService(Service):
         self.grants: list[GrantEntry] = (msgspec.json.decode(self.grants_path.read_bytes(), type=list[GrantEntry])
                                          if self.grants_path.exists() else [])
         self.enrollments_path = state / "enrollments.json"
+        #: name -> the key enrolled at run time, or "" for a run-time unenrolment
         self.enrollments: dict[str, str] = (msgspec.json.decode(self.enrollments_path.read_bytes(), type=dict[str, str])
                                             if self.enrollments_path.exists() else {})
         # Subscribed before READY, so that no kernel event after it goes unrecorded.
@@ -144,8 +149,17 @@ class SecurityService(Service):
                                   detail=f"{g.action}: {exc.message}", by="security")
         if len(self.grants) != kept:
             _save(self.grants_path, self.grants)
-        for name, key in self.enrollments.items():
-            await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted, timeout=10)
+        # Enrolments and unenrolments too: they win over the keys the configuration enrols
+        # (the kernel holds tcp peers back until this service is ready).
+        for name, key in list(self.enrollments.items()):
+            try:
+                await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted, timeout=10)
+            except (UnknownDestination, BadMessage, Rejected) as exc:
+                action = "enroll" if key else "unenroll"
+                self.log.warning("policy_dropped", principal=name, action=action, reason=exc.message)
+                del self.enrollments[name]
+                _save(self.enrollments_path, self.enrollments)
+                self.audit.append("policy-dropped", name, detail=f"{action}: {exc.message}", by="security")
         self.audit.append("security-started", "security", detail=f"device key {self.keys.key_id}")
 
     async def main(self) -> None:
@@ -238,17 +252,25 @@ class SecurityService(Service):
             case ListGrants():
                 now = time.time()
                 return Grants(grants=[g for g in self.grants if g.action == "revoke" or not g.expires or g.expires > now])
+            case EnrollKey(public_key=""):
+                raise BadMessage("an empty key does not unenroll: UnenrollKey does "
+                                 "(busctl security unenroll NAME)")
+            case EnrollKey(public_key=key) if len(key) != 40:
+                raise BadMessage("a CurveZMQ public key is 40 Z85 characters (zmq.curve_keypair)")
             case EnrollKey(name=name, public_key=key):
-                if key and len(key) != 40:
-                    raise BadMessage("a CurveZMQ public key is 40 Z85 characters (zmq.curve_keypair)")
-                await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted)
-                if key:
-                    self.enrollments[name] = key
-                else:
-                    self.enrollments.pop(name, None)
+                return await self._enroll(name, key, ctx.sender)
+            case UnenrollKey(name=name):
+                return await self._enroll(name, "", ctx.sender)
+            case ResetEnrollment(name=name):
+                if name not in self.enrollments:
+                    raise Rejected(f"{name!r} has no run-time enrolment or unenrolment to reset; "
+                                   "busctl security list shows each key and where it comes from")
+                await self.bus.call("kernel", Enroll(name=name, reset=True), Granted)
+                was = self.enrollments.pop(name)
                 _save(self.enrollments_path, self.enrollments)
-                self.audit.append("enrolled" if key else "unenrolled", name, detail=key, by=ctx.sender)
-                return Enrolled(name=name, public_key=key)
+                self.audit.append("enrolment-reset", name, by=ctx.sender,
+                                  detail=f"was an enrolment of {was}" if was else "was an unenrolment")
+                return Enrolled(name=name, public_key="")
             case TrustAdd(public_key=key, label=label):
                 try:
                     added = self.trust.add(key, label)
@@ -286,6 +308,17 @@ class SecurityService(Service):
                 return SignedReport(report=report, signature=signature, public_key=self.keys.public_key.hex())
             case DeviceKey():
                 return PublicKey(public_key=self.keys.public_key.hex(), key_id=self.keys.key_id)
+
+    async def _enroll(self, name: str, key: str, by: str) -> Enrolled:
+        """Enrol ``key`` for ``name``, or unenrol it (empty key), over the configuration's
+        key until reset.  The kernel refuses a name that may not be enrolled (its error goes
+        back as is, and nothing is kept) and ends at once the sessions of a key no longer
+        enrolled."""
+        await self.bus.call("kernel", Enroll(name=name, public_key=key), Granted)
+        self.enrollments[name] = key
+        _save(self.enrollments_path, self.enrollments)
+        self.audit.append("enrolled" if key else "unenrolled", name, detail=key, by=by)
+        return Enrolled(name=name, public_key=key)
 
     def _remember(self, entry: GrantEntry) -> None:
         self.grants = [g for g in self.grants if (g.name, g.capability) != (entry.name, entry.capability)]
