@@ -19,6 +19,7 @@ from protocols import (
     Enrollments,
     Error,
     ErrorCode,
+    GetLogs,
     GetMeasurements,
     GetService,
     Grant,
@@ -50,6 +51,7 @@ from ._caps import parse_capability
 from ._core import RouterCore, log
 from ._exceptions import CapabilityError
 from ._peers import Peer
+from ._proc import rss_bytes
 
 _KERNEL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(KernelRequest))
 #: The only service that may change the policy.
@@ -176,15 +178,16 @@ class KernelApi(RouterCore):
                 if self._measurements is None:
                     return Error(code=ErrorCode.UNAVAILABLE, message="this kernel keeps no measurement log")
                 return self._measurements()
-            case StartService() | StopService() | RestartService() | Reload() if self.notices is None:
+            case StartService() | StopService() | RestartService() | Reload() | GetLogs() if self.notices is None:
                 return Error(code=ErrorCode.UNAVAILABLE, message="this router has no supervisor to operate on")
             case StartService(name=name) | StopService(name=name) | RestartService(name=name) \
                     if name not in self._managed:
                 return Error(code=ErrorCode.UNKNOWN_DESTINATION,
                              message=f"no service named {name!r} is started by the kernel")
-            case StartService() | StopService() | RestartService() | Reload():
+            case StartService() | StopService() | RestartService() | Reload() | GetLogs():
                 # Supervisor work takes time: it runs on the event loop and is answered
-                # later (FinishOperation); this thread goes on routing meanwhile.
+                # later (FinishOperation); this thread goes on routing meanwhile.  (The
+                # kernel keeps the logs, on the event loop too.)
                 self._notify(OperationRequested(msg, peer.identity, hdr.id))
                 return None
         return Error(code=ErrorCode.INTERNAL, message=f"the kernel has no handler for {hdr.type!r}")
@@ -239,6 +242,7 @@ class KernelApi(RouterCore):
             st = msgspec.structs.replace(update.status)
             if st.pid and update.started_at:
                 st.uptime = round(time.monotonic() - update.started_at, 3)
+            st.memory = rss_bytes(st.pid)
         else:
             st = ServiceStatus(name=name, state="configured")
         peer = self._by_name.get(name)

@@ -25,7 +25,7 @@ from ._peers import Principal
 
 __all__ = [
     "Command", "AddPrincipal", "RemovePrincipal", "SetKnownServices", "EnrollKey", "ServiceUpdate",
-    "ServiceRemoved", "ServiceExited", "Audit", "FinishOperation",
+    "ServiceRemoved", "ServiceExited", "Audit", "FinishOperation", "PublishEvent",
     "Notice", "PeerReady", "PeerGone", "OperationRequested", "Mailbox",
 ]
 
@@ -102,8 +102,16 @@ class FinishOperation(msgspec.Struct, frozen=True):
     result: msgspec.Struct
 
 
+class PublishEvent(msgspec.Struct, frozen=True):
+    """Publish ``body`` on ``topic`` as the kernel (its log records, on kernel.logs.<service>),
+    to the peers subscribed and allowed."""
+
+    topic: str
+    body: msgspec.Struct
+
+
 Command = (AddPrincipal | RemovePrincipal | SetKnownServices | EnrollKey | ServiceUpdate | ServiceRemoved
-           | ServiceExited | Audit | FinishOperation)
+           | ServiceExited | Audit | FinishOperation | PublishEvent)
 
 
 # -- notices: from the router ----------------------------------------------------------------

@@ -21,13 +21,15 @@ from ._caps import CapabilitySet
 from ._exceptions import CapabilityError, ConfigError
 
 __all__ = [
-    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "LogsConfig", "Limits",
     "parse_size",
     "load_config", "default_config_text", "config_dir", "SERVICE_NAME",
 ]
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_NAMES = frozenset({"kernel", "operator"})
+#: The most log records kept per service that a config may ask for.
+LINES_PER_SERVICE_MAX = 100_000
 
 
 class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -96,6 +98,14 @@ class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     strategy: Literal["one_for_one", "rest_for_one"] = "one_for_one"
 
 
+class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What the kernel keeps of each service's log lines, for ``busctl logs`` (GetLogs)."""
+
+    #: Records kept per service (its own lines and output, and the kernel's lines about
+    #: it), the oldest forgotten first; the kernel's other lines are kept as ``kernel``.
+    lines_per_service: int = 1000
+
+
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: argv; ``{python}`` is replaced by the kernel's interpreter.  Empty: the kernel does
     #: not start this service, it connects on its own with the credential the kernel writes
@@ -151,6 +161,7 @@ class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     operator: OperatorConfig = msgspec.field(default_factory=OperatorConfig)
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     services: dict[str, ServiceConfig] = {}
 
 
@@ -234,6 +245,9 @@ def _validate(config: SystemConfig, source: str) -> None:
     ):
         if value < low:
             raise ConfigError(source, key, f"must be at least {low}, got {value}")
+    if not 1 <= config.logs.lines_per_service <= LINES_PER_SERVICE_MAX:
+        raise ConfigError(source, "logs.lines_per_service",
+                          f"must be between 1 and {LINES_PER_SERVICE_MAX}, got {config.logs.lines_per_service}")
     _check_caps(config.operator.capabilities, source, "operator.capabilities")
     if bus.tcp_endpoint and not bus.tcp_endpoint.startswith("tcp://"):
         raise ConfigError(source, "bus.tcp_endpoint", "must be a tcp:// endpoint, e.g. tcp://0.0.0.0:7450")

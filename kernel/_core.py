@@ -203,7 +203,7 @@ class RouterCore:
             to.backlog.clear()
             to.backlog_bytes = -1
             self._overflowed.append((to, why))
-            log.warning("peer_backlog_overflow", peer=to.name, reason=why)
+            log.warning("peer_backlog_overflow", service=to.name, reason=why)
 
     def _flush_backlogs(self) -> None:
         """Send what waits in the backlogs, as far as each peer's queue takes it; end the
@@ -259,7 +259,7 @@ class RouterCore:
         to.dropped += 1
         self._dropped_events += 1
         if worth_logging(to.dropped):
-            log.warning("peer_queue_full", peer=to.name, dropped=to.dropped, limit=self.config.queue_limit)
+            log.warning("peer_queue_full", service=to.name, dropped=to.dropped, limit=self.config.queue_limit)
 
     def answer(self, to: Peer | bytes, request: Header | int, body: msgspec.Struct) -> None:
         """Answer a message from the kernel itself: with ``body`` as the reply, or as an
@@ -309,8 +309,8 @@ class RouterCore:
         peer = self._peers.get(identity)
         count = self._rejections.count(identity)
         if count:
-            log.warning("message_rejected", peer=peer.name if peer else identity.hex(),
-                        code=code.value, problem=message, type=hdr.type if hdr else None,
+            who = {"service": peer.name} if peer else {"connection": identity.hex()}
+            log.warning("message_rejected", **who, code=code.value, problem=message, type=hdr.type if hdr else None,
                         count=count, total=self._rejections.total)
         # Errors are never answered with errors, or two confused peers would loop.
         if hdr is None or hdr.kind != ERROR:
@@ -337,7 +337,7 @@ class RouterCore:
             peer.denials.clear()
         if worth_logging(count):
             kind = KIND_NAMES.get(hdr.kind)
-            log.warning("denied", peer=peer.name, capability=capability, kind=kind,
+            log.warning("denied", service=peer.name, capability=capability, kind=kind,
                         type=hdr.type, dest=hdr.dest, count=count)
             self._audit("denied", peer.name, capability=capability,
                         detail=f"{kind} {hdr.type} to {hdr.dest}" + (f" ({count} times so far)" if count > 1 else ""))

@@ -12,13 +12,30 @@ from pathlib import Path
 
 import anyio
 
-from protocols.runtime import EXIT_GAVE_UP, EXIT_OK, endpoint_for_run_dir, get_logger
+from protocols.runtime import (
+    EXIT_GAVE_UP,
+    EXIT_OK,
+    add_log_sink,
+    endpoint_for_run_dir,
+    get_logger,
+    remove_log_sink,
+)
 
 import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocols import Error, ErrorCode, Reload, Reloaded, RestartService, StartService, StopService
+from protocols import (
+    Error,
+    ErrorCode,
+    GetLogs,
+    LogRecord,
+    Reload,
+    Reloaded,
+    RestartService,
+    StartService,
+    StopService,
+)
 
 from ._caps import CapabilitySet
 from ._cgroup import Cgroups
@@ -31,12 +48,14 @@ from ._boundary import (
     OperationRequested,
     PeerGone,
     PeerReady,
+    PublishEvent,
     RemovePrincipal,
     SetKnownServices,
 )
 from ._config import ServiceConfig, SystemConfig, config_dir, load_config
 from ._core import Summary
 from ._exceptions import ConfigError, KernelError
+from ._logs import LogBook
 from ._handshakes import monitor_handshakes, watch_handshakes
 from ._router import ZAP_DOMAIN, Principal, Router
 from ._supervisor import Supervisor
@@ -94,6 +113,8 @@ class Kernel:
         self.cgroups, why = Cgroups.detect()
         self._cgroup_note = why
         self.measurements = MeasurementLog()
+        #: Each service's recent log records (busctl logs), fed by every line logged here.
+        self.logs = LogBook(config.logs.lines_per_service, known=config.services)
         self._auth: ThreadAuthenticator | None = None
         #: The router socket's failed CURVE handshakes (see _handshakes), with a tcp endpoint.
         self._handshakes: zmq.Socket | None = None
@@ -123,7 +144,7 @@ class Kernel:
     def _measure(self, name: str, argv: list[str], spec: ServiceConfig) -> None:
         entry = self.measurements.measure(name, argv, spec)
         if entry is not None:
-            log.info("measured", name=name, digest=entry.digest, pcr=self.measurements.pcr)
+            log.info("measured", service=name, digest=entry.digest, pcr=self.measurements.pcr)
 
     @staticmethod
     def _static_principals(config: SystemConfig, current: dict[str, Principal]) -> dict[str, Principal]:
@@ -199,6 +220,18 @@ class Kernel:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or until a critical service fails (exit 2)."""
+        add_log_sink(self.logs.sink)
+        try:
+            return await self._run(task_status=task_status)
+        finally:
+            self.logs.publish = None
+            remove_log_sink(self.logs.sink)
+
+    def _publish_log(self, record: LogRecord) -> None:
+        """Follow the logs: each record on kernel.logs.<service> (busctl logs -f)."""
+        self.router.submit(PublishEvent(f"kernel.logs.{record.service}", record))
+
+    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> int:
         try:
             self.prepare()
             if self.cgroups is not None:
@@ -221,6 +254,7 @@ class Kernel:
                     self._tg = tg
                     tg.start_soon(self._serve_notices)
                     await tg.start(self.router.serve)
+                    self.logs.publish = self._publish_log
                     if self._handshakes is not None:
                         tg.start_soon(watch_handshakes, self._handshakes, self.router.submit)
                     await tg.start(self.supervisor.run)
@@ -249,6 +283,7 @@ class Kernel:
                         log.error("kernel_gives_up", reason=self.supervisor.fatal_reason, exit_code=code)
                     with anyio.CancelScope(shield=True):
                         await self.supervisor.stop_all()
+                    self.logs.publish = None
                     tg.cancel_scope.cancel()
         finally:
             self._cleanup()
@@ -282,6 +317,7 @@ class Kernel:
         for key, name in enrolment.items():
             router.submit(EnrollKey(name, key))
         self._config_enrolled = enrolment
+        self.logs.configure(new.logs.lines_per_service, new.services)
         result = await self.supervisor.apply(new)
         self._write_credentials()
         log.info("reload_applied", config=source, **result)
@@ -307,6 +343,8 @@ class Kernel:
                     result = await self.supervisor.restart(name)
                 case Reload():
                     result = await self.reload()
+                case GetLogs(services=services, lines=lines, since=since, after=after):
+                    result = self.logs.query(services, lines, since, after)
                 case _:
                     result = Error(code=ErrorCode.UNKNOWN_TYPE, message=f"not an operation: {type(msg).__name__}")
         except ConfigError as exc:

@@ -37,6 +37,7 @@ from ._boundary import (
     Command,
     EnrollKey,
     FinishOperation,
+    PublishEvent,
     RemovePrincipal,
     ServiceExited,
     ServiceRemoved,
@@ -291,6 +292,8 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
                 self._audit(kind, subject, detail=detail)
             case FinishOperation():
                 self._finish_operation(command)
+            case PublishEvent(topic=topic, body=body):
+                self.publish_kernel_event(topic, body)
 
     def _tick(self, now: float) -> None:
         self._expire(now)

@@ -177,7 +177,7 @@ class Routing(RouterCore):
             # the requester of an outstanding request.
             self._stray += 1
             if worth_logging(self._stray):
-                log.warning("reply_dropped", count=self._stray, sender=peer.name, id=kid, type=hdr.type,
+                log.warning("reply_dropped", count=self._stray, service=peer.name, id=kid, type=hdr.type,
                             reason="no outstanding request with this id for this sender "
                                    "(it timed out, its requester left, or it was never sent)")
             return

@@ -122,7 +122,10 @@ class Sessions(RouterCore):
             minor=PROTOCOL_MINOR,
             settings=principal.settings,
         ))
-        log.info("peer_connected", peer=name, pid=hello.pid, types=sorted(peer.types))
+        # busctl's sessions (the operator's shared credential) come and go, and the
+        # supervisor logs the states of the services it starts: debug level for both
+        (log.debug if principal.shared or name in self._managed else log.info)(
+            "peer_connected", service=name, pid=hello.pid, types=sorted(peer.types))
 
     def _sessionless(self, identity: bytes, hdr: Header) -> None:
         """A message other than Hello on a connection without a session.  If the kernel
@@ -168,7 +171,8 @@ class Sessions(RouterCore):
             case Ready():
                 if not peer.ready:
                     peer.ready = True
-                    log.info("peer_ready", peer=peer.name)
+                    (log.debug if peer.principal.shared or peer.name in self._managed else log.info)(
+                        "peer_ready", service=peer.name)
                     if not peer.principal.shared:
                         self._notify(PeerReady(peer.name))
                         if peer.name == _SECURITY:
@@ -219,7 +223,9 @@ class Sessions(RouterCore):
         self._ended[peer.identity] = why
         if len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
-        log.info("peer_disconnected", peer=peer.name, reason=why)
+        # (a managed service that says Bye is being stopped: the supervisor logs the stop)
+        quiet = peer.principal.shared or (why.startswith("said bye") and peer.name in self._managed)
+        (log.debug if quiet else log.info)("peer_disconnected", service=peer.name, reason=why)
         if not peer.principal.shared:
             self._notify(PeerGone(peer.name, why, peer.principal.credential, silent))
 

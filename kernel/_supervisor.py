@@ -56,10 +56,13 @@ EXEC_WRAPPER = str(Path(__file__).with_name("_exec.py"))
 
 class State(str, enum.Enum):
     CONFIGURED = "configured"
+    #: Not started yet: a service it requires is not ready.
+    WAITING = "waiting"
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    #: Exited; restarts after its back-off delay.
     BACKOFF = "backoff"
     FAILED = "failed"
 
@@ -79,6 +82,8 @@ class ManagedService:
         self.name = name
         self.spec = spec
         self.state = State.CONFIGURED
+        #: Unix time at which it entered its state.
+        self.since = time.time()
         self.pid = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -116,7 +121,7 @@ class ManagedService:
             name=self.name, state=self.state.value, pid=self.pid, managed=True,
             requires=list(self.spec.requires), restarts=self.restarts,
             uptime=round(time.monotonic() - self.started_at, 3) if self.pid and self.started_at else 0.0,
-            last_exit=self.last_exit,
+            last_exit=self.last_exit, since=round(self.since, 3), command=command_line(self.spec),
         )
 
     def update(self, previous: State | None = None, detail: str = "") -> ServiceUpdate:
@@ -176,21 +181,24 @@ class Supervisor:
         self._set_state(svc, State.FAILED, detail)
         self._audit("service-failed", svc, detail)
 
-    def _set_state(self, svc: ManagedService, state: State, detail: str = "", *, pid: int | None = None) -> None:
+    def _set_state(self, svc: ManagedService, state: State, detail: str = "", *, pid: int | None = None,
+                   quiet: bool = False) -> None:
         """Move ``svc`` to ``state``; its pid becomes ``pid`` (a new process), stays (the
         process runs) or becomes 0 (it has exited), in the same step, and the router is
         told: it never sees an exited process's pid gone while its state still says ready,
-        or a new process's pid beside the old one's state."""
+        or a new process's pid beside the old one's state.  ``quiet``: logged at debug
+        level (a stop logs one line of its own when it is over)."""
         previous = svc.state
         svc.pid = pid if pid is not None else svc.pid if svc.running else 0
         svc.state = state
         if previous == state:
             self._tell_router(svc.update())  # (counters may have changed)
             return
+        svc.since = time.time()
         changed, svc.changed = svc.changed, anyio.Event()
         changed.set()
-        log.info("service_state", name=svc.name, state=state.value, previous=previous.value,
-                 pid=svc.pid or None, detail=detail or None)
+        (log.debug if quiet else log.info)("service_state", service=svc.name, state=state.value,
+                                           previous=previous.value, pid=svc.pid or None, detail=detail or None)
         self._tell_router(svc.update(previous, detail))
 
     def status(self, name: str) -> ServiceStatus | None:
@@ -221,7 +229,7 @@ class Supervisor:
                 or svc.credential != credential
                 or svc.state in (State.STOPPING, State.STOPPED) or self._tg is None):
             return
-        log.warning("service_unresponsive", name=name, pid=svc.pid, reason=why)
+        log.warning("service_unresponsive", service=name, pid=svc.pid, reason=why)
         svc.kill_reason = f"hung: {why}"
         self._tg.start_soon(self._terminate, svc, svc.kill_reason)
 
@@ -310,18 +318,18 @@ class Supervisor:
                 while not self.shutting_down:
                     waiting = [d for d in spec.requires if d in self.services and not self.services[d].ready.is_set()]
                     if waiting:
-                        self._set_state(svc, State.BACKOFF, f"waiting for {', '.join(waiting)} to be ready")
+                        self._set_state(svc, State.WAITING, f"waiting for {', '.join(waiting)} to be ready")
                     for dep in spec.requires:
                         if dep in self.services:
                             await self.services[dep].ready.wait()
                     try:
                         await self._spawn(svc)
                     except SpawnError as exc:
-                        log.error("spawn_failed", name=svc.name, error=str(exc))
+                        log.error("spawn_failed", service=svc.name, error=str(exc))
                         self._fail(svc, str(exc))
                         return
                     except Exception as exc:  # cgroup, measurement...: this service fails, not the kernel
-                        log.exception("spawn_failed", name=svc.name)
+                        log.exception("spawn_failed", service=svc.name)
                         self._fail(svc, f"cannot start: {type(exc).__name__}: {exc}")
                         return
                     if attempt:
@@ -337,7 +345,7 @@ class Supervisor:
                             race.start_soon(first, svc.exited)
                     if not svc.ready.is_set() and svc.running:
                         timed_out = True
-                        log.error("start_timeout", name=svc.name, timeout=spec.start_timeout)
+                        log.error("start_timeout", service=svc.name, timeout=spec.start_timeout)
                         svc.kill_reason = f"did not say READY within {spec.start_timeout:g}s"
                         await self._terminate(svc, svc.kill_reason)
                     await svc.exited.wait()
@@ -437,7 +445,7 @@ class Supervisor:
             exec_spec["cpus"] = limits.cpu_affinity
         if spec.user or spec.group:
             if os.geteuid() != 0:
-                log.warning("user_switch_skipped", name=svc.name, user=spec.user, group=spec.group,
+                log.warning("user_switch_skipped", service=svc.name, user=spec.user, group=spec.group,
                             reason="the kernel is not root; the service runs as the kernel's user")
             else:
                 try:
@@ -452,7 +460,7 @@ class Supervisor:
 
     async def _spawn(self, svc: ManagedService) -> None:
         assert self._tg is not None
-        argv = [sys.executable if a == "{python}" else a for a in svc.spec.command]
+        argv = command_line(svc.spec)
         self._on_spawn(svc.name, argv, svc.spec)
         env = self._environment(svc)
         cwd = svc.spec.working_directory or self.state_dir
@@ -502,11 +510,13 @@ class Supervisor:
         if svc.ready.is_set():
             svc.ready = anyio.Event()
         stopped = self.shutting_down or svc.stop_requested
-        expected = stopped or svc.state == State.STOPPING or svc.restart_requested
-        (log.info if expected else log.warning)("service_exited", name=svc.name, pid=pid, status=svc.last_exit)
+        expected = svc.state == State.STOPPING or svc.restart_requested
+        # (a stop logs its own line when it is over: see stop())
+        (log.debug if stopped else log.info if expected else log.warning)(
+            "service_exited", service=svc.name, pid=pid, status=svc.last_exit)
         self._tell_router(ServiceExited(svc.name, svc.last_exit))
         if stopped:
-            self._set_state(svc, State.STOPPED, svc.last_exit)
+            self._set_state(svc, State.STOPPED, svc.last_exit, quiet=True)
         # otherwise the keeper decides: restart (backoff), stopped (transient) or failed
 
     async def _pump(self, svc: ManagedService, stream: Any, name: str) -> None:
@@ -528,23 +538,28 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------------------
 
-    async def _terminate(self, svc: ManagedService, reason: str) -> None:
-        """Stop signal to the process group, grace period, then SIGKILL of the group."""
+    async def _terminate(self, svc: ManagedService, reason: str, *, quiet: bool = False) -> str:
+        """Stop signal to the process group, grace period, then SIGKILL of the group.
+        Returns why SIGKILL was needed ("" if it was not).  ``quiet``: part of a stop,
+        which logs one line of its own when it is over."""
         if not svc.running:
-            return
+            return ""
         pid = svc.pid
         sig = signal.Signals[svc.spec.stop_signal]
         if not svc.restart_requested:
-            self._set_state(svc, State.STOPPING, reason)
-        log.info("service_stop", name=svc.name, pid=pid, signal=sig.name, reason=reason)
+            self._set_state(svc, State.STOPPING, reason, quiet=quiet)
+        (log.debug if quiet else log.info)("service_stop", service=svc.name, pid=pid, signal=sig.name, reason=reason)
         _killpg(pid, sig)
         with anyio.move_on_after(svc.spec.stop_timeout):
             await svc.exited.wait()
-        if svc.running:
-            log.warning("service_kill", name=svc.name, pid=pid,
-                        reason=f"still running {svc.spec.stop_timeout:g}s after {sig.name}")
-            _killpg(pid, signal.SIGKILL)
-            await svc.exited.wait()
+        if not svc.running:
+            return ""
+        killed = f"still running {svc.spec.stop_timeout:g}s after {sig.name}: SIGKILL"
+        if not quiet:
+            log.warning("service_kill", service=svc.name, pid=pid, reason=killed)
+        _killpg(pid, signal.SIGKILL)
+        await svc.exited.wait()
+        return killed
 
     async def stop(self, name: str, reason: str = "requested") -> ServiceStatus:
         """Stop a service and keep it stopped (until ``start``): its keeper is gone and
@@ -553,12 +568,24 @@ class Supervisor:
         svc.stop_requested = True
         if svc.keeper is not None:
             svc.keeper.cancel()
+        previous, pid, began, killed = svc.state, svc.pid, time.monotonic(), ""
+        was_running = svc.running
         with anyio.CancelScope(shield=True):
             if svc.running:
-                self._set_state(svc, State.STOPPING, reason)
-                await self._terminate(svc, reason)
+                self._set_state(svc, State.STOPPING, reason, quiet=True)
+                killed = await self._terminate(svc, reason, quiet=True)
             await svc.keeper_done.wait()
-        self._set_state(svc, State.STOPPED, svc.last_exit or reason)
+        self._set_state(svc, State.STOPPED, svc.last_exit or reason, quiet=True)
+        if previous != State.STOPPED:
+            # The whole stop in one line: the state, the signal and the process's end.
+            fields: dict[str, Any] = {"service": name, "reason": reason, "previous": previous.value}
+            if was_running:
+                fields.update(pid=pid, signal=svc.spec.stop_signal, status=svc.last_exit,
+                              took=round(time.monotonic() - began, 3))
+            if killed:
+                log.warning("service_stopped", **fields, killed=killed)
+            else:
+                log.info("service_stopped", **fields)
         return svc.status()
 
     async def start(self, name: str) -> ServiceStatus:
@@ -630,6 +657,11 @@ class Supervisor:
                 self._start_keeper(self.services[name])
         log.info("config_applied", added=added, removed=removed, restarted=changed, unchanged=len(unchanged))
         return {"started": added, "stopped": removed, "restarted": changed, "unchanged": unchanged}
+
+
+def command_line(spec: ServiceConfig) -> list[str]:
+    """The argv a service runs with (``{python}``: the kernel's interpreter)."""
+    return [sys.executable if a == "{python}" else a for a in spec.command]
 
 
 def _wrapped(spec: dict[str, Any], env: dict[str, str]) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "ServiceStatus", "ServiceList", "Interface", "CapabilityEntry", "CapabilityTable", "Monitoring", "Reloaded",
     "Measurement", "Measurements", "Granted", "EnrollmentEntry", "Enrollments", "KernelReply",
     "Traffic", "ServiceStateChanged", "AuditEvent", "KernelEvent",
+    "GetLogs", "LogRecord", "LogRecords",
     "Tensor",
 ]
 
@@ -215,13 +216,27 @@ class ListEnrollments(msgspec.Struct, tag=True, omit_defaults=True):
     name: str = ""
 
 
+class GetLogs(msgspec.Struct, tag=True, omit_defaults=True):
+    """The log records the kernel keeps of some services (every one when ``services`` is
+    empty), oldest first: each service's own log lines and captured output, and the
+    kernel's lines about it (``service`` ``kernel``: the kernel's other lines)."""
+
+    services: list[str] = []
+    #: At most this many records, the newest; 0: every one kept.
+    lines: int = 0
+    #: Only records logged at or after this Unix time; 0: any.
+    since: float = 0.0
+    #: Only records after this sequence number (``LogRecords.last`` of an earlier answer).
+    after: int = 0
+
+
 class GetMeasurements(msgspec.Struct, tag=True):
     """The measurement log of what the kernel started (for attestation)."""
 
 
 KernelRequest = (ListServices | GetService | Introspect | ListCapabilities | Monitor | StopMonitor
                  | StartService | StopService | RestartService | Reload | Grant | Revoke | Reset | Enroll
-                 | ListEnrollments | GetMeasurements)
+                 | ListEnrollments | GetMeasurements | GetLogs)
 
 
 
@@ -248,6 +263,13 @@ class ServiceStatus(msgspec.Struct, tag=True):
     #: Messages to it the kernel could not deliver (its queue was full): events and
     #: heartbeats dropped, and answers lost when its session ended for not reading them.
     dropped: int = 0
+    #: Unix time at which it entered its current state (0: unknown, e.g. a peer the kernel
+    #: did not start).
+    since: float = 0.0
+    #: The command the kernel runs it with (``{python}`` replaced); empty for other peers.
+    command: list[str] = []
+    #: Resident memory of its process in bytes (/proc), read when asked; 0 when not running.
+    memory: int = 0
 
 
 class ServiceList(msgspec.Struct, tag=True):
@@ -336,8 +358,43 @@ class Enrollments(msgspec.Struct, tag=True):
     entries: list[EnrollmentEntry]
 
 
+# --- logs (GetLogs, kernel.logs.<service>) ----------------------------------------------------
+
+
+class LogRecord(msgspec.Struct, tag=True, omit_defaults=True):
+    """One log line the kernel kept: in ``LogRecords``, and published on
+    ``kernel.logs.<service>`` as it is logged."""
+
+    #: Increases by one with every record the kernel keeps, across services.
+    seq: int
+    #: Unix time.
+    time: float
+    #: The service the line is about (its own lines, or the kernel's about it).
+    service: str
+    #: debug | info | warning | error | critical
+    level: str
+    event: str
+    #: The part of the kernel that logged it (supervisor, router, kernel); empty for the
+    #: service's own lines and output.
+    component: str = ""
+    #: The line's other fields.  Output that is not a JSON log line is event ``output``
+    #: with fields ``stream`` (stdout|stderr) and ``line``.
+    fields: dict[str, Any] = {}
+
+
+class LogRecords(msgspec.Struct, tag=True, omit_defaults=True):
+    records: list[LogRecord]
+    #: The newest record's sequence number, kept or not by this selection: the cursor for
+    #: ``GetLogs.after``.
+    last: int = 0
+    #: How many records the kernel keeps per service (``[logs] lines_per_service``).
+    lines_per_service: int = 0
+    #: Matching records left out (the oldest) to keep the answer under 8 MiB.
+    omitted: int = 0
+
+
 KernelReply = (ServiceList | ServiceStatus | Interface | CapabilityTable | Monitoring | Reloaded
-               | Measurements | Granted | Enrollments)
+               | Measurements | Granted | LogRecords | Enrollments)
 
 
 class Traffic(msgspec.Struct, tag=True, omit_defaults=True):
@@ -382,7 +439,7 @@ class AuditEvent(msgspec.Struct, tag=True, omit_defaults=True):
     time: float = 0.0
 
 
-KernelEvent = Traffic | ServiceStateChanged | AuditEvent
+KernelEvent = Traffic | ServiceStateChanged | AuditEvent | LogRecord
 
 
 # --- tensors -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any, Callable, MutableMapping
 
 import msgspec
 import structlog
@@ -27,7 +28,8 @@ __all__ = [
     "ENV_SERVICE", "ENV_BUS", "ENV_RUN_DIR", "ENV_STATE_DIR", "ENV_CONFIG_DIR", "ENV_CREDENTIAL_FD",
     "ENV_CREDENTIAL_FILE", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT", "ENV_BACKEND",
     "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_BUS", "EXIT_CONFIG",
-    "endpoint_for_run_dir", "configure_logging", "get_logger", "validation_key",
+    "endpoint_for_run_dir", "configure_logging", "get_logger", "add_log_sink", "remove_log_sink",
+    "validation_key",
 ]
 
 #: The service's name (the kernel's, from the config, over the class's default).
@@ -69,6 +71,31 @@ def endpoint_for_run_dir(run_dir: str | os.PathLike[str]) -> str:
 
 
 _configured = False
+#: Called with every line this process logs (see add_log_sink).
+_sinks: list[Callable[[MutableMapping[str, Any]], None]] = []
+
+
+def add_log_sink(sink: Callable[[MutableMapping[str, Any]], None]) -> None:
+    """Have ``sink`` called with every line this process logs through structlog, once
+    configure_logging ran: the event dict after the level filter, before rendering
+    (``service``, ``level``, ``event``, ``timestamp``, ``exception`` as text, the other
+    fields), in the thread that logs.  The sink must not change it, log, or block; what it
+    raises is ignored.  (The kernel keeps each service's recent lines this way.)"""
+    _sinks.append(sink)
+
+
+def remove_log_sink(sink: Callable[[MutableMapping[str, Any]], None]) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def _to_sinks(logger: object, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for sink in _sinks:
+        try:
+            sink(event_dict)
+        except Exception:  # a sink's failure must not cost the line itself
+            pass
+    return event_dict
 
 
 def configure_logging(service: str, *, level: str | None = None, json: bool | None = None) -> structlog.stdlib.BoundLogger:
@@ -96,6 +123,7 @@ def configure_logging(service: str, *, level: str | None = None, json: bool | No
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 structlog.processors.StackInfoRenderer(),
                 structlog.processors.format_exc_info,
+                _to_sinks,
                 renderer,
             ],
             wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -166,7 +166,7 @@ async def serve(cls: type[Service], name: str | None = None, **connect_options: 
                     tg.start_soon(service.main)
                     tg.start_soon(_publish_metrics, bus)
                     async for signum in signals:
-                        log.info("service_stopping", signal=signal.Signals(signum).name)
+                        log.debug("service_stopping", signal=signal.Signals(signum).name)  # (the kernel logs the stop)
                         break
                     bus.draining = True
                     with anyio.move_on_after(cls.stop_grace):
@@ -214,4 +214,4 @@ def run(cls: type[Service], *, backend: str | None = None) -> None:
     except SystemExit as exc:  # a service's own verdict, e.g. SystemExit(EXIT_CONFIG)
         log.info("service_exit", status=exc.code)
         raise
-    log.info("service_stopped", backend=backend)
+    log.debug("service_stopped", backend=backend)

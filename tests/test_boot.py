@@ -131,7 +131,9 @@ def test_stop_kills_the_whole_process_group_after_the_grace_period(make_system) 
     assert system.stop() == 0
     assert time.monotonic() - start < 5
     assert group(pgid) == []
-    assert "service_kill" in system.log()
+    stopped = [msgspec.json.decode(line) for line in system.log().splitlines() if '"service_stopped"' in line]
+    assert [(r["service"], r["level"], r["killed"]) for r in stopped] == [
+        ("stubborn", "warning", "still running 0.5s after SIGTERM: SIGKILL")]
 
 
 HELPERS = Path(__file__).resolve().parent / "helpers"

@@ -409,7 +409,8 @@ def _idle_connections(system: System, n: int, ctx: zmq.Context) -> None:
 
 
 def test_memory_of_closed_connections_comes_back(make_system) -> None:
-    system: System = make_system("[bus]\n")
+    # (the operator's sessions come and go at debug level)
+    system: System = make_system("[bus]\n", env={"EDGEBUS_LOG_LEVEL": "debug"})
     kernel = system.proc.pid
     ctx = zmq.Context()
     try:

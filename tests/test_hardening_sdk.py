@@ -117,7 +117,7 @@ capabilities = ["call:greeter.*", "subscribe:example.*"]
 
 
 def _ended_for_silence(system: System, peer: str) -> bool:
-    return any('"peer_disconnected"' in line and f'"peer": "{peer}"' in line and '"no heartbeat for' in line
+    return any('"peer_disconnected"' in line and f'"service": "{peer}"' in line and '"no heartbeat for' in line
                for line in system.log().splitlines())
 
 

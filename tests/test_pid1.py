@@ -108,8 +108,8 @@ requires = ["b"]
     start = time.monotonic()
     assert system.stop() == 0
     assert time.monotonic() - start < 10
-    stops = [line for line in system.log().splitlines() if '"service_stop"' in line]
-    order = [next(n for n in "abc" if f'"name": "{n}"' in line) for line in stops]
+    stops = [line for line in system.log().splitlines() if '"service_stopped"' in line]
+    order = [next(n for n in "abc" if f'"service": "{n}"' in line) for line in stops]
     assert order == ["c", "b", "a"]
     assert not [p for p in children(system.pid1)]
 
@@ -128,4 +128,4 @@ start_timeout = 60
     assert system.stop() == 0
     assert time.monotonic() - start < 5
     assert all(proc_stat(p) is None for p in group)
-    assert "service_kill" in system.log()
+    assert '"killed": "still running 0.5s after SIGTERM: SIGKILL"' in system.log()

@@ -273,7 +273,7 @@ curve_public_key = "{pub.decode()}"
     assert any("does not speak CURVE" in line for line in refused), refused  # the NULL attempt below
     # ... and only the enrolled, correctly keyed connection became a session (the wrong secret
     # fails the CURVE handshake, the NULL mechanism is not spoken on tcp: neither reaches the router)
-    connected = [line for line in log.splitlines() if '"peer_connected"' in line and '"peer": "remote"' in line]
+    connected = [line for line in log.splitlines() if '"peer_connected"' in line and '"service": "remote"' in line]
     assert len(connected) == 1, connected
 
 

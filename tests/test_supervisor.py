@@ -288,7 +288,7 @@ command = {GREETER}
 requires = ["base"]
 """
     system: System = make_system(broken)
-    await wait_until(system, lambda s: s["base"].state == "failed" and s["top"].state == "backoff")
+    await wait_until(system, lambda s: s["base"].state == "failed" and s["top"].state == "waiting")
     system.config_path.write_text(broken.replace('["/nonexistent/binary"]', GREETER))
     out = msgspec.json.decode(system.busctl("reload", "--json", check=True).stdout)
     assert out["restarted"] == ["base"]
