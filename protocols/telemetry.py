@@ -100,6 +100,11 @@ class UplinkState(msgspec.Struct, tag=True, omit_defaults=True):
     raw_sensor_bytes: int = 0
     #: when the counters started counting (Unix time; the outbox database's creation)
     counting_since: float = 0.0
+    #: where the Prometheus endpoint serves ``/metrics`` (empty: no HTTP) ...
+    http: str = ""
+    #: ... and, when the ``http`` setting's address could not be had, why (the metrics
+    #: are then on the bus only)
+    http_error: str = ""
 
 
 Reply = MetricsText | UplinkState

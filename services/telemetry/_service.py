@@ -88,12 +88,29 @@ class TelemetryService(Service):
             self.uplink = Uplink(settings.uplink, self.outbox, device_id=self.device,
                                  password=self._uplink_password(settings.uplink))
         self._last_summary: dict[str, float] = {}
-        address = settings.http
-        self.http = None
-        if address:
-            host, _, port = address.rpartition(":")
-            self.http = await anyio.create_tcp_listener(local_host=host or "127.0.0.1", local_port=int(port))
-            self.log.info("metrics_http", address=f"http://{host}:{self.http.extra(anyio.abc.SocketAttribute.local_port)}/metrics")
+        self.http: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+        #: where /metrics is served, or why it is not (GetUplink: http, http_error)
+        self.http_url = self.http_error = ""
+        if settings.http:
+            await self._listen(settings.http)
+
+    async def _listen(self, address: str) -> None:
+        """Serve /metrics on ``address`` (host:port).  If it cannot be had (a port in use:
+        another system on this machine), say so in one line and go on without HTTP: the
+        metrics stay on the bus (GetMetrics), and GetUplink tells why there is no HTTP."""
+        host, _, port = address.rpartition(":")
+        host = host or "127.0.0.1"
+        try:
+            self.http = await anyio.create_tcp_listener(local_host=host, local_port=int(port))
+        except (OSError, OverflowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.http_error = f"cannot listen on {address}: {reason}"
+            self.log.error("metrics_http_unavailable", address=address, error=reason,
+                           detail="serving the metrics on the bus only (busctl metrics); give telemetry another "
+                                  "address: http = \"host:port\" (or \"\" for none) in [services.telemetry.settings]")
+            return
+        self.http_url = f"http://{host}:{self.http.extra(anyio.abc.SocketAttribute.local_port)}/metrics"
+        self.log.info("metrics_http", address=self.http_url)
 
     async def _subscribe(self, prefix: str, *, if_forbidden: str = "") -> Subscription | None:
         """A subscription kept until teardown; None (logged as ``if_forbidden``) when the
@@ -286,7 +303,7 @@ class TelemetryService(Service):
                                    outbox_disk_bytes=self.outbox.disk_bytes(),
                                    sent=counters.get("sent", 0), bytes_sent=counters.get("bytes_sent", 0),
                                    dropped=self.outbox.dropped(), raw_sensor_bytes=counters.get("raw_sensor_bytes", 0),
-                                   counting_since=self.outbox.since())
+                                   counting_since=self.outbox.since(), http=self.http_url, http_error=self.http_error)
 
     async def _serve_http(self, client: anyio.abc.SocketStream) -> None:
         """A minimal HTTP/1.0 responder: GET /metrics, anything else 404."""
