@@ -19,6 +19,7 @@ COPY services services
 COPY drivers drivers
 COPY tools tools
 RUN pip install --no-cache-dir . \
+ && (cd / && python -m drivers.accel --warm) \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/edgebus --shell /usr/sbin/nologin edgebus \
  && mkdir -p /run/edgebus /var/lib/edgebus \
  && chown edgebus:edgebus /run/edgebus /var/lib/edgebus \

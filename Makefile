@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m drivers.accel --warm   # numba compiles the ops now, not at the first boot's first requests
 	touch $(STAMP)
 
 venv: $(STAMP)

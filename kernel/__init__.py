@@ -6,6 +6,7 @@ from ._attest import ZERO_PCR, extend as extend_pcr
 from ._caps import ACTIONS, CapabilitySet, parse_capability
 from ._config import (
     Limits,
+    LogsConfig,
     SupervisorConfig,
     BusConfig,
     OperatorConfig,
@@ -24,7 +25,7 @@ from ._supervisor import State, Supervisor
 
 __all__ = [
     "ACTIONS", "CapabilitySet", "parse_capability", "ZERO_PCR", "extend_pcr",
-    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "Limits",
+    "BusConfig", "OperatorConfig", "ServiceConfig", "SystemConfig", "SupervisorConfig", "LogsConfig", "Limits",
     "config_dir", "default_config_text", "load_config", "parse_config",
     "KernelError", "ConfigError", "CapabilityError", "BindError", "SpawnError",
     "Kernel", "default_dirs", "EXIT_OK", "EXIT_ERROR", "EXIT_GAVE_UP", "EXIT_CONFIG",

@@ -80,7 +80,23 @@ class AcceleratorDriver(Service):
         self.threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
         self.models: dict[tuple[str, str, str], _Model] = {}
         self._loading: dict[tuple[str, str, str], anyio.Event] = {}
+        if self.settings.warm_ops:
+            await self._warm_ops()
         self.log.info("accelerator_ready", providers=self.providers, threads=self.threads)
+
+    async def _warm_ops(self) -> None:
+        """Compile the ops (or load them from numba's cache) before READY: see _warm."""
+        from ._warm import warm
+
+        started = time.perf_counter()
+        try:
+            count = await anyio.to_thread.run_sync(warm)
+        except Exception as exc:  # a broken op must not stop the driver: its models fail, and say why
+            self.log.warning("ops_not_warmed", error=f"{type(exc).__name__}: {exc}")
+            return
+        took = time.perf_counter() - started
+        # (seconds: numba's cache was cold, e.g. a first start without `make`'s warm-up)
+        (self.log.info if took > 2 else self.log.debug)("ops_warmed", ops=count, seconds=round(took, 2))
 
     async def handle(self, req: Request, ctx: Context) -> Reply | tuple[Reply, list]:
         match req:

@@ -17,3 +17,6 @@ class AccelSettings(Settings):
     providers: list[str] = []
     #: ``intra_op_num_threads`` of each session; 0: half the CPUs
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: run every pre/post op once before serving, so that numba's compilation (seconds per
+    #: op with a cold cache) is not paid by the first requests
+    warm_ops: bool = True
