@@ -13,11 +13,11 @@ import heapq
 import time
 from collections.abc import Iterable
 
-from protocols import CapabilityEntry, EnrollmentEntry
+from protocols import CapabilityEntry, EnrollmentEntry, Error, ErrorCode
 
 from ._caps import CapabilitySet
 from ._core import RouterCore, log
-from ._peers import Principal
+from ._peers import Peer, Principal
 
 
 class Policy(RouterCore):
@@ -52,10 +52,11 @@ class Policy(RouterCore):
         self._principals[principal.credential] = principal
         self._by_principal_name[principal.name] = principal
         self._apply_policy(principal)
-        for peer in self._peers.values():
+        for peer in list(self._peers.values()):
             if peer.principal.name == principal.name and peer.principal.credential == principal.credential:
                 peer.principal = principal
                 peer.forget_permissions()
+                self._end_uncovered_subscriptions(peer)
         self._topic_cache.clear()
         if principal.external or (old is not None and old.external):
             self._update_enrolment()
@@ -77,10 +78,29 @@ class Policy(RouterCore):
         revoked = self._revoked.get(principal.name, set())
         live = [cap for cap, expires in grants.items() if not expires or expires > now]
         principal.caps = CapabilitySet((*principal.base, *live), denied=revoked)
-        for peer in self._peers.values():
+        for peer in list(self._peers.values()):
             if peer.principal is principal:
                 peer.forget_permissions()
+                self._end_uncovered_subscriptions(peer)
         self._topic_cache.clear()
+
+    def _end_uncovered_subscriptions(self, peer: Peer) -> None:
+        """A subscription whose prefix the peer's capabilities no longer cover (revoked,
+        expired, or gone from the configuration) ends now, and the peer is told: a
+        ``forbidden`` error with id 0 naming the capability, as the Subscribe would be
+        answered now.  (A narrower revocation, of one topic under a prefix still covered,
+        only stops the deliveries it matches: they are checked per topic.)"""
+        caps = peer.principal.caps
+        lost = sorted(p for p in peer.subscriptions if not caps.covers_prefix("subscribe", p))
+        if not lost:
+            return
+        peer.subscriptions.difference_update(lost)
+        self._topic_cache.clear()
+        for prefix in lost:
+            log.info("subscription_ended", peer=peer.name, prefix=prefix, reason="capability no longer held")
+            self.answer(peer, 0, Error(code=ErrorCode.FORBIDDEN, capability=f"subscribe:{prefix}*", message=(
+                f"the subscription of {peer.name!r} to {prefix!r} ended: it no longer holds a capability "
+                "covering it (revoked, expired or changed in the configuration)")))
 
     def _grant(self, name: str, capability: str, expires: float = 0.0) -> None:
         self._grants.setdefault(name, {})[capability] = expires

@@ -678,6 +678,10 @@ class BusClient:
         if err.code != ErrorCode.UNAUTHENTICATED:
             if slot is not None:
                 return False  # the answer to a call: delivered as usual
+            if (not header.id and err.code == ErrorCode.FORBIDDEN and err.capability.startswith("subscribe:")
+                    and err.capability.endswith("*")):
+                self._subscription_ended(err.capability[len("subscribe:"):-1], err.message)
+                return True
             log.warning("error_from_bus", code=err.code.value, message=err.message, capability=err.capability or None)
             return True
         if slot is not None:
@@ -690,6 +694,18 @@ class BusClient:
             return True
         self._end_session(err.message, drain=True)
         return True
+
+    def _subscription_ended(self, prefix: str, why: str) -> None:
+        """The kernel ended the subscription to ``prefix`` (its capability was revoked): the
+        subscriptions of this client that had it stop asking for it, and one left with no
+        prefix ends (its ``async for`` stops), as when a new session may not subscribe again."""
+        log.error("subscription_lost", prefixes=[prefix], error=why)
+        for sub in list(self._subscriptions):
+            if sub._remote and prefix in sub.prefixes:
+                sub.prefixes = tuple(p for p in sub.prefixes if p != prefix)
+                if not sub.prefixes:
+                    self._subscriptions.remove(sub)
+                    sub._in.close()
 
     async def _serve_one(self, incoming: Incoming, session: int) -> None:
         try:

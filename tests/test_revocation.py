@@ -18,7 +18,7 @@ import zmq
 
 from protocols import Codec, Enrollments, Error, ErrorCode, Header, Heartbeat, Hello, Kind, ListEnrollments, Welcome
 from services import ConnectError, ConnectionLost, Forbidden, connect
-from services.examples.greeter import Add, Greet, Greeting, Sum
+from services.examples.greeter import Add, Echo, Greet, Greeting, Sum
 
 from conftest import System, wait_for
 
@@ -54,8 +54,10 @@ class Remote:
         return f'[services.{self.name}]\ncapabilities = ["call:greeter.*"]\n{key}'
 
 
-def _config(endpoint: str, *remotes: Remote, extra: str = "") -> str:
-    return f'[bus]\ntcp_endpoint = "{endpoint}"\n' + SECURITY + "".join(r.config() for r in remotes) + extra
+def _config(endpoint: str, *remotes: Remote, extra: str = "", raw: bool = False) -> str:
+    """``raw``: for peers that send no heartbeats (RawCurvePeer): the kernel waits a minute."""
+    bus = f'[bus]\ntcp_endpoint = "{endpoint}"\n' + ("heartbeat_liveness = 60\n" if raw else "")
+    return bus + SECURITY + "".join(r.config() for r in remotes) + extra
 
 
 def _curve(system: System, remote: Remote) -> tuple[bytes, bytes, bytes]:
@@ -150,7 +152,7 @@ async def test_unenrolling_a_key_ends_its_live_session_at_once(make_system) -> N
 async def test_the_peer_is_told_at_once_why_its_session_ended(make_system) -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
     unenrolled, replaced, removed = Remote("unenrolled"), Remote("replaced"), Remote("removed")
-    config = _config(endpoint, unenrolled, replaced, removed)
+    config = _config(endpoint, unenrolled, replaced, removed, raw=True)
     system: System = make_system(config)
     await system.wait_ready("security", "greeter")
     peers = {r.name: RawCurvePeer(endpoint, _curve(system, r)) for r in (unenrolled, replaced, removed)}
@@ -181,14 +183,27 @@ async def test_the_peer_is_told_at_once_why_its_session_ended(make_system) -> No
 
 
 async def test_revoking_a_capability_restricts_the_live_session_at_once(make_system) -> None:
-    system: System = make_system(SECURITY + '[services.client]\ncapabilities = ["call:greeter.*"]\n')
+    system: System = make_system(SECURITY + '[services.client]\ncapabilities = ["call:greeter.*", "subscribe:example.*"]\n')
     await system.wait_ready("security", "greeter")
-    async with system.client("client") as bus:
+    async with system.client() as operator, system.client("client") as bus:
         assert (await bus.call("greeter", Add(a=1, b=2), Sum, timeout=5)).value == 3
         await _busctl(system, "caps", "revoke", "client", "call:greeter.Add")
         with pytest.raises(Forbidden, match="call:greeter.Add"):  # the very next call, naming why
             await bus.call("greeter", Add(a=1, b=2), Sum, timeout=5)
         assert (await bus.call("greeter", Greet(who="x"), Greeting, timeout=5)).text == "hello, x"
+        # a subscription the revocation no longer covers ends at once, and the subscriber is
+        # told (it used to stay open, silently receiving nothing)
+        async with bus.subscribe("example.") as sub:
+            await operator.publish("example.mark", Echo(text="before"))
+            with anyio.fail_after(5):
+                assert (await sub.receive()).decode(Echo).text == "before"
+            await _busctl(system, "caps", "revoke", "client", "subscribe:example.*")
+            await operator.publish("example.mark", Echo(text="after"))
+            with anyio.fail_after(5):
+                received = [event.decode(Echo).text async for event in sub]  # ends: no more to come
+            assert received == []
+        log = system.log()
+        assert '"subscription_ended"' in log and '"example."' in log
 
 
 # -- 2. run-time decisions win over the config across reloads and restarts, until reset ----------
@@ -280,7 +295,7 @@ async def test_a_client_that_may_not_reconnect_stops_with_the_reason(make_system
 async def test_a_heartbeat_on_an_ended_session_is_answered_with_the_reason(make_system) -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
     remote = Remote("remote")
-    system: System = make_system(_config(endpoint, remote))
+    system: System = make_system(_config(endpoint, remote, raw=True))
     await system.wait_ready("security", "greeter")
     peer = RawCurvePeer(endpoint, _curve(system, remote))
     try:
