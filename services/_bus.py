@@ -260,6 +260,9 @@ class BusClient:
         #: Start a new session by itself when the kernel ends this one or goes silent.
         self.reconnect = reconnect
         self._connect_timeout = connect_timeout
+        #: While a CURVE handshake is under way: its socket's events (see _socket).
+        self._handshake_monitor: AsyncSocket | None = None
+        self._handshake_failures = 0
         self._asock = self._socket()
         self._codec = Codec()
         self._ids = itertools.count(1)
@@ -303,8 +306,7 @@ class BusClient:
         return AsyncSocket(sock)
 
     def _close_handshake_monitor(self) -> None:
-        monitor = getattr(self, "_handshake_monitor", None)
-        self._handshake_monitor: AsyncSocket | None = None
+        monitor, self._handshake_monitor = self._handshake_monitor, None
         if monitor is not None:
             try:
                 self._asock.sock.disable_monitor()
