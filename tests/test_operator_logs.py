@@ -5,7 +5,11 @@ Each on a real system: `edgebus boot` with its services, the kernel's JSON log, 
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +25,7 @@ from protocols.scheduler import Detection
 from protocols.telemetry import GetMetrics, GetUplink, MetricsText, UplinkState
 from services import UnknownDestination
 
-from conftest import System, wait_for
+from conftest import BIN, System, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -228,3 +232,92 @@ async def test_the_first_boot_of_the_default_system_has_no_warning(make_system, 
     assert [r for r in records if r["level"] not in ("debug", "info")] == []
     warmed = [r for r in records if r["event"] == "ops_warmed"]
     assert warmed and warmed[0]["service"] == "accel-cpu"
+
+
+# -- busctl logs and status --------------------------------------------------------------------
+
+BUSCTL_LOGS = f"""
+[services.greeter]
+command = {GREETER}
+
+[services.crasher]
+command = ["sh", "-c", "echo 'cannot open /etc/crasher.conf: No such file or directory' >&2; exit 1"]
+max_restarts = 1
+backoff_initial = 0.05
+"""
+
+
+class _Lines:
+    """A process's stdout read line by line, each read bounded in time (os.read and select:
+    no buffered reader hides lines from select)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc, self.fd, self.buf = proc, proc.stdout.fileno(), b""
+
+    def until(self, done: Any, timeout: float) -> list[dict[str, Any]]:
+        """JSON lines until ``done(record)``, failing after ``timeout``."""
+        got: list[dict[str, Any]] = []
+        end = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                got.append(json.loads(line))
+                if done(got[-1]):
+                    return got
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"timed out; read so far: {got}")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise AssertionError(f"busctl ended ({self.proc.wait()}); read so far: {got}")
+            self.buf += chunk
+
+
+async def test_busctl_logs_and_status_show_why_a_service_failed(make_system) -> None:
+    system: System = make_system(BUSCTL_LOGS)
+    await system.wait_ready("greeter")
+    await system.wait_until(lambda s: s["crasher"].state == "failed")
+
+    human = system.busctl("logs", "crasher", check=True).stdout.splitlines()
+    assert sum(line.endswith(" crasher stderr: cannot open /etc/crasher.conf: No such file or directory")
+               for line in human) == 2, human
+    assert "crasher[supervisor] info service_state state=failed" in human[-1]
+    records = [json.loads(line) for line in system.busctl("logs", "-o", "json", "crasher", check=True).stdout.splitlines()]
+    assert len(records) == len(human) and {r["service"] for r in records} == {"crasher"}
+    assert set(records[0]) == {"seq", "time", "service", "level", "event", "component", "fields"}
+    assert system.busctl("logs", "crasher", "-n", "3", check=True).stdout.splitlines() == human[-3:]
+    assert system.busctl("logs", "crasher", "--since", "1h", check=True).stdout.splitlines() == human
+    assert system.busctl("logs", "crasher", "--since", str(int(time.time()) + 3600), check=True).stdout == ""
+    both = system.busctl("logs", "greeter", "crasher", check=True).stdout.splitlines()
+    assert set(human) < set(both) and any(" greeter[supervisor] " in line for line in both)
+    missing = system.busctl("logs", "nosuch")
+    assert missing.returncode == 4 and "no service named 'nosuch'" in missing.stderr
+    bad = system.busctl("logs", "--since", "soon")
+    assert bad.returncode == 2 and "'soon' is not a time" in bad.stderr
+
+    # status: since when, command, memory, and the last 10 lines
+    status = system.busctl("status", "greeter", check=True).stdout.splitlines()
+    detail = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in status[:status.index("")])}
+    assert detail["state"] == "ready" and detail["since"].endswith("s ago)")
+    assert detail["command"].endswith("python -m services.examples.greeter")
+    assert detail["memory"].endswith("M")
+    tail = status[status.index("") + 1:]
+    assert tail == system.busctl("logs", "greeter", "-n", "10", check=True).stdout.splitlines() and tail
+    doc = json.loads(system.busctl("status", "crasher", "-o", "json", check=True).stdout)
+    assert doc["state"] == "failed" and doc["memory"] == 0 and doc["command"][0] == "sh"
+    assert 0 < len(doc["logs"]) <= 10 and doc["logs"][-1]["fields"]["state"] == "failed"
+
+    # -f: what is logged from now on, as it comes
+    follower = subprocess.Popen([str(BIN / "busctl"), "logs", "-f", "-o", "json", "greeter", "--run-dir",
+                                 str(system.run_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        lines = _Lines(follower)
+        history = lines.until(lambda r: True, 10)  # subscribed once it prints
+        system.busctl("stop", "greeter", check=True)
+        followed = lines.until(lambda r: r["event"] == "service_stopped", 10)
+        assert {r["service"] for r in followed} == {"greeter"}
+        assert min(r["seq"] for r in followed) > history[0]["seq"]
+    finally:
+        follower.terminate()
+        follower.wait(10)
