@@ -1,0 +1,578 @@
+"""busctl's commands that ask once and show the answer: services, calls, capabilities, the
+audit log, trust, attestation, models, inference, the scheduler and metrics.  Each is
+``async def cmd_x(bus, args, out) -> exit status``; ``args.deadline`` is the request's
+deadline in seconds (see busctl's --deadline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from protocols import (
+    CapabilityTable,
+    GetService,
+    Interface,
+    Introspect,
+    ListCapabilities,
+    ListServices,
+    Reload,
+    Reloaded,
+    RestartService,
+    ServiceList,
+    ServiceStatus,
+    StartService,
+    StopService,
+)
+from services import BusClient
+
+from ._busctl_logs import show_status_tail, status_details, status_tail
+from ._busctl_output import Output, plain
+
+__all__ = [
+    "UsageError", "EXIT_FAILED", "EXIT_TIMEOUT", "uptime_text", "read_json_object",
+    "cmd_list", "cmd_status", "cmd_call", "cmd_introspect", "cmd_start", "cmd_stop", "cmd_restart",
+    "cmd_reload", "cmd_wait", "cmd_caps", "cmd_audit", "cmd_trust", "cmd_attest", "cmd_security",
+    "cmd_model", "cmd_infer", "cmd_sched", "cmd_metrics", "parse_metrics",
+]
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 6
+
+
+class UsageError(Exception):
+    """Bad input on the command line: busctl exits 2 with this message."""
+
+
+def uptime_text(seconds: float) -> str:
+    if not seconds:
+        return ""
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def read_json_object(text: str, what: str, example: str) -> dict[str, Any]:
+    """A JSON object typed on the command line (``-``: read from standard input)."""
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the {what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"the {what} must be a JSON object, e.g. '{example}'")
+    return value
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+async def cmd_list(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    reply = await bus.call("kernel", ListServices(), ServiceList, timeout=args.deadline)
+    if out.json:
+        out.emit(reply.services)
+        return 0
+    rows = [(s.name, s.state, s.pid or "", s.restarts, uptime_text(s.uptime), s.last_exit,
+             ",".join(s.types)) for s in reply.services]
+    out.line(out.table(rows, ("NAME", "STATE", "PID", "RESTARTS", "UPTIME", "LAST EXIT", "TYPES"),
+                       styles={1: out.state}))
+    return 0
+
+
+async def cmd_status(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    s = await bus.call("kernel", GetService(name=args.name), ServiceStatus, timeout=args.deadline)
+    tail = await status_tail(bus, args.name, args.deadline)  # its last log lines
+    if out.json:
+        out.emit({**plain(s), "logs": plain(tail)})
+        return 0
+    fields, shown = plain(s), status_details(s)  # since, command, memory as a person reads them
+    width = max(map(len, fields))
+    for key, value in fields.items():
+        if key in shown:
+            value = shown[key]
+        elif isinstance(value, list):
+            value = ", ".join(value) or "-"
+        elif key == "uptime":
+            value = uptime_text(value) or "-"
+        elif key == "state":
+            value = out.state(value)
+        out.line(f"{key.replace('_', ' '):>{width}}: {value if value not in ('', None) else '-'}")
+    show_status_tail(tail, out)
+    return 0
+
+
+async def cmd_call(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    body = read_json_object(args.body, "request body", '{"who": "world"}')
+    body["type"] = args.type
+    incoming = await bus.request(args.service, msgspec.msgpack.encode(body), type=args.type,
+                                 timeout=args.deadline)
+    out.pretty(incoming.decode())
+    return 0
+
+
+async def cmd_introspect(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    iface = await bus.call("kernel", Introspect(name=args.service), Interface, timeout=args.deadline)
+    if out.json:
+        out.emit(iface)
+        return 0
+    out.line(f"service {iface.name}")
+    defs = iface.schema.get("$defs", {})
+    for t in iface.types:
+        schema = defs.get(t, {})
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        fields = ", ".join(
+            f"{k}{'' if k in required else '?'}: {_schema_type(v)}" for k, v in props.items() if k != "type"
+        )
+        out.line(f"  request {t}({fields})")
+    for name, schema in iface.reply_schema.get("$defs", {}).items():
+        if "properties" in schema and schema.get("properties", {}).get("type"):
+            fields = ", ".join(f"{k}: {_schema_type(v)}" for k, v in schema["properties"].items() if k != "type")
+            out.line(f"  reply   {name}({fields})")
+    for topic in iface.publishes:
+        out.line(f"  publishes {topic}")
+    return 0
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_schema_type(s) for s in schema["anyOf"])
+    t = schema.get("type", "any")
+    if t == "array":
+        return f"[{_schema_type(schema.get('items', {}))}]"
+    return str(t)
+
+
+async def _operation(bus: BusClient, args: argparse.Namespace, out: Output, msg: msgspec.Struct, verb: str) -> int:
+    s = await bus.call("kernel", msg, ServiceStatus, timeout=args.deadline)
+    if out.json:
+        out.emit(s)
+    else:
+        out.line(f"{s.name}: {verb}; state {out.state(s.state)}" + (f", pid {s.pid}" if s.pid else "")
+                 + (f" ({s.last_exit})" if s.last_exit and s.state != "ready" else ""))
+    return 0 if (s.state == "ready") == (verb != "stopped") else EXIT_FAILED
+
+
+async def cmd_start(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    return await _operation(bus, args, out, StartService(name=args.name), "started")
+
+
+async def cmd_stop(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    return await _operation(bus, args, out, StopService(name=args.name), "stopped")
+
+
+async def cmd_restart(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    return await _operation(bus, args, out, RestartService(name=args.name), "restarted")
+
+
+async def cmd_reload(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    r = await bus.call("kernel", Reload(), Reloaded, timeout=args.deadline)
+    if out.json:
+        out.emit(r)
+    else:
+        for label, names in (("started", r.started), ("stopped", r.stopped), ("restarted", r.restarted)):
+            out.line(f"{label}: {', '.join(names) or '-'}")
+        out.line(f"unchanged: {len(r.unchanged)}")
+    return 0
+
+
+async def cmd_wait(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    """Until the service is in the state: event-driven (kernel.services), checked with
+    GetService; exit 6 when the deadline comes first."""
+    end = time.monotonic() + args.deadline
+    s = None
+    async with bus.subscribe("kernel.services") as sub:
+        with anyio.move_on_after(args.deadline):
+            while True:
+                s = await bus.call("kernel", GetService(name=args.name), ServiceStatus,
+                                   timeout=max(end - time.monotonic(), 0.001))
+                if s.state == args.state:
+                    if out.json:
+                        out.emit(s)
+                    return 0
+                await sub.receive()
+    state = s.state if s else "unknown"
+    print(f"busctl: {args.name} is {state!r} after {args.deadline:g}s, not {args.state!r}", file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
+# -- capabilities and security -----------------------------------------------------------------
+
+_CAPS_USAGE = ("usage: busctl caps [NAME] | caps grant NAME CAP [--ttl S] | caps revoke NAME CAP "
+               "| caps reset NAME CAP")
+_ORIGINS = {"config": "config", "grant": "run-time grant", "revocation": "run-time revocation"}
+
+
+async def cmd_caps(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    words = list(args.words)
+    if words and words[0] in ("grant", "revoke", "reset"):
+        return await _caps_change(bus, args, out, words)
+    if len(words) > 1 or args.ttl is not None:
+        raise UsageError(_CAPS_USAGE)
+    table = await bus.call("kernel", ListCapabilities(name=words[0] if words else ""), CapabilityTable,
+                           timeout=args.deadline)
+    principals: dict[str, list[dict[str, Any]]] = {}
+    for name in sorted(table.entries or table.table):
+        entries = table.entries.get(name)
+        if entries is None:  # a kernel without origins: the effective patterns only
+            principals[name] = [{"capability": c.lstrip("!"), "origin": "revocation" if c.startswith("!") else "config",
+                                 "expires": None} for c in table.table[name]]
+        else:
+            principals[name] = [{"capability": e.capability, "origin": e.origin, "expires": e.expires or None}
+                                for e in entries]
+    if out.json:
+        out.emit(principals)
+        return 0
+    rows: list[tuple[str, str, str, str]] = []
+    for name, entries in principals.items():
+        for e in entries:
+            shown = f"!{e['capability']}" if e["origin"] == "revocation" else e["capability"]
+            expires = e["expires"]
+            expiry = (f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))} "
+                      f"(in {max(expires - time.time(), 0):.0f}s)" if expires
+                      else "never" if e["origin"] == "grant" else "")
+            rows.append((name, shown, _ORIGINS.get(e["origin"], e["origin"]), expiry))
+        if not entries:
+            rows.append((name, "(none: default deny)", "", ""))
+    out.line(out.table(rows, ("PRINCIPAL", "CAPABILITY", "ORIGIN", "EXPIRES")))
+    return 0
+
+
+async def _caps_change(bus: BusClient, args: argparse.Namespace, out: Output, words: list[str]) -> int:
+    from protocols.security import GrantCapability, Grants, ResetCapability, RevokeCapability
+
+    verb = words[0]
+    if len(words) != 3:
+        raise UsageError(f"usage: busctl caps {verb} NAME CAPABILITY" + (" [--ttl S]" if verb == "grant" else ""))
+    if args.ttl is not None and verb != "grant":
+        raise UsageError(f"--ttl goes with caps grant, not caps {verb}")
+    if args.ttl is not None and not (math.isfinite(args.ttl) and args.ttl > 0):
+        raise UsageError(f"--ttl {args.ttl:g}: a grant lasts a number of seconds > 0; "
+                         "leave --ttl out for a grant until revoked")
+    name, cap = words[1], words[2]
+    msg = {"grant": GrantCapability(name=name, capability=cap, ttl=args.ttl),
+           "revoke": RevokeCapability(name=name, capability=cap),
+           "reset": ResetCapability(name=name, capability=cap)}[verb]
+    result = await bus.call("security", msg, Grants, timeout=args.deadline)
+    if out.json:
+        out.emit(result)
+        return 0
+    out.line({"grant": f"granted {cap} to {name}" + (f" for {args.ttl:g}s" if args.ttl is not None else ""),
+              "revoke": f"revoked {cap} from {name}",
+              "reset": f"reset {cap} of {name} to its configuration"}[verb])
+    out.line(f"{name} now holds: {', '.join(result.effective) or '(nothing: default deny)'}")
+    return 0
+
+
+async def cmd_audit(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from protocols.security import AuditRecords, AuditTail, AuditVerdict, AuditVerify
+
+    if args.action == "tail":
+        if args.n < 1:
+            raise UsageError(f"-n {args.n}: show at least 1 record")
+        records = (await bus.call("security", AuditTail(n=args.n), AuditRecords, timeout=args.deadline)).records
+        if out.json:
+            out.emit(records)
+            return 0
+        for r in records:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
+            extra = " ".join(x for x in (r.capability, r.detail, f"by {r.by}" if r.by else "") if x)
+            out.line(f"{r.seq:>6}  {stamp}  {r.kind:<22} {r.subject:<16} {extra}")
+        return 0
+    verdict = await bus.call("security", AuditVerify(), AuditVerdict, timeout=args.deadline)
+    if out.json:
+        out.emit(verdict)
+    elif verdict.ok:
+        out.line(f"audit log intact: {verdict.records} records in {verdict.files} file(s), "
+                 f"{verdict.checkpoints} signed checkpoint(s)")
+    else:
+        print(f"busctl: audit log broken at {verdict.where}: {verdict.problem} "
+              f"({verdict.records} records before it are intact)", file=sys.stderr)
+    return 0 if verdict.ok else EXIT_FAILED
+
+
+async def cmd_trust(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from protocols.security import TrustAdd, TrustedKeys, TrustList, TrustRemove
+
+    if args.action == "add":
+        if not args.key:
+            raise UsageError("usage: busctl trust add PUBLIC_KEY_HEX [--label L]")
+        msg: msgspec.Struct = TrustAdd(public_key=args.key, label=args.label or "")
+    elif args.action == "remove":
+        if not args.key:
+            raise UsageError("usage: busctl trust remove KEY_ID")
+        msg = TrustRemove(key_id=args.key)
+    else:
+        msg = TrustList()
+    keys = (await bus.call("security", msg, TrustedKeys, timeout=args.deadline)).keys
+    if out.json:
+        out.emit(keys)
+    elif args.action == "list":
+        out.line(out.table([(k.key_id, k.label, k.source, k.public_key) for k in keys],
+                           ("KEY ID", "LABEL", "SOURCE", "PUBLIC KEY")))
+    else:
+        out.line(f"{args.action}{'ed' if args.action == 'add' else 'd'} {keys[0].key_id} {keys[0].label}".rstrip())
+    return 0
+
+
+async def cmd_attest(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from protocols.security import Attest, SignedReport
+
+    signed = await bus.call("security", Attest(nonce=args.nonce or ""), SignedReport, timeout=args.deadline)
+    out.pretty(signed)  # JSON in every mode: it is meant for `edgebus attest verify`
+    return 0
+
+
+_SECURITY_USAGE = "usage: busctl security list [NAME] | enroll NAME KEY | unenroll NAME | reset NAME"
+_KEY_ORIGINS = {"config": "config", "enrolment": "run-time enrolment", "unenrolment": "run-time unenrolment"}
+
+
+async def cmd_security(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    """CURVE enrolment of tcp peers: run-time decisions (enroll, unenroll) win over the
+    configuration's keys until reset; list shows each key and where it comes from."""
+    from protocols import Enrollments, ListEnrollments
+    from protocols.security import Enrolled, EnrollKey, ResetEnrollment, UnenrollKey
+
+    action, name, key = args.action, args.name, args.public_key
+    if action == "list":
+        if key is not None:
+            raise UsageError(_SECURITY_USAGE)
+    elif name is None or (action == "enroll") != (key is not None):
+        raise UsageError(f"usage: busctl security {action} NAME" + (" KEY" if action == "enroll" else ""))
+    if action == "enroll" and not key:
+        raise UsageError(f"an empty key does not unenroll: busctl security unenroll {name}")
+    if action != "list":
+        msg = {"enroll": EnrollKey(name=name, public_key=key or ""), "unenroll": UnenrollKey(name=name),
+               "reset": ResetEnrollment(name=name)}[action]
+        result = await bus.call("security", msg, Enrolled, timeout=args.deadline)
+        if out.json:
+            out.emit(result)
+            return 0
+        out.line({"enroll": f"enrolled {name}: it may connect over tcp with CURVE key {key} (until reset)",
+                  "unenroll": f"unenrolled {name}: it may not connect over tcp (until reset); "
+                              "a session it had has ended",
+                  "reset": f"reset the enrolment of {name}: its configuration applies again"}[action])
+    listing = await bus.call("kernel", ListEnrollments(name=name or ""), Enrollments, timeout=args.deadline)
+    if out.json:
+        if action == "list":
+            out.emit(listing.entries)
+        return 0
+    out.line(out.table([(e.name, e.public_key, _KEY_ORIGINS.get(e.origin, e.origin),
+                         e.config_key if e.config_key and e.config_key != e.public_key else "",
+                         "connected" if e.connected else "") for e in listing.entries],
+                       ("NAME", "CURVE KEY", "ORIGIN", "CONFIG KEY", "SESSION")))
+    return 0
+
+
+# -- models, inference, scheduler, metrics ------------------------------------------------------
+
+
+async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from protocols.modelstore import (
+        Activate, InspectModel, Install, Installed, ListModels, ModelList, ModelManifest, ModelState, Remove,
+        Rollback, Split,
+    )
+
+    words, action = list(args.words), args.action
+
+    def need(n: int, usage: str) -> None:
+        if len(words) != n:
+            raise UsageError(f"usage: busctl model {action} {usage}")
+
+    if action == "list":
+        need(0, "")
+        models = (await bus.call("modelstore", ListModels(), ModelList, timeout=args.deadline)).models
+        if out.json:
+            out.emit(models)
+        else:
+            out.line(out.table([(m.name, m.active, m.trial and "trial" or ("ok" if m.active else ""), m.previous,
+                                 " ".join(f"{v}={w:g}" for v, w in m.split.items()), " ".join(m.versions))
+                                for m in models],
+                               ("MODEL", "ACTIVE", "STATUS", "PREVIOUS", "SPLIT", "VERSIONS")))
+        return 0
+    if action == "install":
+        need(1, "BUNDLE.ebm")
+        try:
+            data = Path(words[0]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {words[0]}: {exc.strerror}") from exc
+        incoming = await bus.request("modelstore", Install(), frames=[data], timeout=args.deadline)
+        result: msgspec.Struct = incoming.decode(Installed)
+    elif action == "inspect":
+        if len(words) not in (1, 2):
+            raise UsageError("usage: busctl model inspect NAME [VERSION]")
+        manifest = await bus.call("modelstore", InspectModel(name=words[0], version=words[1] if len(words) > 1 else ""),
+                                  ModelManifest, timeout=args.deadline)
+        out.pretty(manifest)  # JSON in every mode: a manifest is a document
+        return 0
+    elif action == "activate":
+        need(2, "NAME VERSION")
+        result = await bus.call("modelstore", Activate(name=words[0], version=words[1]), ModelState,
+                                timeout=args.deadline)
+    elif action == "rollback":
+        need(1, "NAME")
+        result = await bus.call("modelstore", Rollback(name=words[0]), ModelState, timeout=args.deadline)
+    elif action == "remove":
+        need(2, "NAME VERSION")
+        result = await bus.call("modelstore", Remove(name=words[0], version=words[1]), ModelState,
+                                timeout=args.deadline)
+    else:  # split NAME V=W ...
+        if len(words) < 1:
+            raise UsageError("usage: busctl model split NAME VERSION=WEIGHT ... (none: back to the active version)")
+        weights = {}
+        for item in words[1:]:
+            version, sep, weight = item.partition("=")
+            try:
+                weights[version] = float(weight)
+            except ValueError:
+                raise UsageError(f"{item!r} is not VERSION=WEIGHT") from None
+            if not sep or not math.isfinite(weights[version]) or weights[version] < 0:
+                raise UsageError(f"{item!r} is not VERSION=WEIGHT (a weight >= 0)")
+        result = await bus.call("modelstore", Split(name=words[0], weights=weights), ModelState,
+                                timeout=args.deadline)
+    if out.json:
+        out.emit(result)
+    elif isinstance(result, Installed):
+        out.line(f"installed {result.name} {result.version} (variants {', '.join(result.variants)}; "
+                 f"signed by {result.key_id}); activate it with: busctl model activate {result.name} {result.version}")
+    else:
+        state: Any = result
+        out.line(f"{state.name}: active {state.active or '-'}" + (" (in trial)" if state.trial else "")
+                 + (f", previous {state.previous}" if state.previous else "")
+                 + (f", split {' '.join(f'{v}={w:g}' for v, w in state.split.items())}" if state.split else ""))
+    return 0
+
+
+def _load_input(path: str) -> Any:
+    """A tensor from .npy, or an image (HWC uint8, via Pillow)."""
+    import numpy as np
+
+    p = Path(path)
+    try:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        from PIL import Image
+
+        with Image.open(p) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} as .npy or an image: {exc}") from exc
+
+
+async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    import numpy as np
+
+    from protocols import pack_tensors
+    from services.scheduler import Infer, InferResult
+
+    x = _load_input(args.input)
+    if args.batch and (x.ndim == 0 or x.shape[0] != 1):
+        x = x[None, ...]
+    descs, frames = pack_tensors([x])
+    incoming = await bus.request("scheduler", Infer(model=args.model, tensors=descs, version=args.version or "",
+                                                    priority=args.priority, key=args.key or ""),
+                                 frames=frames, timeout=args.deadline)
+    result = incoming.decode(InferResult)
+    outputs = [np.asarray(incoming.tensor(t)) for t in result.outputs]
+    if out.json:
+        out.emit({**plain(result), "outputs": [o.tolist() for o in outputs]})
+        return 0
+    out.line(f"{result.model} {result.version} ({result.variant}, level {result.level}) on {result.driver}: "
+             f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
+             f"total {result.total_ms:.2f} ms")
+    for i, o in enumerate(outputs):
+        out.line(f"output {i}: {o.dtype}{list(o.shape)} {np.array2string(o, threshold=20, precision=4)}")
+    return 0
+
+
+async def cmd_sched(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from services.scheduler import GetSchedule, Schedule
+
+    s = await bus.call("scheduler", GetSchedule(), Schedule, timeout=args.deadline)
+    if out.json:
+        out.emit(s)
+        return 0
+    names = {0: "full", 1: "smaller variant", 2: "rule-based fallback"}
+    out.line(f"degradation level {s.level} ({names.get(s.level, '?')})" + (f": {s.pressure}" if s.pressure else ""))
+    out.line(out.table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch) for m in s.models],
+                       ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH")))
+    out.line(out.table([(d.name, "up" if d.up else "down", d.in_flight, d.batches,
+                         "" if d.temperature_c is None else f"{d.temperature_c:.0f} C") for d in s.drivers],
+                       ("DRIVER", "STATE", "IN FLIGHT", "BATCHES", "TEMPERATURE")))
+    return 0
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """The Prometheus exposition text as metric families: name, type, help and samples
+    (name, labels, value as a number)."""
+    families: dict[str, dict[str, Any]] = {}
+
+    def family(name: str) -> dict[str, Any]:
+        return families.setdefault(name, {"name": name, "type": "untyped", "help": "", "samples": []})
+
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, what, rest = line.split(" ", 2)
+            name, _, value = rest.partition(" ")
+            family(name)["help" if what == "HELP" else "type"] = value
+            continue
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, labels = series, {}
+        if "{" in series:
+            name, _, inner = series.partition("{")
+            labels = _labels(inner.rstrip("}"))
+        base = name
+        for suffix in ("_bucket", "_count", "_sum", "_total", "_created"):
+            if name.endswith(suffix) and name[: -len(suffix)] in families:
+                base = name[: -len(suffix)]
+                break
+        try:
+            number: float | None = float(value)
+        except ValueError:
+            continue
+        family(base)["samples"].append({"name": name, "labels": labels, "value": number})
+    return list(families.values())
+
+
+def _labels(inner: str) -> dict[str, str]:
+    labels, i = {}, 0
+    while i < len(inner):
+        eq = inner.index("=", i)
+        key = inner[i:eq].strip().lstrip(",").strip()
+        j, value = eq + 2, []
+        while j < len(inner) and inner[j] != '"':
+            if inner[j] == "\\" and j + 1 < len(inner):
+                j += 1
+                value.append({"n": "\n"}.get(inner[j], inner[j]))
+            else:
+                value.append(inner[j])
+            j += 1
+        labels[key] = "".join(value)
+        i = j + 1
+        while i < len(inner) and inner[i] in ", ":
+            i += 1
+    return labels
+
+
+async def cmd_metrics(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    from protocols.telemetry import GetMetrics, MetricsText
+
+    text = (await bus.call("telemetry", GetMetrics(), MetricsText, timeout=args.deadline)).text
+    if out.json:
+        out.emit(parse_metrics(text))
+    else:
+        out.stream.write(text)
+    return 0
