@@ -152,14 +152,14 @@ command = {GREETER}
     pid = (await states(system))["greeter"].pid
     out = system.busctl("stop", "greeter", check=True).stdout
     assert "state stopped" in out and not alive(pid)
-    assert system.busctl("wait", "greeter", "--state", "ready", "--timeout", "0.5").returncode == 1
+    assert system.busctl("wait", "greeter", "--state", "ready", "--deadline", "0.5").returncode == 6  # timeout
     out = system.busctl("start", "greeter", "--json", check=True).stdout
     started = msgspec.json.decode(out)
     assert started["state"] == "ready" and started["pid"] != pid
     out = msgspec.json.decode(system.busctl("restart", "greeter", "--json", check=True).stdout)
     assert out["state"] == "ready" and out["pid"] != started["pid"]
     bad = system.busctl("stop", "nosuch")
-    assert bad.returncode == 1 and "nosuch" in bad.stderr
+    assert bad.returncode == 4 and "nosuch" in bad.stderr  # no such service
 
 
 async def test_reload_restarts_only_what_changed_and_rejects_a_broken_config(make_system) -> None:
