@@ -101,10 +101,16 @@ class PubSub(RouterCore):
     # -- the kernel's own events ------------------------------------------------------------
 
     def publish_kernel_event(self, topic: str, body: msgspec.Struct) -> None:
-        """Publish an event from the kernel itself (service state changes, audit records)."""
+        """Publish an event from the kernel itself (service state changes, audit records,
+        log records).  Nothing is encoded when nobody receives it."""
+        subscribers = self._topic_cache.get(topic)
+        if subscribers is None:
+            subscribers = self._subscribers(topic)
+        if not subscribers:
+            return
         hdr = Header(kind=Kind.EVENT, type=body_tag(body), dest=topic, sender=KERNEL)
         frames: list[Any] = [b"", SIGNATURE, self._enc.encode(hdr), self._enc.encode(body)]
-        for sub in self._topic_cache.get(topic) or self._subscribers(topic):
+        for sub in subscribers:
             frames[0] = sub.identity
             self._send(frames, sub)
 

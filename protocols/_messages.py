@@ -374,8 +374,9 @@ class LogRecord(msgspec.Struct, tag=True, omit_defaults=True):
     #: debug | info | warning | error | critical
     level: str
     event: str
-    #: The part of the kernel that logged it (supervisor, router, kernel); empty for the
-    #: service's own lines and output.
+    #: The part of the program that logged it: supervisor, router or kernel for the
+    #: kernel's lines about the service; a service's own lines may name one of theirs (the
+    #: SDK's ``bus``), its other output none.
     component: str = ""
     #: The line's other fields.  Output that is not a JSON log line is event ``output``
     #: with fields ``stream`` (stdout|stderr) and ``line``.

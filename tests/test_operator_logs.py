@@ -126,6 +126,33 @@ async def test_the_kernel_keeps_each_services_logs_and_says_why_one_failed(make_
     assert not [r for r in records if r.get("component") in ("supervisor", "router") and ({"name", "peer"} & r.keys())]
 
 
+def test_the_log_book_bounds_what_it_keeps() -> None:
+    """The rings themselves (kernel/_logs.py, a plain class): per-service bounds, the rings
+    of names that are not configured, a reload's new bound, long and odd fields."""
+    from kernel._logs import FIELD_LIMIT, OTHER_RINGS, LogBook
+
+    book = LogBook(3, known=["a"])
+    for i in range(5):
+        book.sink({"service": "a", "event": f"e{i}", "level": "info", "timestamp": "x", "n": i})
+    for i in range(OTHER_RINGS + 5):
+        book.sink({"service": f"busctl.{i}", "event": "denied", "level": "warning"})
+    book.sink({"event": "kernel_line", "component": "kernel", "path": Path("/x"), "big": 2**70,
+               "text": "y" * (FIELD_LIMIT + 10), "nested": {"k": [1, (2, 3)]}, "none": None})
+    a = book.query(["a"])
+    assert [r.event for r in a.records] == ["e2", "e3", "e4"] and a.records[0].fields == {"n": 2}
+    assert a.last == 5 + OTHER_RINGS + 5 + 1
+    names = book.names()
+    assert "busctl.0" not in names and f"busctl.{OTHER_RINGS + 4}" in names and {"a", "kernel"} <= set(names)
+    (kernel,) = book.query(["kernel"]).records
+    assert kernel.component == "kernel" and kernel.fields["path"] == "/x" and kernel.fields["big"] == str(2**70)
+    assert kernel.fields["text"].endswith("... [10 more characters]") and kernel.fields["nested"] == {"k": [1, [2, 3]]}
+    assert "none" not in kernel.fields
+    book.configure(2, known=["a", "b"])
+    assert [r.event for r in book.query(["a"]).records] == ["e3", "e4"] and book.query(["b"]).records == []
+    with pytest.raises(KeyError):
+        book.query(["busctl.0"])
+
+
 def test_lines_per_service_is_validated() -> None:
     assert parse_config("[logs]\nlines_per_service = 50\n").logs.lines_per_service == 50
     assert parse_config("").logs.lines_per_service == 1000
