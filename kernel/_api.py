@@ -136,18 +136,18 @@ class KernelApi(RouterCore):
                     f"expires {expires!r} is not a Unix time: give a finite time in the future, or 0 for no expiry"))
             case Reset(name=name, capability=cap):
                 if self._reset(name, cap):  # else nothing to withdraw: idempotent
-                    log.info("reset", principal=name, capability=cap)
+                    log.info("reset", service=name, capability=cap)
                     self._audit("reset", name, capability=cap)
                 return self._granted(name)
             case Grant(name=name, capability=cap, expires=expires):
                 self._grant(name, cap, expires)
-                log.info("granted", principal=name, capability=cap, expires=expires or None)
+                log.info("granted", service=name, capability=cap, expires=expires or None)
                 self._audit("granted", name, capability=cap,
                             detail=f"until {expires:.0f}" if expires else "without expiry")
                 return self._granted(name)
             case Revoke(name=name, capability=cap):
                 self._revoke(name, cap)
-                log.info("revoked", principal=name, capability=cap)
+                log.info("revoked", service=name, capability=cap)
                 self._audit("revoked", name, capability=cap)
                 return self._granted(name)
             case Enroll(public_key=key, reset=True) if key:
@@ -157,7 +157,7 @@ class KernelApi(RouterCore):
             case Enroll(name=name, reset=True):
                 if self._reset_enrolment(name):
                     key = self._key_in_force(name) if self._may_enroll(name) else ""
-                    log.info("enrolment_reset", principal=name, key=key or None)
+                    log.info("enrolment_reset", service=name, key=key or None)
                     self._audit("enrolment-reset", name, detail=(
                         f"the configuration's key {key} applies again" if key else "the configuration enrols no key"))
                 elif not self._may_enroll(name):
@@ -171,7 +171,7 @@ class KernelApi(RouterCore):
                     f"unenroll it there first (busctl security unenroll {self.enrolled[key]})"))
             case Enroll(name=name, public_key=key):
                 self._enroll_at_run_time(name, key)
-                log.info("enrolled" if key else "unenrolled", principal=name, key=key or None)
+                log.info("enrolled" if key else "unenrolled", service=name, key=key or None)
                 self._audit("enrolled" if key else "unenrolled", name, detail=key)
                 return self._granted(name)
             case GetMeasurements():

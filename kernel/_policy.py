@@ -97,7 +97,7 @@ class Policy(RouterCore):
         peer.subscriptions.difference_update(lost)
         self._topic_cache.clear()
         for prefix in lost:
-            log.info("subscription_ended", peer=peer.name, prefix=prefix, reason="capability no longer held")
+            log.info("subscription_ended", service=peer.name, prefix=prefix, reason="capability no longer held")
             self.answer(peer, 0, Error(code=ErrorCode.FORBIDDEN, capability=f"subscribe:{prefix}*", message=(
                 f"the subscription of {peer.name!r} to {prefix!r} ended: it no longer holds a capability "
                 "covering it (revoked, expired or changed in the configuration)")))
@@ -141,7 +141,7 @@ class Policy(RouterCore):
             expires, name, capability = heapq.heappop(heap)
             if self._grants.get(name, {}).get(capability) == expires:
                 del self._grants[name][capability]
-                log.info("grant_expired", principal=name, capability=capability)
+                log.info("grant_expired", service=name, capability=capability)
                 self._audit("grant-expired", name, capability=capability)
                 if name in self._by_principal_name:
                     self._apply_policy(self._by_principal_name[name])

@@ -123,7 +123,8 @@ async def test_the_kernel_keeps_each_services_logs_and_says_why_one_failed(make_
     records = log_records(system)
     about = [r for r in records if r.get("service") == "crasher" and r.get("component") == "supervisor"]
     assert {"service_state", "service_exited"} <= {r["event"] for r in about}
-    assert not [r for r in records if r.get("component") in ("supervisor", "router") and ({"name", "peer"} & r.keys())]
+    assert not [r for r in records if r.get("component") in ("supervisor", "router", "kernel")
+                and ({"name", "peer", "principal", "sender"} & r.keys())]
 
 
 def test_the_log_book_bounds_what_it_keeps() -> None:
