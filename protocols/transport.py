@@ -2,22 +2,38 @@
 
 pyzmq's ``zmq.FD`` is edge-triggered: it becomes readable when the socket's event state
 *changed*, not while messages wait.  So every wait re-checks ``zmq.EVENTS`` first, and all
-operations are non-blocking attempts.  Only one task may wait on a file descriptor at a
-time under anyio, so one task watches the FD and wakes the others through an Event.
+operations are non-blocking attempts: a receiver drains the socket until EAGAIN and only
+then waits.
+
+On asyncio the FD is watched once for the socket's life (a reader registered with the
+event loop on the first wait, as zmq.asyncio does), not registered and removed around each
+wait (what ``anyio.wait_readable`` does: two epoll_ctl calls and a future per message).
+Its callback reads ``zmq.EVENTS`` (which re-arms the FD) and wakes the waiting tasks
+through plain futures.  On other backends (trio) one task watches the FD with
+``anyio.wait_readable`` and wakes the others through an Event.
+
+:class:`Wakeup` is the matching cheap one-shot wake-up for one waiting task, with an
+optional timeout: a future and a timer handle on asyncio, a parked task under a deadline
+on trio; no anyio Event or cancel scope per use.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import asyncio
+import math
+from typing import Any, Callable, Sequence
 
 import anyio
+import sniffio
 import zmq
 
-__all__ = ["AsyncSocket", "recv_frames", "send_frames"]
+__all__ = ["AsyncSocket", "Wakeup", "recv_frames", "send_frames", "wakeup_factory"]
 
 # Plain ints: pyzmq's flag enums cost an Enum construction per bitwise operation.
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 # The Cython send; pyzmq's Python wrapper around it only adds DRAFT-socket options.
 _send = zmq.backend.Socket.send
 
@@ -50,23 +66,146 @@ def send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
     _send(sock, parts[last], 0)
 
 
+class Wakeup:
+    """A one-shot wake-up for one waiting task: ``set()`` from anywhere in the event loop's
+    thread, ``await wait(timeout)`` -> True once set, False when ``timeout`` (seconds)
+    passed first.  Cancellation of the waiting task works as for any await.  ``clear()``
+    makes it usable again.  Build them with :func:`wakeup_factory` (backend-specific)."""
+
+    __slots__ = ("is_set",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def set(self) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        self.is_set = False
+
+    async def wait(self, timeout: float = math.inf) -> bool:
+        raise NotImplementedError
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _AsyncioWakeup(Wakeup):
+    __slots__ = ("_fut",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._fut: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.is_set = True
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self, timeout: float = math.inf) -> bool:
+        if self.is_set:
+            return True
+        if timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        fut = self._fut = loop.create_future()
+        timer = loop.call_later(timeout, _expire, fut) if timeout != math.inf else None
+        try:
+            await fut
+        finally:
+            self._fut = None
+            if timer is not None:
+                timer.cancel()
+        return self.is_set
+
+
+class _TrioWakeup(Wakeup):
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._task: Any = None
+
+    def set(self) -> None:
+        self.is_set = True
+        task, self._task = self._task, None
+        if task is not None:
+            import trio
+
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self, timeout: float = math.inf) -> bool:
+        import trio
+
+        if self.is_set:
+            return True
+        if timeout <= 0:
+            return False
+
+        def abort(_: Any) -> Any:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self._task = trio.lowlevel.current_task()
+        try:
+            if timeout == math.inf:
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            else:
+                with trio.move_on_after(timeout):
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            self._task = None
+        return self.is_set
+
+
+def wakeup_factory() -> Callable[[], Wakeup]:
+    """The Wakeup class for the running event loop's backend (asyncio or trio)."""
+    return _TrioWakeup if sniffio.current_async_library() == "trio" else _AsyncioWakeup
+
+
 class AsyncSocket:
-    __slots__ = ("sock", "_fd", "_watching", "_changed", "_scope", "_wanted")
+    __slots__ = ("sock", "_fd", "_watching", "_changed", "_scope", "_wanted", "_loop", "_waiters", "_asyncio")
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self._fd = sock.getsockopt(zmq.FD)
         self._watching = False
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._wanted = 0
+        #: asyncio: the loop the FD's reader is registered with, and the waiting tasks' futures
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._asyncio: bool | None = None
 
     async def wait(self, mask: int) -> None:
         """Return once ``zmq.EVENTS`` has one of the bits in ``mask`` (POLLIN/POLLOUT)."""
         sock = self.sock
-        while not (sock.getsockopt(zmq.EVENTS) & mask):
+        if self._asyncio is None:
+            self._asyncio = sniffio.current_async_library() == "asyncio"
+        if self._asyncio:
+            while not (sock.getsockopt(_EVENTS) & mask):
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                    loop.add_reader(self._fd, self._readable)
+                fut = loop.create_future()
+                self._waiters.append(fut)
+                self._wanted |= mask
+                try:
+                    await fut
+                finally:
+                    if not fut.done():  # cancelled
+                        self._waiters.remove(fut)
+            return
+        while not (sock.getsockopt(_EVENTS) & mask):
             self._wanted |= mask
             if self._watching:
+                if self._changed is None:
+                    self._changed = anyio.Event()
                 await self._changed.wait()
                 continue
             self._watching = True
@@ -77,15 +216,38 @@ class AsyncSocket:
                 self._watching = False
                 self._scope = None
                 self._wanted = 0
-                changed, self._changed = self._changed, anyio.Event()
-                changed.set()
+                changed, self._changed = self._changed, None
+                if changed is not None:
+                    changed.set()
+
+    def _readable(self) -> None:
+        """asyncio: the FD became readable.  Reading zmq.EVENTS re-arms it (without that
+        the level-triggered reader would fire on every loop iteration); the waiters wake and
+        check the events they want themselves."""
+        try:
+            self.sock.getsockopt(_EVENTS)
+        except zmq.ZMQError:
+            pass  # closed: the waiters find out when they look
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            self._wanted = 0
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _nudge(self) -> None:
         """After our own send or recv: libzmq may have processed the notification that a
         waiter is blocked on (the FD is edge-triggered), so the waiter would sleep through
         a message already there.  Wake it to re-check zmq.EVENTS."""
-        if self._scope is not None and self.sock.getsockopt(zmq.EVENTS) & self._wanted:
-            self._scope.cancel()
+        if self.sock.getsockopt(_EVENTS) & self._wanted:
+            if self._waiters:
+                self._wake_all()  # (each re-checks the events it waits for)
+            elif self._scope is not None:
+                self._scope.cancel()
 
     async def send(self, frames: Sequence[Any]) -> None:
         """Send one multipart message, waiting while the peer's queue is full."""
@@ -94,8 +256,8 @@ class AsyncSocket:
                 send_frames(self.sock, frames, _NOBLOCK)
                 break
             except zmq.Again:
-                await self.wait(zmq.POLLOUT)
-        if self._scope is not None:
+                await self.wait(_POLLOUT)
+        if self._waiters or self._scope is not None:
             self._nudge()
 
     def try_send(self, frames: Sequence[Any]) -> bool:
@@ -105,25 +267,37 @@ class AsyncSocket:
             send_frames(self.sock, frames, _NOBLOCK)
         except zmq.Again:
             return False
-        if self._scope is not None:
+        if self._waiters or self._scope is not None:
             self._nudge()
         return True
 
     async def recv(self, small: int = 3) -> list[Any]:
-        """Receive one multipart message (see :func:`recv_frames`)."""
+        """Receive one multipart message (see :func:`recv_frames`).  zmq.EVENTS is looked at
+        first: cheaper than the zmq.Again exception that ends every drain otherwise."""
+        sock = self.sock
         while True:
-            try:
-                frames = recv_frames(self.sock, _NOBLOCK, small)
-                break
-            except zmq.Again:
-                await self.wait(zmq.POLLIN)
-        if self._scope is not None:
+            if sock.getsockopt(_EVENTS) & _POLLIN:
+                try:
+                    frames = recv_frames(sock, _NOBLOCK, small)
+                    break
+                except zmq.Again:
+                    pass
+            await self.wait(_POLLIN)
+        if self._waiters or self._scope is not None:
             self._nudge()
         return frames
 
     def close(self, linger: int = 0) -> None:
         """Close the socket.  A task waiting on it wakes: the one watching the FD with
         anyio.ClosedResourceError, the others with zmq.ZMQError (ENOTSOCK)."""
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            self._loop = None
+            for fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(anyio.ClosedResourceError())
+            self._waiters = []
         if self._watching:
             anyio.notify_closing(self._fd)
         self.sock.close(linger)

@@ -12,10 +12,12 @@ Runs under asyncio and trio alike (anyio); nothing here blocks the event loop.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import os
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -48,7 +50,7 @@ from protocols import (
     unpack_tensor,
 )
 from protocols.runtime import ENV_BUS, ENV_CREDENTIAL_FD, ENV_CREDENTIAL_FILE, ENV_RUN_DIR, endpoint_for_run_dir, get_logger
-from protocols.transport import AsyncSocket
+from protocols.transport import AsyncSocket, Wakeup, wakeup_factory
 from zmq.utils.monitor import parse_monitor_message
 
 from ._exceptions import (
@@ -196,10 +198,15 @@ class _Slot:
     unread because the session had already ended: it was never delivered, so it is sent
     again on the next session)."""
 
-    __slots__ = ("event", "value", "error", "retry", "session")
+    __slots__ = ("wake", "value", "error", "retry", "session", "deadline", "done", "expired")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, wake: Wakeup, deadline: float) -> None:
+        self.wake = wake
+        #: time.time() by which the call ends; ``expired`` once the reaper found it passed
+        self.deadline = deadline
+        self.expired = False
+        #: the caller stopped waiting (answered, expired, cancelled): the reaper forgets it
+        self.done = False
         self.value: Incoming | None = None
         self.error: BusError | None = None
         self.retry = False
@@ -207,7 +214,7 @@ class _Slot:
         self.session = 0
 
     def again(self) -> None:
-        self.event = anyio.Event()
+        self.wake.clear()
         self.retry = False
         self.session = 0
 
@@ -253,7 +260,23 @@ class BusClient:
         self._hello.pid = os.getpid()
         self._hello.minor = PROTOCOL_MINOR
         self._on_request = on_request
-        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        #: Requests are served by at most this many long-lived worker tasks (started as
+        #: needed, parked when idle), fed from a queue by the receiving task: no task per
+        #: request.  Requests beyond it wait in the queue.
+        self.max_concurrency = max_concurrency
+        self._queue: deque[tuple[Incoming, int]] = deque()
+        self._free: list[Wakeup] = []
+        self._workers = 0
+        #: One-shot wake-ups for the running backend (see protocols.transport.Wakeup).
+        self._wakeup: Callable[[], Wakeup] | None = None
+        #: The deadlines of all pending calls, watched by one task (_reaper) instead of a
+        #: cancel scope or timer per call: calls in deadline order (the common case: one
+        #: timeout for all, so each new deadline is the latest), and a heap for the others.
+        self._deadlines: deque[_Slot] = deque()
+        self._early: list[tuple[float, int, _Slot]] = []
+        self._reaper_wake: Wakeup | None = None
+        #: when the reaper wakes next (math.inf: when woken)
+        self._reaper_at = math.inf
         self.default_timeout = default_timeout
         self._ctx = ctx or zmq.Context.instance()
         self._curve = curve
@@ -324,7 +347,9 @@ class BusClient:
     async def _send(self, header: Header, body: msgspec.Struct | bytes, raw: Sequence[Any] = ()) -> int:
         """Send one message on the current session (waiting for one while reconnecting);
         return the session's number."""
-        frames = self._codec.pack(header, body, raw)
+        return await self._send_packed(self._codec.pack(header, body, raw))
+
+    async def _send_packed(self, frames: list[Any]) -> int:
         self._sent += 1
         if not self._sent % _FAIRNESS:
             await anyio.lowlevel.checkpoint()
@@ -388,18 +413,38 @@ class BusClient:
         return reply
 
     async def _exchange(self, header: Header, body: msgspec.Struct | bytes, frames: Sequence[Any], deadline: float) -> Incoming:
-        slot = _Slot()
+        """Send and wait for the answer until ``deadline``.  The common case costs no task,
+        cancel scope or Event: the message goes out at once (the socket has room) and a
+        Wakeup (a future with a timer on asyncio) is resolved by the receiving task."""
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = wakeup_factory()
+        slot = _Slot(wakeup(), deadline)
+        calls = self._calls
+        packed = self._codec.pack(header, body, frames)
+        reaped = self._reaper_wake is not None
+        if reaped:
+            self._watch_deadline(slot)
         try:
-            with anyio.move_on_after(max(deadline - time.time(), 0.0)):
-                while True:
-                    self._calls[header.id] = slot
-                    slot.session = await self._send(header, body, frames)
-                    await slot.event.wait()
-                    if not slot.retry:
+            while True:
+                calls[header.id] = slot
+                if self._up.is_set() and self._ending is None and self._try_send(packed):
+                    slot.session = self.sessions
+                else:  # no room, or no session: wait for them, within the deadline
+                    with anyio.move_on_after(max(deadline - time.time(), 0.0)):
+                        slot.session = await self._send_packed(packed)
+                    if not slot.session:
                         break
-                    slot.again()  # refused unread by an ended session: never delivered
+                if reaped:
+                    await slot.wake.wait()
+                elif not await slot.wake.wait(deadline - time.time()):
+                    break
+                if not slot.retry or slot.expired:
+                    break
+                slot.again()  # refused unread by an ended session: never delivered
         finally:
-            self._calls.pop(header.id, None)
+            slot.done = True
+            calls.pop(header.id, None)
         if slot.error is not None:
             raise slot.error
         if slot.value is None:
@@ -407,6 +452,55 @@ class BusClient:
             raise DeadlineExceeded(
                 f"no reply to {header.type!r} from {header.dest or 'the kernel'!r} before the deadline{waiting}")
         return slot.value
+
+    def _watch_deadline(self, slot: _Slot) -> None:
+        """Give the call's deadline to the reaper: O(1) in the common case."""
+        queue = self._deadlines
+        while queue and queue[0].done:  # answered calls leave from the front
+            queue.popleft()
+        if not queue or slot.deadline >= queue[-1].deadline:
+            queue.append(slot)
+        else:
+            heapq.heappush(self._early, (slot.deadline, id(slot), slot))
+        if slot.deadline < self._reaper_at:
+            self._reaper_at = slot.deadline
+            self._reaper_wake.set()  # type: ignore[union-attr]
+
+    async def _reaper(self) -> None:
+        """End the calls whose deadline passed (one task for all of them)."""
+        if self._wakeup is None:
+            self._wakeup = wakeup_factory()
+        wake = self._reaper_wake = self._wakeup()
+        queue, early = self._deadlines, self._early
+        try:
+            while True:
+                now = time.time()
+                while queue and (queue[0].done or queue[0].deadline <= now):
+                    self._expire(queue.popleft())
+                while early and (early[0][2].done or early[0][0] <= now):
+                    self._expire(heapq.heappop(early)[2])
+                nxt = min(queue[0].deadline if queue else math.inf, early[0][0] if early else math.inf)
+                self._reaper_at = nxt
+                wake.clear()
+                await wake.wait(nxt - now)
+        finally:
+            self._reaper_wake = None
+
+    @staticmethod
+    def _expire(slot: _Slot) -> None:
+        if not slot.done:
+            slot.expired = True
+            slot.wake.set()
+
+    def _try_send(self, frames: list[Any]) -> bool:
+        """Send now on the current session if its socket has room (never waits)."""
+        try:
+            if not self._asock.try_send(frames):
+                return False
+        except zmq.ZMQError:
+            return False
+        self._sent += 1
+        return True
 
     def _remote_error(self, incoming: Incoming) -> RemoteError:
         try:
@@ -538,6 +632,8 @@ class BusClient:
     async def _sessions(self, tg: anyio.abc.TaskGroup) -> None:
         """Serve each session until it ends; then fail what it owed, and start the next
         (or raise ConnectionLost when this client does not reconnect)."""
+        if self._wakeup is None:
+            self._wakeup = wakeup_factory()
         while True:
             self._up.set()
             async with anyio.create_task_group() as session:
@@ -551,7 +647,7 @@ class BusClient:
                 if slot.session == self.sessions and not slot.retry:
                     del self._calls[call_id]
                     slot.error = ConnectionLost(f"{reason} (the answer to this request was lost with it)")
-                    slot.event.set()
+                    slot.wake.set()
             if not self.reconnect:
                 raise ConnectionLost(reason)
             log.warning("session_lost", reason=reason, detail="reconnecting")
@@ -638,7 +734,7 @@ class BusClient:
                 slot = self._calls.pop(header.id, None)
                 if slot is not None:
                     slot.value = Incoming(header, body, raw)
-                    slot.event.set()
+                    slot.wake.set()
                 elif kind == _ERR:
                     err = self._remote_error(Incoming(header, body, raw))
                     log.warning("error_from_bus", code=err.code.value, message=err.message,
@@ -651,7 +747,12 @@ class BusClient:
                             f"{self.name!r} is stopping" if self.draining else f"{self.name!r} serves no requests"))
                     continue
                 self._in_flight += 1
-                tg.start_soon(self._serve_one, incoming, session)
+                self._queue.append((incoming, session))
+                if self._free:
+                    self._free.pop().set()
+                elif self._workers < self.max_concurrency:
+                    self._workers += 1
+                    tg.start_soon(self._worker)
             elif kind == _EVENT:
                 topic = header.dest
                 incoming = Incoming(header, body, raw)
@@ -689,7 +790,7 @@ class BusClient:
         if slot is not None:
             del self._calls[header.id]
             slot.retry = True
-            slot.event.set()
+            slot.wake.set()
         if header.id and header.id == self._marker:
             if self._session_scope is not None:
                 self._session_scope.cancel()  # every refusal sent before it has arrived
@@ -708,6 +809,20 @@ class BusClient:
                 if not sub.prefixes:
                     self._subscriptions.remove(sub)
                     sub._in.close()
+
+    async def _worker(self) -> None:
+        """Serve queued requests one after another; park (in _free) while there are none."""
+        assert self._wakeup is not None
+        wake = self._wakeup()
+        queue = self._queue
+        while True:
+            if not queue:
+                wake.clear()
+                self._free.append(wake)
+                await wake.wait()
+                continue
+            incoming, session = queue.popleft()
+            await self._serve_one(incoming, session)
 
     async def _serve_one(self, incoming: Incoming, session: int) -> None:
         try:
@@ -734,14 +849,13 @@ class BusClient:
     async def _handle_one(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
         header = incoming.header
         try:
-            async with self._limiter:
-                remaining = header.deadline - time.time() if header.deadline else math.inf
-                if remaining <= 0:
-                    raise DeadlineExceeded(f"{self.name!r} received {header.type!r} after its deadline; not run")
-                with anyio.move_on_after(remaining) as scope:
-                    result = await self._on_request(incoming)  # type: ignore[misc]
-                if scope.cancelled_caught:
-                    raise DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
+            remaining = header.deadline - time.time() if header.deadline else math.inf
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{self.name!r} received {header.type!r} after its deadline; not run")
+            with anyio.move_on_after(remaining) as scope:
+                result = await self._on_request(incoming)  # type: ignore[misc]
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
             body, frames = result if isinstance(result, tuple) else (result, ())
             if not isinstance(body, msgspec.Struct) or type(body).__struct_config__.tag is None:
                 raise TypeError(f"the handler returned {type(body).__name__}, not a tagged msgspec.Struct")
@@ -855,6 +969,7 @@ async def connect(
             async with anyio.create_task_group() as tg:
                 client._tg = tg
                 tg.start_soon(client._sessions, tg)
+                tg.start_soon(client._reaper)
                 try:
                     yield client
                 finally:

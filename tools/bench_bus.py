@@ -49,6 +49,8 @@ SMALL = b"x" * 64
 TENSOR = 4 * 1024 * 1024
 STYLES = ("idiomatic", "tuned")
 SETUPS = ("raw", "relay", "edgebus")
+#: SDK ends (tools/_bench_sdk.py: connect(), call(), an on_request handler) on each backend
+SDK_SETUPS = ("sdk-asyncio", "sdk-trio")
 
 BENCH_CONFIG = """
 [bus]
@@ -73,6 +75,10 @@ capabilities = ["call:echo-idiomatic.Echo"]
 
 [services.client-tuned]
 capabilities = ["call:echo-tuned.Echo"]
+
+[services.echo-sdk]
+[services.client-sdk]
+capabilities = ["call:echo-sdk.Echo"]
 """
 
 
@@ -371,6 +377,63 @@ def _inproc_round_trips(ctx: zmq.Context, client_p: Any, echo_p: Any, n: int) ->
     return result
 
 
+class _Done(Exception):
+    """--sdk-only: the rest of the benchmark is skipped."""
+
+
+def sdk_run(setup: str, bus_ep: str, creds: Path, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """SDK echo service and SDK client (tools/_bench_sdk.py), each in its own process on the
+    backend the set-up names; ``old-`` set-ups import the SDK from --sdk-old."""
+    backend = setup.rsplit("-", 1)[1]
+    root = args.sdk_old if setup.startswith("old-") else str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "EDGEBUS_LOG_LEVEL": "warning"}
+    script = str(Path(__file__).resolve().parent / "_bench_sdk.py")
+    server = subprocess.Popen([sys.executable, script, "serve", bus_ep, str(creds / "echo-sdk"), backend],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready", setup
+        out = subprocess.run([sys.executable, script, "client", bus_ep, str(creds / "client-sdk"), backend,
+                              str(args.rtt_n), str(args.pipe_n), str(args.window)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode != 0:
+            raise SystemExit(f"{setup} client failed:\n{out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.kill()
+        server.wait()
+
+
+def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str]) -> dict[str, Any]:
+    """Medians of the SDK set-ups and their ratios to raw pyzmq (idiomatic ends), printed."""
+    out: dict[str, Any] = {}
+    if not sdk_setups or not results["rtt_us"]["raw"]:
+        return out
+    raw = {k: statistics.median(results[k]["raw"]) for k in ("rtt_us", "rtt_p99_us", "pipelined_rps")}
+    relay = {k: statistics.median(results[k]["relay"]) for k in raw}
+    print("\nSDK ends (connect/call/on_request) through the kernel, against raw pyzmq (idiomatic ends)")
+    print(f"{'set-up':<18} {'rtt us':>9} {'x raw':>7} {'p99 us':>9} {'pipelined/s':>12} {'% raw':>7}")
+    for name, med in (("raw pyzmq", raw), ("python relay", relay)):
+        print(f"{name:<18} {med['rtt_us']:>9.1f} {med['rtt_us'] / raw['rtt_us']:>7.2f} {med['rtt_p99_us']:>9.1f} "
+              f"{med['pipelined_rps']:>12.0f} {100 * med['pipelined_rps'] / raw['pipelined_rps']:>6.1f}%")
+    out["raw"], out["relay"] = raw, relay
+    for setup in sdk_setups:
+        med = {k: statistics.median(results[k][setup]) for k in raw}
+        med["rtt_ratio"] = med["rtt_us"] / raw["rtt_us"]
+        med["pipelined_share"] = med["pipelined_rps"] / raw["pipelined_rps"]
+        med["runs"] = {k: results[k][setup] for k in raw}
+        out[setup] = med
+        print(f"{setup:<18} {med['rtt_us']:>9.1f} {med['rtt_ratio']:>7.2f} {med['rtt_p99_us']:>9.1f} "
+              f"{med['pipelined_rps']:>12.0f} {100 * med['pipelined_share']:>6.1f}%")
+    for backend in ("", "old-"):
+        a, t = out.get(f"{backend}sdk-asyncio"), out.get(f"{backend}sdk-trio")
+        if a and t:
+            out[f"{backend}trio_vs_asyncio"] = {"rtt": t["rtt_us"] / a["rtt_us"],
+                                                "pipelined": a["pipelined_rps"] / t["pipelined_rps"]}
+            print(f"{backend}trio / asyncio: round trip {t['rtt_us'] / a['rtt_us']:.2f}x, "
+                  f"pipelined {a['pipelined_rps'] / t['pipelined_rps']:.2f}x slower")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench_bus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -378,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipe-n", type=int, default=30000)
     parser.add_argument("--tensor-n", type=int, default=40)
     parser.add_argument("--out", default="bench-results/bus.json")
+    parser.add_argument("--sdk-only", action="store_true",
+                        help="only the SDK set-ups next to raw pyzmq and the relay (idiomatic ends)")
+    parser.add_argument("--sdk-old", metavar="DIR",
+                        help="also measure the SDK of another checkout (e.g. a git worktree of an older commit)")
+    parser.add_argument("--window", type=int, default=200, help="outstanding requests when pipelined")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -420,13 +488,24 @@ def main(argv: list[str] | None = None) -> None:
             procs = [_spawn(["--serve", "bus", bus_ep, style, str(creds / f"echo-{style}")])]
             return EdgebusClient(bus_ep, style, (creds / f"client-{style}").read_text()), procs
 
+        sdk_setups = [*SDK_SETUPS, *(f"old-{s}" for s in SDK_SETUPS if args.sdk_old)]
+        styles = ("idiomatic",) if args.sdk_only else STYLES
+        all_setups = (*SETUPS, *sdk_setups)
         keys = ("rtt_us", "rtt_p99_us", "pipelined_rps", "tensor_rtt_ms", "tensor_gbps")
-        results = {s: {k: {setup: [] for setup in SETUPS} for k in keys} for s in STYLES}
+        results = {s: {k: {setup: [] for setup in all_setups} for k in keys} for s in STYLES}
         kernel_cpu_per_mib: list[float] = []
         for run in range(args.runs):
-            order = list(SETUPS) if run % 2 == 0 else list(reversed(SETUPS))
-            for style in STYLES:
+            for style in styles:
+                setups = [s for s in SETUPS if not (args.sdk_only and s == "edgebus")]
+                if style == "idiomatic":  # the SDK has one style; compared with idiomatic ends
+                    setups += sdk_setups
+                order = setups if run % 2 == 0 else list(reversed(setups))
                 for setup in order:
+                    if setup.startswith(("sdk-", "old-sdk-")):
+                        got = sdk_run(setup, bus_ep, creds, args, tmp)
+                        for key, value in got.items():
+                            results[style][key][setup].append(value)
+                        continue
                     client, procs = start(setup, style)
                     try:
                         round_trip(client, 300)  # warm-up
@@ -449,6 +528,8 @@ def main(argv: list[str] | None = None) -> None:
                             proc.kill()
                             proc.wait()
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        if args.sdk_only:
+            raise _Done
         # the cost of CURVE over tcp against NULL over ipc, same minimal (tuned) ends
         server = (run_dir / "bus.curve.pub").read_text()
         (tmp / "echo.curve").write_text(json.dumps({"server": server, "public": echo_pub.decode(),
@@ -474,6 +555,8 @@ def main(argv: list[str] | None = None) -> None:
                         proc.wait()
         caps = capability_check_cost()
         zero_copy = inproc_zero_copy()
+    except _Done:
+        pass
     finally:
         for c in reversed(children):
             c.send_signal(signal.SIGTERM)
@@ -485,6 +568,11 @@ def main(argv: list[str] | None = None) -> None:
         log.close()
 
     summary: dict[str, Any] = {"styles": {}}
+    summary["sdk"] = sdk_summary(results["idiomatic"], sdk_setups)
+    if args.sdk_only:
+        summary["params"] = {k: v for k, v in vars(args).items() if k != "serve"}
+        write_results(args.out, summary)
+        return
     labels = {"rtt_us": ("small round trip, median (us)", "lower"),
               "rtt_p99_us": ("small round trip, p99 (us)", "lower"),
               "pipelined_rps": ("pipelined small requests (req/s)", "higher"),
