@@ -31,7 +31,7 @@ def plain(obj: Any) -> Any:
     included, the type tag left out), bytes base64 text, an enum its value, a float
     that is not finite ``None``."""
     if isinstance(obj, msgspec.Struct):
-        return {f: plain(getattr(obj, f)) for f in obj.__struct_fields__}
+        return {f.encode_name: plain(getattr(obj, f.name)) for f in msgspec.structs.fields(obj)}
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
