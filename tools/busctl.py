@@ -239,15 +239,11 @@ def _add_globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         f"stop, restart and reload; {INSTALL_DEADLINE:g} for model install; wait: how long to wait)")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit status:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items()) + (
         "\n\nbusctl VERB --help tells more of a verb. Without a verb, busctl lists the services.")
     parser = argparse.ArgumentParser(prog="busctl", description="Inspect and steer a running edgebus.",
-                                     epilog=epilog, formatter_class=_Formatter)
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version("busctl"), help="print the version and exit")
     _add_globals(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
