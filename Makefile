@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench venv clean mosquitto
+.PHONY: run test bench venv clean debs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,16 +19,18 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/edgebus boot --run-dir .run $(if $(CONFIG),--config $(CONFIG))
 
-test: $(STAMP) mosquitto
+test: $(STAMP) debs
 	$(PY) -m pytest -q
 
-# The uplink tests need a real MQTT broker: Debian's mosquitto, installed when missing
-# (as root; elsewhere those tests skip and say why).
-mosquitto:
-	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
-	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q mosquitto >/dev/null 2>&1 || \
-	    (apt-get update -q >/dev/null && apt-get install -y -q mosquitto >/dev/null)) ; } || \
-	  echo "warning: mosquitto could not be installed; the uplink tests will skip"
+# Debian packages the tests use: a real MQTT broker (mosquitto) for the uplink tests, zsh
+# for the completion test; installed when missing (as root; elsewhere those tests skip
+# and say why).
+DEBS := mosquitto zsh
+debs:
+	@missing=$$(for d in $(DEBS); do dpkg -s $$d >/dev/null 2>&1 || echo $$d; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null)) ; } || \
+	  echo "warning: could not install $$missing; the tests that need them will skip"
 
 bench: $(STAMP)
 	$(PY) -m tools.bench_bus
