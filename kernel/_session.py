@@ -238,4 +238,3 @@ class Sessions(RouterCore):
 def _ended(why: str) -> Error:
     return Error(code=ErrorCode.UNAUTHENTICATED, message=(
         f"this connection's session ended: {why}; say Hello (with the same credential) to start a new one"))
-
