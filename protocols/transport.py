@@ -167,7 +167,8 @@ def wakeup_factory() -> Callable[[], Wakeup]:
 
 
 class AsyncSocket:
-    __slots__ = ("sock", "_fd", "_watching", "_changed", "_scope", "_wanted", "_loop", "_waiters", "_asyncio")
+    __slots__ = ("sock", "_fd", "_watching", "_changed", "_scope", "_wanted", "_loop", "_waiters", "_asyncio",
+                 "_events")
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
@@ -180,14 +181,19 @@ class AsyncSocket:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._asyncio: bool | None = None
+        #: asyncio: zmq.EVENTS as read by whoever woke the waiters (each read is a syscall)
+        self._events = 0
 
-    async def wait(self, mask: int) -> None:
-        """Return once ``zmq.EVENTS`` has one of the bits in ``mask`` (POLLIN/POLLOUT)."""
+    async def wait(self, mask: int, checked: bool = False) -> None:
+        """Return once ``zmq.EVENTS`` has one of the bits in ``mask`` (POLLIN/POLLOUT).
+        ``checked``: the caller has just read zmq.EVENTS without them (and nothing touched
+        the socket since)."""
         sock = self.sock
         if self._asyncio is None:
             self._asyncio = sniffio.current_async_library() == "asyncio"
         if self._asyncio:
-            while not (sock.getsockopt(_EVENTS) & mask):
+            events = 0 if checked else sock.getsockopt(_EVENTS)
+            while not (events & mask):
                 loop = self._loop
                 if loop is None:
                     loop = self._loop = asyncio.get_running_loop()
@@ -200,6 +206,9 @@ class AsyncSocket:
                 finally:
                     if not fut.done():  # cancelled
                         self._waiters.remove(fut)
+                # What the waker read: fresh enough, as only this task receives (at worst
+                # a send or receive meets EAGAIN and waits again).
+                events = self._events
             return
         while not (sock.getsockopt(_EVENTS) & mask):
             self._wanted |= mask
@@ -225,14 +234,15 @@ class AsyncSocket:
         the level-triggered reader would fire on every loop iteration); the waiters wake and
         check the events they want themselves."""
         try:
-            self.sock.getsockopt(_EVENTS)
+            events = self.sock.getsockopt(_EVENTS)
         except zmq.ZMQError:
-            pass  # closed: the waiters find out when they look
-        self._wake_all()
+            events = _POLLIN | _POLLOUT  # closed: the waiters find out when they look
+        self._wake_all(events)
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, events: int) -> None:
         waiters = self._waiters
         if waiters:
+            self._events = events
             self._waiters = []
             self._wanted = 0
             for fut in waiters:
@@ -243,9 +253,10 @@ class AsyncSocket:
         """After our own send or recv: libzmq may have processed the notification that a
         waiter is blocked on (the FD is edge-triggered), so the waiter would sleep through
         a message already there.  Wake it to re-check zmq.EVENTS."""
-        if self.sock.getsockopt(_EVENTS) & self._wanted:
+        events = self.sock.getsockopt(_EVENTS)
+        if events & self._wanted:
             if self._waiters:
-                self._wake_all()  # (each re-checks the events it waits for)
+                self._wake_all(events)
             elif self._scope is not None:
                 self._scope.cancel()
 
@@ -275,14 +286,16 @@ class AsyncSocket:
         """Receive one multipart message (see :func:`recv_frames`).  zmq.EVENTS is looked at
         first: cheaper than the zmq.Again exception that ends every drain otherwise."""
         sock = self.sock
+        ready = sock.getsockopt(_EVENTS) & _POLLIN
         while True:
-            if sock.getsockopt(_EVENTS) & _POLLIN:
+            if ready:
                 try:
                     frames = recv_frames(sock, _NOBLOCK, small)
                     break
                 except zmq.Again:
                     pass
-            await self.wait(_POLLIN)
+            await self.wait(_POLLIN, checked=True)
+            ready = True
         if self._waiters or self._scope is not None:
             self._nudge()
         return frames

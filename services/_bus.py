@@ -213,10 +213,41 @@ class _Slot:
         #: the session it was sent on (0: not sent yet)
         self.session = 0
 
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.wake.set()
+
     def again(self) -> None:
         self.wake.clear()
         self.retry = False
         self.session = 0
+
+
+class _Job:
+    """A request being served by a worker: its deadline watched by the reaper, which
+    cancels the worker's scope (``scope``) if the handler is still running then."""
+
+    __slots__ = ("incoming", "session", "scope", "deadline", "done", "expired", "answered", "finished", "started")
+
+    def __init__(self, incoming: Incoming, session: int, scope: anyio.CancelScope) -> None:
+        self.incoming = incoming
+        self.session = session
+        self.scope = scope
+        self.deadline = math.inf
+        #: the handler returned (the reaper leaves it alone)
+        self.done = False
+        self.expired = False
+        #: its answer was given to _send (or not owed any more)
+        self.answered = False
+        #: counted out of _in_flight
+        self.finished = False
+        self.started = time.perf_counter()
+
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.scope.cancel()
 
 
 class _HelloRefused(ConnectError):
@@ -272,8 +303,8 @@ class BusClient:
         #: The deadlines of all pending calls, watched by one task (_reaper) instead of a
         #: cancel scope or timer per call: calls in deadline order (the common case: one
         #: timeout for all, so each new deadline is the latest), and a heap for the others.
-        self._deadlines: deque[_Slot] = deque()
-        self._early: list[tuple[float, int, _Slot]] = []
+        self._deadlines: deque[_Slot | _Job] = deque()
+        self._early: list[tuple[float, int, _Slot | _Job]] = []
         self._reaper_wake: Wakeup | None = None
         #: when the reaper wakes next (math.inf: when woken)
         self._reaper_at = math.inf
@@ -453,7 +484,7 @@ class BusClient:
                 f"no reply to {header.type!r} from {header.dest or 'the kernel'!r} before the deadline{waiting}")
         return slot.value
 
-    def _watch_deadline(self, slot: _Slot) -> None:
+    def _watch_deadline(self, slot: _Slot | _Job) -> None:
         """Give the call's deadline to the reaper: O(1) in the common case."""
         queue = self._deadlines
         while queue and queue[0].done:  # answered calls leave from the front
@@ -476,21 +507,15 @@ class BusClient:
             while True:
                 now = time.time()
                 while queue and (queue[0].done or queue[0].deadline <= now):
-                    self._expire(queue.popleft())
+                    queue.popleft().expire()
                 while early and (early[0][2].done or early[0][0] <= now):
-                    self._expire(heapq.heappop(early)[2])
+                    heapq.heappop(early)[2].expire()
                 nxt = min(queue[0].deadline if queue else math.inf, early[0][0] if early else math.inf)
                 self._reaper_at = nxt
                 wake.clear()
                 await wake.wait(nxt - now)
         finally:
             self._reaper_wake = None
-
-    @staticmethod
-    def _expire(slot: _Slot) -> None:
-        if not slot.done:
-            slot.expired = True
-            slot.wake.set()
 
     def _try_send(self, frames: list[Any]) -> bool:
         """Send now on the current session if its socket has room (never waits)."""
@@ -811,51 +836,92 @@ class BusClient:
                     sub._in.close()
 
     async def _worker(self) -> None:
-        """Serve queued requests one after another; park (in _free) while there are none."""
-        assert self._wakeup is not None
+        """Serve queued requests one after another; park (in _free) while there are none.
+
+        Each worker runs its requests inside one long-lived cancel scope, not one per
+        request: the reaper cancels it when a handler overruns its request's deadline
+        (see _Job); the worker then answers deadline_exceeded and opens a new scope."""
+        if self._wakeup is None:
+            self._wakeup = wakeup_factory()
         wake = self._wakeup()
         queue = self._queue
         while True:
-            if not queue:
-                wake.clear()
-                self._free.append(wake)
-                await wake.wait()
-                continue
-            incoming, session = queue.popleft()
-            await self._serve_one(incoming, session)
+            job: _Job | None = None
+            with anyio.CancelScope() as scope:
+                while True:
+                    if not queue:
+                        wake.clear()
+                        self._free.append(wake)
+                        await wake.wait()
+                        continue
+                    incoming, session = queue.popleft()
+                    job = _Job(incoming, session, scope)
+                    await self._serve_one(job)
+            if job is not None and job.expired:
+                await self._overran(job)
 
-    async def _serve_one(self, incoming: Incoming, session: int) -> None:
+    async def _serve_one(self, job: _Job) -> None:
         try:
-            reply = await self._answer(incoming)
-            if session == self.sessions and self._up.is_set():  # else its requester was answered unavailable
+            reply = await self._answer(job)
+            job.done = True  # the reaper leaves it alone from here
+            job.answered = True
+            if job.session == self.sessions and self._up.is_set():  # else its requester was answered unavailable
                 await self._send(*reply)
         except ConnectionLost:
             pass
         finally:
+            if job.answered or not job.expired:  # (an overrun is answered by _overran)
+                self._finished(job)
+
+    def _finished(self, job: _Job) -> None:
+        if not job.finished:
+            job.finished = True
             self._in_flight -= 1  # after the reply left: wait_idle() means "all answered"
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _answer(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
+    async def _overran(self, job: _Job) -> None:
+        """The handler of ``job`` was cancelled at its deadline: say so to the requester."""
+        header = job.incoming.header
+        try:
+            exc = DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
+            self.metrics.requests.inc(header.type, exc.code.value)
+            self.metrics.request_seconds.observe(time.perf_counter() - job.started, header.type)
+            if job.session == self.sessions and self._up.is_set():
+                await self._reply_error(header, exc)
+        except ConnectionLost:
+            pass
+        finally:
+            self._finished(job)
+
+    async def _answer(self, job: _Job) -> tuple[Header, Any, Sequence[Any]]:
         """Run the handler; whatever happens, return the message that answers it (and
         count it: requests by type and outcome, and their latency)."""
-        started = time.perf_counter()
-        reply = await self._handle_one(incoming)
+        incoming = job.incoming
+        reply = await self._handle_one(job)
         outcome = "ok" if reply[0].kind == _REPLY else reply[1].code.value
         self.metrics.requests.inc(incoming.header.type, outcome)
-        self.metrics.request_seconds.observe(time.perf_counter() - started, incoming.header.type)
+        self.metrics.request_seconds.observe(time.perf_counter() - job.started, incoming.header.type)
         return reply
 
-    async def _handle_one(self, incoming: Incoming) -> tuple[Header, Any, Sequence[Any]]:
+    async def _handle_one(self, job: _Job) -> tuple[Header, Any, Sequence[Any]]:
+        incoming = job.incoming
         header = incoming.header
         try:
             remaining = header.deadline - time.time() if header.deadline else math.inf
             if remaining <= 0:
                 raise DeadlineExceeded(f"{self.name!r} received {header.type!r} after its deadline; not run")
-            with anyio.move_on_after(remaining) as scope:
+            if remaining == math.inf:
                 result = await self._on_request(incoming)  # type: ignore[misc]
-            if scope.cancelled_caught:
-                raise DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
+            elif self._reaper_wake is not None:  # the reaper cancels the worker's scope at the deadline
+                job.deadline = header.deadline
+                self._watch_deadline(job)
+                result = await self._on_request(incoming)  # type: ignore[misc]
+            else:
+                with anyio.move_on_after(remaining) as scope:
+                    result = await self._on_request(incoming)  # type: ignore[misc]
+                if scope.cancelled_caught:
+                    raise DeadlineExceeded(f"{self.name!r} did not finish {header.type!r} before its deadline")
             body, frames = result if isinstance(result, tuple) else (result, ())
             if not isinstance(body, msgspec.Struct) or type(body).__struct_config__.tag is None:
                 raise TypeError(f"the handler returned {type(body).__name__}, not a tagged msgspec.Struct")
