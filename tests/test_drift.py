@@ -155,36 +155,8 @@ async def test_a_shift_in_the_demo_sensor_raises_a_drift_event(make_system) -> N
 
     from protocols.telemetry import DriftEvent
 
-    system = make_system("""
-[services.security]
-command = ["{python}", "-m", "services.security"]
-capabilities = ["call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-settings = { trusted_keys = [{ label = "demo", public_key = "1b2919a2f33f79bff04474da0ab8b807def7108184315f111162a4b8c612ea62" }] }
-[services.modelstore]
-command = ["{python}", "-m", "services.modelstore"]
-requires = ["security"]
-capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
-settings = { preload_demo = true }
-[services.accel-cpu]
-command = ["{python}", "-m", "drivers.accel"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.GetModel"]
-[services.scheduler]
-command = ["{python}", "-m", "services.scheduler"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:sensor.*", "publish:samples.*", "publish:results.*", "publish:alerts.*", "publish:scheduler.*"]
-settings = { drivers = [{ name = "accel-cpu" }], pipelines = [{ source = "sensor.vibration", model = "vibration-anomaly", rate = 100 }] }
-[services.telemetry]
-command = ["{python}", "-m", "services.telemetry"]
-requires = ["modelstore"]
-capabilities = ["subscribe:metrics.*", "subscribe:samples.*", "call:modelstore.InspectModel", "publish:telemetry.*", "call:kernel.ListServices"]
-settings = { http = "", drift_window = 200, drift_every = 25 }
-[services.vibration]
-command = ["{python}", "-m", "drivers.sensors"]
-requires = ["scheduler", "telemetry"]
-capabilities = ["publish:sensor.*"]
-settings = { kind = "vibration", rate = 50, shift_at = 6, shift_gain = 1.5 }
-""")
+    system = make_system(_SYSTEM.replace("DRIFT", "drift_window = 200, drift_every = 25")
+                         .replace("SENSOR", 'kind = "vibration", rate = 50, shift_at = 6, shift_gain = 1.5'))
     async with system.client() as bus:
         sub = await bus.subscribe("telemetry.drift")
         started = anyio.current_time()
