@@ -84,19 +84,21 @@ class Codec:
 
     def unpack(self, frames: Sequence[Any]) -> tuple[Header, Any, list[Any]]:
         """Split ``[signature, header, body, *raw]``; raise a ProtocolError naming the fault."""
-        if len(frames) < 3:
+        n = len(frames)
+        if n < 3:
             raise FrameError(
                 f"expected at least 3 frames (signature, header, body), got {len(frames)}"
             )
-        check_signature(frames[0])
-        total = sum(len(f) for f in frames)
+        if frames[0] != SIGNATURE:  # (the common case costs one comparison)
+            check_signature(frames[0])
+        total = len(frames[0]) + len(frames[1]) + len(frames[2]) if n == 3 else sum(map(len, frames))
         if total > self.max_size:
             raise FrameError(f"message of {total} bytes exceeds the limit of {self.max_size} bytes")
         try:
             header = self._hdr.decode(frames[1])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DecodeError("header", str(exc)) from exc
-        return header, frames[2], list(frames[3:])
+        return header, frames[2], list(frames[3:]) if n > 3 else []
 
 
 def check_signature(sig: Any) -> None:

@@ -41,8 +41,11 @@ class Counter(_Family):
         self.values: dict[tuple[str, ...], float] = {}
 
     def inc(self, *labels: str, value: float = 1.0) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + value
+        values = self.values
+        if labels in values:  # (checked when first seen: one dict update per call after that)
+            values[labels] += value
+        else:
+            values[self._key(labels)] = value
 
     def samples(self) -> list[Sample]:
         return [Sample(name=self.name + "_total", labels=dict(zip(self.labels, k)), value=v)
@@ -72,10 +75,9 @@ class Histogram(_Family):
         self.values: dict[tuple[str, ...], list[float]] = {}  # counts per bucket, +Inf, sum
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        counts = self.values.get(key)
+        counts = self.values.get(labels)
         if counts is None:
-            counts = self.values[key] = [0.0] * (len(self.buckets) + 2)
+            counts = self.values[self._key(labels)] = [0.0] * (len(self.buckets) + 2)
         counts[bisect_left(self.buckets, value)] += 1
         counts[-1] += value
 
