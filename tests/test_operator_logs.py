@@ -81,7 +81,9 @@ async def test_the_kernel_keeps_each_services_logs_and_says_why_one_failed(make_
         assert seqs == sorted(seqs) and logs.last >= seqs[-1]
 
         # the ring holds lines_per_service records: chatty's 100 lines and more, the newest 30 kept
-        wait_for(lambda: "oops: something on stderr" in system.log(), 10, "chatty's output")
+        # (stdout and stderr are two pipes read by two tasks: wait for the end of both)
+        wait_for(lambda: "oops: something on stderr" in (text := system.log()) and '"line 100"' in text, 10,
+                 "chatty's output")
         chatty = await bus.call("kernel", GetLogs(services=["chatty"]), LogRecords)
         lines = [r.fields.get("line") for r in chatty.records]
         assert len(chatty.records) == 30 and chatty.lines_per_service == 30
