@@ -175,7 +175,7 @@ class AsyncSocket:
         self._fd = sock.getsockopt(zmq.FD)
         self._watching = False
         self._changed: anyio.Event | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._scope: Any = None  # trio.CancelScope
         self._wanted = 0
         #: asyncio: the loop the FD's reader is registered with, and the waiting tasks' futures
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,6 +210,8 @@ class AsyncSocket:
                 # a send or receive meets EAGAIN and waits again).
                 events = self._events
             return
+        import trio  # (the only other backend anyio runs on)
+
         while not (sock.getsockopt(_EVENTS) & mask):
             self._wanted |= mask
             if self._watching:
@@ -219,8 +221,11 @@ class AsyncSocket:
                 continue
             self._watching = True
             try:
-                with anyio.CancelScope() as self._scope:
-                    await anyio.wait_readable(self._fd)
+                # trio's own scope and wait: anyio's wrappers cost more than the wait itself
+                with trio.CancelScope() as self._scope:
+                    await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:
+                raise anyio.ClosedResourceError from None
             finally:
                 self._watching = False
                 self._scope = None

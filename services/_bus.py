@@ -845,6 +845,7 @@ class BusClient:
             self._wakeup = wakeup_factory()
         wake = self._wakeup()
         queue = self._queue
+        served = 0
         while True:
             job: _Job | None = None
             with anyio.CancelScope() as scope:
@@ -857,6 +858,9 @@ class BusClient:
                     incoming, session = queue.popleft()
                     job = _Job(incoming, session, scope)
                     await self._serve_one(job)
+                    served += 1
+                    if not served % _FAIRNESS:  # handlers that never wait: let the others run
+                        await anyio.lowlevel.checkpoint()
             if job is not None and job.expired:
                 await self._overran(job)
 
@@ -866,7 +870,9 @@ class BusClient:
             job.done = True  # the reaper leaves it alone from here
             job.answered = True
             if job.session == self.sessions and self._up.is_set():  # else its requester was answered unavailable
-                await self._send(*reply)
+                packed = self._codec.pack(*reply)
+                if self._ending is not None or not self._try_send(packed):
+                    await self._send_packed(packed)
         except ConnectionLost:
             pass
         finally:
