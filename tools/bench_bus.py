@@ -1,13 +1,19 @@
 """Bus benchmark: the kernel's cost against raw pyzmq with no broker, side by side.
 
-    python -m tools.bench_bus [--runs 5] [--out bench-results/bus.json]
+    python -m tools.bench_bus [--runs 5] [--out bench-results/bus.json] [--sdk-only] [--sdk-old DIR]
 
 Three set-ups, measured in one run, alternating, ``--runs`` times each, medians reported:
 
 * ``raw``:     client DEALER <-> echo ROUTER, no broker (the baseline);
 * ``relay``:   the same through a minimal Python ROUTER relay (swaps routing frames);
 * ``edgebus``: client and echo service on the bus: HELLO-authenticated, every message
-               capability-checked, sender-stamped and id-rewritten by the kernel.
+               capability-checked, sender-stamped and id-rewritten by the kernel;
+* ``sdk-asyncio``, ``sdk-trio``: the same through the kernel, but both ends written with the
+               SDK as users write them (``connect``, ``bus.call``, an ``on_request``
+               handler: tools/_bench_sdk.py), each in its own process, on asyncio and on
+               trio; compared with the idiomatic raw ends.  ``--sdk-old DIR`` adds
+               ``old-sdk-*``: the SDK of another checkout (``git worktree add DIR REV``),
+               measured in the same run; ``--sdk-only`` skips the rest.
 
 Both ends are minimal Python loops written the same way in every set-up, in two styles:
 ``idiomatic`` (``send_multipart``/``recv_multipart``, as most pyzmq code is written; the
@@ -15,7 +21,8 @@ issue's reference figures were taken this way) and ``tuned`` (frame-by-frame sen
 ``frame.more`` receives, as the edgebus SDK and kernel do).  Measures:
 
 * round trip:  one small request at a time, median and p99 latency;
-* pipelined:   a window of 200 outstanding small requests, requests per second;
+* pipelined:   a window of 200 outstanding small requests, requests per second (SDK ends:
+               200 tasks each calling in a loop);
 * tensor:      a 4 MiB frame there and back (copy=False on both ends); the kernel forwards
                the zmq.Frame it received, so Python never copies the payload.  GB/s, and
                the kernel's CPU time per routed MiB;
