@@ -57,7 +57,10 @@ async def form_batch(queue: ModelQueue, max_batch: int, max_delay: float) -> lis
 
 
 def stack(batch: list[Job]) -> list[np.ndarray]:
-    """Each input of the batch as one tensor: the jobs' rows along axis 0, in order."""
+    """Each input of the batch as one tensor: the jobs' rows along axis 0, in order.  A batch
+    of one is its job's own arrays (views of the frames it arrived in): no copy."""
+    if len(batch) == 1:
+        return list(batch[0].arrays)
     return [np.concatenate([j.arrays[i] for j in batch]) for i in range(len(batch[0].arrays))]
 
 

@@ -283,8 +283,9 @@ class Scheduler(Service):
         """The batch's outputs, the driver that computed them and its compute time."""
         inputs = stack(batch)
         manifest = self.manifests[(model, version)]
-        if variant == "fallback":
-            return fallback(manifest, inputs[0]), "scheduler", 0.0
+        if variant == "fallback":  # (its ops were compiled for writable arrays; a frame's view is not)
+            x = inputs[0] if inputs[0].flags.writeable else inputs[0].copy()
+            return fallback(manifest, x), "scheduler", 0.0
         # the input features, for drift detection (not for the clients)
         features = bool(manifest.pre and manifest.reference)
         descs, frames = pack_tensors(inputs)
