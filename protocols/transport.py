@@ -197,7 +197,11 @@ class AsyncSocket:
                 loop = self._loop
                 if loop is None:
                     loop = self._loop = asyncio.get_running_loop()
-                    loop.add_reader(self._fd, self._readable)
+                    try:
+                        loop.add_reader(self._fd, self._readable)
+                    except OSError:  # a socket closed without close() left its FD number registered
+                        loop.remove_reader(self._fd)
+                        loop.add_reader(self._fd, self._readable)
                 fut = loop.create_future()
                 self._waiters.append(fut)
                 self._wanted |= mask

@@ -515,7 +515,14 @@ class BusClient:
                 wake.clear()
                 await wake.wait(nxt - now)
         finally:
+            # The connection is closing: no call may wait for a deadline nobody watches.
             self._reaper_wake = None
+            for entry in [*queue, *(e[2] for e in early)]:
+                if isinstance(entry, _Slot) and not entry.done and entry.error is None:
+                    entry.error = ConnectionLost("the connection is closed")
+                    entry.wake.set()
+            queue.clear()
+            early.clear()
 
     def _try_send(self, frames: list[Any]) -> bool:
         """Send now on the current session if its socket has room (never waits)."""
