@@ -99,6 +99,8 @@ class Scheduler(Service):
         self.pipelines = [Pipeline(p) for p in s.pipelines]
         self.ladder = Ladder(s.hot_c, s.cool_c, s.overload_at)
         self.queues: dict[str, ModelQueue] = {}
+        #: per model: its batches in flight, at most one per driver
+        self.slots: dict[str, anyio.Semaphore] = {}
         self.manifests: dict[tuple[str, str], Manifest] = {}
         self.models: dict[str, ModelState] = {}
         self.served: dict[tuple[str, str], _Served] = {}
@@ -164,17 +166,32 @@ class Scheduler(Service):
         version = version or self._resolve(model, key)
         check_inputs(model, await self._manifest(model, version), arrays)
         check_priority(priority)
-        await self._tg_started.wait()
+        if not self._tg_started.is_set():  # (waiting on a set Event would still cost a loop pass)
+            await self._tg_started.wait()
         queue = self.queues.get(model)
         if queue is None:
             queue = self.queues[model] = ModelQueue(model, self.settings.max_queue)
+            self.slots[model] = anyio.Semaphore(len(self.drivers))
             self._tg.start_soon(self._batcher, queue)
         job = Job(model, version, arrays, priority, deadline)
-        queue.admit(job)
-        try:
-            await job.done.wait()
-        finally:
-            job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
+        slots = self.slots[model]
+        if not len(queue) and slots.value and self.settings.max_delay_ms <= 0:
+            # idle (nothing queued, a driver slot free, no batching delay): the batch it would
+            # form is this job alone, leaving at once; this task takes it to the driver itself,
+            # without the batcher's hand-off, a task per batch and an Event to wake it
+            slots.acquire_nowait()
+            if queue.expire(job, time.time()):
+                slots.release()
+            else:
+                level = self.ladder.level
+                variant = variant_for(self.manifests.get((model, version)), level)
+                await self._dispatch(queue, variant, level, [job], slots)
+        else:
+            queue.admit(job)
+            try:
+                await job.done.wait()
+            finally:
+                job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -215,8 +232,9 @@ class Scheduler(Service):
     # -- batching and dispatch ---------------------------------------------------------------------
 
     async def _batcher(self, queue: ModelQueue) -> None:
-        # batches in flight per model: one per driver (acquired here, released by _dispatch)
-        slots = anyio.Semaphore(len(self.drivers))
+        # batches in flight per model: one per driver (acquired here or by an idle-path caller
+        # in infer, released by _dispatch)
+        slots = self.slots[queue.model]
         while True:
             await queue.wait()
             await slots.acquire()
