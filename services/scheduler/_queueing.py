@@ -118,6 +118,17 @@ class ModelQueue:
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
 
 
+#: dtype -> its name (numpy computes ``dtype.name`` in Python on every access)
+_dtype_names: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = dtype.name
+    return name
+
+
 def check_priority(priority: int) -> None:
     if not 0 <= priority <= 2:
         raise BadMessage(f"priority {priority} is not 0 (high), 1 (normal) or 2 (low)")
@@ -141,7 +152,7 @@ def check_inputs(model: str, manifest: Manifest, arrays: list[np.ndarray]) -> No
     if len(arrays) != len(manifest.inputs):
         raise BadMessage(f"{model} takes {len(manifest.inputs)} input(s), got {len(arrays)}")
     for a, spec in zip(arrays, manifest.inputs):
-        if a.dtype.name != spec.dtype:
+        if _dtype_name(a.dtype) != spec.dtype:
             raise BadMessage(f"{model}: input {spec.name!r} is {spec.dtype}, got {a.dtype.name}")
         shape = spec.shape
         if len(a.shape) != len(shape) or any(d is not None and d != s for d, s in zip(shape, a.shape)):
