@@ -310,3 +310,16 @@ def test_bad_settings_name_the_key(table: dict, key: str) -> None:
     with pytest.raises(SettingsError) as info:
         decode_settings(table, SchedulerSettings, service="scheduler")
     assert info.value.key == key
+
+
+def test_a_driver_the_kernel_does_not_report_ready_gets_no_batch() -> None:
+    """The scheduler starts beside its drivers: one still starting is skipped, and with none
+    ready there is no placement (requests wait for one until their deadline)."""
+    starting, ready = Driver("accel-a"), Driver("accel-b")
+    starting.ready = False
+    now = time.monotonic()
+    assert place([starting, ready], now, 80.0) is ready
+    ready.ready = False
+    assert place([starting, ready], now, 80.0) is None
+    starting.ready = True
+    assert place([starting, ready], now, 80.0) is starting

@@ -37,13 +37,15 @@ class Driver:
         self.down_until = 0.0
         self.batches = 0
         self.temperature: float | None = None
+        #: ready as the kernel reports it (kernel.services); without those reports, assumed
+        self.ready = True
 
     @classmethod
     def from_settings(cls, s: DriverSettings) -> Driver:
         return cls(s.name, s.health)
 
     def up(self, now: float) -> bool:
-        return self.down_until <= now
+        return self.ready and self.down_until <= now
 
     def mark_down(self, now: float) -> None:
         self.down_until = now + DOWN_FOR

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from protocols import pack_tensors
+from protocols import ListServices, ServiceList, ServiceStateChanged, pack_tensors
 from protocols.accel import Run, RunResult
 from protocols.health import Health
 from protocols.modelstore import (
@@ -121,6 +121,7 @@ class Scheduler(Service):
         self._subscriptions = contextlib.AsyncExitStack()
         self._models_sub = await self._subscribe("modelstore.")
         self._health_sub = await self._subscribe("health.")
+        self._drivers_sub = await self._watch_drivers()
         self._pipeline_subs = [(p, await self._subscribe(p.source)) for p in self.pipelines]
         self._tg_started = anyio.Event()
 
@@ -142,6 +143,8 @@ class Scheduler(Service):
                 tg.start_soon(self._model_events, self._models_sub)
             if self._health_sub is not None:
                 tg.start_soon(self._health_events, self._health_sub)
+            if self._drivers_sub is not None:
+                tg.start_soon(self._driver_events, self._drivers_sub)
             for pipeline, sub in self._pipeline_subs:
                 if sub is not None:
                     tg.start_soon(self._sensor_frames, pipeline, sub)
@@ -353,10 +356,41 @@ class Scheduler(Service):
             # the sender is stamped by the kernel: the health driver that measured it
             apply_health(self.drivers, incoming.sender, reading.temperature_c)
 
+    async def _watch_drivers(self) -> Subscription | None:
+        """Which drivers the kernel reports ready (kernel.services, then ListServices, so no
+        change is missed): the scheduler starts beside its drivers, and while none is ready
+        requests wait (until their deadline) and pipelines skip their frames, quietly.
+        Without the capabilities, every driver is taken as ready and tried."""
+        try:
+            sub = await self._subscriptions.enter_async_context(self.bus.subscribe("kernel.services"))
+            listing = await self.bus.call("kernel", ListServices(), ServiceList, timeout=10)
+        except (Forbidden, RemoteError):
+            return None
+        states = {st.name: st.state for st in listing.services}
+        for d in self.drivers:
+            d.ready = states.get(d.name) == "ready"
+        return sub
+
+    async def _driver_events(self, sub: Subscription) -> None:
+        async for incoming in sub:
+            if incoming.type != "ServiceStateChanged":
+                continue
+            change = incoming.decode(ServiceStateChanged)
+            for d in self.drivers:
+                if d.name == change.name:
+                    d.ready = change.state == "ready"
+
     async def _sensor_frames(self, pipeline: Pipeline, sub: Subscription) -> None:
+        waiting = False
         async for incoming in sub:
             if incoming.header.dest != pipeline.source or incoming.type != "SensorFrame":
                 continue
+            if not any(d.ready for d in self.drivers):  # (starting beside them: not a failure)
+                if not waiting:
+                    self.log.debug("pipeline_waiting_for_driver", source=pipeline.source)
+                waiting = True
+                continue
+            waiting = False
             if not pipeline.admit(time.monotonic()):
                 continue  # over the pipeline's rate: this frame is skipped
             self._tg.start_soon(self._run_pipeline, pipeline, incoming)
