@@ -27,7 +27,7 @@ import pytest
 
 from services.examples.greeter import Tick
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -237,11 +237,7 @@ def test_json_holds_what_the_human_view_shows(system: System) -> None:
 
 
 def test_metrics_as_json_are_families_of_numeric_samples(make_system) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     system: System = make_system(f"""
 [services.greeter]
 command = ["{{python}}", "-m", "services.examples.greeter"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,17 +24,11 @@ from protocols.scheduler import Detection
 from protocols.telemetry import GetMetrics, GetUplink, MetricsText, UplinkState
 from services import UnknownDestination
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
 GREETER = '["{python}", "-m", "services.examples.greeter"]'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_records(system: System) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ command are enrolled."""
 from __future__ import annotations
 
 import functools
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from protocols import Codec, Enrollments, Error, ErrorCode, Header, Heartbeat, H
 from services import ConnectError, ConnectionLost, Forbidden, connect
 from services.examples.greeter import Add, Echo, Greet, Greeting, Sum
 
-from conftest import System, wait_for
+from conftest import System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -33,12 +32,6 @@ critical = true
 [services.greeter]
 command = ["{python}", "-m", "services.examples.greeter"]
 """
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Remote:
@@ -121,7 +114,7 @@ class RawCurvePeer:
 # -- 1. ending an enrolment, revoking, removing a service: at once, and the peer is told why ----
 
 async def test_unenrolling_a_key_ends_its_live_session_at_once(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote")
     system: System = make_system(_config(endpoint, remote))
     await system.wait_ready("security", "greeter")
@@ -150,7 +143,7 @@ async def test_unenrolling_a_key_ends_its_live_session_at_once(make_system) -> N
 
 
 async def test_the_peer_is_told_at_once_why_its_session_ended(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     unenrolled, replaced, removed = Remote("unenrolled"), Remote("replaced"), Remote("removed")
     config = _config(endpoint, unenrolled, replaced, removed, raw=True)
     system: System = make_system(config)
@@ -217,7 +210,7 @@ async def _refused(system: System, endpoint: str, remote: Remote) -> str:
 
 
 async def test_an_unenrolment_and_a_revocation_survive_reload_and_restart_until_reset(make_system, tmp_path) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote")
     config = _config(endpoint, remote, extra='[services.client]\ncapabilities = ["call:greeter.*"]\n')
     system: System = make_system(config, sub="device")
@@ -275,7 +268,7 @@ async def test_an_unenrolment_and_a_revocation_survive_reload_and_restart_until_
 # -- 3. the SDK notices that its session is over; keys that do not match are audited --------------
 
 async def test_a_client_that_may_not_reconnect_stops_with_the_reason(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote")
     system: System = make_system(_config(endpoint, remote))
     await system.wait_ready("security", "greeter")
@@ -293,7 +286,7 @@ async def test_a_client_that_may_not_reconnect_stops_with_the_reason(make_system
 
 
 async def test_a_heartbeat_on_an_ended_session_is_answered_with_the_reason(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote")
     system: System = make_system(_config(endpoint, remote, raw=True))
     await system.wait_ready("security", "greeter")
@@ -316,7 +309,7 @@ async def test_a_heartbeat_on_an_ended_session_is_answered_with_the_reason(make_
 
 
 async def test_a_peer_with_the_right_public_key_and_the_wrong_secret_is_logged_and_audited(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote")
     system: System = make_system(_config(endpoint, remote))
     await system.wait_ready("security", "greeter")
@@ -339,7 +332,7 @@ async def test_a_peer_with_the_right_public_key_and_the_wrong_secret_is_logged_a
 # -- 4. who may be enrolled: PROTOCOL.md 9.1.3 and the kernel agree --------------------------------
 
 async def test_only_services_configured_without_a_command_are_enrolled(make_system) -> None:
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     remote = Remote("remote", enrolled_in_config=False)
     system: System = make_system(_config(endpoint, remote))
     await system.wait_ready("security", "greeter")

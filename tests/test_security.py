@@ -38,7 +38,7 @@ from services.security import (
     verify_log,
 )
 
-from conftest import BIN, System, wait_for
+from conftest import BIN, System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -279,11 +279,7 @@ curve_public_key = "{pub.decode()}"
 
 @pytest.fixture
 def unused_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 # -- the audit log, on files ---------------------------------------------------------------

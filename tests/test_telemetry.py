@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import anyio
@@ -13,15 +12,9 @@ from protocols.telemetry import GetMetrics, MetricsText
 from services import Forbidden
 from services.examples.greeter import Add, Greet, Greeting
 
-from conftest import System
+from conftest import System, free_port
 
 pytestmark = pytest.mark.anyio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_metrics_are_aggregated_and_served(make_system) -> None:

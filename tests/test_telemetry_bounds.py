@@ -5,7 +5,6 @@ until the share is restored, never silently the message just accepted."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import anyio
@@ -16,15 +15,9 @@ from protocols.scheduler import Alert
 from protocols.telemetry import GetUplink, UplinkState
 from services.telemetry import Outbox, OutboxFull
 
-from conftest import System
+from conftest import System, free_port
 
 pytestmark = pytest.mark.anyio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def files(directory: Path) -> dict[str, int]:

@@ -18,16 +18,10 @@ from protocols import ListServices, ServiceList
 from protocols.telemetry import GetMetrics, GetUplink, MetricsText, UplinkState
 from services.telemetry import Outbox
 
-from conftest import System, wait_for
+from conftest import System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:
