@@ -48,14 +48,12 @@ from protocols import (
 
 from ._boundary import FinishOperation, OperationRequested, ServiceUpdate
 from ._caps import parse_capability
-from ._core import RouterCore, log
+from ._core import SECURITY, RouterCore, log
 from ._exceptions import CapabilityError
 from ._peers import Peer
 from ._proc import rss_bytes
 
 _KERNEL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(KernelRequest))
-#: The only service that may change the policy.
-_SECURITY = "security"
 
 
 class KernelApi(RouterCore):
@@ -120,7 +118,7 @@ class KernelApi(RouterCore):
             case StopMonitor():
                 self._monitors.pop(peer.identity, None)
                 return Monitoring()
-            case Grant() | Revoke() | Reset() | Enroll() if peer.name != _SECURITY or peer.principal.shared:
+            case Grant() | Revoke() | Reset() | Enroll() if peer.name != SECURITY or peer.principal.shared:
                 self._audit("denied", peer.name, detail=f"{hdr.type}: only the security service changes the policy")
                 return Error(code=ErrorCode.FORBIDDEN, message=(
                     f"{hdr.type}: only the security service changes the policy; "

@@ -41,6 +41,9 @@ REQUEST, REPLY, ERROR, EVENT, CONTROL = (int(k) for k in Kind)
 KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 #: The sender name the kernel stamps on what it says itself.
 KERNEL = "kernel"
+#: The security service: the only one that may change the policy, the one the kernel's audit
+#: backlog is handed to, and the one CURVE peers wait for after the kernel starts.
+SECURITY = "security"
 #: Per-peer caches (capability checks, denial counts) are cleared when they reach this size.
 CACHE_LIMIT = 4096
 NOBLOCK = int(zmq.NOBLOCK)

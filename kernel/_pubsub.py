@@ -13,7 +13,7 @@ import zmq
 
 from protocols import SIGNATURE, AuditEvent, ErrorCode, Header, Kind, Monitor, Subscribed, Traffic, body_tag
 
-from ._core import EVENT, KERNEL, KIND_NAMES, RouterCore
+from ._core import EVENT, KERNEL, KIND_NAMES, SECURITY, RouterCore
 from ._peers import Peer
 
 _AUDIT_TOPIC = "kernel.audit"
@@ -28,8 +28,6 @@ class _ErrorCode(msgspec.Struct):
 
 
 _error_decoder = msgspec.msgpack.Decoder(_ErrorCode)
-#: Only this service receives the audit records buffered while nobody subscribed.
-_SECURITY = "security"
 
 
 class PubSub(RouterCore):
@@ -88,7 +86,7 @@ class PubSub(RouterCore):
                 return
         peer.subscriptions.update(topics)
         self._topic_cache.clear()
-        if (self._audit_backlog and peer.name == _SECURITY and not peer.principal.shared
+        if (self._audit_backlog and peer.name == SECURITY and not peer.principal.shared
                 and any(_AUDIT_TOPIC.startswith(t) for t in topics)):
             self._flush_audit_backlog(peer)
         self.answer(peer, hdr, Subscribed(topics=sorted(peer.subscriptions)))

@@ -31,12 +31,10 @@ from protocols import (
 
 from ._boundary import PeerGone, PeerReady
 from ._config import SERVICE_NAME
-from ._core import ERROR, KERNEL, RouterCore, log
+from ._core import ERROR, KERNEL, SECURITY, RouterCore, log
 from ._peers import Peer
 
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
-#: The service whose run-time policy CURVE peers wait for after the kernel starts.
-_SECURITY = "security"
 #: How many recently ended sessions the kernel remembers the reason of (by connection).
 ENDED_MEMORY = 1024
 
@@ -68,7 +66,7 @@ class Sessions(RouterCore):
             self._reject(identity, hdr, ErrorCode.BAD_MESSAGE, str(exc))
             return
         curve_key = self._curve_user_id()
-        if curve_key and not self._policy_restored and _SECURITY in self.known_services:
+        if curve_key and not self._policy_restored and SECURITY in self.known_services:
             # The configuration enrols keys at boot; the security service's run-time
             # decisions (an unenrolment, a revocation) come back only once it is ready.
             # Until then a tcp peer might be let in that the policy keeps out.
@@ -175,7 +173,7 @@ class Sessions(RouterCore):
                         "peer_ready", service=peer.name)
                     if not peer.principal.shared:
                         self._notify(PeerReady(peer.name))
-                        if peer.name == _SECURITY:
+                        if peer.name == SECURITY:
                             self._policy_restored = True  # it re-applies its policy before Ready
             case Subscribe(topics=topics):
                 self._subscribe(peer, hdr, topics)
