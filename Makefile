@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/edgebus boot --run-dir .run $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP) debs
+	$(PY) -m tools.fetch_models --quiet   # the real models of the tests (cached; offline: a warning, they skip)
 	$(PY) -m pytest -q
 
 # Debian packages the tests use: a real MQTT broker (mosquitto) for the uplink tests, zsh

