@@ -9,31 +9,49 @@ from a bundle is never re-encoded for verification.
 
 ``pick_version`` is the A/B rule, shared by the store (``Resolve``) and the scheduler: a
 pure function of the model, the request key and the split's weights.
+
+The contract of a model is its ``inputs`` and ``outputs`` (``TensorSpec``): each dimension
+fixed (an int), named-symbolic (a str: the same name is the same size in every tensor of one
+request) or dynamic (None), and each tensor's batch axis or none.  ``TensorSpec.check``,
+``bind_dims`` and ``check_tensors`` are the pure checks the inference path applies to a
+request's tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import msgspec
+
+from ._tensors import DTYPES
 
 __all__ = ["Install", "Activate", "Rollback", "Remove", "Split", "ListModels", "InspectModel", "GetModel",
            "Resolve", "ReportHealth", "Request", "Installed", "ModelState", "ModelList", "ModelManifest",
            "ModelBytes", "Resolved", "HealthRecorded", "Reply", "ModelEvent",
-           "Manifest", "TensorSpec", "OpSpec", "Variant", "Fallback", "FeatureStats", "Provenance",
-           "ManifestError", "parse_version", "pick_version"]
+           "Manifest", "TensorSpec", "OpSpec", "Variant", "Asset", "Fallback", "FeatureStats", "Provenance",
+           "GetAsset", "AssetBytes", "ManifestError", "ContractError", "Dim", "DIM_NAME", "ASSET_NAME", "show_shape", "bind_dims",
+           "check_tensors", "parse_version", "pick_version"]
 
 
 # -- the manifest ------------------------------------------------------------------------------
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: a symbolic dimension's name, e.g. "batch", "N", "seq_len", "s0"
+DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+#: an asset's name, e.g. "labels", "vocab.txt", "character"
+ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class ManifestError(ValueError):
-    """A manifest that decodes but breaks a rule (name, version, variants)."""
+    """A manifest that decodes but breaks a rule (name, version, variants, contract, assets)."""
+
+
+class ContractError(ValueError):
+    """Tensors that do not fit a model's contract (``bind_dims``); the message names the
+    tensors, what they take and what they got."""
 
 
 def parse_version(version: str) -> tuple[int, int, int, tuple[Any, ...]]:
@@ -49,14 +67,146 @@ def parse_version(version: str) -> tuple[int, int, int, tuple[Any, ...]]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), pre_key
 
 
+#: One dimension of a tensor's shape: a fixed size (int), a named symbolic size (str: the
+#: same name is the same size in every tensor of one request), or dynamic (None).
+Dim = int | str | None
+
+
+def show_shape(shape: Sequence[Dim]) -> str:
+    """``[?, 3, H, 640]``: fixed sizes as numbers, symbolic ones by name, dynamic ones as ``?``."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
 class TensorSpec(msgspec.Struct, omit_defaults=True):
-    """A named input or output of the model graph."""
+    """A named input or output of the model graph: its contract.
+
+    ``batch_axis`` is the axis along which requests are batched, or None for a tensor that
+    has none (a scalar, a parameter, a recurrent state whose batch is elsewhere).  Manifests
+    written before it existed do not carry it (UNSET): ``batch()`` then takes axis 0 when
+    it is not a fixed size, as those manifests meant."""
 
     name: str
-    #: numpy's name of the element type: "float32", "int64", "uint8"...
+    #: numpy's name of the element type: "float32", "int64", "uint8"... (one of protocols.DTYPES)
     dtype: str
-    #: one entry per axis: its size, or None for a dynamic one (the batch axis)
-    shape: list[int | None]
+    #: one entry per axis: a fixed size (int), a symbolic one (str) or a dynamic one (None)
+    shape: list[int | str | None]
+    #: the batch axis, or None for none; UNSET (absent) in manifests older than the field
+    batch_axis: int | None | msgspec.UnsetType = msgspec.UNSET
+
+    def batch(self) -> int | None:
+        """The batch axis, resolving an absent ``batch_axis``: axis 0 when the tensor has
+        rank >= 1 and its axis 0 is not a fixed size, else none."""
+        axis = self.batch_axis
+        if axis is msgspec.UNSET:
+            shape = self.shape
+            return 0 if shape and shape[0].__class__ is not int else None
+        return axis  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        """``float32 [?, 3, H, W] (batch axis 0)``"""
+        axis = self.batch()
+        return f"{self.dtype} {show_shape(self.shape)} " + ("(no batch axis)" if axis is None else f"(batch axis {axis})")
+
+    def check(self, dtype: str, shape: tuple[int, ...] | Sequence[int], kind: str = "input") -> str | None:
+        """None when a tensor of ``dtype`` and ``shape`` fits this spec (its dtype, its rank,
+        every fixed size; symbolic sizes are ``bind_dims``'s), else a message naming the
+        tensor, what it takes and what it got."""
+        want = self.shape
+        if dtype == self.dtype and len(shape) == len(want):
+            for d, n in zip(want, shape):
+                if d.__class__ is int and d != n:
+                    break
+            else:
+                return None
+        if dtype != self.dtype:
+            why = f"dtype {dtype}, not {self.dtype}"
+        elif len(shape) != len(want):
+            why = f"{len(shape)} axes, not {len(want)}"
+        else:
+            axis = next(i for i, (d, n) in enumerate(zip(want, shape)) if d.__class__ is int and d != n)
+            why = f"axis {axis} is {shape[axis]}, not {want[axis]}"
+        return (f"{kind} {self.name!r} takes {self.dtype} {show_shape(want)}, got {dtype} "
+                f"{show_shape(list(shape))} ({why})")
+
+    def problems(self, kind: str = "input") -> list[str]:
+        """What makes this spec invalid (Manifest.check): an unknown dtype, a negative size,
+        a bad symbolic name, a batch axis out of range."""
+        out = []
+        what = f"{kind} {self.name!r}"
+        if self.dtype not in DTYPES:
+            out.append(f"{what} has dtype {self.dtype!r}, which is not one of {', '.join(DTYPES)}")
+        for i, d in enumerate(self.shape):
+            if d.__class__ is int and d < 0:  # type: ignore[operator]
+                out.append(f"{what} has size {d} on axis {i}: a size is >= 0; write null for a dynamic axis")
+            elif isinstance(d, str) and not DIM_NAME.match(d):
+                out.append(f"{what} has symbolic dimension {d!r} on axis {i}: a name is 1-64 of A-Z, a-z, 0-9, "
+                           "'_', '.' and '-', starting with a letter or '_'; write null for a dynamic axis")
+        axis = self.batch_axis
+        if axis is not msgspec.UNSET and axis is not None and not 0 <= axis < len(self.shape):  # type: ignore[operator]
+            out.append(f"{what} has batch_axis {axis}, outside its {len(self.shape)} axes "
+                       f"{show_shape(self.shape)}; null for no batch axis")
+        return out
+
+
+def bind_dims(specs: Sequence[TensorSpec], shapes: Sequence[Sequence[int]], kind: str = "input") -> dict[str, int]:
+    """The size of each symbolic dimension of ``specs`` (by name) in tensors of ``shapes``
+    (in the same order, each already of its spec's rank: ``TensorSpec.check``).
+
+    Raises ContractError when one name has two sizes, naming both tensors and axes."""
+    bound: dict[str, int] = {}
+    where: dict[str, tuple[str, int]] = {}
+    for spec, shape in zip(specs, shapes):
+        for axis, (d, n) in enumerate(zip(spec.shape, shape)):
+            if d.__class__ is str:
+                size = bound.setdefault(d, n)  # type: ignore[arg-type]
+                if size != n:
+                    first, first_axis = where[d]  # type: ignore[index]
+                    raise ContractError(f"{kind}s {first!r} and {spec.name!r} disagree on dimension {d!r}: "
+                                        f"{size} on axis {first_axis} of {first!r}, {n} on axis {axis} of "
+                                        f"{spec.name!r}")
+                where.setdefault(d, (spec.name, axis))  # type: ignore[arg-type]
+    return bound
+
+
+def check_tensors(specs: Sequence[TensorSpec], given: Mapping[str, tuple[str, Sequence[int]]],
+                  kind: str = "input") -> str | None:
+    """None when the tensors ``given`` (name -> (dtype, shape)) are exactly ``specs``, each
+    fitting its spec, symbolic dimensions agreeing and the tensors with a batch axis
+    agreeing on its size; else a message naming the first problem (missing, extra,
+    mistyped or misshaped tensor, disagreeing sizes)."""
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in given]
+    extra = [n for n in given if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {kind}(s) {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"unknown {kind}(s) {', '.join(map(repr, extra))}")
+        takes = "; ".join(f"{s.name!r} {s.describe()}" for s in specs) or "none"
+        return f"{' and '.join(parts)}: the model takes {takes}"
+    shapes = []
+    for spec in specs:
+        dtype, shape = given[spec.name]
+        problem = spec.check(dtype, shape, kind)
+        if problem:
+            return problem
+        shapes.append(shape)
+    try:
+        bind_dims(specs, shapes, kind)
+    except ContractError as exc:
+        return str(exc)
+    batch: tuple[str, int, int] | None = None
+    for spec, shape in zip(specs, shapes):
+        axis = spec.batch()
+        if axis is None:
+            continue
+        if batch is None:
+            batch = (spec.name, axis, shape[axis])
+        elif shape[axis] != batch[2]:
+            return (f"{kind}s disagree on the batch size: {batch[0]!r} has {batch[2]} on axis {batch[1]}, "
+                    f"{spec.name!r} has {shape[axis]} on axis {axis}")
+    return None
 
 
 class OpSpec(msgspec.Struct, omit_defaults=True):
@@ -77,6 +227,17 @@ class Variant(msgspec.Struct, omit_defaults=True):
     size: int
     #: e.g. "int8 dynamic quantisation of full"
     description: str = ""
+
+
+class Asset(msgspec.Struct, omit_defaults=True):
+    """A file of the bundle that is not a model: labels, a vocabulary, a tokenizer, thresholds.
+    The signature covers it through ``sha256`` and ``size``, as a variant's file."""
+
+    file: str
+    sha256: str
+    size: int
+    #: e.g. "text/plain", "application/json"; "" when unknown
+    media_type: str = ""
 
 
 class Fallback(msgspec.Struct, omit_defaults=True):
@@ -127,6 +288,10 @@ class Manifest(msgspec.Struct, omit_defaults=True):
     #: by feature name, in the column order of the model's input features
     reference: dict[str, FeatureStats] = {}
     provenance: Provenance = msgspec.field(default_factory=Provenance)
+    #: the model graph's ``metadata_props`` (e.g. a text recogniser's dictionary), as packed
+    metadata: dict[str, str] = {}
+    #: by asset name: the bundle's files that are not models (labels, vocabularies...)
+    assets: dict[str, Asset] = {}
 
     def check(self) -> None:
         """The rules beyond types; raises ManifestError naming what to fix."""
@@ -138,6 +303,20 @@ class Manifest(msgspec.Struct, omit_defaults=True):
         if self.fallback is not None and self.reference and self.fallback.feature not in self.reference:
             raise ManifestError(f"the fallback's feature {self.fallback.feature!r} is not one of the reference's "
                                 f"features {list(self.reference)}")
+        problems: list[str] = []
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            seen: set[str] = set()
+            for spec in specs:
+                if spec.name in seen:
+                    problems.append(f"two {kind}s are named {spec.name!r}")
+                seen.add(spec.name)
+                problems += spec.problems(kind)
+        for name in self.assets:
+            if not ASSET_NAME.match(name):
+                problems.append(f"asset name {name!r} must be 1-63 of A-Z, a-z, 0-9, '_', '.' and '-', "
+                                "starting with a letter or digit")
+        if problems:
+            raise ManifestError("; ".join(problems))
 
 
 def pick_version(name: str, key: str, weights: dict[str, float]) -> str:
@@ -200,6 +379,14 @@ class GetModel(msgspec.Struct, tag=True, omit_defaults=True):
     variant: str = "full"
 
 
+class GetAsset(msgspec.Struct, tag=True, omit_defaults=True):
+    """An asset's bytes (decrypted in memory) as raw frame 0: labels, a vocabulary..."""
+
+    name: str
+    asset: str
+    version: str = ""
+
+
 class Resolve(msgspec.Struct, tag=True, omit_defaults=True):
     """Which version serves this request key (sticky under a split)."""
 
@@ -218,7 +405,7 @@ class ReportHealth(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 Request = (Install | Activate | Rollback | Remove | Split | ListModels | InspectModel | GetModel | Resolve
-           | ReportHealth)
+           | ReportHealth | GetAsset)
 
 
 class Installed(msgspec.Struct, tag=True):
@@ -255,6 +442,15 @@ class ModelBytes(msgspec.Struct, tag=True):
     manifest: Manifest
 
 
+class AssetBytes(msgspec.Struct, tag=True, omit_defaults=True):
+    name: str
+    version: str
+    asset: str
+    sha256: str
+    size: int
+    media_type: str = ""
+
+
 class Resolved(msgspec.Struct, tag=True):
     name: str
     version: str
@@ -267,7 +463,7 @@ class HealthRecorded(msgspec.Struct, tag=True, omit_defaults=True):
     verdict: str = ""
 
 
-Reply = (Installed | ModelState | ModelList | ModelManifest | ModelBytes | Resolved | HealthRecorded)
+Reply = (Installed | ModelState | ModelList | ModelManifest | ModelBytes | Resolved | HealthRecorded | AssetBytes)
 
 
 class ModelEvent(msgspec.Struct, tag=True, omit_defaults=True):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import mimetypes
 import os
 import statistics
 import sys
@@ -15,13 +17,13 @@ from typing import Any
 import msgspec
 import msgspec.inspect
 
-from protocols.modelstore import Manifest, TensorSpec, Variant
-from services.modelstore import Bundle, BundleError
+from protocols.modelstore import ASSET_NAME, Asset, Manifest, TensorSpec, Variant
+from services.modelstore import Bundle, BundleError, Graph, check_graph, read_graph
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "graph_io", "read_private_key", "unknown_keys", "PackError", "apply_overrides"]
 
-_ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 4: "uint16"}
+#: the keys a spec's "inputs" / "outputs" entry may override, by tensor name
+_OVERRIDABLE = ("dtype", "shape", "batch_axis")
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -74,19 +76,112 @@ def unknown_keys(value: Any, type_: Any = Manifest, path: str = "") -> list[str]
 
 
 def graph_io(model_bytes: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs with dtype and shape, read from the ONNX graph."""
-    import onnx
+    """Inputs and outputs with dtype, shape and batch axis, read from the ONNX graph (the
+    contract ``edgebus model pack`` starts from: ``services.modelstore.read_graph``)."""
+    graph = read_graph(model_bytes)
+    return graph.inputs, graph.outputs
 
-    model = onnx.load_from_string(model_bytes)
-    initializers = {i.name for i in model.graph.initializer}
 
-    def spec(v: Any) -> TensorSpec:
-        t = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        return TensorSpec(name=v.name, dtype=_ONNX_TYPES.get(t.elem_type, str(t.elem_type)), shape=shape)
+class PackError(ValueError):
+    """A spec, asset or model that ``edgebus model pack`` refuses; the message says what to fix."""
 
-    return ([spec(v) for v in model.graph.input if v.name not in initializers],
-            [spec(v) for v in model.graph.output])
+
+def apply_overrides(specs: list[TensorSpec], overrides: Any, kind: str) -> list[TensorSpec]:
+    """The graph's ``specs`` with the spec file's overrides applied: ``overrides`` maps a
+    tensor's name to any of dtype, shape and batch_axis.  A shape given without a batch_axis
+    takes the default one of that shape (``TensorSpec.batch()``: axis 0 where it is not
+    fixed, else none); a batch_axis equal to the default is left out of the manifest.
+    Raises PackError naming unknown tensors, unknown keys and invalid values."""
+    if overrides is None:
+        return specs
+    if not isinstance(overrides, dict):
+        raise PackError(f'"{kind}" in a spec maps {kind[:-1]} names to what to override, e.g. '
+                        f'{{"{kind}": {{"{specs[0].name if specs else "x"}": {{"shape": [null, 3, 48, null], '
+                        f'"batch_axis": 0}}}}}}')
+    names = [s.name for s in specs]
+    unknown = [n for n in overrides if n not in names]
+    if unknown:
+        raise PackError(f"the spec overrides {kind} {', '.join(map(repr, unknown))}, which the graph does not have; "
+                        f"its {kind} are {', '.join(map(repr, names)) or 'none'}")
+    out = []
+    for spec in specs:
+        change = overrides.get(spec.name)
+        if change is None:
+            out.append(spec)
+            continue
+        if not isinstance(change, dict):
+            raise PackError(f"{kind}.{spec.name}: give an object with any of {', '.join(_OVERRIDABLE)}")
+        bad = [k for k in change if k not in _OVERRIDABLE]
+        if bad:
+            raise PackError(f"{kind}.{spec.name}: unknown key(s) {', '.join(map(repr, bad))}; a spec may override "
+                            f"{', '.join(_OVERRIDABLE)}")
+        merged = {**msgspec.to_builtins(spec), **change}
+        if "shape" in change and "batch_axis" not in change:
+            merged.pop("batch_axis", None)
+        try:
+            new = msgspec.convert(merged, TensorSpec)
+        except msgspec.ValidationError as exc:
+            raise PackError(f"{kind}.{spec.name}: {exc}") from None
+        if new.batch_axis is not msgspec.UNSET and new.batch_axis == msgspec.structs.replace(
+                new, batch_axis=msgspec.UNSET).batch():
+            new.batch_axis = msgspec.UNSET  # the default: written only where it differs from it
+        out.append(new)
+    return out
+
+
+def _check_ops(spec: dict[str, Any]) -> None:
+    """Every op the spec's pre and post name is one the accelerator drivers know (when
+    drivers.ops can be imported here)."""
+    try:
+        from drivers.ops import OPS
+    except ImportError:  # a tools-only install: the store's install and the driver's load check
+        return
+    for where in ("pre", "post"):
+        steps = spec.get(where) or []
+        for i, step in enumerate(steps if isinstance(steps, list) else []):
+            name = step.get("op") if isinstance(step, dict) else None
+            if isinstance(name, str) and name not in OPS:
+                close = difflib.get_close_matches(name, OPS, n=3)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise PackError(f"{where}[{i}] names op {name!r}, which is not an op the accelerator drivers have; "
+                                f"{hint}the ops: {', '.join(sorted(OPS))}")
+
+
+def _contract(graph: Graph, spec: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = apply_overrides(graph.inputs, spec.get("inputs"), "inputs")
+    outputs = apply_overrides(graph.outputs, spec.get("outputs"), "outputs")
+    for kind, specs, given in (("inputs", inputs, spec.get("inputs") or {}), ("outputs", outputs, spec.get("outputs") or {})):
+        for s in specs:
+            overridden = given.get(s.name, {})
+            if s.name in graph.not_tensors:
+                raise PackError(f"{kind[:-1]} {s.name!r} of the graph is not a tensor (a sequence or a map), which "
+                                "edgebus cannot carry")
+            if s.name in graph.unranked and "shape" not in overridden:
+                raise PackError(f"the graph gives no shape for {kind[:-1]} {s.name!r} (its rank is unknown); give it "
+                                f'in the spec: {{"{kind}": {{"{s.name}": {{"shape": [null, ...]}}}}}}')
+    return inputs, outputs
+
+
+def _assets(items: list[str] | None) -> tuple[dict[str, Asset], dict[str, bytes]]:
+    assets: dict[str, Asset] = {}
+    files: dict[str, bytes] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise PackError(f"--asset {item!r} is not NAME=FILE, e.g. --asset labels=labels.txt")
+        if not ASSET_NAME.match(name):
+            raise PackError(f"--asset {item!r}: an asset name is 1-63 of A-Z, a-z, 0-9, '_', '.' and '-', starting "
+                            "with a letter or digit")
+        if name in assets:
+            raise PackError(f"--asset {name!r} is given twice")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise PackError(f"--asset {name}: cannot read {path}: {exc.strerror}") from None
+        file = f"assets/{name}" + ("" if Path(name).suffix else Path(path).suffix)
+        assets[name] = Asset(file=file, sha256="", size=0, media_type=mimetypes.guess_type(path)[0] or "")
+        files[file] = data
+    return assets, files
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -108,35 +203,55 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    model = Path(args.model).read_bytes()
     try:
-        inputs, outputs = graph_io(model)
+        model = Path(args.model).read_bytes()
+    except OSError as exc:
+        return _fail(f"cannot read {args.model}: {exc.strerror}")
+    try:
+        graph = read_graph(model)
     except Exception as exc:  # onnx raises its own DecodeError & co
         return _fail(f"{args.model} is not an ONNX model: {exc}")
     try:
         spec: dict[str, Any] = json.loads(Path(args.spec).read_text()) if args.spec else {}
     except ValueError as exc:
         return _fail(f"{args.spec} is not JSON: {exc}")
+    except OSError as exc:
+        return _fail(f"cannot read {args.spec}: {exc.strerror}")
     if not isinstance(spec, dict):
-        return _fail(f"{args.spec}: a spec is a JSON object (pre, post, fallback, reference, provenance)")
-    misspelt = unknown_keys(spec)
+        return _fail(f"{args.spec}: a spec is a JSON object (pre, post, fallback, reference, provenance, metadata, "
+                     "and inputs/outputs overrides by name)")
+    if "assets" in spec:
+        return _fail(f"{args.spec}: assets are not given in the spec; add each with --asset NAME=FILE")
+    misspelt = unknown_keys({k: v for k, v in spec.items() if k not in ("inputs", "outputs")})
     if misspelt:
         return _fail(f"{args.spec}: unknown manifest key(s) {', '.join(misspelt)}; fix or remove them "
                      "(the manifest's fields: protocols.modelstore.Manifest)")
     files = {"full.onnx": model}
     variants = {"full": Variant(file="full.onnx", sha256="", size=0)}
-    for extra in args.variant or []:
-        name, _, path = extra.partition("=")
-        files[f"{name}.onnx"] = Path(path).read_bytes()
-        variants[name] = Variant(file=f"{name}.onnx", sha256="", size=0)
+    try:
+        inputs, outputs = _contract(graph, spec)
+        _check_ops(spec)
+        assets, asset_files = _assets(args.asset)
+        for extra in args.variant or []:
+            name, _, path = extra.partition("=")
+            try:
+                files[f"{name}.onnx"] = Path(path).read_bytes()
+            except OSError as exc:
+                raise PackError(f"--variant {name}: cannot read {path}: {exc.strerror}") from None
+            variants[name] = Variant(file=f"{name}.onnx", sha256="", size=0)
+    except PackError as exc:
+        return _fail(f"cannot pack: {exc}")
+    metadata = {**graph.metadata, **(spec.get("metadata") or {})}
     try:
         manifest = msgspec.convert({
             **spec, "name": args.name, "version": args.version, "created": time.time(),
             "author": args.author or spec.get("author", ""), "description": args.description or spec.get("description", ""),
             "inputs": msgspec.to_builtins(inputs), "outputs": msgspec.to_builtins(outputs),
-            "variants": msgspec.to_builtins(variants),
+            "variants": msgspec.to_builtins(variants), "metadata": metadata, "assets": msgspec.to_builtins(assets),
         }, Manifest)
-        bundle = Bundle.create(manifest, files)
+        bundle = Bundle.create(manifest, {**files, **asset_files})
+        for variant in bundle.manifest.variants.values():  # the contract fits every variant's graph
+            check_graph(bundle.manifest, variant.file, files[variant.file])
     except (msgspec.ValidationError, BundleError) as exc:
         return _fail(f"cannot pack: {exc}")
     if args.key:
@@ -199,7 +314,8 @@ def _latency_ms(model: bytes, inputs: list[TensorSpec], runs: int = 200) -> floa
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feed = {i.name: rng.random([d or 1 for d in i.shape]).astype(i.dtype) for i in inputs}
+    feed = {i.name: np.asarray(rng.random([d if isinstance(d, int) and d > 0 else 1 for d in i.shape])).astype(i.dtype)
+            for i in inputs}
     for _ in range(10):
         sess.run(None, feed)
     times = []
@@ -252,8 +368,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--version", required=True)
     p.add_argument("--author")
     p.add_argument("--description")
-    p.add_argument("--spec", help="JSON with pre, post, fallback, reference, provenance")
+    p.add_argument("--spec", help="JSON with pre, post, fallback, reference, provenance, metadata, and "
+                                  '"inputs"/"outputs": overrides by tensor name of dtype, shape, batch_axis')
     p.add_argument("--variant", action="append", help="NAME=FILE.onnx, e.g. small=small.onnx")
+    p.add_argument("--asset", action="append", metavar="NAME=FILE",
+                   help="a file the bundle carries for ops and clients (labels, vocabulary...); repeatable")
     p.add_argument("--key", help="sign with this private key")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pack)

@@ -5,6 +5,7 @@ The manifest types are the wire types of ``protocols.modelstore``, re-exported h
 the bundle API's users."""
 
 from protocols.modelstore import (
+    Asset,
     Fallback,
     FeatureStats,
     Manifest,
@@ -17,7 +18,7 @@ from protocols.modelstore import (
     pick_version,
 )
 
-from ._bundle import Bundle, Signature
+from ._bundle import LIMITS, Bundle, Graph, Limits, Signature, check_graph, read_graph
 from ._exceptions import (
     BundleError,
     DowngradeRefused,
@@ -33,7 +34,7 @@ from ._settings import ModelStoreSettings
 
 __all__ = [
     "ModelStoreService", "ModelStoreSettings",
-    "Bundle", "Fallback", "FeatureStats", "Manifest", "OpSpec", "Provenance", "Signature", "TensorSpec",
+    "Bundle", "Graph", "read_graph", "check_graph", "Limits", "LIMITS", "Asset", "Fallback", "FeatureStats", "Manifest", "OpSpec", "Provenance", "Signature", "TensorSpec",
     "Variant", "ManifestError", "parse_version", "pick_version",
     "BundleError", "DowngradeRefused", "ModelLoadError", "ModelStoreError", "NoSuchModel", "TamperedBundle",
     "UnknownSigner", "UnsignedBundle",

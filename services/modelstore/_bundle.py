@@ -7,7 +7,9 @@ Layout: a zip archive (stored, not compressed: ONNX files barely compress) with
   model-signing idea);
 * ``signature.json``: ``{"key_id", "public_key", "signature"}``, ed25519 over the exact
   bytes of manifest.json;
-* the model files, e.g. ``full.onnx`` and ``int8.onnx``.
+* the model files, e.g. ``full.onnx`` and ``int8.onnx``, and the asset files the manifest's
+  ``assets`` name (labels, vocabularies...), e.g. ``assets/labels.txt``, listed and signed the
+  same way.
 
 Reading is staged and bounded (``Archive``), because a bundle comes from outside: the
 central directory, the manifest and the signature are read first, each under a small
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import time
 import zipfile
@@ -34,12 +37,12 @@ from typing import Any, Iterator
 
 import msgspec
 
-from protocols.modelstore import Manifest, ManifestError, TensorSpec, Variant
+from protocols.modelstore import DIM_NAME, Asset, Dim, Manifest, ManifestError, TensorSpec, Variant
 
 from ._exceptions import BadEntry, BundleError, BundleTooLarge, GraphMismatch, TamperedBundle, UnsignedBundle
 
-__all__ = ["Signature", "Bundle", "Archive", "Limits", "LIMITS", "MANIFEST", "SIGNATURE", "graph_io",
-           "check_graph"]
+__all__ = ["Signature", "Bundle", "Archive", "Limits", "LIMITS", "MANIFEST", "SIGNATURE", "Graph", "read_graph",
+           "graph_io", "check_graph", "bundle_files"]
 
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
@@ -65,7 +68,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     signature: int = 16 << 10
     #: the ZIP central directory, bytes: bounds the number of entries before any is parsed
     directory: int = 64 << 10
-    #: the model files together, uncompressed, bytes
+    #: the model and asset files together, uncompressed, bytes
     total: int = 1 << 30
     #: a compressed entry inflates to at most this many times its compressed size...
     ratio: int = 100
@@ -93,7 +96,8 @@ def _check_name(name: str, what: str) -> None:
                else "")
     if problem:
         raise BadEntry(f"{what} {name!r} is not a plain file name ({problem}); "
-                       "a bundle holds manifest.json, signature.json and the files its variants name, nothing else")
+                       "a bundle holds manifest.json, signature.json and the files its variants and assets name, "
+                       "nothing else")
 
 
 class _ViewFile(io.RawIOBase):
@@ -272,31 +276,22 @@ class Archive:
 
     # -- stage 3: the entries against the (signed) manifest -------------------------------------------
 
-    def expected(self) -> dict[str, Variant]:
-        """Each distinct file the variants name, with its signed size and sha256."""
-        files: dict[str, Variant] = {}
-        for variant_name, variant in self.manifest.variants.items():
-            _check_name(variant.file, f"variant {variant_name!r} names file")
-            if variant.file in (MANIFEST, SIGNATURE):
-                raise BadEntry(f"variant {variant_name!r} names {variant.file}, which is not a model file")
-            other = files.get(variant.file)
-            if other is not None and (other.sha256, other.size) != (variant.sha256, variant.size):
-                raise BundleError(f"manifest.json: two variants name {variant.file} with different sha256 or size")
-            files[variant.file] = variant
-        return files
+    def expected(self) -> dict[str, Variant | Asset]:
+        """Each distinct file the variants and assets name, with its signed size and sha256."""
+        return bundle_files(self.manifest)
 
-    def check_entries(self) -> dict[str, Variant]:
+    def check_entries(self) -> dict[str, Variant | Asset]:
         """Exactly the manifest's files are there, each declaring the size the manifest signs,
         all within the total limit.  Reads no file."""
         files = self.expected()
         total = sum(v.size for v in files.values())
         if total > self.limits.total:
-            raise BundleTooLarge(f"its model files are {_mib(total)} together, over the limit of "
+            raise BundleTooLarge(f"its model and asset files are {_mib(total)} together, over the limit of "
                                  f"{_mib(self.limits.total)}")
         extra = sorted(set(self.entries) - set(files) - {MANIFEST, SIGNATURE})
         if extra:
             raise BadEntry(f"unlisted file(s) {extra}: a bundle holds manifest.json, signature.json and the files "
-                           "its variants name, nothing else")
+                           "its variants and assets name, nothing else")
         for name, variant in files.items():
             info = self.entries.get(name)
             if info is None:
@@ -309,7 +304,7 @@ class Archive:
     # -- stage 4: the files, streamed ---------------------------------------------------------------------
 
     def read_files(self, verify_digests: bool = True) -> dict[str, Any]:
-        """Every file the manifest lists, by name: a stored one as a view of the archive (no
+        """Every file the manifest lists (models and assets), by name: a stored one as a view of the archive (no
         copy), a deflated one inflated into a buffer of exactly its signed size, stopping at
         the first byte over it.  With ``verify_digests``, each must have its signed sha256."""
         out: dict[str, Any] = {}
@@ -347,6 +342,27 @@ class Archive:
         if start + info.compress_size > len(view):
             raise BundleError(f"entry {info.filename!r} cannot be read: the archive is truncated")
         return view[start:start + info.compress_size]
+
+
+def bundle_files(manifest: Manifest) -> dict[str, Variant | Asset]:
+    """Each distinct file a manifest's variants and assets name, with its signed size and
+    sha256.  Raises BadEntry for a name that is not a plain file name, or names
+    manifest.json or signature.json, and BundleError for one file named twice with different
+    digests or sizes, or named both as a model and as an asset."""
+    files: dict[str, Variant | Asset] = {}
+    for what, entries in (("variant", manifest.variants), ("asset", manifest.assets)):
+        for entry_name, entry in entries.items():
+            _check_name(entry.file, f"{what} {entry_name!r} names file")
+            if entry.file in (MANIFEST, SIGNATURE):
+                raise BadEntry(f"{what} {entry_name!r} names {entry.file}, which is not a {'model' if what == 'variant' else 'asset'} file")
+            other = files.get(entry.file)
+            if other is not None:
+                if type(other) is not type(entry):
+                    raise BundleError(f"manifest.json: {entry.file} is named both as a model file and as an asset")
+                if (other.sha256, other.size) != (entry.sha256, entry.size):
+                    raise BundleError(f"manifest.json: two {what}s name {entry.file} with different sha256 or size")
+            files[entry.file] = entry
+    return files
 
 
 def verify(sig: Signature, manifest_bytes: bytes, public_key: bytes) -> bool:
@@ -404,75 +420,124 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, memoryview | None]]:
         yield field, value
 
 
-def graph_io(model: Any) -> tuple[list[TensorSpec | None], list[TensorSpec | None]]:
-    """The inputs (initializers excepted) and outputs of an ONNX model's graph, read from
-    the serialized ModelProto without parsing its nodes' or initializers' data: only the
-    graph's ValueInfoProto entries are parsed, with ``onnx``.  A non-tensor input or output
-    is None; an unknown rank is an empty shape with ``dtype`` kept."""
+#: dimension names that exporters generate for "unknown" (paddle2onnx, tf2onnx, shape
+#: inference): they name nothing shared, so they read as dynamic
+_GENERATED_DIM = re.compile(r"^(p2o\.DynamicDimension\.\d+|unk__\d+|\?)$")
+
+
+class Graph(msgspec.Struct):
+    """What an ONNX graph says of its contract (``read_graph``)."""
+
+    #: the inputs (initializers excepted) and outputs, as a manifest takes them: sizes > 0
+    #: fixed, 0 and -1 dynamic, named dimensions symbolic (generated names dynamic);
+    #: ``batch_axis`` left out, so the default applies (``TensorSpec.batch()``: axis 0 where
+    #: it is not fixed, none for a scalar or a fixed axis 0).  An input or output that is no
+    #: tensor is listed with dtype "" and shape [] (and named in ``not_tensors``)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    #: the model's ``metadata_props``
+    metadata: dict[str, str] = {}
+    #: tensors whose graph gives no shape at all (their rank is unknown), by name
+    unranked: list[str] = []
+    #: inputs and outputs that are not tensors (sequences, maps...), by name
+    not_tensors: list[str] = []
+
+
+def _graph_dim(d: Any) -> Dim:
+    if d.HasField("dim_value"):
+        return d.dim_value if d.dim_value > 0 else None
+    if d.HasField("dim_param") and DIM_NAME.match(d.dim_param) and not _GENERATED_DIM.match(d.dim_param):
+        return d.dim_param
+    return None
+
+
+def read_graph(model: Any) -> Graph:
+    """The contract of an ONNX model's graph, read from the serialized ModelProto without
+    parsing its nodes' or initializers' data: only the graph's ValueInfoProto entries are
+    parsed, with ``onnx``, and the model's ``metadata_props``.  Raises ValueError (or
+    protobuf's DecodeError) for bytes that are not a model."""
     import onnx
 
     view = memoryview(model).cast("B")
     inputs: list[memoryview] = []
     outputs: list[memoryview] = []
     initializers: set[str] = set()
-    for field, graph in _fields(view):
-        if field != 7 or graph is None:  # ModelProto.graph
+    metadata: dict[str, str] = {}
+    for field, value in _fields(view):
+        if field == 14 and value is not None:  # ModelProto.metadata_props: StringStringEntryProto
+            entry = {f: bytes(v).decode(errors="replace") for f, v in _fields(value) if v is not None}
+            metadata[entry.get(1, "")] = entry.get(2, "")
+        if field != 7 or value is None:  # ModelProto.graph
             continue
-        for gfield, value in _fields(graph):
-            if value is None:
+        for gfield, item in _fields(value):
+            if item is None:
                 continue
             if gfield == 11:  # GraphProto.input
-                inputs.append(value)
+                inputs.append(item)
             elif gfield == 12:  # GraphProto.output
-                outputs.append(value)
+                outputs.append(item)
             elif gfield == 5:  # GraphProto.initializer: only its name (TensorProto.name = 8)
-                initializers.update(bytes(v).decode(errors="replace") for f, v in _fields(value) if f == 8 and v is not None)
+                initializers.update(bytes(v).decode(errors="replace") for f, v in _fields(item) if f == 8 and v is not None)
+    unranked: list[str] = []
+    not_tensors: list[str] = []
 
-    def spec(raw: memoryview) -> tuple[str, TensorSpec | None]:
+    def spec(raw: memoryview) -> TensorSpec:
         info = onnx.ValueInfoProto.FromString(bytes(raw))
         if not info.type.HasField("tensor_type"):
-            return info.name, None
+            not_tensors.append(info.name)
+            return TensorSpec(name=info.name, dtype="", shape=[], batch_axis=None)
         t = info.type.tensor_type
-        shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        return info.name, TensorSpec(name=info.name, dtype=_ONNX_TYPES.get(t.elem_type, str(t.elem_type)),
-                                     shape=shape if t.HasField("shape") else [])
+        if not t.HasField("shape"):
+            unranked.append(info.name)
+        return TensorSpec(name=info.name, dtype=_ONNX_TYPES.get(t.elem_type, str(t.elem_type)),
+                          shape=[_graph_dim(d) for d in t.shape.dim])
 
     ins = [spec(v) for v in inputs]
-    return ([s for name, s in ins if name not in initializers], [spec(v)[1] for v in outputs])
+    return Graph(inputs=[s for s in ins if s.name not in initializers], outputs=[spec(v) for v in outputs],
+                 metadata=metadata, unranked=[n for n in unranked if n not in initializers],
+                 not_tensors=[n for n in not_tensors if n not in initializers])
+
+
+def graph_io(model: Any) -> tuple[list[TensorSpec | None], list[TensorSpec | None]]:
+    """The inputs (initializers excepted) and outputs of an ONNX model's graph (``read_graph``):
+    a non-tensor input or output is None; an unknown rank is an empty shape with ``dtype`` kept."""
+    graph = read_graph(model)
+    return ([None if s.name in graph.not_tensors else s for s in graph.inputs],
+            [None if s.name in graph.not_tensors else s for s in graph.outputs])
 
 
 def check_graph(manifest: Manifest, file: str, model: Any) -> None:
     """The manifest's ``inputs`` and ``outputs`` agree with the graph of ``file``: the same
-    names in the same order, the same dtypes and ranks, and equal sizes wherever both give
-    a fixed size (a dynamic or symbolic axis on either side matches any size).  An empty
-    list declares nothing and is not checked.  Raises GraphMismatch naming the first
-    contradiction."""
+    names in the same order, the same dtypes and ranks (where the graph gives a rank), and
+    equal sizes wherever both give a fixed size (a dynamic or symbolic axis on either side
+    matches any size; the graph's 0 and -1 are dynamic).  An empty list declares nothing and
+    is not checked.  Raises GraphMismatch naming the first contradiction."""
     if not manifest.inputs and not manifest.outputs:
         return
     try:
-        graph_inputs, graph_outputs = graph_io(model)
+        graph = read_graph(model)
     except Exception as exc:  # protobuf's DecodeError & co: the load check says more
         raise GraphMismatch(f"{file}: its graph's inputs and outputs cannot be read ({exc})") from exc
-    for kind, declared, actual in (("inputs", manifest.inputs, graph_inputs), ("outputs", manifest.outputs, graph_outputs)):
+    for kind, declared, actual in (("inputs", manifest.inputs, graph.inputs), ("outputs", manifest.outputs, graph.outputs)):
         if not declared:
             continue
 
-        def show(specs: list[TensorSpec | None]) -> str:
-            return ", ".join(f"{s.name} {s.dtype} {s.shape}" if s else "(not a tensor)" for s in specs)
+        def show(specs: list[TensorSpec]) -> str:
+            return ", ".join("(not a tensor)" if s.name in graph.not_tensors else f"{s.name} {s.dtype} {s.shape}"
+                             for s in specs)
 
-        names = [s.name if s else "" for s in actual]
-        if [d.name for d in declared] != names:
-            raise GraphMismatch(f"the manifest's {kind} are [{show(declared)}] but the graph of {file} has "  # type: ignore[arg-type]
+        if [d.name for d in declared] != [a.name for a in actual]:
+            raise GraphMismatch(f"the manifest's {kind} are [{show(declared)}] but the graph of {file} has "
                                 f"[{show(actual)}]; fix the manifest (`edgebus model pack` reads them from the graph)")
         for d, a in zip(declared, actual):
             problem = ""
-            if a is None:
+            if a.name in graph.not_tensors:
                 problem = "a tensor type; the graph's is not a tensor"
             elif d.dtype != a.dtype:
                 problem = f"dtype {d.dtype}, the graph's is {a.dtype}"
-            elif a.shape and len(d.shape) != len(a.shape):
+            elif a.name not in graph.unranked and len(d.shape) != len(a.shape):
                 problem = f"shape {d.shape} (rank {len(d.shape)}), the graph's is {a.shape} (rank {len(a.shape)})"
-            elif any(x is not None and y is not None and x != y for x, y in zip(d.shape, a.shape)):
+            elif any(x.__class__ is int and y.__class__ is int and x != y for x, y in zip(d.shape, a.shape)):
                 problem = f"shape {d.shape}, the graph's is {a.shape}"
             if problem:
                 raise GraphMismatch(f"the manifest's {kind[:-1]} {d.name!r} has {problem} in {file}; fix the manifest "
@@ -496,13 +561,18 @@ class Bundle:
 
     @classmethod
     def create(cls, manifest: Manifest, files: dict[str, bytes]) -> "Bundle":
-        missing = sorted(v.file for v in manifest.variants.values() if v.file not in files)
+        missing = sorted(v.file for v in [*manifest.variants.values(), *manifest.assets.values()] if v.file not in files)
         if missing:
-            raise BundleError(f"the manifest's variants name file(s) {missing} that were not given")
+            raise BundleError(f"the manifest's variants or assets name file(s) {missing} that were not given")
         manifest.variants = {
             name: Variant(file=v.file, sha256=hashlib.sha256(files[v.file]).hexdigest(), size=len(files[v.file]),
                           description=v.description)
             for name, v in manifest.variants.items()
+        }
+        manifest.assets = {
+            name: Asset(file=a.file, sha256=hashlib.sha256(files[a.file]).hexdigest(), size=len(files[a.file]),
+                        media_type=a.media_type)
+            for name, a in manifest.assets.items()
         }
         manifest.created = manifest.created or time.time()
         return cls(msgspec.json.encode(manifest), files)
@@ -550,7 +620,7 @@ class Bundle:
 
     def check_files(self) -> None:
         """Every file the manifest lists is there with its signed digest, and no other."""
-        listed = {v.file: v for v in self.manifest.variants.values()}
+        listed = bundle_files(self.manifest)
         for name, variant in listed.items():
             data = self.files.get(name)
             if data is None:

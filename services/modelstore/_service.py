@@ -38,6 +38,8 @@ from ._exceptions import (
 )
 from protocols.modelstore import (
     Activate,
+    AssetBytes,
+    GetAsset,
     GetModel,
     HealthRecorded,
     InspectModel,
@@ -203,6 +205,19 @@ class ModelStoreService(Service):
                 sha = manifest.variants[variant].sha256
                 data = await anyio.to_thread.run_sync(store.read_file, sha)  # decrypt off the event loop
                 return ModelBytes(name=name, version=version, variant=variant, sha256=sha, manifest=manifest), [data]
+            case GetAsset(name=name, asset=asset, version=version):
+                self._known(name)
+                version = version or store.record(name).active
+                if not version:
+                    raise Unavailable(f"{name} has no active version; activate one, or name a version")
+                manifest, _ = store.manifest(name, version)
+                entry = manifest.assets.get(asset)
+                if entry is None:
+                    raise BadMessage(f"{name} {version} has no asset {asset!r}; it has "
+                                     f"{sorted(manifest.assets) or 'none'}")
+                data = await anyio.to_thread.run_sync(store.read_file, entry.sha256)
+                return AssetBytes(name=name, version=version, asset=asset, sha256=entry.sha256, size=entry.size,
+                                  media_type=entry.media_type), [data]
             case Resolve(name=name, key=key):
                 self._known(name)
                 rec = store.record(name)

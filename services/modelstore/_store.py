@@ -3,7 +3,7 @@
 Layout under ``<state>/modelstore/``::
 
     datakey.sealed              the data key, sealed by the security service (master key)
-    blobs/<sha256>              model files, AES-256-GCM under the data key (nonce || ct)
+    blobs/<sha256>              model and asset files, AES-256-GCM under the data key (nonce || ct)
     models/<name>/<version>/    manifest.json + signature.json, as signed
     state.json                  active / previous / trial / split per model
 
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from protocols.modelstore import Manifest, parse_version
 from services import atomic_write
 
-from ._bundle import Bundle, Signature
+from ._bundle import Bundle, Signature, bundle_files
 from ._exceptions import ModelStoreError, NoSuchModel
 
 __all__ = ["Store", "ModelRecord", "StoreState"]
@@ -102,11 +102,11 @@ class Store:
 
     def add(self, bundle: Bundle) -> None:
         m = bundle.manifest
-        for variant in m.variants.values():
-            path = self.blobs / variant.sha256
+        for file, entry in bundle_files(m).items():  # models and assets alike
+            path = self.blobs / entry.sha256
             if not path.exists():
                 nonce = os.urandom(12)
-                atomic_write(path, nonce + self._aes.encrypt(nonce, bundle.files[variant.file], variant.sha256.encode()))
+                atomic_write(path, nonce + self._aes.encrypt(nonce, bundle.files[file], entry.sha256.encode()))
         self._fault("install:blobs-written")
         final = self.models_dir / m.name / m.version
         tmp = final.with_name(m.version + ".tmp")
@@ -145,6 +145,7 @@ class Store:
                     shutil.rmtree(version_dir, ignore_errors=True)
                     continue
                 referenced.update(v.sha256 for v in manifest.variants.values())
+                referenced.update(a.sha256 for a in manifest.assets.values())
         for blob in self.blobs.iterdir():
             if blob.name not in referenced:
                 blob.unlink()
