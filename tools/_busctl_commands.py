@@ -6,6 +6,7 @@ deadline in seconds (see busctl's --deadline)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ from protocols import (
     Introspect,
     ListCapabilities,
     ListServices,
+    ProtocolError,
     Reload,
     Reloaded,
     RestartService,
@@ -380,8 +382,8 @@ async def cmd_security(bus: BusClient, args: argparse.Namespace, out: Output) ->
 
 async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
     from protocols.modelstore import (
-        Activate, InspectModel, Install, Installed, ListModels, ModelList, ModelManifest, ModelState, Remove,
-        Rollback, Split,
+        Activate, AssetBytes, GetAsset, InspectModel, Install, Installed, ListModels, ModelList, ModelManifest,
+        ModelState, Remove, Rollback, Split,
     )
 
     words, action = list(args.words), args.action
@@ -415,6 +417,30 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         manifest = await bus.call("modelstore", InspectModel(name=words[0], version=words[1] if len(words) > 1 else ""),
                                   ModelManifest, timeout=args.deadline)
         out.pretty(manifest)  # JSON in every mode: a manifest is a document
+        return 0
+    elif action == "asset":
+        if len(words) not in (2, 3):
+            raise UsageError("usage: busctl model asset MODEL ASSET [FILE] (no FILE: the bytes on standard output)")
+        incoming = await bus.request("modelstore", GetAsset(name=words[0], asset=words[1]), timeout=args.deadline)
+        asset = incoming.decode(AssetBytes)
+        frame = incoming.frames[0] if incoming.frames else b""
+        data = bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+        if hashlib.sha256(data).hexdigest() != asset.sha256:
+            raise ProtocolError(f"asset {asset.asset} of {asset.name} {asset.version} arrived with another sha256 "
+                                f"than the manifest's {asset.sha256[:16]}...")
+        if len(words) == 2:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return 0
+        try:
+            Path(words[2]).write_bytes(data)
+        except OSError as exc:
+            raise UsageError(f"cannot write {words[2]}: {exc.strerror}") from exc
+        if out.json:
+            out.emit({**plain(asset), "file": words[2]})
+        else:
+            out.line(f"asset {asset.asset} of {asset.name} {asset.version}: {len(data)} bytes"
+                     + (f" ({asset.media_type})" if asset.media_type else "") + f" written to {words[2]}")
         return 0
     elif action == "activate":
         need(2, "NAME VERSION")

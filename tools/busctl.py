@@ -303,9 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    ).complete = "service"  # type: ignore[attr-defined]
     p.add_argument("public_key", metavar="KEY", nargs="?", help="with enroll: its CURVE public key (40 Z85 characters)")
     p = verb("model", cmd_model, "model bundles in the model store (install's deadline: 120 s)")
-    p.add_argument("action", choices=["list", "install", "activate", "rollback", "split", "remove", "inspect"],
+    p.add_argument("action", choices=["list", "install", "activate", "rollback", "split", "remove", "inspect", "asset"],
                    help="list | install BUNDLE | activate NAME VERSION | rollback NAME | split NAME V=W... "
-                        "| remove NAME VERSION | inspect NAME [VERSION]")
+                        "| remove NAME VERSION | inspect NAME [VERSION] | asset NAME ASSET [FILE] (an asset of the "
+                        "active version; no FILE: to standard output)")
     p.add_argument("words", nargs="*", metavar="ARG", help="the action's arguments"
                    ).complete = "file"  # type: ignore[attr-defined]
     p = verb("infer", cmd_infer, "run a model on an input (.npy or an image)")
