@@ -10,17 +10,37 @@ from typing import Any, Sequence
 from ._exceptions import DecodeError
 from ._messages import Tensor
 
-__all__ = ["pack_tensors", "unpack_tensor", "DTYPES"]
+__all__ = ["pack_tensors", "unpack_tensor", "DTYPES", "ZERO_COPY_MIN"]
+
+#: From this size on, ``pack_tensors(..., zero_copy=True)`` hands a tensor's memory to ZeroMQ
+#: instead of copying it; below it a copy costs less than the bookkeeping (pyzmq's default
+#: ``copy_threshold`` is the same 64 KiB).
+ZERO_COPY_MIN = 1 << 16
 
 #: The dtypes a tensor frame may carry (PROTOCOL.md, "Raw frames and tensors").
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
           "float16", "float32", "float64")
 
 
-def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tensor], list[Any]]:
+def pack_tensors(arrays: Sequence[Any], first_frame: int = 0, *,
+                 zero_copy: bool = False) -> tuple[list[Tensor], list[Any]]:
     """Describe ``arrays`` and return the buffers to send after the body, without copying
-    arrays that are already C-contiguous."""
+    arrays that are already C-contiguous.
+
+    The socket copies each buffer when it is sent, so the caller may change its arrays the
+    moment the send returns.  ``zero_copy=True`` skips that copy for tensors of
+    ``ZERO_COPY_MIN`` bytes or more: ZeroMQ reads their memory while it sends, after the
+    send call has returned, so the caller promises never to write to those arrays again (a
+    view of a received frame, which is read-only, or a result the caller made and hands
+    over).  A scheduler forwarding tensors or a driver answering with a model's outputs
+    does; a client sending its camera's buffer must not."""
     import numpy as np
+
+    frame_of = None
+    if zero_copy:
+        import zmq
+
+        frame_of = zmq.Frame
 
     descs: list[Tensor] = []
     buffers: list[Any] = []
@@ -33,7 +53,8 @@ def pack_tensors(arrays: Sequence[Any], first_frame: int = 0) -> tuple[list[Tens
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i))
-        buffers.append(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+        buf = memoryview(a.reshape(-1)).cast("B") if a.size else b""
+        buffers.append(frame_of(buf, copy=False) if frame_of is not None and a.nbytes >= ZERO_COPY_MIN else buf)
     return descs, buffers
 
 

@@ -83,3 +83,32 @@ def _recv_any(echo: zmq.Socket, client: zmq.Socket) -> list:
     if client in ready:
         return recv_frames(client, small=3)
     raise AssertionError("nothing arrived within 5 s")
+
+
+def test_zero_copy_packing_hands_large_tensors_to_zeromq_and_copies_small_ones() -> None:
+    """A forwarder (scheduler, driver) packs with zero_copy=True: a tensor of 64 KiB or more
+    travels as a zmq.Frame over its own memory (ZeroMQ reads it after send returns), a small
+    one as a buffer the socket copies; by default every tensor is copied by the socket, so a
+    client may reuse its array the moment the send returns."""
+    from protocols._tensors import ZERO_COPY_MIN
+
+    big = np.arange(ZERO_COPY_MIN // 4, dtype=np.float32).reshape(4, -1)
+    small = np.ones((1, 4), np.float32)
+    descs, frames = pack_tensors([big, small], zero_copy=True)
+    assert isinstance(frames[0], zmq.Frame) and _address(frames[0].buffer) == _address(big)
+    assert isinstance(frames[1], memoryview)
+    assert [unpack_tensor(d, frames).tolist() for d in descs] == [big.tolist(), small.tolist()]
+    _, copied = pack_tensors([big])
+    assert isinstance(copied[0], memoryview)
+
+
+def test_the_finite_check_finds_nan_and_both_infinities_without_a_temporary() -> None:
+    from services.scheduler._queueing import all_finite
+
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.zeros((3, 5), dtype)
+        assert all_finite(x) and all_finite(x[:0])
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[2, 4] = bad
+            assert not all_finite(y), (dtype, bad)

@@ -80,7 +80,7 @@ def undefined(job: Job) -> str:
     """Where the model gave NaN for this job's rows ("" when nowhere): a result no caller
     can use, so it is answered as an error, not as a score."""
     for i, out in enumerate(job.outputs):
-        if out.dtype.kind == "f" and out.size and np.isnan(out).any():
+        if out.dtype.kind == "f" and out.size and np.isnan(out.min()):  # (NaN propagates; no temporary)
             rows = np.flatnonzero(np.isnan(out.reshape(len(out), -1)).any(axis=1)) if out.ndim else np.array([0])
             return f"output {i} is NaN for input row(s) {rows[:8].tolist()}"
     return ""

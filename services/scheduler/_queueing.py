@@ -129,6 +129,15 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN and no infinity in ``a``, without the temporary ``np.isfinite(a)`` would
+    allocate (a pass of min and max: NaN propagates through both, and an infinity is one of
+    them)."""
+    if not a.size:
+        return True
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
 def check_priority(priority: int) -> None:
     if not 0 <= priority <= 2:
         raise BadMessage(f"priority {priority} is not 0 (high), 1 (normal) or 2 (low)")
@@ -143,7 +152,7 @@ def check_inputs(model: str, manifest: Manifest, arrays: list[np.ndarray]) -> No
             raise BadMessage(f"{model}: inputs are batches: axis 0 is the batch, got shape {list(a.shape)}")
         if len(a) != len(arrays[0]):
             raise BadMessage(f"{model}: inputs disagree on the batch size")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not all_finite(a):
             raise BadMessage(f"{model}: input contains NaN or infinity")
     if manifest.pre:
         if arrays[0].dtype != np.float32:

@@ -198,7 +198,7 @@ class Scheduler(Service):
         if job.error is not None:
             raise job.error
         assert job.result is not None
-        descs, frames = pack_tensors(job.outputs)
+        descs, frames = pack_tensors(job.outputs, zero_copy=True)  # views of the driver's frames
         job.result.outputs = descs
         return job.result, frames
 
@@ -309,7 +309,7 @@ class Scheduler(Service):
             return fallback(manifest, x), "scheduler", 0.0
         # the input features, for drift detection (not for the clients)
         features = bool(manifest.pre and manifest.reference)
-        descs, frames = pack_tensors(inputs)
+        descs, frames = pack_tensors(inputs, zero_copy=True)  # the clients' frames, or their stack
 
         async def send(driver: Driver) -> Any:
             return await self.bus.request(driver.name, Run(model=model, version=version, variant=variant,
