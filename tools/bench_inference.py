@@ -2,10 +2,12 @@
 
     python -m tools.bench_inference [--n 2000] [--out bench-results/inference.json]
 
-* added latency: the same small model (a 4x4 MatMul, batch 1) and input, run directly with
-  ONNX Runtime in this process, and through the bus (client -> scheduler -> accelerator
-  driver -> back, two hops through the kernel each way): p50 and p99 of both, and their
-  difference;
+* added latency: three models, each run directly with ONNX Runtime in this process and
+  through the bus (client -> scheduler -> accelerator driver -> back, two hops through the
+  kernel each way), interleaved run by run: p50 and p99 of both and their difference, for
+  a tiny model (a 4x4 MatMul, 16 B in), a 1 ms model (a [48, 1024] x [1024, 1024] MatMul,
+  192 KiB in and out) and a model with megabyte tensors (a channel mean of a [1, 3, 320,
+  320] float32 image: 1.2 MB in, 0.4 MB out);
 * dynamic batching: requests/s at concurrency 32 on a batchable model (a 256x256 MatMul)
   with batching (max batch 16, formed while the driver is busy) against without (max batch
   1), same run;
@@ -53,14 +55,27 @@ settings = {{ max_batch = {max_batch}, max_delay_ms = 0, max_queue = 4096 }}
 """
 
 
-def _bundle(name: str, model: bytes, n: int, key) -> bytes:
+def _channel_mean_onnx() -> bytes:
+    """y = mean over the channels of an NCHW image x (megabytes in, a third of that out)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)], "mean",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, None, None])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def _bundle(name: str, model: bytes, n: int | None, key, in_shape: list | None = None,
+            out_shape: list | None = None) -> bytes:
     import msgspec
 
     from services.modelstore import Bundle, Manifest
 
     manifest = msgspec.convert({"name": name, "version": "1.0.0", "created": 1.0,
-                                "inputs": [{"name": "x", "dtype": "float32", "shape": [None, n]}],
-                                "outputs": [{"name": "y", "dtype": "float32", "shape": [None, n]}],
+                                "inputs": [{"name": "x", "dtype": "float32", "shape": in_shape or [None, n]}],
+                                "outputs": [{"name": "y", "dtype": "float32", "shape": out_shape or [None, n]}],
                                 "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0}}}, Manifest)
     b = Bundle.create(manifest, {"full.onnx": model})
     b.sign(key)
@@ -85,16 +100,27 @@ async def _prepare(tmp: Path, bundles: list[bytes]) -> None:
             await bus.call("modelstore", Activate(name=i.name, version=i.version), ModelState)
 
 
-async def _latency(tmp: Path, x: np.ndarray, n: int) -> list[float]:
+async def _latency(tmp: Path, model: str, x: np.ndarray, n: int) -> list[float]:
     descs, frames = pack_tensors([x])
     async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
-        for _ in range(200):
-            await bus.request("scheduler", Infer(model="small", tensors=descs), frames=frames)
+        for _ in range(min(200, n)):
+            await bus.request("scheduler", Infer(model=model, tensors=descs), frames=frames)
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await bus.request("scheduler", Infer(model="small", tensors=descs), frames=frames)
+            await bus.request("scheduler", Infer(model=model, tensors=descs), frames=frames)
             times.append(time.perf_counter() - t0)
+    return times
+
+
+def _direct(session, x: np.ndarray, n: int) -> list[float]:
+    for _ in range(min(200, n)):
+        session.run(None, {"x": x})
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
     return times
 
 
@@ -131,39 +157,43 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    small, wide = matmul_onnx(4), matmul_onnx(256, 1)
-    bundles = [_bundle("small", small, 4, key), _bundle("wide", wide, 256, key)]
-    x_small = np.ones((1, 4), dtype=np.float32)
-    x_wide = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
+    small, wide, mid, image = matmul_onnx(4), matmul_onnx(256, 1), matmul_onnx(1024, 3), _channel_mean_onnx()
+    bundles = [_bundle("small", small, 4, key), _bundle("wide", wide, 256, key), _bundle("mid", mid, 1024, key),
+               _bundle("image", image, None, key, [None, 3, None, None], [None, 1, None, None])]
+    rng = np.random.default_rng(2)
+    x_wide = rng.standard_normal((1, 256)).astype(np.float32)
+    #: name -> (model bytes, input, requests per run)
+    cases = {"small": (small, np.ones((1, 4), dtype=np.float32), args.n),
+             "mid": (mid, rng.standard_normal((48, 1024)).astype(np.float32), max(50, args.n // 4)),
+             "image": (image, rng.random((1, 3, 320, 320), dtype=np.float32), max(50, args.n // 8))}
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(small, opts, providers=["CPUExecutionProvider"])
-    for _ in range(200):
-        session.run(None, {"x": x_small})
-    direct = []
-    for _ in range(args.n):
-        t0 = time.perf_counter()
-        session.run(None, {"x": x_small})
-        direct.append(time.perf_counter() - t0)
+    opts.intra_op_num_threads = 1  # as the benchmark's driver (threads = 1)
+    sessions = {name: ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+                for name, (model, _, _) in cases.items()}
 
-    results: dict = {"direct_us": {}, "bus_us": {}, "throughput": {"batched": [], "unbatched": []}}
-    bus_runs: list[list[float]] = []
+    results: dict = {"latency": {name: {"direct": [], "bus": []} for name in cases},
+                     "throughput": {"batched": [], "unbatched": []}}
     for run in range(args.runs):
         for mode in (("batched", "unbatched") if run % 2 == 0 else ("unbatched", "batched")):
             proc, tmp = boot(_config(pub, 16 if mode == "batched" else 1))
             try:
                 anyio.run(_prepare, tmp, bundles)
-                if mode == "batched":
-                    bus_runs.append(anyio.run(_latency, tmp, x_small, args.n))
+                if mode == "batched":  # direct and through the bus, one after the other per model
+                    for name, (_, x, n) in cases.items():
+                        results["latency"][name]["direct"].extend(_direct(sessions[name], x, n))
+                        results["latency"][name]["bus"].extend(anyio.run(_latency, tmp, name, x, n))
                 results["throughput"][mode].append(anyio.run(_throughput, tmp, x_wide, args.throughput_n))
             finally:
                 stop(proc)
-    bus = sorted(t for run in bus_runs for t in run)
-    direct.sort()
-    pct = lambda v, q: v[min(len(v) - 1, int(len(v) * q))] * 1e6  # noqa: E731
-    results["direct_us"] = {"p50": pct(direct, 0.5), "p99": pct(direct, 0.99)}
-    results["bus_us"] = {"p50": pct(bus, 0.5), "p99": pct(bus, 0.99)}
+    pct = lambda v, q: sorted(v)[min(len(v) - 1, int(len(v) * q))] * 1e6  # noqa: E731
+    added: dict[str, dict[str, float]] = {}
+    for name, times in results["latency"].items():
+        row = {f"{side}_{q}_us": pct(times[side], p) for side in ("direct", "bus") for q, p in (("p50", .5), ("p99", .99))}
+        row["added_p50_ms"] = (row["bus_p50_us"] - row["direct_p50_us"]) / 1e3
+        row["added_p99_ms"] = (row["bus_p99_us"] - row["direct_p99_us"]) / 1e3
+        added[name] = row
+    results["latency"] = added
     batched, unbatched = (statistics.median(results["throughput"][m]) for m in ("batched", "unbatched"))
 
     # first inference after boot, numba cache warm (the demo system)
@@ -194,16 +224,20 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stop(proc)
 
-    added = results["bus_us"]["p50"] - results["direct_us"]["p50"]
-    print(f"direct session.run: p50 {results['direct_us']['p50']:.0f} us, p99 {results['direct_us']['p99']:.0f} us")
-    print(f"through the bus:    p50 {results['bus_us']['p50']:.0f} us, p99 {results['bus_us']['p99']:.0f} us "
-          f"(added at p50: {added / 1000:.2f} ms; target 0.4 ms)")
+    targets = {"small": (0.4, 0.8), "mid": (None, None), "image": (1.0, None)}
+    labels = {"small": "tiny model (4x4 MatMul, 16 B in)", "mid": "1 ms model (48x1024 @ 1024x1024, 192 KiB in/out)",
+              "image": "MB tensors (1.2 MB in / 0.4 MB out)"}
+    print(f"{'model':50} {'direct p50':>10} {'bus p50':>9} {'added p50':>10} {'added p99':>10} {'bus/direct':>10}")
+    for name, row in added.items():
+        t50, t99 = targets[name]
+        note = " ".join(f"(target {label} {t} ms)" for label, t in (("p50", t50), ("p99", t99)) if t is not None)
+        print(f"{labels[name]:50} {row['direct_p50_us'] / 1e3:8.2f}ms {row['bus_p50_us'] / 1e3:7.2f}ms "
+              f"{row['added_p50_ms']:8.2f}ms {row['added_p99_ms']:8.2f}ms "
+              f"{row['bus_p50_us'] / row['direct_p50_us']:9.1f}x {note}")
     print(f"concurrency 32, 256x256 MatMul: batched {batched:.0f} req/s, unbatched {unbatched:.0f} req/s "
           f"({batched / unbatched:.2f}x; target 2x)")
     print(f"first inference after boot (demo system, numba cache warm): {first_ms:.0f} ms")
-    write_results(args.out, {**results, "added_p50_ms": added / 1000, "batching_ratio": batched / unbatched,
-                            "first_inference_ms": first_ms})
-
+    write_results(args.out, {**results, "batching_ratio": batched / unbatched, "first_inference_ms": first_ms})
 
 if __name__ == "__main__":
     main()
