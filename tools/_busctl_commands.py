@@ -480,20 +480,28 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
     return 0
 
 
-def _load_input(path: str) -> Any:
-    """A tensor from .npy, or an image (HWC uint8, via Pillow)."""
-    import numpy as np
+async def _infer_contract(bus: BusClient, args: argparse.Namespace) -> list[Any] | None:
+    """The inputs a client sends the model (its manifest's, with its pre ops folded in), or
+    None when the model store cannot say (the scheduler will judge the inputs alone)."""
+    from protocols.modelstore import InspectModel, ModelManifest
+    from services import RemoteError
 
-    p = Path(path)
     try:
-        if p.suffix == ".npy":
-            return np.load(p, allow_pickle=False)
-        from PIL import Image
-
-        with Image.open(p) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} as .npy or an image: {exc}") from exc
+        found = await bus.call("modelstore", InspectModel(name=args.model, version=args.version or ""),
+                               ModelManifest, timeout=args.deadline)
+    except RemoteError:
+        return None
+    manifest = found.manifest
+    if manifest.pre or manifest.post:
+        try:
+            from drivers.ops import OpsError, check_chains  # the ops' declarations: what a pre chain takes
+        except ImportError:
+            return list(manifest.inputs)
+        try:
+            return list(check_chains(manifest).inputs)
+        except OpsError:
+            return list(manifest.inputs)
+    return list(manifest.inputs)
 
 
 async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
@@ -502,23 +510,47 @@ async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> in
     from protocols import pack_tensors
     from services.scheduler import Infer, InferResult
 
-    x = _load_input(args.input)
-    if args.batch and (x.ndim == 0 or x.shape[0] != 1):
-        x = x[None, ...]
-    descs, frames = pack_tensors([x])
+    from ._busctl_tensors import (
+        InputError, contract_spec, fit_input, load_input, name_inputs, output_json, parse_value, show_output,
+        split_input,
+    )
+
+    if not (args.input or args.value):
+        raise UsageError("busctl infer MODEL needs inputs: --input [NAME=]FILE (each), --value NAME=NUMBER[:DTYPE]")
+    try:
+        given: list[tuple[str, Any]] = [(name, load_input(path)) for name, path in map(split_input, args.input)]
+        contract = await _infer_contract(bus, args)
+        specs = contract or []
+        given += [parse_value(v, contract_spec(specs, v.partition("=")[0])) for v in args.value]
+        if contract is not None:
+            named = name_inputs(given, contract, args.model)
+            tensors: Any = {n: fit_input(a, contract_spec(contract, n), force_batch=args.batch)
+                            for n, a in named.items()}
+        elif all(n for n, _ in given):
+            tensors = {n: fit_input(a, None, force_batch=args.batch) for n, a in given}
+        elif not any(n for n, _ in given):
+            tensors = [fit_input(a, None, force_batch=args.batch) for _, a in given]
+        else:
+            raise InputError(f"the model store could not say what {args.model} takes: name every input "
+                             "(--input NAME=FILE) or none")
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    descs, frames = pack_tensors(tensors)
     incoming = await bus.request("scheduler", Infer(model=args.model, tensors=descs, version=args.version or "",
-                                                    priority=args.priority, key=args.key or ""),
+                                                    priority=args.priority, key=args.key or "",
+                                                    variant=args.variant or "", outputs=list(args.only)),
                                  frames=frames, timeout=args.deadline)
     result = incoming.decode(InferResult)
-    outputs = [np.asarray(incoming.tensor(t)) for t in result.outputs]
+    outputs = [(t.name or f"output{i}", np.asarray(incoming.tensor(t))) for i, t in enumerate(result.outputs)]
     if out.json:
-        out.emit({**plain(result), "outputs": [o.tolist() for o in outputs]})
+        out.emit({**plain(result), "outputs": {name: output_json(name, o) for name, o in outputs}})
         return 0
     out.line(f"{result.model} {result.version} ({result.variant}, level {result.level}) on {result.driver}: "
              f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
              f"total {result.total_ms:.2f} ms")
-    for i, o in enumerate(outputs):
-        out.line(f"output {i}: {o.dtype}{list(o.shape)} {np.array2string(o, threshold=20, precision=4)}")
+    for name, o in outputs:
+        for line in show_output(name, o, out.width):
+            out.line(line)
     return 0
 
 

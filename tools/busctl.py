@@ -309,15 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "active version; no FILE: to standard output)")
     p.add_argument("words", nargs="*", metavar="ARG", help="the action's arguments"
                    ).complete = "file"  # type: ignore[attr-defined]
-    p = verb("infer", cmd_infer, "run a model on an input (.npy or an image)")
+    p = verb("infer", cmd_infer, "run a model on its inputs (.npy, image, .wav files; numbers) and show its "
+                                 "outputs (large ones summarised, text as strings)")
     p.add_argument("model", metavar="MODEL", help="the model's name")
-    p.add_argument("--input", required=True, metavar="FILE", help="a .npy array or an image file"
+    p.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE",
+                   help="an input of the model by name (once for each; without NAME: the first input not named, "
+                        "in the model's order): a .npy array; an image (PNG, JPEG...: uint8 [H, W, 3] RGB, as the "
+                        "model's pre ops take it); a .wav file (8/16/24/32-bit integer PCM, the first channel: "
+                        "float32 [samples] in [-1, 1], not resampled). A batch axis of 1 is added where the "
+                        "model's input has one and the array one axis fewer; floats are cast to the input's float type"
                    ).complete = "file"  # type: ignore[attr-defined]
+    p.add_argument("--value", action="append", default=[], metavar="NAME=NUMBER[:DTYPE]",
+                   help="a scalar input, e.g. sr=16000 (dtype: the model's for that input, else int64 for a "
+                        "whole number and float32 for another)")
+    p.add_argument("--only", action="append", default=[], metavar="OUTPUT",
+                   help="send back only this output (once for each; default: all of them). "
+                        "(-o/--output is busctl's output format)")
+    p.add_argument("--variant", help="run this variant of the model (e.g. int8; default: the scheduler's pick)")
     p.add_argument("--version", help="a version of the model (default: the active one, or the split's pick)")
     p.add_argument("--priority", type=int, default=1, choices=[0, 1, 2],
                    help="0 high, 1 normal (default), 2 low")
     p.add_argument("--key", help="a request key for sticky A/B assignment")
-    p.add_argument("--batch", action="store_true", help="add a batch axis of 1 to the input")
+    p.add_argument("--batch", action="store_true",
+                   help="add a batch axis of 1 to every input that has one, whatever the array's rank")
     verb("sched", cmd_sched, "scheduler queues, batches, drivers, degradation")
     verb("metrics", cmd_metrics, "every service's metrics (Prometheus text; JSON: families and samples)")
     p = verb("top", cmd_top, "live view: services, message rates, CPU, memory, queues (q quits)")
