@@ -119,7 +119,7 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except UnidentifiedImageError:
-        raise InputError(f"cannot read {path}: not a format --input knows; it takes {FORMATS}") from None
+        raise InputError(f"cannot read {path}: it is none of the formats --input takes: {FORMATS}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read {path} as an image: {exc}; --input takes {FORMATS}") from exc
 
