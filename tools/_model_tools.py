@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect
 
-from protocols.modelstore import ASSET_NAME, Asset, Manifest, TensorSpec, Variant
+from protocols.modelstore import ASSET_NAME, Asset, Manifest, TensorSpec, Variant, check_tensors
 from services.modelstore import Bundle, BundleError, Graph, check_graph, read_graph
 
 __all__ = ["add_commands", "graph_io", "read_private_key", "unknown_keys", "PackError", "apply_overrides"]
@@ -306,52 +306,249 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _latency_ms(model: bytes, inputs: list[TensorSpec], runs: int = 200) -> float:
+class QuantizeError(ValueError):
+    """What ``edgebus model quantize`` refuses (a bad --shape or --value, a graph ONNX Runtime
+    cannot quantize or run); the message says what was wrong and what to do."""
+
+
+#: the size a dynamic dimension is measured at when --shape does not give it (see _guess)
+_IMAGE_SIDE, _OTHER_DIM = 224, 256
+
+
+def _parse_assignments(items: list[str] | None, option: str, example: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise QuantizeError(f"{option} {item!r} is not NAME=VALUE, e.g. {option} {example}")
+        if name in out:
+            raise QuantizeError(f"{option} {name} is given twice")
+        out[name] = value
+    return out
+
+
+def _image_axes(spec: TensorSpec) -> tuple[int, ...]:
+    """The height and width axes of an image-like input: rank 4 with 1, 3 or 4 channels on
+    axis 1 (NCHW) or, failing that, axis 3 (NHWC); () for any other tensor."""
+    shape = spec.shape
+    if len(shape) != 4:
+        return ()
+    if shape[1] in (1, 3, 4):
+        return (2, 3)
+    if shape[3] in (1, 3, 4):
+        return (1, 2)
+    return ()
+
+
+def _guess(spec: TensorSpec, axis: int, batch: int) -> tuple[int, str]:
+    """The size a dynamic dimension is measured at without --shape, and why."""
+    if axis == spec.batch():
+        return batch, "the batch"
+    if axis in _image_axes(spec):
+        return _IMAGE_SIDE, "an image side"
+    if spec.batch() is None:
+        return 1, "no batch axis: taken as a state's batch"
+    return _OTHER_DIM, "a dynamic length"
+
+
+def _feeds(inputs: list[TensorSpec], shape_args: list[str] | None, value_args: list[str] | None
+           ) -> tuple[dict[str, Any], list[str]]:
+    """The inputs quantize measures on: each input's shape from --shape NAME=AxBxC, else from
+    the contract (fixed sizes as they are, the batch axis at the batch size of the shapes
+    given or 1, a symbolic size as given for another input, other dynamic sizes guessed:
+    ``_guess``); values from --value NAME=V (every element V), else random floats in [0, 1)
+    and zeros for integers.  Returns the feeds and a warning per guessed dimension.
+    Raises QuantizeError naming an unknown input, a shape that does not fit the contract,
+    or an integer scalar without --value."""
     import numpy as np
+
+    shapes_given = _parse_assignments(shape_args, "--shape", "x=1x3x640x640")
+    values_given = _parse_assignments(value_args, "--value", "sr=16000")
+    names = [s.name for s in inputs]
+    for option, given in (("--shape", shapes_given), ("--value", values_given)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise QuantizeError(f"{option} names input(s) {', '.join(map(repr, unknown))}, which the model does not "
+                                f"have; its inputs: {'; '.join(f'{s.name!r} {s.describe()}' for s in inputs)}")
+    shapes: dict[str, list[int]] = {}
+    for name, text in shapes_given.items():
+        try:
+            shape = [int(d) for d in text.lower().split("x")] if text != "scalar" else []
+        except ValueError:
+            raise QuantizeError(f"--shape {name}={text}: give the sizes as AxBxC, e.g. --shape {name}=1x3x640x640 "
+                                "(or 'scalar')") from None
+        if any(d < 0 for d in shape):
+            raise QuantizeError(f"--shape {name}={text}: a size is >= 0")
+        shapes[name] = shape
+    by_name = {s.name: s for s in inputs}
+    symbols: dict[str, int] = {}
+    batch = None
+    for name, shape in shapes.items():
+        spec = by_name[name]
+        if len(shape) == len(spec.shape):
+            symbols.update({d: n for d, n in zip(spec.shape, shape) if isinstance(d, str)})
+            axis = spec.batch()
+            if batch is None and axis is not None:
+                batch = shape[axis]
+    warnings: list[str] = []
+    for spec in inputs:
+        if spec.name in shapes:
+            continue
+        shape, guessed = [], []
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                shape.append(d)
+            elif isinstance(d, str) and d in symbols:
+                shape.append(symbols[d])
+            else:
+                size, why = _guess(spec, axis, batch or 1)
+                if isinstance(d, str):
+                    symbols[d] = size
+                shape.append(size)
+                if why != "the batch":
+                    guessed.append(f"axis {axis} = {size} ({why})")
+        shapes[spec.name] = shape
+        if guessed:
+            warnings.append(f"input {spec.name!r} {spec.describe()}: measured at {_show(shape)}, guessing "
+                            f"{', '.join(guessed)}; give the size you serve with --shape {spec.name}=...")
+    problem = check_tensors(inputs, {s.name: (s.dtype, shapes[s.name]) for s in inputs})
+    if problem:
+        raise QuantizeError(f"cannot measure on these shapes: {problem}; fix --shape")
+    rng = np.random.default_rng(0)
+    feeds: dict[str, Any] = {}
+    for spec in inputs:
+        dtype, shape = np.dtype(spec.dtype), shapes[spec.name]
+        if spec.name in values_given:
+            text = values_given[spec.name]
+            try:
+                value = int(text) if dtype.kind in "iub" else float(text)
+            except ValueError:
+                raise QuantizeError(f"--value {spec.name}={text}: input {spec.name!r} is {spec.dtype}; give a "
+                                    f"{'whole ' if dtype.kind in 'iub' else ''}number") from None
+            feeds[spec.name] = np.full(shape, value, dtype=dtype)
+        elif dtype.kind == "f":
+            feeds[spec.name] = rng.random(shape, dtype=np.float32).astype(dtype)
+        elif dtype.kind in "iu" and not shape:
+            raise QuantizeError(f"input {spec.name!r} is an {spec.dtype} scalar, a parameter quantize cannot guess "
+                                f"(a sample rate, a count...): give its value, e.g. --value {spec.name}=16000")
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+            if dtype.kind != "b":
+                warnings.append(f"input {spec.name!r} ({spec.dtype}) filled with 0; give --value {spec.name}=V to "
+                                "measure on another value")
+    return feeds, warnings
+
+
+def _show(shape: list[int] | tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+def _quantize_int8(full: bytes) -> bytes:
+    """ONNX Runtime's dynamic int8 quantisation of ``full``; QuantizeError with its reason
+    where it cannot."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "full.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(full)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its advice ("consider pre-processing...") is not the user's concern
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        except Exception as exc:  # noqa: BLE001 - ORT and onnx raise ValueError, RuntimeError, their own errors
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantizeError(f"ONNX Runtime cannot quantize this graph ({reason}); nothing written") from None
+        finally:
+            logging.disable(previous)
+        return dst.read_bytes()
+
+
+def _session(model: bytes, which: str) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feed = {i.name: np.asarray(rng.random([d if isinstance(d, int) and d > 0 else 1 for d in i.shape])).astype(i.dtype)
-            for i in inputs}
-    for _ in range(10):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    opts.log_severity_level = 4  # failures are reported below, once, not logged by ORT as well
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise QuantizeError(f"ONNX Runtime cannot load the {which} graph: {str(exc).strip()[:300]}") from None
+
+
+def _run(sess: Any, feeds: dict[str, Any], which: str) -> list[Any]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise QuantizeError(f"the {which} graph does not run on these inputs: {str(exc).strip()[:300]}; give the "
+                            "shapes you serve with --shape NAME=AxBxC (and --value for parameters)") from None
+
+
+def _latency_ms(full: bytes, int8: bytes, feeds: dict[str, Any], runs: int) -> tuple[float, float, float]:
+    """Median latency of the full and int8 graphs (one thread), measured interleaved: each
+    round runs both, alternating which goes first, so a change of the CPU's speed during
+    the measurement falls on both; and the largest absolute difference of their outputs."""
+    import numpy as np
+
+    sessions = (_session(full, "full"), _session(int8, "int8"))
+    outputs = [_run(s, feeds, w) for s, w in zip(sessions, ("full", "int8"))]
+    diff = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+                for a, b in zip(*outputs) if a.shape == b.shape and a.dtype.kind in "fiu"), default=0.0)
+    for _ in range(2):  # warm-up
+        for s in sessions:
+            s.run(None, feeds)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(runs):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            times[k].append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3, diff
+
+
+#: int8 is added only when it is smaller and at most this much slower (the noise of a short
+#: interleaved measurement); --force adds it anyway
+_SLOWER = 1.05
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     try:
         bundle = Bundle.load(args.bundle)
         bundle.check_files()
     except BundleError as exc:
         return _fail(str(exc))
-    full = bundle.files[bundle.manifest.variants["full"].file]
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "full.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(full)
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-        int8 = dst.read_bytes()
-    manifest = msgspec.structs.replace(bundle.manifest, variants={
-        **bundle.manifest.variants,
+    manifest = bundle.manifest
+    full = bundle.files[manifest.variants["full"].file]
+    try:
+        feeds, warnings = _feeds(manifest.inputs, args.shape, args.value)
+        for warning in warnings:
+            print(f"edgebus: warning: {warning}", file=sys.stderr)
+        int8 = _quantize_int8(full)
+        full_ms, int8_ms, diff = _latency_ms(full, int8, feeds, args.runs)
+    except QuantizeError as exc:
+        return _fail(f"cannot quantize {manifest.name} {manifest.version}: {exc}")
+    on = ", ".join(f"{n} {_show(a.shape)}" if a.shape else f"{n}={a.item():g}" for n, a in feeds.items())
+    size, speed = len(int8) / len(full), int8_ms / full_ms
+    print(f"size: full {len(full)} B, int8 {len(int8)} B ({size:.2f}x)")
+    print(f"latency on {on} (median of {args.runs} interleaved runs each, 1 thread): full {full_ms:.3f} ms, "
+          f"int8 {int8_ms:.3f} ms ({speed:.2f}x)")
+    print(f"outputs: int8 differs from full by at most {diff:.3g} on these inputs")
+    problems = []
+    if size >= 1:
+        problems.append(f"int8 is {'larger' if size > 1 else 'no smaller'} than full ({len(int8)} B against "
+                        f"{len(full)} B)")
+    if speed > _SLOWER:
+        problems.append(f"int8 is {speed:.2f}x slower than full on this CPU for {on}")
+    if problems and not args.force:
+        return _fail(f"{'; '.join(problems)}: not added (pass --force to add it anyway)")
+    manifest = msgspec.structs.replace(manifest, variants={
+        **manifest.variants,
         "int8": Variant(file="int8.onnx", sha256="", size=0, description="ONNX Runtime dynamic int8 quantisation of full"),
     })
-    files = {**bundle.files, "int8.onnx": int8}
-    out = Bundle.create(manifest, files)
-    out.save(args.out)
-    full_ms, int8_ms = _latency_ms(full, manifest.inputs), _latency_ms(int8, manifest.inputs)
-    print(f"int8 variant added to {args.out} (unsigned: sign it again)")
-    print(f"size: full {len(full)} B, int8 {len(int8)} B ({len(int8) / len(full):.2f}x)")
-    print(f"latency (median of 200, 1 thread, batch 1): full {full_ms:.3f} ms, int8 {int8_ms:.3f} ms "
-          f"({int8_ms / full_ms:.2f}x)")
+    Bundle.create(manifest, {**bundle.files, "int8.onnx": int8}).save(args.out)
+    print(f"int8 variant added to {args.out} (unsigned: sign it again)"
+          + (f", though {'; '.join(problems)} (--force)" if problems else ""))
     return 0
 
 
@@ -388,7 +585,16 @@ def add_commands(sub: Any) -> None:
     p = msub.add_parser("inspect", help="print a bundle's manifest")
     p.add_argument("bundle")
     p.set_defaults(func=cmd_inspect)
-    p = msub.add_parser("quantize", help="add an int8 variant (dynamic quantisation); report size and speed")
+    p = msub.add_parser("quantize", help="add an int8 variant (dynamic quantisation) when it is smaller and not "
+                                         "slower, measured on the inputs the model serves")
     p.add_argument("bundle")
     p.add_argument("--out", required=True)
+    p.add_argument("--shape", action="append", metavar="NAME=AxBxC",
+                   help="measure input NAME at this shape, e.g. x=1x3x640x640 (repeatable); without it: fixed sizes "
+                        "as the contract has them, batch 1, an image's height and width 224, other dynamic sizes "
+                        "256 (1 in a tensor without batch axis), each guess warned about")
+    p.add_argument("--value", action="append", metavar="NAME=V",
+                   help="fill input NAME with V, e.g. sr=16000 (required for integer scalars; repeatable)")
+    p.add_argument("--runs", type=int, default=20, help="interleaved runs of each graph (default 20)")
+    p.add_argument("--force", action="store_true", help="add int8 even when it is larger or slower than full")
     p.set_defaults(func=cmd_quantize)
