@@ -19,7 +19,7 @@ from services import BadMessage, Rejected, Unavailable
 from services.modelstore import Bundle, Manifest
 from protocols.modelstore import (
     Activate, GetModel, Install, Installed, ListModels, ModelBytes, ModelList, ModelState, Remove, ReportHealth,
-    HealthRecorded, Resolve, Resolved, Rollback,
+    HealthRecorded, ModelEvent, Resolve, Resolved, Rollback, Split,
 )
 from protocols.modelstore import pick_version
 
@@ -93,7 +93,7 @@ command = ["{{python}}", "-m", "services.modelstore"]
 requires = ["security"]
 capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
                 "call:security.AuditAppend", "publish:modelstore.*"]
-settings = {{ trial_min_requests = 50 }}
+settings = {{ trial_min_requests = 50, trial_window_s = 0.2, trial_window_min_requests = 10, trial_windows = 2 }}
 max_restarts = 50     # the crash tests kill it over and over
 backoff_initial = 0.05
 backoff_max = 0.2
@@ -161,6 +161,25 @@ async def test_blobs_are_encrypted_and_served_decrypted(store_system) -> None:
         assert bytes(incoming.frames[0].buffer) == model
 
 
+async def serve_side_by_side(bus, trial: str, baseline: str, *, errors: tuple[int, int], p95_ms: tuple[float, float],
+                             latency_hist: bool = False) -> list[str]:
+    """Report both versions' health as a scheduler serving them side by side does (30
+    requests each, every 20 ms: windows of 0.2 s) until the store ends the trial; the
+    verdicts the store answered."""
+    verdicts = []
+    with anyio.fail_after(20):
+        while True:
+            for version, e, p95 in ((baseline, errors[1], p95_ms[1]), (trial, errors[0], p95_ms[0])):
+                hist = ReportHealth.histogram([p95] * 30) if latency_hist else {}
+                verdicts.append((await bus.call("modelstore", ReportHealth(
+                    name="demo", version=version, requests=30, errors=e, p95_ms=0.0 if hist else p95,
+                    latency_hist=hist), HealthRecorded)).verdict)
+            state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
+            if not state.trial:
+                return verdicts
+            await anyio.sleep(0.02)  # the scheduler's report period, shortened
+
+
 async def test_trial_rolls_back_by_itself_or_commits(store_system) -> None:
     system = store_system
     async with system.client() as bus:
@@ -169,25 +188,30 @@ async def test_trial_rolls_back_by_itself_or_commits(store_system) -> None:
             await install(bus, bundle(v, KEY))
         state = await bus.call("modelstore", Activate(name="demo", version="1.0.0"), ModelState)
         assert state.active == "1.0.0" and not state.trial
-        await bus.call("modelstore", ReportHealth(name="demo", version="1.0.0", requests=200, errors=2, p95_ms=5.0),
-                       HealthRecorded)
         state = await bus.call("modelstore", Activate(name="demo", version="1.1.0"), ModelState)
         assert state.active == "1.1.0" and state.trial == "1.1.0" and state.previous == "1.0.0"
-        verdict = await bus.call("modelstore", ReportHealth(name="demo", version="1.1.0", requests=60, errors=12,
-                                                            p95_ms=5.0), HealthRecorded)
-        assert verdict.verdict == "rolled-back"
+        # 20% errors against none, over the same windows: rolled back by the store itself
+        verdicts = await serve_side_by_side(bus, "1.1.0", "1.0.0", errors=(6, 0), p95_ms=(5.0, 5.0))
+        assert set(verdicts) <= {"trial", "", "rolled-back"} and verdicts.count("rolled-back") <= 1
         state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
         assert state.active == "1.0.0" and not state.trial
-        # a healthy trial is committed
+        # a healthy trial, canaried with a split, is committed and the split cleared
         await bus.call("modelstore", Activate(name="demo", version="1.2.0"), ModelState)
-        verdict = await bus.call("modelstore", ReportHealth(name="demo", version="1.2.0", requests=60, errors=0,
-                                                            p95_ms=5.5), HealthRecorded)
-        assert verdict.verdict == "committed"
-        events = []
-        with anyio.move_on_after(2):
-            while len(events) < 8:
-                events.append((await sub.receive()).header.dest)
-        assert "modelstore.rolledback" in events and "modelstore.committed" in events
+        await bus.call("modelstore", Split(name="demo", weights={"1.0.0": 50, "1.2.0": 50}), ModelState)
+        verdicts = await serve_side_by_side(bus, "1.2.0", "1.0.0", errors=(0, 0), p95_ms=(5.5, 5.0), latency_hist=True)
+        assert "rolled-back" not in verdicts
+        state = (await bus.call("modelstore", ListModels(), ModelList)).models[0]
+        assert state.active == "1.2.0" and not state.trial and state.split == {} and state.previous == "1.0.0"
+        events = {}
+        with anyio.move_on_after(5):
+            while not {"modelstore.rolledback", "modelstore.committed"} <= set(events):
+                event = await sub.receive()
+                events[event.header.dest] = event.decode(ModelEvent)
+        assert "trial of 1.1.0 failed its health gates against 1.0.0: error rate 20.00% of " in \
+            events["modelstore.rolledback"].detail
+        committed = events["modelstore.committed"]
+        assert committed.version == "1.2.0" and committed.detail.startswith("against 1.0.0: error rate 0.00% of ")
+        assert committed.detail.endswith("within 1.2x); the split is cleared")
         # remove is refused for the active version, allowed for an old one
         with pytest.raises(Rejected, match="active"):
             await bus.call("modelstore", Remove(name="demo", version="1.2.0"), ModelState)

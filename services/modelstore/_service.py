@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -66,14 +67,9 @@ from services import atomic_write
 
 from ._settings import ModelStoreSettings
 from ._store import ModelRecord, Store, StoreState
+from ._trial import Trial
 
 __all__ = ["ModelStoreService"]
-
-
-class _Health(msgspec.Struct):
-    requests: int = 0
-    errors: int = 0
-    p95_ms: float = 0.0
 
 
 class ModelStoreService(Service):
@@ -100,7 +96,13 @@ class ModelStoreService(Service):
         #: (blobs, manifests, the sweep of a remove) never interleave
         self._installing = anyio.Lock()
         self._writing = anyio.Lock()
-        self.health: dict[tuple[str, str], _Health] = {}
+        #: the trials under way, by model: their windows are in memory only (a restarted
+        #: store starts the trial of the version in trial again, from now)
+        self.trials: dict[str, Trial] = {}
+        for name in self.store.names():
+            rec = self.store.record(name)
+            if rec.trial and rec.previous:
+                self._start_trial(name, rec.trial, rec.previous)
         await self._preload()
         for name in self.store.names():
             self.log.info("model_loaded", name=name, versions=self.store.versions(name),
@@ -290,7 +292,10 @@ class ModelStoreService(Service):
         self._fault("activate:before")
         self._commit_record(name, new)
         self._fault("activate:after")
-        self.health.pop((name, version), None)
+        if new.trial:
+            self._start_trial(name, version, new.previous)
+        else:
+            self.trials.pop(name, None)
         await self._announce("activated", name, version, sender, previous=rec.active,
                              detail="in trial until its health gates commit it" if new.trial else "first version")
         return self._state(name)
@@ -298,35 +303,50 @@ class ModelStoreService(Service):
     async def _rollback(self, name: str, why: str, by: str) -> ModelState:
         rec = self.store.record(name)
         bad = rec.active
+        self.trials.pop(name, None)
         self._commit_record(name, ModelRecord(active=rec.previous, previous="", trial="", split={}))
         await self._announce("rolledback", name, rec.previous, by, previous=bad, detail=why)
         return self._state(name)
 
+    def _start_trial(self, name: str, version: str, baseline: str) -> None:
+        self.trials[name] = Trial(version, baseline, time.monotonic(), self.settings.trial_window_s)
+
+    async def main(self) -> None:
+        """Trials decide when a window ends, whether or not a report follows it, and end
+        when they are ``trial_max_s`` old."""
+        tick = min(1.0, self.settings.trial_window_s / 4)
+        while True:
+            await anyio.sleep(tick)
+            for name, trial in list(self.trials.items()):
+                await self._judge(name, trial)
+
     async def _health(self, report: ReportHealth) -> HealthRecorded:
-        h = self.health.setdefault((report.name, report.version), _Health())
-        h.requests += report.requests
-        h.errors += report.errors
-        h.p95_ms = max(h.p95_ms, report.p95_ms) if h.requests > report.requests else report.p95_ms
-        rec = self.store.record(report.name)
-        in_trial = bool(rec.trial) and report.version == rec.trial
-        if not in_trial or h.requests < self.settings.trial_min_requests:
-            return HealthRecorded(name=report.name, version=report.version, verdict="trial" if in_trial else "")
-        base = self.health.get((report.name, rec.previous), _Health())
-        base_rate = base.errors / base.requests if base.requests else 0.0
-        rate = h.errors / h.requests
-        problems = []
-        if rate > base_rate + self.settings.trial_max_error_increase:
-            problems.append(f"error rate {rate:.1%} against {base_rate:.1%}")
-        if base.p95_ms and h.p95_ms > base.p95_ms * self.settings.trial_max_p95_ratio:
-            problems.append(f"p95 {h.p95_ms:.1f} ms against {base.p95_ms:.1f} ms")
-        if problems:
-            await self._rollback(report.name, f"trial of {rec.trial} failed its health gates: {'; '.join(problems)}",
-                                 "health gates")
-            return HealthRecorded(name=report.name, version=report.version, verdict="rolled-back")
-        self._commit_record(report.name, msgspec.structs.replace(rec, trial=""))
-        await self._announce("committed", report.name, report.version, "health gates",
-                             detail=f"{h.requests} requests, error rate {rate:.1%}, p95 {h.p95_ms:.1f} ms")
-        return HealthRecorded(name=report.name, version=report.version, verdict="committed")
+        trial = self.trials.get(report.name)
+        if trial is None or not trial.add(report, time.monotonic()):
+            return HealthRecorded(name=report.name, version=report.version)
+        verdict = await self._judge(report.name, trial)
+        if verdict == "wait":
+            verdict = "trial" if report.version == trial.version else ""
+        return HealthRecorded(name=report.name, version=report.version, verdict=verdict)
+
+    async def _judge(self, name: str, trial: Trial) -> str:
+        """Apply the trial gate (``_trial.decide``) to the trial's ended windows: "wait",
+        "committed" or "rolled-back"."""
+        decision = trial.decide(time.monotonic(), self.settings.trial_rule())
+        rec = self.store.record(name)
+        if decision.verdict == "wait" or self.trials.get(name) is not trial or rec.trial != trial.version:
+            return "wait"
+        del self.trials[name]  # before any await: one decision per trial
+        if decision.verdict == "rollback":
+            await self._rollback(name, f"trial of {trial.version} failed its health gates against "
+                                       f"{trial.baseline}: {decision.reason}", "health gates")
+            return "rolled-back"
+        # committed: the version serves all traffic (a split that ran the trial side by side ends)
+        self._commit_record(name, msgspec.structs.replace(rec, trial="", split={}))
+        await self._announce("committed", name, trial.version, "health gates",
+                             detail=f"against {trial.baseline}: {decision.reason}"
+                             + ("; the split is cleared" if rec.split else ""))
+        return "committed"
 
     # -- helpers ------------------------------------------------------------------------------------
 
