@@ -214,10 +214,20 @@ class OpSpec(msgspec.Struct, omit_defaults=True):
     """A pre- or post-processing op (a numba kernel in drivers/, by name) and its parameters.
 
     The parameters are JSON values; each op's registry entry checks them when the chain is
-    built (at install and load), so they stay untyped here."""
+    built (at install and load), so they stay untyped here.
+
+    Ops form chains (PROTOCOL.md 11.2, "Pre and post chains"): an op with ``input`` starts
+    one; the ops after it without ``input`` continue it.  A pre chain feeds the model input
+    ``input`` names (default: the first); a post chain reads the tensor ``input`` names (a
+    model output or an earlier post chain's output; default: the model's first output) and
+    adds its result under ``output`` (on its last op; default: the op's short name)."""
 
     op: str
     params: dict[str, Any] = {}
+    #: starts a chain: the model input it feeds (pre), the tensor it reads (post)
+    input: str = ""
+    #: post, on a chain's last op: the name of what the chain adds (``<output>.<part>`` per part)
+    output: str = ""
 
 
 class Variant(msgspec.Struct, omit_defaults=True):

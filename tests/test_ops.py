@@ -456,7 +456,7 @@ def test_registry_ops_take_manifest_params() -> None:
 
 
 def test_bad_manifests_are_refused_with_what_to_fix() -> None:
-    with pytest.raises(ops.UnknownOp, match="unknown op 'signal.fft'; the ops are: image.bgr_to_gray"):
+    with pytest.raises(ops.UnknownOp, match="unknown op 'signal.fft'; the ops are: audio.log_mel, image.bgr_to_gray"):
         ops.pipeline([("signal.fft", {})])
     cases = [
         ("signal.frame", {}, "'length': is required"),

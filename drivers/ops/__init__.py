@@ -1,107 +1,78 @@
 """Pre- and post-processing ops: numba kernels that a model's manifest names, run around the
 ONNX Runtime call in the accelerator driver.
 
-``OPS`` maps each name a manifest may use to its ``Op``; ``pipeline(manifest.pre)`` (a list
-of ``(name, params)``) checks every name and parameter once and gives a function of the
-input array, and ``run_pipeline`` does both in one call.  The ops work on batches as a
-model takes them: images NHWC in, NCHW out; a signal ``[samples]`` or a batch of them
-``[N, samples]`` framed into ``[frames, length]``; per-frame features ``[frames, 7]``;
-scores ``[N, ...]``.  The demo vibration model's manifest, for instance::
+``OPS`` maps each name a manifest may use to its ``Op``: its parameters, what it takes and
+gives (dtypes, layout, a shape rule).  A manifest's ops form chains around the model
+(PROTOCOL.md 11.2): ``check_chains(manifest)`` walks pre -> model -> post without running
+anything and gives the ``Contract`` (the tensors a client sends and can receive) or raises
+ChainError naming the op that cannot run; ``build_chains(manifest, assets)`` gives the
+``Chains`` a driver runs on its batches (``chains.pre(inputs)``, ``chains.post(outputs)``).
+The layouts are a camera's and a model's: images uint8 NHWC in, float32 NCHW out; a signal
+``[samples]`` or a batch ``[N, samples]``; scores ``[N, ...]``.  The demo vibration model's
+manifest, for instance::
 
     pre:  signal.frame {length: 2048}
           signal.vibration_features {rate: 12800, bands: [[0, 500], [500, 1500], [1500, 4000], [4000, 6400]]}
     post: post.threshold_hysteresis {on: 0.7, off: 0.4}
 
-A pipeline never answers with nothing: an op whose result is empty raises OpInputError
-naming it, the shape it was given and what it takes (``post.nms`` alone may keep no
-detection), and ``Pipeline.rows`` holds a batch to one row out per row in, as the
-scheduler's batches need.
+takes float32 signals ``[N, samples]`` under the model input's name ``features`` and gives the
+model's ``anomaly`` and ``threshold_hysteresis`` (bool ``[N, 1]``).
 
-Each kernel is compiled on first use and cached next to its module (numba ``cache=True``);
-a driver calls its pipelines once on a dummy input before serving to take that cost then.
-Importing this package imports numba: only the processes that run models should.
+``pipeline(steps)`` is the older form, one list of ``(name, params)`` as a function of one
+array (the scheduler's fallback rule uses it): an op whose result is empty raises
+OpInputError naming it, the shape it was given and what it takes, and ``Pipeline.rows``
+holds a batch to one row out per row in.
+
+Importing this package imports neither numba nor numpy: the declarations and the checks are
+pure Python (the model store and the scheduler check contracts), and each kernel's module is
+imported the first time an op of it runs (or when one of its functions, e.g.
+``drivers.ops.resize``, or its family, ``drivers.ops.image``, is asked for).  Each kernel is
+compiled on first use and cached next to its module (numba ``cache=True``); a driver calls its
+ops once on a dummy input before serving to take that cost then.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
-from . import _image, _post, _signal
-from . import _image as image, _post as post, _signal as signal  # each family with its numpy references
+from ._catalog import OPS, vocabulary
+from ._chain import Chain, ChainError, Chains, Contract, Step, build_chains, check_chains, texts
 from ._exceptions import OpInputError, OpParamsError, OpsError, PipelineError, UnknownOp
-from ._image import (
-    bgr_to_gray,
-    bgr_to_rgb,
-    letterbox,
-    letterbox_geometry,
-    normalize,
-    resize,
-    rgb_to_gray,
-)
-from ._post import argmax, dequantize_int8, nms, softmax, threshold_hysteresis, topk
-from ._registry import Op, Pipeline, bands, boolean, choice, integer, number, numbers
-from ._signal import band_energies, crest_factor, frame, kurtosis, rms, vibration_features
+from ._registry import Op, Pipeline, TensorType, bands, boolean, choice, integer, number, numbers, resource
 
 __all__ = [
-    "image", "post", "signal",
-    "OPS", "Op", "Pipeline", "pipeline", "run_pipeline",
-    "OpsError", "UnknownOp", "OpParamsError", "PipelineError", "OpInputError",
+    "image", "post", "signal", "audio", "detect", "text",
+    "OPS", "Op", "Pipeline", "pipeline", "run_pipeline", "TensorType",
+    "check_chains", "build_chains", "Contract", "Chains", "Chain", "Step", "texts", "vocabulary",
+    "OpsError", "UnknownOp", "OpParamsError", "PipelineError", "OpInputError", "ChainError",
     "resize", "letterbox", "letterbox_geometry", "normalize", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray",
     "frame", "rms", "kurtosis", "crest_factor", "band_energies", "vibration_features",
     "softmax", "topk", "argmax", "threshold_hysteresis", "nms", "dequantize_int8",
 ]
 
-_size = {"height": integer(lo=1), "width": integer(lo=1)}
-_windows = choice(*_signal.WINDOWS)
+#: each op family's module, with its numpy references (imported on first use: numba loads)
+_FAMILIES = {"image": "_image", "post": "_post", "signal": "_signal", "audio": "_audio", "detect": "_detect",
+             "text": "_text"}
+#: the kernels' functions, by the module that defines them
+_KERNELS = {
+    "_image": ("resize", "letterbox", "letterbox_geometry", "normalize", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray"),
+    "_signal": ("frame", "rms", "kurtosis", "crest_factor", "band_energies", "vibration_features"),
+    "_post": ("softmax", "topk", "argmax", "threshold_hysteresis", "nms", "dequantize_int8"),
+}
+_WHERE = {name: module for module, names in _KERNELS.items() for name in names}
 
 
-def _takes_frames(p: Mapping[str, Any]) -> str:
-    length = p["length"]
-    hop = p.get("hop", length)
-    return (f"signals of at least {length} samples, [samples] or [N, samples] (one frame per signal: "
-            f"{length} to {length + hop - 1} samples, e.g. [N, {length}])")
-
-
-def _images(p: Mapping[str, Any]) -> str:
-    return "uint8 images, HWC or NHWC"
-
-
-def _signals(p: Mapping[str, Any]) -> str:
-    return "real-valued frames [..., samples] of at least one sample"
-
-
-#: Every op a manifest may name.
-OPS: dict[str, Op] = {op.name: op for op in [
-    Op("image.resize", _image.resize, required=_size, takes=_images),
-    Op("image.letterbox", _image.letterbox_image, required=_size, optional={"pad": integer(0, 255)},
-       takes=_images),
-    Op("image.normalize", _image.normalize,
-       optional={"mean": numbers(), "std": numbers(above=0), "scale": boolean}),
-    Op("image.bgr_to_rgb", _image.bgr_to_rgb),
-    Op("image.rgb_to_bgr", _image.bgr_to_rgb),
-    Op("image.rgb_to_gray", _image.rgb_to_gray),
-    Op("image.bgr_to_gray", _image.bgr_to_gray),
-    Op("signal.frame", _signal.frame, required={"length": integer(lo=1)},
-       optional={"hop": integer(lo=1), "window": _windows}, takes=_takes_frames),
-    Op("signal.rms", _signal.rms, takes=_signals),
-    Op("signal.kurtosis", _signal.kurtosis, takes=_signals),
-    Op("signal.crest_factor", _signal.crest_factor, takes=_signals),
-    Op("signal.band_energies", _signal.band_energies, required={"rate": number(above=0), "bands": bands},
-       optional={"window": _windows}, takes=_signals),
-    Op("signal.vibration_features", _signal.vibration_features, required={"rate": number(above=0), "bands": bands},
-       takes=_signals),
-    Op("post.softmax", _post.softmax),
-    Op("post.topk", _post.topk, required={"k": integer(lo=1)}, last=True),
-    Op("post.argmax", _post.argmax),
-    Op("post.threshold_hysteresis", _post.threshold_hysteresis, required={"on": number(), "off": number()},
-       optional={"start": boolean}, relate=lambda p: _post.check_hysteresis(p["on"], p["off"])),
-    Op("post.nms", _post.nms_rows, required={"iou_threshold": number(0, 1)},
-       optional={"score_threshold": number()}, may_be_empty=True),  # no detection kept: an answer
-    Op("post.dequantize_int8", _post.dequantize_int8, required={"scale": number(above=0)},
-       optional={"zero_point": integer(-128, 255)}),
-]}
+def __getattr__(name: str) -> Any:
+    """The kernels' modules and functions, imported when first asked for."""
+    module = _FAMILIES.get(name) or _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = importlib.import_module(f"{__name__}.{module}")
+    if name in _WHERE:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
 
 
 def pipeline(steps: Iterable[tuple[str, Mapping[str, Any]]]) -> Pipeline:
@@ -111,6 +82,6 @@ def pipeline(steps: Iterable[tuple[str, Mapping[str, Any]]]) -> Pipeline:
     return Pipeline(OPS, steps)
 
 
-def run_pipeline(steps: Iterable[tuple[str, Mapping[str, Any]]], x: np.ndarray) -> Any:
+def run_pipeline(steps: Iterable[tuple[str, Mapping[str, Any]]], x: Any) -> Any:
     """Apply the ops ``steps`` names to ``x`` in order (``pipeline(steps)(x)``)."""
     return Pipeline(OPS, steps)(x)

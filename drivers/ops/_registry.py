@@ -1,24 +1,33 @@
-"""What the registry is made of: an op with the parameters it takes, and pipelines of ops.
+"""What the registry is made of: an op with the parameters it takes and the tensors it takes
+and gives, and pipelines of ops.
 
 A manifest names each op and gives its parameters as JSON values (``{"op": "signal.frame",
 "params": {"length": 2048}}``).  An ``Op`` knows which parameters its function takes and
 how to check each one: checks turn JSON into what the function wants (a list of pairs into
 a tuple of float pairs) and say what is wrong in words a manifest's author can act on.
+
+An op also declares what it takes and gives (``Takes``, and a shape rule from the input's
+``TensorType``, its dtype and symbolic shape, to the output's), so that a whole chain of ops
+around a model can be checked without running it (``drivers.ops.check_chains``).  The kernel
+itself is named by ``"module:function"`` and imported only when the op is bound to run: this
+module, the declarations and the checks import neither numba nor numpy.
+
 A ``Pipeline`` looks its ops up and checks all their parameters when it is built, when a
 model is activated, so a bad manifest fails there and not on the first request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import math
-from typing import Any, Callable, Iterable, Mapping
-
-import numpy as np
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from ._exceptions import OpInputError, OpParamsError, PipelineError, UnknownOp
 
-__all__ = ["Check", "Op", "Pipeline", "integer", "number", "numbers", "boolean", "choice", "bands"]
+__all__ = ["Check", "Op", "Pipeline", "integer", "number", "numbers", "boolean", "choice", "bands", "resource",
+           "Ref", "Dim", "TensorType", "Takes", "Mismatch", "Rule", "show_dims"]
 
 #: Checks a parameter's JSON value and returns what to pass on; raises ValueError saying
 #: what the value must be.
@@ -93,33 +102,178 @@ def bands(value: Any) -> tuple[tuple[float, float], ...]:
     return tuple((float(lo), float(hi)) for lo, hi in value)
 
 
+def resource(value: Any) -> "Ref | tuple[str, ...]":
+    """Something the op reads from the model's bundle: ``"asset:NAME"`` (the bytes of the
+    bundle's asset NAME), ``"metadata:KEY"`` (the manifest's metadata entry KEY), or the value
+    itself, inline, as a list of strings."""
+    if isinstance(value, str):
+        kind, sep, key = value.partition(":")
+        if sep and key and kind in ("asset", "metadata"):
+            return Ref(kind, key)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"must be 'asset:NAME' (a file of the model's bundle), 'metadata:KEY' (an entry of the "
+                     f"manifest's metadata) or a non-empty list of strings, not {_describe(value)}")
+
+
+class Ref(NamedTuple):
+    """A parameter's value that names a resource of the bundle: an asset or a metadata entry."""
+
+    kind: str  # "asset" | "metadata"
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.key}"
+
+
+# -- what an op takes and gives ---------------------------------------------------------------------
+
+#: One dimension of a symbolic shape: a fixed size, a name (the same name is the same size:
+#: a model's symbolic dimension, or ``~H``, a size the client chooses, in a chain's input), or
+#: None (any size).
+Dim = int | str | None
+
+
+def show_dims(shape: Sequence[Dim]) -> str:
+    """``[N, 3, H, ?]``: sizes, names (a client's ``~H`` as ``H``) and ``?`` for any size."""
+    return "[" + ", ".join("?" if d is None else d.lstrip("~") if isinstance(d, str) else str(d)
+                           for d in shape) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorType:
+    """A tensor as the checks see it: its dtype, its symbolic shape, and its batch axis
+    (0 when axis 0 holds one row per request of a batch, None when it has none).  (Not a
+    tuple: an op that gives several arrays gives a tuple of these.)"""
+
+    dtype: str
+    shape: tuple[Dim, ...]
+    batch: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.dtype} {show_dims(self.shape)}"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+class Mismatch(Exception):
+    """Raised by a shape rule: the input it is given does not fit the op; the message says
+    why (the op's ``Takes`` adds what it takes)."""
+
+
+class Takes:
+    """What an op takes: ``dtypes`` (the first is what a client sends when the op starts a
+    pre chain), ``ranks`` (None: any rank of at least ``min_rank``), ``words`` (what it takes
+    in words, or a function of the parameters giving them) and ``template`` (a function of the
+    parameters giving the ``TensorType`` a client sends, sizes it chooses named ``~H``; by
+    default ``[~N, ~D1, ...]`` of the least rank, batched on axis 0)."""
+
+    def __init__(self, dtypes: Sequence[str], words: str | Callable[[Mapping[str, Any]], str], *,
+                 ranks: Sequence[int] | None = None, min_rank: int = 1,
+                 template: Callable[[Mapping[str, Any]], TensorType] | None = None) -> None:
+        self.dtypes = tuple(dtypes)
+        self.ranks = tuple(ranks) if ranks is not None else None
+        self.min_rank = min(self.ranks) if self.ranks else min_rank
+        self._words = words
+        self._template = template
+
+    def words(self, params: Mapping[str, Any]) -> str:
+        return self._words(params) if callable(self._words) else self._words
+
+    def template(self, params: Mapping[str, Any]) -> TensorType:
+        if self._template is not None:
+            return self._template(params)
+        shape = ("~N", *(f"~D{i}" for i in range(1, self.min_rank)))[:self.min_rank]
+        return TensorType(self.dtypes[0], shape, 0 if shape else None)
+
+    def problem(self, x: TensorType) -> str:
+        """Why ``x`` does not fit the dtype and rank taken ("" when it does)."""
+        if x.dtype not in self.dtypes:
+            return f"dtype {x.dtype} is not {' or '.join(self.dtypes)}"
+        if self.ranks is not None and x.rank not in self.ranks:
+            return f"{x.rank} axes, not {' or '.join(map(str, self.ranks))}"
+        if x.rank < self.min_rank:
+            return f"{x.rank} axes, not at least {self.min_rank}"
+        return ""
+
+
+#: A shape rule: the input's type, the op's checked parameters and a resolver of the bundle's
+#: resources (``res(ref) -> str | None``, None where the text is not known at the check) give
+#: the output's type, or a tuple of types (one per part).  Raises Mismatch.
+Rule = Callable[[TensorType, Mapping[str, Any], Callable[[Any], "str | None"]], "TensorType | tuple[TensorType, ...]"]
+
+
+def _load(name: str) -> Any:
+    """``"module:function"`` of this package, imported."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+def _same(x: TensorType, params: Mapping[str, Any], res: Any) -> TensorType:
+    return x
+
+
 class Op:
     """A registered op: ``fn(array, **params)`` and the parameters a manifest may give it.
 
-    ``required`` and ``optional`` map each parameter to its check; an optional parameter
-    left out takes the function's default.  ``relate`` checks parameters against each other
-    (raising OpParamsError).  ``last`` marks an op that returns several arrays, so nothing
-    can follow it in a pipeline.  ``takes(params)`` says in words what input the op takes
-    with those parameters (for the errors a pipeline raises).  ``may_be_empty`` marks an op
-    whose result may rightly hold nothing (no detection survives ``post.nms``); any other
-    op's empty result is an error, never a result.  Call ``op(x, **params)``, or
-    ``op.bind(params)`` to check the parameters once and get a function of the array alone.
+    ``kernel`` is the function, or ``"module:function"`` of this package, imported the first
+    time the op runs (``fn``).  ``required`` and ``optional`` map each parameter to its
+    check; an optional parameter left out takes the function's default.  ``relate`` checks
+    parameters against each other (raising OpParamsError).  ``takes`` says what input the op
+    takes (dtypes, ranks, in words, and what a client sends when it starts a pre chain);
+    ``gives`` is the shape rule (None: the output is typed as the input).  ``parts`` names the
+    arrays of an op that returns several (``post.topk``: indices, values), so nothing can
+    follow it in a chain.  ``may_be_empty`` marks an op whose result may rightly hold nothing
+    (no detection survives ``post.nms``); any other op's empty result is an error, never a
+    result.  Call ``op(x, **params)``, or ``op.bind(params)`` to check the parameters once
+    and get a function of the array alone.  ``prepare`` (a function or ``"module:function"``)
+    turns parameters whose resources were read into what the kernel takes.
     """
 
-    def __init__(self, name: str, fn: Callable[..., Any], *, required: Mapping[str, Check] | None = None,
+    def __init__(self, name: str, kernel: Callable[..., Any] | str, *, required: Mapping[str, Check] | None = None,
                  optional: Mapping[str, Check] | None = None,
                  relate: Callable[[dict[str, Any]], None] | None = None, last: bool = False,
-                 takes: Callable[[Mapping[str, Any]], str] | None = None, may_be_empty: bool = False) -> None:
+                 takes: Takes | None = None, gives: Rule | None = None, parts: Sequence[str] = (),
+                 may_be_empty: bool = False,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | str | None = None) -> None:
         self.name = name
-        self.fn = fn
+        self._kernel = kernel
+        self._prepare = prepare
         self.required = dict(required or {})
         self.optional = dict(optional or {})
         self.relate = relate
-        self.last = last
+        self.parts = tuple(parts)
+        self.last = last or bool(self.parts)
         self.takes = takes
+        self.gives = gives or _same
         self.may_be_empty = may_be_empty
 
-    def bind(self, params: Mapping[str, Any]) -> Callable[[np.ndarray], Any]:
+    @property
+    def short(self) -> str:
+        """The name without its family: ``softmax`` for ``post.softmax`` (a post chain's
+        default output name)."""
+        return self.name.partition(".")[2] or self.name
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The kernel (imported on first use: the numba modules load here)."""
+        if isinstance(self._kernel, str):
+            self._kernel = _load(self._kernel)
+        return self._kernel
+
+    def prepare(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The checked parameters, their bundle resources already read (a text for each
+        ``Ref``), as the kernel takes them (a vocabulary's text split into its entries once,
+        not on every call)."""
+        if isinstance(self._prepare, str):
+            self._prepare = _load(self._prepare)
+        return self._prepare(params) if self._prepare is not None else params
+
+    def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters checked and converted (OpParamsError naming the first wrong one);
+        imports no kernel."""
         if not isinstance(params, Mapping):
             raise OpParamsError(self.name, "", f"must be a mapping of names to values, not {_describe(params)}")
         takes = {**self.required, **self.optional}
@@ -138,13 +292,31 @@ class Op:
                 raise OpParamsError(self.name, key, str(exc)) from None
         if self.relate is not None:
             self.relate(checked)
+        return checked
+
+    def bind(self, params: Mapping[str, Any]) -> Callable[[Any], Any]:
+        checked = self.check(params)
+        refs = [k for k, v in checked.items() if isinstance(v, Ref)]
+        if refs:
+            raise OpParamsError(self.name, refs[0], f"{checked[refs[0]]} names a resource of a model's bundle, "
+                                                    "which only a model's chains can read (drivers.ops.build_chains)")
         return functools.partial(self.fn, **checked)
+
+    def type_of(self, x: TensorType, params: Mapping[str, Any],
+                res: Callable[[Any], str | None] = lambda ref: None) -> TensorType | tuple[TensorType, ...]:
+        """What the op gives for an input of type ``x`` with ``params`` (already checked):
+        one type, or one per part.  Raises Mismatch saying why ``x`` does not fit."""
+        if self.takes is not None:
+            problem = self.takes.problem(x)
+            if problem:
+                raise Mismatch(problem)
+        return self.gives(x, params, res)
 
     def describe_input(self, params: Mapping[str, Any]) -> str:
         """What the op takes with ``params`` (already checked), in words; "" when unsaid."""
-        return self.takes(params) if self.takes is not None else ""
+        return self.takes.words(params) if self.takes is not None else ""
 
-    def __call__(self, x: np.ndarray, **params: Any) -> Any:
+    def __call__(self, x: Any, **params: Any) -> Any:
         return self.bind(params)(x)
 
     def __repr__(self) -> str:
@@ -153,6 +325,8 @@ class Op:
 
 def _shape(x: Any) -> str:
     """``float32 [1, 7]``: an array as the errors name it."""
+    import numpy as np
+
     a = np.asarray(x) if not isinstance(x, np.ndarray) else x
     return f"{a.dtype} {list(a.shape)}"
 
@@ -172,7 +346,7 @@ class Pipeline:
         self.names: list[str] = []
         self._ops: list[Op] = []
         self._params: list[Mapping[str, Any]] = []
-        self._fns: list[Callable[[np.ndarray], Any]] = []
+        self._fns: list[Callable[[Any], Any]] = []
         for name, params in steps:
             op = registry.get(name)
             if op is None:
@@ -190,7 +364,9 @@ class Pipeline:
         takes = self._ops[i].describe_input(self._params[i])
         return OpInputError(self.names[i], f"{_shape(x)} {problem}" + (f"; it takes {takes}" if takes else ""))
 
-    def __call__(self, x: np.ndarray) -> Any:
+    def __call__(self, x: Any) -> Any:
+        import numpy as np
+
         for i, fn in enumerate(self._fns):
             y = fn(x)
             if isinstance(y, np.ndarray) and y.size == 0 and not self._ops[i].may_be_empty:
@@ -198,10 +374,12 @@ class Pipeline:
             x = y
         return x
 
-    def rows(self, x: np.ndarray) -> np.ndarray:
+    def rows(self, x: Any) -> Any:
         """The pipeline on a batch ``[N, ...]`` where each op must keep one row per input
         row (``N`` rows out for ``N`` in): an op that makes more or fewer rows, or no array,
         raises OpInputError naming it, the shape it was given and what it takes."""
+        import numpy as np
+
         n = len(x)
         for i, fn in enumerate(self._fns):
             y = fn(x)
