@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import mimetypes
 import os
@@ -129,22 +128,20 @@ def apply_overrides(specs: list[TensorSpec], overrides: Any, kind: str) -> list[
     return out
 
 
-def _check_ops(spec: dict[str, Any]) -> None:
-    """Every op the spec's pre and post name is one the accelerator drivers know (when
-    drivers.ops can be imported here)."""
+def _check_ops(manifest: Manifest, assets: dict[str, bytes]) -> None:
+    """The manifest's pre and post chains can run around the model (``drivers.ops.check_chains``
+    with the assets' bytes, when drivers.ops can be imported here): an unknown op, bad
+    parameters, a chain whose end does not fit the model input it feeds, a post chain reading a
+    tensor that does not exist, a vocabulary too short for the model... are refused here with
+    the ChainError's message, not at the first inference."""
     try:
-        from drivers.ops import OPS
+        from drivers.ops import ChainError, check_chains
     except ImportError:  # a tools-only install: the store's install and the driver's load check
         return
-    for where in ("pre", "post"):
-        steps = spec.get(where) or []
-        for i, step in enumerate(steps if isinstance(steps, list) else []):
-            name = step.get("op") if isinstance(step, dict) else None
-            if isinstance(name, str) and name not in OPS:
-                close = difflib.get_close_matches(name, OPS, n=3)
-                hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise PackError(f"{where}[{i}] names op {name!r}, which is not an op the accelerator drivers have; "
-                                f"{hint}the ops: {', '.join(sorted(OPS))}")
+    try:
+        check_chains(manifest, assets)
+    except ChainError as exc:
+        raise PackError(str(exc)) from None
 
 
 def _contract(graph: Graph, spec: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -230,7 +227,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     variants = {"full": Variant(file="full.onnx", sha256="", size=0)}
     try:
         inputs, outputs = _contract(graph, spec)
-        _check_ops(spec)
         assets, asset_files = _assets(args.asset)
         for extra in args.variant or []:
             name, _, path = extra.partition("=")
@@ -249,10 +245,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
             "inputs": msgspec.to_builtins(inputs), "outputs": msgspec.to_builtins(outputs),
             "variants": msgspec.to_builtins(variants), "metadata": metadata, "assets": msgspec.to_builtins(assets),
         }, Manifest)
+        _check_ops(manifest, {name: asset_files[a.file] for name, a in assets.items()})
         bundle = Bundle.create(manifest, {**files, **asset_files})
         for variant in bundle.manifest.variants.values():  # the contract fits every variant's graph
             check_graph(bundle.manifest, variant.file, files[variant.file])
-    except (msgspec.ValidationError, BundleError) as exc:
+    except (msgspec.ValidationError, BundleError, PackError) as exc:
         return _fail(f"cannot pack: {exc}")
     if args.key:
         try:

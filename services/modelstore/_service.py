@@ -29,6 +29,7 @@ from services import BadMessage, Context, InternalError, Rejected, Service, Sett
 from protocols.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
 from ._bundle import Archive, Bundle, check_graph
+from ._check import check_ops
 from ._exceptions import (
     BundleError,
     DowngradeRefused,
@@ -254,6 +255,7 @@ class ModelStoreService(Service):
                 files = await anyio.to_thread.run_sync(archive.read_files)
                 for spec in m.variants.values():
                     await anyio.to_thread.run_sync(check_graph, m, spec.file, files[spec.file])
+                check_ops(m, files)  # the pre -> model -> post chains can run
                 for variant, spec in m.variants.items():
                     await self._load_check(m.name, variant, files[spec.file])
                 bundle = Bundle(archive.manifest_bytes, files, sig)
