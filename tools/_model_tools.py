@@ -517,6 +517,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     manifest = bundle.manifest
     full = bundle.files[manifest.variants["full"].file]
+    if args.runs < 1:
+        return _fail(f"--runs {args.runs}: give at least 1 run (20 by default)")
     try:
         feeds, warnings = _feeds(manifest.inputs, args.shape, args.value)
         for warning in warnings:
