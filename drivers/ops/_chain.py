@@ -280,6 +280,8 @@ def _pre(manifest: Manifest, res: _Resources) -> tuple[list[Chain], dict[str, Te
             raise ChainError("cannot start a pre chain: it does not say what a client sends it", where, op.name)
         spec = inputs[target]
         template = op.takes.template(params)
+        if spec.batch() is None:  # an input without a batch axis (a state, a parameter): no rows to keep
+            template = dataclasses.replace(template, batch=None)
         walked = _walk("pre", steps, template, res, ops)
         end = walked[-1].gives
         problem = "it gives several arrays" if isinstance(end, tuple) else ""
