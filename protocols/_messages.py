@@ -450,8 +450,11 @@ class Tensor(msgspec.Struct, omit_defaults=True, array_like=False):
     """Describes one raw frame that carries a tensor's bytes (C order, little-endian).
 
     ``frame`` indexes the raw frames that follow the body (0 is the first after the body).
+    ``name`` is the model's name for the tensor (an input or output of its contract);
+    unnamed tensors are taken in the contract's order.
     """
 
     dtype: str
     shape: list[int]
     frame: int = 0
+    name: str = ""

@@ -5,7 +5,8 @@ numpy is imported lazily: only processes that actually handle tensors pay for it
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Mapping, Sequence
 
 from ._exceptions import DecodeError
 from ._messages import Tensor
@@ -22,10 +23,11 @@ DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64"
           "float16", "float32", "float64")
 
 
-def pack_tensors(arrays: Sequence[Any], first_frame: int = 0, *,
+def pack_tensors(arrays: Sequence[Any] | Mapping[str, Any], first_frame: int = 0, *,
                  zero_copy: bool = False) -> tuple[list[Tensor], list[Any]]:
     """Describe ``arrays`` and return the buffers to send after the body, without copying
-    arrays that are already C-contiguous.
+    arrays that are already C-contiguous.  A mapping packs named tensors (``{"x": image}``),
+    a sequence unnamed ones (taken in the model's order).
 
     The socket copies each buffer when it is sent, so the caller may change its arrays the
     moment the send returns.  ``zero_copy=True`` skips that copy for tensors of
@@ -44,7 +46,8 @@ def pack_tensors(arrays: Sequence[Any], first_frame: int = 0, *,
 
     descs: list[Tensor] = []
     buffers: list[Any] = []
-    for i, arr in enumerate(arrays):
+    named = isinstance(arrays, Mapping)
+    for i, (name, arr) in enumerate(arrays.items() if named else zip(itertools.repeat(""), arrays)):
         a = np.asarray(arr)
         if a.dtype.name not in DTYPES:
             raise ValueError(f"dtype {a.dtype.name!r} cannot travel as a tensor frame; use one of {', '.join(DTYPES)}")
@@ -52,7 +55,7 @@ def pack_tensors(arrays: Sequence[Any], first_frame: int = 0, *,
             a = a.copy(order="C")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i))
+        descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i, name=name))
         buf = memoryview(a.reshape(-1)).cast("B") if a.size else b""
         buffers.append(frame_of(buf, copy=False) if frame_of is not None and a.nbytes >= ZERO_COPY_MIN else buf)
     return descs, buffers

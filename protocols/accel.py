@@ -6,12 +6,18 @@ import msgspec
 
 from ._messages import Tensor
 
-__all__ = ["Run", "Load", "Describe", "Request", "RunResult", "Loaded", "Device", "Reply"]
+__all__ = ["FEATURES", "Run", "Load", "Describe", "Request", "RunResult", "Loaded", "Device", "Reply"]
+
+
+#: The name of the extra output a Run with ``features`` gives: the pre ops' output.
+FEATURES = "edgebus.features"
 
 
 class Run(msgspec.Struct, tag=True, omit_defaults=True):
     """Run a model on a batch: pre ops, session.run, post ops.  Inputs are raw frames
-    described by ``inputs`` (in the model's input order); outputs come back the same way."""
+    described by ``inputs``, named as in the model's contract (what clients send: the
+    model's inputs, in the form its pre chains take them); outputs come back named: the
+    model's outputs, then what its post chains add."""
 
     model: str
     version: str

@@ -21,6 +21,10 @@ class Infer(msgspec.Struct, tag=True, omit_defaults=True):
     priority: int = 1
     #: sticky A/B assignment key (a device, a user, a session...)
     key: str = ""
+    #: the model's variant to run ("int8", "small"...); empty: the degradation ladder's
+    variant: str = ""
+    #: the outputs to send back, by name; empty: all of them
+    outputs: list[str] = []
 
 
 class GetSchedule(msgspec.Struct, tag=True):
@@ -55,6 +59,8 @@ class ModelQueue(msgspec.Struct, tag=True, omit_defaults=True):
     late: int = 0
     batches: int = 0
     mean_batch: float = 0.0
+    #: its batching policy and what it measured, e.g. "auto: up to 16 (per row alone 0.210 ms, batched 0.051 ms)"
+    batching: str = ""
 
 
 class DriverState(msgspec.Struct, tag=True, omit_defaults=True):

@@ -127,7 +127,7 @@ async def test_bad_inputs_get_clear_errors_and_the_scheduler_keeps_serving(make_
     async with system.client() as bus:
         with pytest.raises(BadMessage, match="float32"):
             await infer(bus, np.zeros((2, 4), dtype=np.float64))
-        with pytest.raises(BadMessage, match="shape"):
+        with pytest.raises(BadMessage, match=r"input 'x' takes float32 \[\?, 4\], got float32 \[2, 5\] \(axis 1 is 5"):
             await infer(bus, np.zeros((2, 5), dtype=np.float32))
         with pytest.raises(BadMessage, match="NaN"):
             await infer(bus, np.array([[np.nan, 0, 0, 0]], dtype=np.float32))
@@ -315,7 +315,7 @@ async def test_busctl_infer_and_sched(make_system, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
     out = msgspec.json.decode(system.busctl("infer", "mm", "--input", str(tmp_path / "x.npy"), "--json",
                                             check=True).stdout)
-    np.testing.assert_allclose(np.array(out["outputs"][0]), np.ones((2, 4), dtype=np.float32) @ W_FULL, rtol=1e-6)
+    np.testing.assert_allclose(np.array(out["outputs"]["y"]["values"]), np.ones((2, 4), dtype=np.float32) @ W_FULL, rtol=1e-6)
     assert out["variant"] == "full" and out["version"] == "1.0.0"
     text = system.busctl("sched", check=True).stdout
     assert "degradation level 0" in text and "accel-0" in text and "mm" in text

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 
 from protocols.modelstore import Fallback, FeatureStats, Manifest, TensorSpec, Variant
-from services import DeadlineExceeded, Overloaded, SettingsError, Unavailable, decode_settings
+from protocols import Tensor
+from services import BadMessage, DeadlineExceeded, Overloaded, SettingsError, Unavailable, decode_settings
 from services.scheduler import SchedulerSettings
-from services.scheduler._batching import form_batch, split, stack, stackable, take
+from services.scheduler._batching import form_batch, misfit, split, stack, stackable, take, undefined
 from services.scheduler._ladder import Ladder, fallback, variant_for
 from services.scheduler._pipelines import Pipeline
 from services.scheduler._placement import Driver, apply_health, place, run_with_failover, thermal_pressure
-from services.scheduler._queueing import Job, ModelQueue, check_inputs
+from services.scheduler._contract import Plan
+from services.scheduler._queueing import Job, ModelQueue
+from services.scheduler._tuning import PROBE_EVERY, BatchTuner, decide
 from services.scheduler._settings import PipelineSettings
 
 pytestmark = pytest.mark.anyio
@@ -26,9 +29,13 @@ pytestmark = pytest.mark.anyio
 FAR = 1e12  # a deadline that never passes
 
 
+PLAN = Plan("m", [TensorSpec(name="x", dtype="float32", shape=[None, 4])],
+            [TensorSpec(name="y", dtype="float32", shape=[None, 4])])
+
+
 def job(priority: int = 1, deadline: float = FAR, version: str = "1.0.0", shape: tuple[int, ...] = (1, 4),
-        value: float = 0.0) -> Job:
-    return Job("m", version, [np.full(shape, value, dtype=np.float32)], priority, deadline)
+        value: float = 0.0, plan: Plan = PLAN, variant: str = "") -> Job:
+    return Job("m", version, {"x": np.full(shape, value, dtype=np.float32)}, priority, deadline, plan, variant)
 
 
 def manifest(**fields) -> Manifest:
@@ -79,14 +86,114 @@ async def test_a_job_whose_deadline_passes_before_its_batch_could_finish_is_answ
     assert q.pop_live(now) is None
 
 
-async def test_inputs_are_checked_against_the_manifest_before_queueing() -> None:
-    m = manifest()
-    check_inputs("m", m, [np.zeros((3, 4), dtype=np.float32)])
-    for arrays, words in [([], "no input"), ([np.zeros((2, 4))], "float32"), ([np.zeros((2, 5), np.float32)], "shape"),
-                          ([np.array([[np.inf, 0, 0, 0]], np.float32)], "NaN"),
-                          ([np.zeros((2, 4), np.float32)] * 2, "takes 1 input")]:
-        with pytest.raises(Exception, match=words):
-            check_inputs("m", m, arrays)
+def _descs(names: list[str]) -> list[Tensor]:
+    return [Tensor(dtype="float32", shape=[], frame=i, name=n) for i, n in enumerate(names)]
+
+
+async def test_inputs_are_checked_against_the_contract_before_queueing() -> None:
+    plan = Plan.of("m", manifest())
+    x = np.zeros((3, 4), dtype=np.float32)
+    assert plan.bind([], [x])["x"] is x  # unnamed: the contract's order
+    assert plan.bind(_descs(["x"]), [x])["x"] is x
+    for names, arrays, words in [
+            ([], [], "no input"), ([], [np.zeros((2, 4))], r"input 'x' takes float32 \[\?, 4\], got float64"),
+            ([], [np.zeros((2, 5), np.float32)], "axis 1 is 5, not 4"),
+            ([], [np.array([[np.inf, 0, 0, 0]], np.float32)], "NaN"),
+            ([], [x, x], "takes 1 input"), (["x", "x"], [x, x], "given twice"),
+            (["z"], [x], "missing input.*'x'.*unknown input.*'z'"), (["x", ""], [x, x], "every input tensor or none"),
+            ([], [np.zeros((0, 4), np.float32)], "no rows")]:
+        with pytest.raises(BadMessage, match=words):
+            plan.bind(_descs(names) if names else [], arrays)
+
+
+async def test_named_inputs_with_a_scalar_parameter_and_a_state_batched_on_axis_1() -> None:
+    """silero-vad's contract: input [N, 512], state [2, N, 128] (batch axis 1), sr a scalar."""
+    plan = Plan("vad", [TensorSpec(name="input", dtype="float32", shape=[None, 512]),
+                        TensorSpec(name="state", dtype="float32", shape=[2, None, 128], batch_axis=1),
+                        TensorSpec(name="sr", dtype="int64", shape=[], batch_axis=None)],
+                [TensorSpec(name="output", dtype="float32", shape=[None, 1]),
+                 TensorSpec(name="stateN", dtype="float32", shape=[2, None, 128], batch_axis=1)])
+    assert plan.batchable and plan.axes == {"input": 0, "state": 1, "sr": None}
+
+    def vad_job(n: int, sr: int) -> Job:
+        inputs = plan.bind(_descs(["sr", "state", "input"]),
+                           [np.array(sr, np.int64), np.full((2, n, 128), n, np.float32),
+                            np.full((n, 512), n, np.float32)])
+        assert list(inputs) == ["input", "state", "sr"]  # the contract's order
+        return Job("vad", "1.0.0", inputs, 1, FAR, plan)
+
+    a, b, other_rate = vad_job(1, 16000), vad_job(2, 16000), vad_job(1, 8000)
+    assert a.rows == 1 and b.rows == 2
+    assert stackable(a, b) and not stackable(a, other_rate)  # a scalar parameter must be equal
+    with pytest.raises(BadMessage, match="disagree on the batch size"):
+        plan.bind([], [np.zeros((2, 512), np.float32), np.zeros((2, 3, 128), np.float32), np.array(16000)])
+    inputs = stack([a, b])
+    assert inputs["input"].shape == (3, 512) and inputs["state"].shape == (2, 3, 128) and inputs["sr"] == 16000
+    outputs = {"output": np.arange(3, dtype=np.float32).reshape(3, 1), "stateN": inputs["state"] * 10}
+    assert misfit([a, b], outputs) == ""
+    split([a, b], outputs)
+    assert a.outputs["output"].tolist() == [[0]] and b.outputs["output"].tolist() == [[1], [2]]
+    assert (a.outputs["stateN"] == 10).all() and a.outputs["stateN"].shape == (2, 1, 128)
+    assert (b.outputs["stateN"] == 20).all() and b.outputs["stateN"].shape == (2, 2, 128)
+    assert "stateN" in misfit([a, b], {**outputs, "stateN": np.zeros((2, 2, 128), np.float32)})
+    assert "no output 'stateN'" in misfit([a, b], {"output": outputs["output"]})
+    nan = {**outputs, "output": np.array([[0], [np.nan], [1]], np.float32)}
+    split([a, b], nan)
+    assert undefined(a) == "" and undefined(b) == "output 'output' is NaN for input row(s) [0]"
+
+
+async def test_a_model_with_an_output_without_a_batch_axis_is_never_batched() -> None:
+    plan = Plan("m", [TensorSpec(name="x", dtype="float32", shape=[None, 4])],
+                [TensorSpec(name="total", dtype="float32", shape=[], batch_axis=None)])
+    assert not plan.batchable
+    assert not stackable(job(plan=plan), job(plan=plan))
+
+
+async def test_outputs_asked_for_are_checked_by_name() -> None:
+    assert PLAN.wanted(["y"]) == ["y"]
+    with pytest.raises(BadMessage, match="no output 'z'; its outputs are 'y'"):
+        PLAN.wanted(["z"])
+
+
+async def test_jobs_asking_for_different_variants_do_not_share_a_batch() -> None:
+    assert not stackable(job(variant="int8"), job())
+    assert stackable(job(variant="int8"), job(variant="int8"))
+
+
+# -- batching per model ----------------------------------------------------------------------------
+
+
+async def test_the_batching_decision_is_per_row_cost_alone_against_batched() -> None:
+    assert decide(None, 1.0) is None and decide(1.0, None) is None
+    assert decide(1.0, 0.2) is True  # a row in a batch costs a fifth: batch
+    assert decide(1.0, 1.1) is False  # batches cost more per row (a large model on a CPU): do not
+    assert decide(1.0, 0.96) is False  # within the margin: not worth the wait
+
+
+async def test_auto_batching_turns_off_for_a_model_that_batches_badly_and_probes_again() -> None:
+    t = BatchTuner("auto", 16)
+    assert t.batching is None and t.limit() == 16  # measuring: batches form as load allows
+    for _ in range(3):
+        t.record(1, 0.010)  # a row alone: 10 ms
+        t.record(8, 0.120)  # 8 rows: 15 ms a row
+    assert t.batching is False
+    limits = [t.limit() for _ in range(PROBE_EVERY * 2)]
+    assert limits.count(16) == 2 and limits.count(1) == PROBE_EVERY * 2 - 2  # one probe in PROBE_EVERY
+    for _ in range(10):
+        t.record(8, 0.016)  # the device got better at batches (2 ms a row)
+    assert t.batching is True and t.limit() == 16
+    assert "up to 16" in t.describe()
+
+
+async def test_auto_batching_measures_a_row_alone_even_under_constant_load() -> None:
+    t = BatchTuner("auto", 16)
+    limits = [t.limit() for _ in range(8)]
+    assert 1 in limits and 16 in limits
+
+
+async def test_on_and_off_are_what_they_say() -> None:
+    assert BatchTuner("off", 16).limit() == 1 and BatchTuner("on", 16).limit() == 16
+    assert BatchTuner("auto", 1).limit() == 1
 
 
 # -- batching ------------------------------------------------------------------------------------
@@ -145,11 +252,11 @@ async def test_a_batch_waits_up_to_max_delay_for_more_requests() -> None:
 
 async def test_stack_and_split_give_each_job_its_rows() -> None:
     batch = [job(shape=(n, 4), value=n) for n in (1, 3, 2)]
-    (x,) = stack(batch)
+    x = stack(batch)["x"]
     assert x.shape == (6, 4)
-    split(batch, [x * 10])
+    split(batch, {"y": x * 10})
     for j, n in zip(batch, (1, 3, 2)):
-        assert j.outputs[0].shape == (n, 4) and (j.outputs[0] == n * 10).all()
+        assert j.outputs["y"].shape == (n, 4) and (j.outputs["y"] == n * 10).all()
 
 
 # -- placement -----------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_zero_copy_packing_hands_large_tensors_to_zeromq_and_copies_small_ones()
 
 
 def test_the_finite_check_finds_nan_and_both_infinities_without_a_temporary() -> None:
-    from services.scheduler._queueing import all_finite
+    from services.scheduler._contract import all_finite
 
     for dtype in (np.float16, np.float32, np.float64):
         x = np.zeros((3, 5), dtype)

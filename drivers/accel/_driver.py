@@ -30,33 +30,30 @@ from protocols import pack_tensors
 from services import BadMessage, Context, InternalError, RemoteError, Service, run
 
 from ._settings import AccelSettings
-from protocols.modelstore import GetModel, Manifest, ModelBytes
+from protocols.modelstore import AssetBytes, GetAsset, GetModel, Manifest, ModelBytes
 
-from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
+from protocols.accel import FEATURES, Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
 
 __all__ = ["AcceleratorDriver"]
 
 
 class _Model:
-    def __init__(self, session: Any, manifest: Manifest, providers: list[str]) -> None:
+    def __init__(self, session: Any, manifest: Manifest, providers: list[str], assets: dict[str, bytes]) -> None:
         self.session = session
         self.manifest = manifest
         self.providers = providers
         self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
         #: its last run took under 0.5 ms: run it on the event loop, not in a worker thread
         self.quick = False
-        pre, post = manifest.pre, manifest.post
-        #: the manifest's ops, names and parameters checked once, here, at load
-        self.pre: Any = None
-        self.post: Any = None
+        #: the manifest's pre and post chains, ops and parameters checked once, here, at load
+        self.chains: Any = None
         #: what a failing op raises (empty when the model has no ops: numba stays unimported)
         self.op_errors: tuple[type[Exception], ...] = ()
-        if pre or post:
-            from drivers.ops import OpsError, pipeline
+        if manifest.pre or manifest.post:
+            from drivers.ops import OpsError, build_chains
 
-            steps = lambda ops: [(op.op, op.params) for op in ops]  # noqa: E731
-            self.pre = pipeline(steps(pre)) if pre else None
-            self.post = pipeline(steps(post)) if post else None
+            self.chains = build_chains(manifest, assets)
             self.op_errors = (OpsError,)
 
 
@@ -123,7 +120,8 @@ class AcceleratorDriver(Service):
                                                   timeout=60)
                 meta = incoming.decode(ModelBytes)
                 data = bytes(incoming.frames[0].buffer)
-                self.models[key] = await anyio.to_thread.run_sync(self._session, data, meta.manifest)
+                assets = await self._assets(meta.manifest)
+                self.models[key] = await anyio.to_thread.run_sync(self._session, data, meta.manifest, assets)
                 self.log.info("model_loaded", model=name, version=version, variant=variant,
                               providers=self.models[key].providers)
             finally:
@@ -131,7 +129,22 @@ class AcceleratorDriver(Service):
                 done.set()
         return self.models[key]
 
-    def _session(self, data: bytes, manifest: Manifest) -> _Model:
+    async def _assets(self, manifest: Manifest) -> dict[str, bytes]:
+        """The bundle's assets its ops read ("asset:NAME" parameters), from the model store."""
+        if not (manifest.pre or manifest.post):
+            return {}
+        from drivers.ops import check_chains
+
+        names = check_chains(manifest).assets
+        found: dict[str, bytes] = {}
+        for name in names:
+            incoming = await self.bus.request("modelstore", GetAsset(name=manifest.name, asset=name,
+                                                                     version=manifest.version), timeout=60)
+            incoming.decode(AssetBytes)
+            found[name] = bytes(incoming.frames[0].buffer)
+        return found
+
+    def _session(self, data: bytes, manifest: Manifest, assets: dict[str, bytes]) -> _Model:
         ort = self.ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -144,29 +157,32 @@ class AcceleratorDriver(Service):
         if fell:
             self.log.warning("provider_fallback", requested=self.providers, used=used,
                              detail="ONNX Runtime silently fell back; this session runs on " + ", ".join(used))
-        return _Model(session, manifest, used)
+        return _Model(session, manifest, used, assets)
 
     async def _run(self, req: Run, ctx: Context) -> tuple[RunResult, list]:
         m = await self._model(req.model, req.version, req.variant)
-        arrays = [ctx.tensor(t) for t in req.inputs]  # a malformed descriptor answers bad-message
-        if len(arrays) != len(m.input_names) and not (m.pre and len(arrays) == 1):
-            raise BadMessage(f"{req.model} takes {len(m.input_names)} input(s) {m.input_names}, got {len(arrays)}")
+        # named as the scheduler checked them against the model's contract
+        inputs = {t.name: ctx.tensor(t) for t in req.inputs}  # a malformed descriptor answers bad-message
+        ops = m.chains is not None and not req.raw
 
-        def compute() -> tuple[list[Any], float, float, float]:
+        def compute() -> tuple[dict[str, Any], float, float, float]:
             t0 = time.perf_counter()
-            xs = arrays
-            if m.pre and not req.raw:
-                xs = [self._pre(m, req.model, arrays[0])]
-            t1 = time.perf_counter()
-            outputs = m.session.run(None, dict(zip(m.input_names, xs)))
-            t2 = time.perf_counter()
-            if m.post and not req.raw:
+            feed = inputs
+            if ops:
                 try:
-                    outputs = [outputs[0], m.post(outputs[0])]
+                    feed = m.chains.pre(inputs)
+                except m.op_errors as exc:
+                    raise BadMessage(f"{req.model}: an input does not fit its pre ops: {exc}") from exc
+            t1 = time.perf_counter()
+            outputs = dict(zip(m.output_names, m.session.run(None, feed)))
+            t2 = time.perf_counter()
+            if ops:
+                try:
+                    outputs = m.chains.post(outputs)
                 except m.op_errors as exc:
                     raise BadMessage(f"{req.model}: its post ops cannot take what the model gave: {exc}") from exc
             if req.features:
-                outputs = [*outputs, xs[0]]
+                outputs[FEATURES] = feed[m.input_names[0]]
             t3 = time.perf_counter()
             return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
 
@@ -183,18 +199,8 @@ class AcceleratorDriver(Service):
             if "INVALID_ARGUMENT" in str(exc) or "Unexpected input" in str(exc) or "data type" in str(exc):
                 raise BadMessage(f"{req.model}: {message}") from exc
             raise InternalError(f"{req.model}: {message}") from exc
-        descs, frames = pack_tensors(outputs, zero_copy=True)  # ours, never written again
+        descs, frames = pack_tensors(outputs, zero_copy=True)  # ours (ORT's or the ops' new arrays), never written again
         return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
-
-    @staticmethod
-    def _pre(m: _Model, model: str, x: Any) -> Any:
-        """The pre ops on a batch: one row of the model's input per row of ``x``, or
-        bad-message naming the input, what it is and what the ops take."""
-        try:
-            return m.pre.rows(x)
-        except m.op_errors as exc:
-            raise BadMessage(f"{model}: input 0 does not fit the pre ops ({' -> '.join(m.pre.names)}) that make "
-                             f"the model's input {m.input_names[0]!r}: {exc}") from exc
 
     def _describe(self) -> Device:
         from drivers.health import read_cpu_load, read_memory, read_temperature

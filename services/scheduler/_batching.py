@@ -1,5 +1,7 @@
-"""Dynamic batching: requests for the same model, version and priority whose inputs stack
-into one tensor (same shape past the batch axis) share a batch of up to ``max_batch``.
+"""Dynamic batching: requests for the same model, version, variant and priority whose
+inputs stack (each input the same shape but for its batch axis, each input without a batch
+axis equal: a parameter of the run) share a batch of up to ``max_batch`` rows' requests.
+A model whose contract makes it unbatchable (``Plan.batchable``) runs one request a time.
 
 A batch forms while every driver slot is busy: requests that arrive meanwhile join it.
 With a slot free, the first request leaves at once, or after ``max_delay`` when that is
@@ -20,8 +22,17 @@ __all__ = ["stackable", "take", "form_batch", "stack", "split", "misfit", "undef
 
 def stackable(first: Job, job: Job) -> bool:
     """Whether ``job`` may join the batch that ``first`` opened."""
-    return (job.version == first.version and job.priority == first.priority
-            and [a.shape[1:] for a in job.arrays] == [a.shape[1:] for a in first.arrays])
+    if job.version != first.version or job.priority != first.priority or job.variant != first.variant \
+            or not first.plan.batchable or job.plan is not first.plan:
+        return False
+    for name, axis in first.plan.axes.items():
+        a, b = first.inputs[name], job.inputs[name]
+        if axis is None:
+            if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
+                return False
+        elif a.shape[:axis] != b.shape[:axis] or a.shape[axis + 1:] != b.shape[axis + 1:]:
+            return False
+    return True
 
 
 def take(queue: ModelQueue, batch: list[Job], max_batch: int, now: float) -> bool:
@@ -56,40 +67,60 @@ async def form_batch(queue: ModelQueue, max_batch: int, max_delay: float) -> lis
     return batch
 
 
-def stack(batch: list[Job]) -> list[np.ndarray]:
-    """Each input of the batch as one tensor: the jobs' rows along axis 0, in order.  A batch
-    of one is its job's own arrays (views of the frames it arrived in): no copy."""
+def stack(batch: list[Job]) -> dict[str, np.ndarray]:
+    """Each input of the batch as one tensor: the jobs' rows along its batch axis, in order
+    (an input without one is the first job's, equal in all).  A batch of one is its job's
+    own arrays (views of the frames it arrived in): no copy."""
+    first = batch[0]
     if len(batch) == 1:
-        return list(batch[0].arrays)
-    return [np.concatenate([j.arrays[i] for j in batch]) for i in range(len(batch[0].arrays))]
+        return first.inputs
+    return {name: first.inputs[name] if axis is None else
+            np.concatenate([j.inputs[name] for j in batch], axis=axis)
+            for name, axis in first.plan.axes.items()}
 
 
-def misfit(batch: list[Job], outputs: list[np.ndarray]) -> str:
-    """Why ``outputs`` cannot be split among ``batch`` ("" when they can): the first output
-    (the model's) must hold one row per input row, none left over, none missing."""
-    rows = sum(len(job.arrays[0]) for job in batch)
-    if not outputs:
-        return f"no output for {rows} input row(s)"
-    first = outputs[0]
-    if np.ndim(first) == 0 or len(first) != rows:
-        return f"output 0 has shape {list(np.shape(first))} for {rows} input row(s); it needs one row per input row"
+def misfit(batch: list[Job], outputs: dict[str, np.ndarray]) -> str:
+    """Why ``outputs`` cannot be split among ``batch`` ("" when they can): every output the
+    contract gives a batch axis must hold one row per input row along it, none left over,
+    none missing; none may be missing."""
+    plan = batch[0].plan
+    rows = sum(job.rows for job in batch)
+    for name, axis in plan.out_axes.items():
+        out = outputs.get(name)
+        if out is None:
+            return f"no output {name!r} (it gave {', '.join(map(repr, outputs)) or 'nothing'})"
+        if axis is None:
+            continue
+        if out.ndim <= axis or out.shape[axis] != rows:
+            return (f"output {name!r} has shape {list(out.shape)} for {rows} input row(s); it needs one row per "
+                    f"input row on axis {axis}")
     return ""
 
 
 def undefined(job: Job) -> str:
     """Where the model gave NaN for this job's rows ("" when nowhere): a result no caller
     can use, so it is answered as an error, not as a score."""
-    for i, out in enumerate(job.outputs):
+    for name, out in job.outputs.items():
         if out.dtype.kind == "f" and out.size and np.isnan(out.min()):  # (NaN propagates; no temporary)
-            rows = np.flatnonzero(np.isnan(out.reshape(len(out), -1)).any(axis=1)) if out.ndim else np.array([0])
-            return f"output {i} is NaN for input row(s) {rows[:8].tolist()}"
+            axis = job.plan.out_axes.get(name)
+            if axis is None or out.ndim <= axis:
+                return f"output {name!r} is NaN"
+            rows = np.flatnonzero(np.isnan(np.moveaxis(out, axis, 0).reshape(out.shape[axis], -1)).any(axis=1))
+            return f"output {name!r} is NaN for input row(s) {rows[:8].tolist()}"
     return ""
 
 
-def split(batch: list[Job], outputs: list[np.ndarray]) -> None:
-    """Give each job its rows of every output (views, not copies)."""
+def split(batch: list[Job], outputs: dict[str, np.ndarray]) -> None:
+    """Give each job its rows of every output along the output's batch axis (views, not
+    copies); an output without one (a batch of one) whole."""
+    if len(batch) == 1:
+        batch[0].outputs = outputs
+        return
+    out_axes = batch[0].plan.out_axes
     offset = 0
     for job in batch:
-        n = len(job.arrays[0])
-        job.outputs = [o[offset:offset + n] for o in outputs]
+        n = job.rows
+        job.outputs = {name: o if out_axes.get(name) is None else
+                       o[(slice(None),) * out_axes[name] + (slice(offset, offset + n),)]
+                       for name, o in outputs.items()}
         offset += n

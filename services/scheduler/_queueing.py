@@ -19,11 +19,12 @@ from typing import Iterator
 import anyio
 import numpy as np
 
-from protocols.modelstore import Manifest
 from protocols.scheduler import InferResult
 from services import BadMessage, DeadlineExceeded, Overloaded, RemoteError
 
-__all__ = ["Job", "ModelQueue", "check_inputs", "check_priority"]
+from ._contract import Plan
+
+__all__ = ["Job", "ModelQueue", "check_priority"]
 
 _seq = itertools.count()
 
@@ -31,11 +32,16 @@ _seq = itertools.count()
 class Job:
     """One request waiting for its batch; ``done`` is set with ``result`` or ``error``."""
 
-    __slots__ = ("model", "version", "arrays", "priority", "deadline", "seq", "done", "result", "error",
-                 "enqueued", "cancelled", "outputs")
+    __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "result", "error",
+                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows")
 
-    def __init__(self, model: str, version: str, arrays: list[np.ndarray], priority: int, deadline: float) -> None:
-        self.model, self.version, self.arrays = model, version, arrays
+    def __init__(self, model: str, version: str, inputs: dict[str, np.ndarray], priority: int, deadline: float,
+                 plan: Plan, variant: str = "") -> None:
+        self.model, self.version, self.inputs, self.plan = model, version, inputs, plan
+        #: the variant the caller asked for ("": the ladder's)
+        self.variant = variant
+        #: its rows of the batch (along each input's batch axis)
+        self.rows = plan.rows(inputs)
         #: deadline: wall-clock seconds (the bus header's), 0 for none
         self.priority, self.deadline, self.seq = priority, deadline, next(_seq)
         self.done = anyio.Event()
@@ -44,7 +50,8 @@ class Job:
         self.enqueued = time.monotonic()
         #: its caller stopped waiting (cancelled at the deadline): skipped when its turn comes
         self.cancelled = False
-        self.outputs: list[np.ndarray] = []
+        #: its part of the batch's outputs, by name
+        self.outputs: dict[str, np.ndarray] = {}
 
     def key(self) -> tuple[int, float, int]:
         return (self.priority, self.deadline or math.inf, self.seq)
@@ -118,51 +125,6 @@ class ModelQueue:
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
 
 
-#: dtype -> its name (numpy computes ``dtype.name`` in Python on every access)
-_dtype_names: dict[np.dtype, str] = {}
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    name = _dtype_names.get(dtype)
-    if name is None:
-        name = _dtype_names[dtype] = dtype.name
-    return name
-
-
-def all_finite(a: np.ndarray) -> bool:
-    """No NaN and no infinity in ``a``, without the temporary ``np.isfinite(a)`` would
-    allocate (a pass of min and max: NaN propagates through both, and an infinity is one of
-    them)."""
-    if not a.size:
-        return True
-    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
-
-
 def check_priority(priority: int) -> None:
     if not 0 <= priority <= 2:
         raise BadMessage(f"priority {priority} is not 0 (high), 1 (normal) or 2 (low)")
-
-
-def check_inputs(model: str, manifest: Manifest, arrays: list[np.ndarray]) -> None:
-    """Refuse (BadMessage) inputs that do not fit the manifest, before they are queued."""
-    if not arrays:
-        raise BadMessage(f"{model}: no input tensor")
-    for a in arrays:
-        if a.ndim == 0 or len(a) == 0:
-            raise BadMessage(f"{model}: inputs are batches: axis 0 is the batch, got shape {list(a.shape)}")
-        if len(a) != len(arrays[0]):
-            raise BadMessage(f"{model}: inputs disagree on the batch size")
-        if a.dtype.kind == "f" and not all_finite(a):
-            raise BadMessage(f"{model}: input contains NaN or infinity")
-    if manifest.pre:
-        if arrays[0].dtype != np.float32:
-            raise BadMessage(f"{model}: its pre ops take float32 frames, got {arrays[0].dtype}")
-        return
-    if len(arrays) != len(manifest.inputs):
-        raise BadMessage(f"{model} takes {len(manifest.inputs)} input(s), got {len(arrays)}")
-    for a, spec in zip(arrays, manifest.inputs):
-        if _dtype_name(a.dtype) != spec.dtype:
-            raise BadMessage(f"{model}: input {spec.name!r} is {spec.dtype}, got {a.dtype.name}")
-        shape = spec.shape
-        if len(a.shape) != len(shape) or any(d is not None and d != s for d, s in zip(shape, a.shape)):
-            raise BadMessage(f"{model}: input {spec.name!r} has shape {shape}, got {list(a.shape)}")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import anyio
 import numpy as np
 
-from protocols import ListServices, ServiceList, ServiceStateChanged, pack_tensors
-from protocols.accel import Run, RunResult
+from protocols import ListServices, ServiceList, ServiceStateChanged, Tensor, pack_tensors
+from protocols.accel import FEATURES, Run, RunResult
 from protocols.health import Health
 from protocols.modelstore import (
     HealthRecorded,
@@ -64,10 +64,12 @@ from services import (
 )
 
 from ._batching import form_batch, misfit, split, stack, undefined
+from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
 from ._pipelines import Pipeline
 from ._placement import Driver, apply_health, run_with_failover, thermal_pressure
-from ._queueing import Job, ModelQueue, check_inputs, check_priority
+from ._queueing import Job, ModelQueue, check_priority
+from ._tuning import BatchTuner
 from ._settings import SchedulerSettings
 
 __all__ = ["Scheduler"]
@@ -102,6 +104,10 @@ class Scheduler(Service):
         #: per model: its batches in flight, at most one per driver
         self.slots: dict[str, anyio.Semaphore] = {}
         self.manifests: dict[tuple[str, str], Manifest] = {}
+        #: each model version's contract (what clients send and get), built from its manifest
+        self.plans: dict[tuple[str, str], Plan] = {}
+        #: per model: its batch limit, measured when its batching is "auto"
+        self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
         self.served: dict[tuple[str, str], _Served] = {}
         m = self.metrics
@@ -160,25 +166,37 @@ class Scheduler(Service):
             case Infer():
                 arrays = [ctx.tensor(t) for t in req.tensors]
                 return await self.infer(req.model, arrays, req.version, req.priority, req.key,
-                                        ctx.deadline or time.time() + self.settings.default_timeout)
+                                        ctx.deadline or time.time() + self.settings.default_timeout,
+                                        req.tensors, req.variant, req.outputs)
 
     async def infer(self, model: str, arrays: list[np.ndarray], version: str, priority: int, key: str,
-                    deadline: float) -> tuple[InferResult, list]:
+                    deadline: float, descs: Sequence[Tensor] = (), variant: str = "",
+                    outputs: Sequence[str] = ()) -> tuple[InferResult, list]:
+        """Run ``model`` on ``arrays`` (described by ``descs``: named, or unnamed in the
+        contract's order) and answer with its outputs (only those named in ``outputs``)."""
         if not version and model not in self.models:
             await self._refresh_models()  # installed a moment ago: its event may still be on its way
         version = version or self._resolve(model, key)
-        check_inputs(model, await self._manifest(model, version), arrays)
+        manifest = await self._manifest(model, version)
+        plan = self._plan(model, version, manifest)
+        inputs = plan.bind(descs, arrays)
+        wanted = plan.wanted(outputs) if outputs else None
+        if variant and variant not in manifest.variants:
+            raise BadMessage(f"{model} {version} has no variant {variant!r}; it has "
+                             f"{', '.join(map(repr, manifest.variants))}")
         check_priority(priority)
         if not self._tg_started.is_set():  # (waiting on a set Event would still cost a loop pass)
             await self._tg_started.wait()
         queue = self.queues.get(model)
         if queue is None:
             queue = self.queues[model] = ModelQueue(model, self.settings.max_queue)
+            mode, max_batch, _ = self.settings.batching_of(model)
+            self.tuners[model] = BatchTuner(mode, max_batch)
             self.slots[model] = anyio.Semaphore(len(self.drivers))
             self._tg.start_soon(self._batcher, queue)
-        job = Job(model, version, arrays, priority, deadline)
+        job = Job(model, version, inputs, priority, deadline, plan, variant)
         slots = self.slots[model]
-        if not len(queue) and slots.value and self.settings.max_delay_ms <= 0:
+        if not len(queue) and slots.value and self.settings.batching_of(model)[2] <= 0:
             # idle (nothing queued, a driver slot free, no batching delay): the batch it would
             # form is this job alone, leaving at once; this task takes it to the driver itself,
             # without the batcher's hand-off, a task per batch and an Event to wake it
@@ -187,8 +205,7 @@ class Scheduler(Service):
                 slots.release()
             else:
                 level = self.ladder.level
-                variant = variant_for(self.manifests.get((model, version)), level)
-                await self._dispatch(queue, variant, level, [job], slots)
+                await self._dispatch(queue, variant or variant_for(manifest, level), level, [job], slots)
         else:
             queue.admit(job)
             try:
@@ -198,8 +215,9 @@ class Scheduler(Service):
         if job.error is not None:
             raise job.error
         assert job.result is not None
-        descs, frames = pack_tensors(job.outputs, zero_copy=True)  # views of the driver's frames
-        job.result.outputs = descs
+        given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
+        out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
+        job.result.outputs = out_descs
         return job.result, frames
 
     # -- models ------------------------------------------------------------------------------------
@@ -222,6 +240,15 @@ class Scheduler(Service):
             raise Unavailable(f"{model} has no active version; activate one (busctl model activate)")
         return state.active
 
+    def _plan(self, model: str, version: str, manifest: Manifest) -> Plan:
+        plan = self.plans.get((model, version))
+        if plan is None:
+            try:
+                plan = self.plans[(model, version)] = Plan.of(model, manifest)
+            except ValueError as exc:  # ops that cannot run (an old bundle's): said, never a traceback
+                raise Unavailable(f"{model} {version}: its ops cannot run: {exc}") from None
+        return plan
+
     async def _manifest(self, model: str, version: str) -> Manifest:
         cached = self.manifests.get((model, version))
         if cached is None:
@@ -238,15 +265,17 @@ class Scheduler(Service):
         # batches in flight per model: one per driver (acquired here or by an idle-path caller
         # in infer, released by _dispatch)
         slots = self.slots[queue.model]
+        tuner = self.tuners[queue.model]
+        delay = self.settings.batching_of(queue.model)[2]
         while True:
             await queue.wait()
             await slots.acquire()
-            batch = await form_batch(queue, self.settings.max_batch, self.settings.max_delay_ms / 1000)
+            batch = await form_batch(queue, tuner.limit(), delay)
             if not batch:
                 slots.release()
                 continue
             level = self.ladder.level
-            variant = variant_for(self.manifests.get((queue.model, batch[0].version)), level)
+            variant = batch[0].variant or variant_for(self.manifests.get((queue.model, batch[0].version)), level)
             self._tg.start_soon(self._dispatch, queue, variant, level, batch, slots)
 
     async def _dispatch(self, queue: ModelQueue, variant: str, level: int, batch: list[Job],
@@ -291,6 +320,7 @@ class Scheduler(Service):
         queue.failed += undefined_for
         queue.late += sum(1 for job in batch if job.cancelled)
         queue.batch_took(now - started)
+        self.tuners[model].record(sum(job.rows for job in batch), now - started)
         self.m_batch.observe(len(batch), model)
         self.m_depth.set(len(queue), model)
         for job in batch:
@@ -300,13 +330,14 @@ class Scheduler(Service):
         self._record(model, version, len(batch), undefined_for, now - started)
 
     async def _compute(self, model: str, version: str, variant: str,
-                       batch: list[Job]) -> tuple[list[np.ndarray], str, float]:
-        """The batch's outputs, the driver that computed them and its compute time."""
+                       batch: list[Job]) -> tuple[dict[str, np.ndarray], str, float]:
+        """The batch's outputs by name, the driver that computed them and its compute time."""
         inputs = stack(batch)
         manifest = self.manifests[(model, version)]
         if variant == "fallback":  # (its ops were compiled for writable arrays; a frame's view is not)
-            x = inputs[0] if inputs[0].flags.writeable else inputs[0].copy()
-            return fallback(manifest, x), "scheduler", 0.0
+            x = next(iter(inputs.values()))
+            x = x if x.flags.writeable else x.copy()
+            return dict(zip([s.name for s in manifest.outputs], fallback(manifest, x))), "scheduler", 0.0
         # the input features, for drift detection (not for the clients)
         features = bool(manifest.pre and manifest.reference)
         descs, frames = pack_tensors(inputs, zero_copy=True)  # the clients' frames, or their stack
@@ -322,9 +353,9 @@ class Scheduler(Service):
         deadline = max(j.deadline for j in batch)
         incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
         result = incoming.decode(RunResult)
-        outputs = [incoming.tensor(t) for t in result.outputs]
+        outputs = {t.name: incoming.tensor(t) for t in result.outputs}
         if features:
-            fdescs, fframes = pack_tensors([outputs.pop()])
+            fdescs, fframes = pack_tensors([outputs.pop(FEATURES)])
             await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
                                                                       tensor=fdescs[0]), frames=fframes)
         return outputs, driver.name, result.compute_ms
@@ -431,8 +462,9 @@ class Scheduler(Service):
             for (model, version), s in served.items():
                 p95 = float(np.percentile(s.latencies_ms, 95)) if s.latencies_ms else 0.0
                 try:
-                    await self.bus.call("modelstore", ReportHealth(name=model, version=version, requests=s.requests,
-                                                                   errors=s.errors, p95_ms=p95), HealthRecorded)
+                    await self.bus.call("modelstore", ReportHealth(
+                        name=model, version=version, requests=s.requests, errors=s.errors, p95_ms=p95,
+                        latency_hist=ReportHealth.histogram(s.latencies_ms)), HealthRecorded)
                 except BusError as exc:
                     self.log.warning("health_report_failed", error=str(exc))
 
@@ -442,7 +474,8 @@ class Scheduler(Service):
             level=self.ladder.level, pressure=self.ladder.pressure,
             models=[QueueState(model=m, depth=len(q), served=q.served, expired=q.expired, failed=q.failed,
                                late=q.late, batches=q.batches,
-                               mean_batch=round(q.batched / q.batches, 2) if q.batches else 0.0)
+                               mean_batch=round(q.batched / q.batches, 2) if q.batches else 0.0,
+                               batching=self.tuners[m].describe() if m in self.tuners else "")
                     for m, q in sorted(self.queues.items())],
             drivers=[d.state(now) for d in self.drivers])
 

@@ -4,6 +4,9 @@
     max_batch = 16
     drivers = [{ name = "accel-cpu", health = "health" }]
 
+    [services.scheduler.settings.models.text-detector]
+    batching = "off"
+
     [[services.scheduler.settings.pipelines]]
     source = "sensor.vibration"
     model = "vibration-anomaly"
@@ -12,13 +15,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from services import Settings
 
-__all__ = ["SchedulerSettings", "DriverSettings", "PipelineSettings"]
+__all__ = ["SchedulerSettings", "DriverSettings", "PipelineSettings", "ModelSettings"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -57,11 +60,28 @@ class PipelineSettings(Settings):
             raise ValueError(f"off ({self.off:g}) must not exceed on ({self.on:g}): the alert clears below it")
 
 
+Batching = Literal["auto", "on", "off"]
+
+
+class ModelSettings(Settings):
+    """One model's batching, over the scheduler's defaults (``[services.scheduler.settings.models.NAME]``)."""
+
+    #: "auto": batch while it costs less per row than a run of one, measured on this device;
+    #: "on": always up to max_batch; "off": one request per run
+    batching: Batching | None = None
+    max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_delay_ms: NonNegative | None = None
+
+
 def _default_drivers() -> list[DriverSettings]:
     return [DriverSettings(name="accel-cpu")]
 
 
 class SchedulerSettings(Settings):
+    #: every model's batching unless ``models`` says otherwise: "auto" measures per model
+    #: whether batches cost less per row than runs of one (and batches only then), "on"
+    #: batches up to max_batch, "off" runs one request at a time
+    batching: Batching = "auto"
     #: requests per batch at most
     max_batch: Annotated[int, msgspec.Meta(ge=1)] = 16
     #: how long a batch waits for more requests once its first is there (0: not at all)
@@ -84,6 +104,14 @@ class SchedulerSettings(Settings):
     drivers: Annotated[list[DriverSettings], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=_default_drivers)
     pipelines: list[PipelineSettings] = []
+    #: per model (by name): its batching, over the defaults above
+    models: dict[str, ModelSettings] = {}
+
+    def batching_of(self, model: str) -> tuple[Batching, int, float]:
+        """``model``'s batching mode, max batch and max delay (seconds)."""
+        own = self.models.get(model) or ModelSettings()
+        return (own.batching or self.batching, own.max_batch or self.max_batch,
+                (self.max_delay_ms if own.max_delay_ms is None else own.max_delay_ms) / 1000)
 
     def __post_init__(self) -> None:
         if self.cool_c > self.hot_c:
