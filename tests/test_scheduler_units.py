@@ -174,8 +174,8 @@ async def test_auto_batching_turns_off_for_a_model_that_batches_badly_and_probes
     t = BatchTuner("auto", 16)
     assert t.batching is None and t.limit() == 16  # measuring: batches form as load allows
     for _ in range(3):
-        t.record(1, 0.010)  # a row alone: 10 ms
-        t.record(8, 0.120)  # 8 rows: 15 ms a row
+        t.record(1, 0.010, 0.011)  # a row alone: 10 ms (and 1 ms of bus hops)
+        t.record(8, 0.120, 0.121)  # 8 rows: 15 ms a row
     assert t.batching is False
     limits = [t.limit() for _ in range(PROBE_EVERY * 2)]
     assert limits.count(16) == 2 and limits.count(1) == PROBE_EVERY * 2 - 2  # one probe in PROBE_EVERY
@@ -183,6 +183,19 @@ async def test_auto_batching_turns_off_for_a_model_that_batches_badly_and_probes
         t.record(8, 0.016)  # the device got better at batches (2 ms a row)
     assert t.batching is True and t.limit() == 16
     assert "up to 16" in t.describe()
+
+
+async def test_auto_batching_counts_the_bus_hops_a_batch_shares_among_its_rows() -> None:
+    """A model whose compute per row does not shrink in batches still gains from them when
+    each run also costs bus hops: 1 ms a row either way, 2 ms of hops a run."""
+    t = BatchTuner("auto", 16)
+    for _ in range(3):
+        t.record(1, 0.001, 0.003)
+        t.record(8, 0.008, 0.010)
+    assert t.batching is True
+    assert "alone 3.000 ms, batched 1.250 ms" in t.describe()
+    t.record(1, 0.0, 0.001)  # a run the driver did not time (the fallback rule): not counted
+    assert "alone 3.000 ms" in t.describe()
 
 
 async def test_auto_batching_measures_a_row_alone_even_under_constant_load() -> None:

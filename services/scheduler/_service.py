@@ -4,11 +4,13 @@ the sensor pipelines to the bus.
 * Requests: ``Infer`` (admitted into the model's queue, answered when its batch is back)
   and ``GetSchedule``.
 * Versions come from the model store: the active one, or the A/B split's pick for the
-  request key (``protocols.modelstore.pick_version``, sticky per key).
+  request key (``protocols.modelstore.pick_version``, sticky per key); variants too, when the
+  request names none and the ladder is at level 0 (``ModelState.variant``: the variant
+  split's sticky pick, the variant in trial, the version's default variant).
 * Subscriptions, each consumed by its own task: ``modelstore.`` (the model list changed),
   ``health.`` (each health source's readings go to the drivers it watches), and one per
   pipeline's sensor topic.
-* Serving health per model version goes to the model store for its trial gates.
+* Serving health per model version and variant goes to the model store for its trial gates.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ __all__ = ["Scheduler"]
 
 
 class _Served:
-    """Serving health of one model version since the last report."""
+    """Serving health of one variant of a model version since the last report."""
 
     __slots__ = ("requests", "errors", "latencies_ms")
 
@@ -109,7 +111,7 @@ class Scheduler(Service):
         #: per model: its batch limit, measured when its batching is "auto"
         self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
-        self.served: dict[tuple[str, str], _Served] = {}
+        self.served: dict[tuple[str, str, str], _Served] = {}
         m = self.metrics
         self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
                                    ("model", "version"))
@@ -176,7 +178,7 @@ class Scheduler(Service):
         contract's order) and answer with its outputs (only those named in ``outputs``)."""
         if not version and model not in self.models:
             await self._refresh_models()  # installed a moment ago: its event may still be on its way
-        version = version or self._resolve(model, key)
+        version, picked = self._resolve(model, key, version)
         manifest = await self._manifest(model, version)
         plan = self._plan(model, version, manifest)
         inputs = plan.bind(descs, arrays)
@@ -184,6 +186,8 @@ class Scheduler(Service):
         if variant and variant not in manifest.variants:
             raise BadMessage(f"{model} {version} has no variant {variant!r}; it has "
                              f"{', '.join(map(repr, manifest.variants))}")
+        if not variant and picked != "full" and not self.ladder.level and picked in manifest.variants:
+            variant = picked  # the store's variant split, trial or default (under pressure: the ladder's)
         check_priority(priority)
         if not self._tg_started.is_set():  # (waiting on a set Event would still cost a loop pass)
             await self._tg_started.wait()
@@ -230,15 +234,22 @@ class Scheduler(Service):
             return
         self.models = {m.name: m for m in listing.models}
 
-    def _resolve(self, model: str, key: str) -> str:
+    def _resolve(self, model: str, key: str, version: str = "") -> tuple[str, str]:
+        """The version serving a request (``version`` when it names one, else the split's sticky
+        pick for ``key`` or the active version) and the variant the model store gives it
+        (``ModelState.variant``: the variant split's pick, the variant in trial, the default)."""
         state = self.models.get(model)
+        if version:
+            return version, "full" if state is None else state.variant(version, key)
         if state is None:
             raise UnknownDestination(f"no model {model!r} in the model store")
         if state.split:
-            return pick_version(model, key, state.split)
-        if not state.active:
+            version = pick_version(model, key, state.split)
+        elif not state.active:
             raise Unavailable(f"{model} has no active version; activate one (busctl model activate)")
-        return state.active
+        else:
+            version = state.active
+        return version, state.variant(version, key)
 
     def _plan(self, model: str, version: str, manifest: Manifest) -> Plan:
         plan = self.plans.get((model, version))
@@ -296,7 +307,7 @@ class Scheduler(Service):
             for job in batch:
                 job.fail(error)
             queue.failed += len(batch)
-            self._record(model, version, len(batch), len(batch), time.monotonic() - started)
+            self._record(model, version, len(batch), len(batch), time.monotonic() - started, variant)
             return
         finally:
             slots.release()
@@ -320,14 +331,16 @@ class Scheduler(Service):
         queue.failed += undefined_for
         queue.late += sum(1 for job in batch if job.cancelled)
         queue.batch_took(now - started)
-        self.tuners[model].record(sum(job.rows for job in batch), now - started)
+        # (the driver's time, not the round trip: under load the scheduler's own waits would
+        # make a run of one look slower than it is)
+        self.tuners[model].record(sum(job.rows for job in batch), compute_ms / 1e3, now - started)
         self.m_batch.observe(len(batch), model)
         self.m_depth.set(len(queue), model)
         for job in batch:
             self.m_queue.observe(started - job.enqueued, model, version)
             self.m_compute.observe(now - started, model, version)
             self.m_total.observe(now - job.enqueued, model, version)
-        self._record(model, version, len(batch), undefined_for, now - started)
+        self._record(model, version, len(batch), undefined_for, now - started, variant)
 
     async def _compute(self, model: str, version: str, variant: str,
                        batch: list[Job]) -> tuple[dict[str, np.ndarray], str, float]:
@@ -358,7 +371,8 @@ class Scheduler(Service):
             fdescs, fframes = pack_tensors([outputs.pop(FEATURES)])
             await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
                                                                       tensor=fdescs[0]), frames=fframes)
-        return outputs, driver.name, result.compute_ms
+        # the driver's whole work on the batch: its pre ops, the model, its post ops
+        return outputs, driver.name, result.pre_ms + result.compute_ms + result.post_ms
 
     # -- the ladder --------------------------------------------------------------------------------
 
@@ -449,8 +463,8 @@ class Scheduler(Service):
 
     # -- health reports for the model store's trial gates ------------------------------------------
 
-    def _record(self, model: str, version: str, n: int, errors: int, seconds: float) -> None:
-        entry = self.served.setdefault((model, version), _Served())
+    def _record(self, model: str, version: str, n: int, errors: int, seconds: float, variant: str = "") -> None:
+        entry = self.served.setdefault((model, version, variant), _Served())
         entry.requests += n
         entry.errors += errors
         entry.latencies_ms.extend([seconds * 1e3] * n)
@@ -459,12 +473,12 @@ class Scheduler(Service):
         while True:
             await anyio.sleep(self.settings.health_report_s)
             served, self.served = self.served, {}
-            for (model, version), s in served.items():
+            for (model, version, variant), s in served.items():
                 p95 = float(np.percentile(s.latencies_ms, 95)) if s.latencies_ms else 0.0
                 try:
                     await self.bus.call("modelstore", ReportHealth(
                         name=model, version=version, requests=s.requests, errors=s.errors, p95_ms=p95,
-                        latency_hist=ReportHealth.histogram(s.latencies_ms)), HealthRecorded)
+                        latency_hist=ReportHealth.histogram(s.latencies_ms), variant=variant), HealthRecorded)
                 except BusError as exc:
                     self.log.warning("health_report_failed", error=str(exc))
 

@@ -5,8 +5,9 @@ Batching is not free: on a CPU, a large image model may run a batch of 8 slower 
 of one (its working set leaves the cache, its threads already fill the cores), while a
 small model runs 16 rows in little more than the time of one.  ``auto`` (the default)
 measures both per model while it serves: the seconds per row of a batch of one and of
-larger batches (moving averages of the time a batch takes from dispatch to results, the
-bus hops included: what throughput depends on).  Batches form up to ``max_batch`` while
+larger batches (moving averages of the driver's time on a run: pre ops, model, post ops;
+not the round trip, which under load also holds the scheduler's own waits), plus the least
+round trip beyond it seen (the bus hops a batch shares among its rows).  Batches form up to ``max_batch`` while
 they cost less per row than a batch of one, and stay at one otherwise.  One batch in
 ``PROBE_EVERY`` goes the other way, so a decision follows the load and the device (a
 batch of one under load; a larger batch when it was off), never stuck on a first guess.
@@ -55,23 +56,33 @@ class _Average:
 
 class BatchTuner:
     """The batch limit of one model: ``limit()`` before forming a batch, ``record(rows,
-    seconds)`` when it has run."""
+    compute, round_trip)`` when it has run."""
 
-    __slots__ = ("mode", "max_batch", "_alone", "_batched", "_batches")
+    __slots__ = ("mode", "max_batch", "_alone", "_batched", "_rows", "_batches", "_overhead")
 
     def __init__(self, mode: Mode, max_batch: int) -> None:
         self.mode = mode
         self.max_batch = max_batch
         self._alone = _Average()
         self._batched = _Average()
+        self._rows = _Average()  # rows of a batched run
         self._batches = 0
+        #: the least time a run cost beyond the driver's own (the bus hops): what a batch shares
+        self._overhead = float("inf")
+
+    def _costs(self) -> tuple[float | None, float | None]:
+        """Seconds per row alone and in batches, the run's overhead shared among its rows."""
+        alone, batched, rows = self._alone.get(), self._batched.get(), self._rows.get()
+        overhead = 0.0 if self._overhead == float("inf") else self._overhead
+        return (None if alone is None else alone + overhead,
+                None if batched is None or rows is None else batched + overhead / rows)
 
     @property
     def batching(self) -> bool | None:
         """The current decision (None while ``auto`` is still measuring)."""
         if self.mode != "auto":
             return self.mode == "on" and self.max_batch > 1
-        return decide(self._alone.get(), self._batched.get())
+        return decide(*self._costs())
 
     def limit(self) -> int:
         """Requests the next batch may hold."""
@@ -86,14 +97,21 @@ class BatchTuner:
             return 1 if self._alone.get() is None and self._batches % 4 == 0 else self.max_batch
         return (1 if on else self.max_batch) if probe else (self.max_batch if on else 1)
 
-    def record(self, rows: int, seconds: float) -> None:
-        """A batch of ``rows`` rows in all took ``seconds`` (a row alone, or a batch)."""
-        if rows <= 0 or self.mode != "auto":
+    def record(self, rows: int, compute: float, round_trip: float | None = None) -> None:
+        """A run of ``rows`` rows in all took the driver ``compute`` seconds (pre ops, model,
+        post ops), and ``round_trip`` seconds from dispatch to results."""
+        if rows <= 0 or compute <= 0 or self.mode != "auto":
             return
-        (self._alone if rows == 1 else self._batched).add(seconds / rows)
+        if rows == 1:
+            self._alone.add(compute)
+        else:
+            self._batched.add(compute / rows)
+            self._rows.add(rows)
+        if round_trip is not None and round_trip >= compute:
+            self._overhead = min(self._overhead, round_trip - compute)
 
     def describe(self) -> str:
-        alone, batched = self._alone.get(), self._batched.get()
+        alone, batched = self._costs()
         ms = lambda v: "?" if v is None else f"{v * 1e3:.3f} ms"  # noqa: E731
         state = {None: "measuring", True: f"up to {self.max_batch}", False: "off"}[self.batching]
         return f"{self.mode}: {state} (per row alone {ms(alone)}, batched {ms(batched)})"
