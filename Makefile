@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m tools.bench_supervisor
 	$(PY) -m tools.bench_modelstore
 	$(PY) -m tools.bench_inference
+	$(PY) -m tools.bench_models
 	$(PY) -m tools.bench_ops
 	$(PY) -m tools.bench_telemetry
 

@@ -399,9 +399,10 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
             out.emit(models)
         else:
             out.line(out.table([(m.name, m.active, m.trial and "trial" or ("ok" if m.active else ""), m.previous,
-                                 " ".join(f"{v}={w:g}" for v, w in m.split.items()), " ".join(m.versions))
+                                 " ".join(f"{v}={w:g}" for v, w in m.split.items()), _variants_shown(m),
+                                 " ".join(m.versions))
                                 for m in models],
-                               ("MODEL", "ACTIVE", "STATUS", "PREVIOUS", "SPLIT", "VERSIONS")))
+                               ("MODEL", "ACTIVE", "STATUS", "PREVIOUS", "SPLIT", "VARIANT", "VERSIONS")))
         return 0
     if action == "install":
         need(1, "BUNDLE.ebm")
@@ -442,9 +443,15 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
             out.line(f"asset {asset.asset} of {asset.name} {asset.version}: {len(data)} bytes"
                      + (f" ({asset.media_type})" if asset.media_type else "") + f" written to {words[2]}")
         return 0
-    elif action == "activate":
-        need(2, "NAME VERSION")
-        result = await bus.call("modelstore", Activate(name=words[0], version=words[1]), ModelState,
+    elif action == "activate":  # NAME VERSION | NAME [VERSION] variant VARIANT (a variant trial)
+        variant = ""
+        if len(words) in (3, 4) and words[-2] == "variant":
+            variant, words = words[-1], words[:-2]
+            if len(words) == 1:
+                words.append("")  # the active version
+        if len(words) != 2:
+            raise UsageError("usage: busctl model activate NAME VERSION | NAME [VERSION] variant VARIANT")
+        result = await bus.call("modelstore", Activate(name=words[0], version=words[1], variant=variant), ModelState,
                                 timeout=args.deadline)
     elif action == "rollback":
         need(1, "NAME")
@@ -453,19 +460,23 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         need(2, "NAME VERSION")
         result = await bus.call("modelstore", Remove(name=words[0], version=words[1]), ModelState,
                                 timeout=args.deadline)
-    else:  # split NAME V=W ...
+    else:  # split NAME V=W ... | split NAME variants VARIANT=W ...
         if len(words) < 1:
-            raise UsageError("usage: busctl model split NAME VERSION=WEIGHT ... (none: back to the active version)")
+            raise UsageError("usage: busctl model split NAME VERSION=WEIGHT ... (none: back to the active version) | "
+                             "split NAME variants VARIANT=WEIGHT ... (the active version's variants; none: back to "
+                             "its default variant)")
+        variants = len(words) > 1 and words[1] == "variants"
+        what = "VARIANT" if variants else "VERSION"
         weights = {}
-        for item in words[1:]:
+        for item in words[2 if variants else 1:]:
             version, sep, weight = item.partition("=")
             try:
                 weights[version] = float(weight)
             except ValueError:
-                raise UsageError(f"{item!r} is not VERSION=WEIGHT") from None
+                raise UsageError(f"{item!r} is not {what}=WEIGHT") from None
             if not sep or not math.isfinite(weights[version]) or weights[version] < 0:
-                raise UsageError(f"{item!r} is not VERSION=WEIGHT (a weight >= 0)")
-        result = await bus.call("modelstore", Split(name=words[0], weights=weights), ModelState,
+                raise UsageError(f"{item!r} is not {what}=WEIGHT (a weight >= 0)")
+        result = await bus.call("modelstore", Split(name=words[0], weights=weights, variants=variants), ModelState,
                                 timeout=args.deadline)
     if out.json:
         out.emit(result)
@@ -476,8 +487,22 @@ async def cmd_model(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         state: Any = result
         out.line(f"{state.name}: active {state.active or '-'}" + (" (in trial)" if state.trial else "")
                  + (f", previous {state.previous}" if state.previous else "")
-                 + (f", split {' '.join(f'{v}={w:g}' for v, w in state.split.items())}" if state.split else ""))
+                 + (f", split {' '.join(f'{v}={w:g}' for v, w in state.split.items())}" if state.split else "")
+                 + (f", variant {_variants_shown(state)}" if state.active else ""))
     return 0
+
+
+def _variants_shown(state: Any) -> str:
+    """The active version's variants as ``busctl model`` shows them: ``int8``, ``small (in
+    trial against full)``, ``full=90 int8=10 (int8 in trial against full)``."""
+    if not state.active:
+        return ""
+    shown = (" ".join(f"{v}={w:g}" for v, w in state.variant_split.items()) if state.variant_split
+             else state.variant_trial or state.default_variant(state.active))
+    if state.variant_trial:
+        shown += (f" ({state.variant_trial} in trial" if state.variant_split else " (in trial") \
+            + f" against {state.default_variant(state.active)})"
+    return shown
 
 
 async def _infer_contract(bus: BusClient, args: argparse.Namespace) -> list[Any] | None:
@@ -563,8 +588,9 @@ async def cmd_sched(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         return 0
     names = {0: "full", 1: "smaller variant", 2: "rule-based fallback"}
     out.line(f"degradation level {s.level} ({names.get(s.level, '?')})" + (f": {s.pressure}" if s.pressure else ""))
-    out.line(out.table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch) for m in s.models],
-                       ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH")))
+    out.line(out.table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch, m.batching)
+                        for m in s.models],
+                       ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH", "BATCHING")))
     out.line(out.table([(d.name, "up" if d.up else "down", d.in_flight, d.batches,
                          "" if d.temperature_c is None else f"{d.temperature_c:.0f} C") for d in s.drivers],
                        ("DRIVER", "STATE", "IN FLIGHT", "BATCHES", "TEMPERATURE")))
