@@ -48,6 +48,12 @@ def _cases() -> list[tuple[str, dict[str, object], object]]:
         ("post.threshold_hysteresis", {"on": 0.7, "off": 0.4}, scores),
         ("post.nms", {"iou_threshold": 0.5}, np.zeros((2, 6), np.float32)),
         ("post.dequantize_int8", {"scale": 0.1}, np.zeros((1, 4), np.int8)),
+        ("image.resize_pad", {"height": 4, "width": 8}, image),
+        ("image.to_tensor", {}, image),
+        ("audio.log_mel", {"n_fft": 32, "hop": 16, "n_mels": 4}, np.zeros((1, 256), np.float32)),
+        ("post.decode_yolo", {}, np.zeros((1, 6, 8), np.float32)),
+        ("text.db_boxes", {}, np.pad(np.ones((1, 1, 8, 8), np.float32), ((0, 0), (0, 0), (4, 4), (4, 4)))),
+        ("text.ctc_greedy", {"vocabulary": ["a", "b"]}, np.full((1, 4, 3), 1 / 3, np.float32)),
     ]
 
 
