@@ -8,7 +8,9 @@ bundle's signature covers the exact bytes of its ``manifest.json``, so a manifes
 from a bundle is never re-encoded for verification.
 
 ``pick_version`` is the A/B rule, shared by the store (``Resolve``) and the scheduler: a
-pure function of the model, the request key and the split's weights.
+pure function of the model, the request key and the split's weights; ``pick_variant`` the
+same rule across the variants of one version (``ModelState.variant``: which variant serves a
+request that names none).
 
 The contract of a model is its ``inputs`` and ``outputs`` (``TensorSpec``): each dimension
 fixed (an int), named-symbolic (a str: the same name is the same size in every tensor of one
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -33,7 +35,7 @@ __all__ = ["Install", "Activate", "Rollback", "Remove", "Split", "ListModels", "
            "ModelBytes", "Resolved", "HealthRecorded", "Reply", "ModelEvent",
            "Manifest", "TensorSpec", "OpSpec", "Variant", "Asset", "Fallback", "FeatureStats", "Provenance",
            "GetAsset", "AssetBytes", "ManifestError", "ContractError", "Dim", "DIM_NAME", "ASSET_NAME", "show_shape", "bind_dims",
-           "check_tensors", "parse_version", "pick_version"]
+           "check_tensors", "parse_version", "pick", "pick_version", "pick_variant"]
 
 
 # -- the manifest ------------------------------------------------------------------------------
@@ -330,19 +332,33 @@ class Manifest(msgspec.Struct, omit_defaults=True):
             raise ManifestError("; ".join(problems))
 
 
-def pick_version(name: str, key: str, weights: dict[str, float]) -> str:
-    """Sticky weighted choice among a split's versions: the same key always lands on the
-    same version; weights need not sum to 100 and a weight <= 0 is never picked."""
+def pick(name: str, key: str, weights: Mapping[str, float], order: Callable[[str], Any] = str) -> str:
+    """Sticky weighted choice among the names of ``weights`` (PROTOCOL.md 11.6): a point from
+    sha256(``name`` NUL ``key``) on [0, total), walked through the names in ``order``.  The
+    same key always lands on the same name; weights need not sum to 100 and a weight <= 0 is
+    never picked."""
     total = sum(w for w in weights.values() if w > 0)
     point = int.from_bytes(hashlib.sha256(f"{name}\0{key}".encode()).digest()[:8], "big") / 2**64 * total
-    for version in sorted(weights, key=parse_version):
-        w = weights[version]
+    for choice in sorted(weights, key=order):
+        w = weights[choice]
         if w <= 0:
             continue
         if point < w:
-            return version
+            return choice
         point -= w
-    return max(weights, key=parse_version)
+    return max(weights, key=order)
+
+
+def pick_version(name: str, key: str, weights: Mapping[str, float]) -> str:
+    """Sticky weighted choice among a split's versions, walked in version order (11.3)."""
+    return pick(name, key, weights, parse_version)
+
+
+def pick_variant(name: str, version: str, key: str, weights: Mapping[str, float]) -> str:
+    """Sticky weighted choice among the variants of one version (a variant split), walked in
+    the order of their names; hashed as the model ``<name>@<version>``, so a key's variant
+    does not follow from its version under a version split too."""
+    return pick(f"{name}@{version}", key, weights)
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -352,9 +368,14 @@ class Install(msgspec.Struct, tag=True):
     """Install a bundle; its bytes are raw frame 0."""
 
 
-class Activate(msgspec.Struct, tag=True):
+class Activate(msgspec.Struct, tag=True, omit_defaults=True):
+    """Make ``version`` the active one (in trial against the one it replaces); with
+    ``variant``, start a trial of that variant of the active version (``version`` is the
+    active one, or empty) against the variant serving it (its default variant)."""
+
     name: str
     version: str
+    variant: str = ""
 
 
 class Rollback(msgspec.Struct, tag=True):
@@ -366,11 +387,14 @@ class Remove(msgspec.Struct, tag=True):
     version: str
 
 
-class Split(msgspec.Struct, tag=True):
-    """A/B or canary weights: {"1.2.0": 90, "1.3.0": 10}; empty: back to the active version."""
+class Split(msgspec.Struct, tag=True, omit_defaults=True):
+    """A/B or canary weights: {"1.2.0": 90, "1.3.0": 10}; empty: back to the active version.
+    With ``variants``, the weights are by variant of the active version ({"full": 90,
+    "int8": 10}; empty: back to its default variant), and the version split is unchanged."""
 
     name: str
     weights: dict[str, float]
+    variants: bool = False
 
 
 class ListModels(msgspec.Struct, tag=True):
@@ -406,7 +430,8 @@ class Resolve(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 class ReportHealth(msgspec.Struct, tag=True, omit_defaults=True):
-    """Serving health of one version since the last report (from scheduler or telemetry).
+    """Serving health of one version (of one of its variants, with ``variant``) since the last
+    report (from scheduler or telemetry).
 
     ``latency_hist`` lets the store combine reports soundly (a p95 of p95s is not a p95): the
     requests' latencies by bucket, bucket ``k`` counting those of more than 2**((k-1)/8) ms
@@ -420,6 +445,8 @@ class ReportHealth(msgspec.Struct, tag=True, omit_defaults=True):
     p95_ms: float = 0.0
     #: bucket -> requests (``histogram(latencies_ms)``); empty from older reporters
     latency_hist: dict[int, int] = {}
+    #: the variant that served them ("full", "int8", "fallback"...); empty: the version as a whole
+    variant: str = ""
 
     #: buckets a doubling of latency
     BUCKETS_PER_DOUBLING: ClassVar[int] = 8
@@ -463,6 +490,30 @@ class ModelState(msgspec.Struct, tag=True, omit_defaults=True):
     #: the version in trial (it is also the active one) until its health gates commit it
     trial: str = ""
     split: dict[str, float] = {}
+    #: the active version's variants side by side, by variant name: {"full": 90, "int8": 10}
+    variant_split: dict[str, float] = {}
+    #: the variant of the active version in trial against its default variant (it serves the
+    #: requests that name none while there is no variant split) until its health gates commit it
+    variant_trial: str = ""
+    #: by version: the variant serving requests that name none, when it is not "full" (a
+    #: committed variant trial)
+    default_variants: dict[str, str] = {}
+
+    def default_variant(self, version: str) -> str:
+        """The variant serving ``version`` when no split or trial says otherwise."""
+        return self.default_variants.get(version, "full")
+
+    def variant(self, version: str, key: str) -> str:
+        """The variant for a request of ``version`` with ``key`` that names none: for the active
+        version the variant split's sticky pick, else the variant in trial, else its default
+        variant; for another version its default variant.  (The degradation ladder may still
+        run a smaller one.)"""
+        if version == self.active:
+            if self.variant_split:
+                return pick_variant(self.name, version, key, self.variant_split)
+            if self.variant_trial:
+                return self.variant_trial
+        return self.default_variants.get(version, "full")
 
 
 class ModelList(msgspec.Struct, tag=True):
@@ -494,6 +545,8 @@ class AssetBytes(msgspec.Struct, tag=True, omit_defaults=True):
 class Resolved(msgspec.Struct, tag=True):
     name: str
     version: str
+    #: the variant for this key (``ModelState.variant``)
+    variant: str = "full"
 
 
 class HealthRecorded(msgspec.Struct, tag=True, omit_defaults=True):
@@ -501,6 +554,8 @@ class HealthRecorded(msgspec.Struct, tag=True, omit_defaults=True):
     version: str
     #: "trial", "committed" or "rolled-back" when the report decided a trial
     verdict: str = ""
+    #: the report's variant
+    variant: str = ""
 
 
 Reply = (Installed | ModelState | ModelList | ModelManifest | ModelBytes | Resolved | HealthRecorded | AssetBytes)
@@ -513,3 +568,6 @@ class ModelEvent(msgspec.Struct, tag=True, omit_defaults=True):
     version: str = ""
     previous: str = ""
     detail: str = ""
+    #: an event about a variant of ``version``: the variant in trial (activated), committed, or
+    #: serving again (rolledback)
+    variant: str = ""

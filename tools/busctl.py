@@ -304,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("public_key", metavar="KEY", nargs="?", help="with enroll: its CURVE public key (40 Z85 characters)")
     p = verb("model", cmd_model, "model bundles in the model store (install's deadline: 120 s)")
     p.add_argument("action", choices=["list", "install", "activate", "rollback", "split", "remove", "inspect", "asset"],
-                   help="list | install BUNDLE | activate NAME VERSION | rollback NAME | split NAME V=W... "
+                   help="list | install BUNDLE | activate NAME VERSION | activate NAME [VERSION] variant VARIANT "
+                        "(a trial of that variant of the active version) | rollback NAME | split NAME V=W... "
+                        "| split NAME variants VARIANT=W... (A/B across the active version's variants) "
                         "| remove NAME VERSION | inspect NAME [VERSION] | asset NAME ASSET [FILE] (an asset of the "
                         "active version; no FILE: to standard output)")
     p.add_argument("words", nargs="*", metavar="ARG", help="the action's arguments"

@@ -8,7 +8,9 @@ signature verified before any model file is inflated, and does its long work (in
 hashing, encrypting, the load check) in worker threads and a throwaway process, so the
 event loop keeps answering requests and heartbeats.  Activation is an
 atomic switch of ``state.json``; the new version runs in ``trial`` until the health
-reports of the scheduler or telemetry commit it, or roll it back by themselves.
+reports of the scheduler or telemetry commit it, or roll it back by themselves.  The
+variants of the active version have the same: a variant split (A/B across variants) and a
+variant trial, whose commit makes the variant the version's default.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import anyio
 import msgspec
@@ -45,6 +48,7 @@ from protocols.modelstore import (
     GetModel,
     HealthRecorded,
     InspectModel,
+    Manifest,
     Install,
     Installed,
     ListModels,
@@ -104,6 +108,8 @@ class ModelStoreService(Service):
             rec = self.store.record(name)
             if rec.trial and rec.previous:
                 self._start_trial(name, rec.trial, rec.previous)
+            elif rec.variant_trial and rec.active:
+                self._start_variant_trial(name, rec.active, rec.variant_trial)
         await self._preload()
         for name in self.store.names():
             self.log.info("model_loaded", name=name, versions=self.store.versions(name),
@@ -155,11 +161,15 @@ class ModelStoreService(Service):
                     raise BadMessage("Install carries the bundle as exactly one raw frame")
                 frame = ctx.frames[0]  # read in place: no copy of a large bundle
                 return await self._install(frame.buffer if hasattr(frame, "buffer") else frame, ctx.sender)
-            case Activate(name=name, version=version):
+            case Activate(name=name, version=version, variant=variant):
+                if variant:
+                    return await self._activate_variant(name, version, variant, ctx.sender)
                 return await self._activate(name, version, ctx.sender)
             case Rollback(name=name):
                 self._known(name)
                 rec = store.record(name)
+                if rec.variant_trial:  # the trial under way is the variant's: it ends
+                    return await self._rollback_variant(name, "requested", ctx.sender)
                 if not rec.previous:
                     raise Rejected(f"{name} has no previous version to roll back to")
                 return await self._rollback(name, "requested", ctx.sender)
@@ -178,6 +188,8 @@ class ModelStoreService(Service):
                     store.remove_version(name, version)
                 await self._announce("removed", name, version, ctx.sender)
                 return self._state(name)
+            case Split(name=name, weights=weights, variants=True):
+                return await self._split_variants(name, weights, ctx.sender)
             case Split(name=name, weights=weights):
                 self._known(name)
                 have = store.versions(name)
@@ -225,10 +237,12 @@ class ModelStoreService(Service):
                 self._known(name)
                 rec = store.record(name)
                 if rec.split:
-                    return Resolved(name=name, version=pick_version(name, key, rec.split))
-                if not rec.active:
+                    version = pick_version(name, key, rec.split)
+                elif not rec.active:
                     raise Unavailable(f"{name} has no active version")
-                return Resolved(name=name, version=rec.active)
+                else:
+                    version = rec.active
+                return Resolved(name=name, version=version, variant=self._state(name).variant(version, key))
             case ReportHealth():
                 return await self._health(req)
 
@@ -290,7 +304,7 @@ class ModelStoreService(Service):
         if rec.active == version:
             return self._state(name)
         new = ModelRecord(active=version, previous=rec.active or rec.previous, trial=version if rec.active else "",
-                          split={})
+                          split={}, default_variants=rec.default_variants)
         self._fault("activate:before")
         self._commit_record(name, new)
         self._fault("activate:after")
@@ -306,12 +320,83 @@ class ModelStoreService(Service):
         rec = self.store.record(name)
         bad = rec.active
         self.trials.pop(name, None)
-        self._commit_record(name, ModelRecord(active=rec.previous, previous="", trial="", split={}))
+        self._commit_record(name, ModelRecord(active=rec.previous, previous="", trial="", split={},
+                                              default_variants=rec.default_variants))
         await self._announce("rolledback", name, rec.previous, by, previous=bad, detail=why)
         return self._state(name)
 
     def _start_trial(self, name: str, version: str, baseline: str) -> None:
         self.trials[name] = Trial(version, baseline, time.monotonic(), self.settings.trial_window_s)
+
+    # -- variants of the active version -------------------------------------------------------------
+
+    def _check_variants(self, name: str, version: str, asked: Iterable[str]) -> Manifest:
+        """The version's manifest; bad-message naming the variants it has when one asked is not."""
+        manifest, _ = self.store.manifest(name, version)
+        unknown = [v for v in asked if v not in manifest.variants]
+        if unknown:
+            raise BadMessage(f"{name} {version} has no variant {', '.join(map(repr, unknown))}; it has "
+                             f"{', '.join(map(repr, manifest.variants))}")
+        return manifest
+
+    def _active(self, name: str, what: str) -> str:
+        self._known(name)
+        active = self.store.record(name).active
+        if not active:
+            raise Unavailable(f"{name} has no active version: {what} concerns the active version; activate one")
+        return active
+
+    async def _split_variants(self, name: str, weights: dict[str, float], sender: str) -> ModelState:
+        active = self._active(name, "a variant split")
+        self._check_variants(name, active, weights)
+        if weights and (any(not math.isfinite(w) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
+            raise BadMessage("weights must be finite, non-negative and not all zero")
+        rec = self.store.record(name)
+        if rec.trial and weights:
+            raise Rejected(f"{name} {rec.trial} is in trial against {rec.previous}: a variant split would mix variants "
+                           "into that comparison; split its variants once the trial ends")
+        self._commit_record(name, msgspec.structs.replace(rec, variant_split=dict(weights)))
+        await self._announce("split", name, active, sender,
+                             detail="variants " + (" ".join(f"{v}={w:g}" for v, w in weights.items()) or "none"))
+        return self._state(name)
+
+    async def _activate_variant(self, name: str, version: str, variant: str, sender: str) -> ModelState:
+        active = self._active(name, "a variant trial")
+        version = version or active
+        if version not in self.store.versions(name):
+            raise NoSuchModel(name, version)
+        if version != active:
+            raise Rejected(f"{name} {version} is not the active version ({active}): a variant trial runs on the "
+                           f"active version; activate {version} first")
+        self._check_variants(name, version, [variant])
+        rec = self.store.record(name)
+        if rec.trial:
+            raise Rejected(f"{name} {rec.trial} is in trial against {rec.previous}: a variant trial waits until "
+                           "that trial is committed or rolled back")
+        baseline = rec.default_variants.get(version, "full")
+        if variant == (rec.variant_trial or baseline):
+            return self._state(name)  # serving already: nothing changes
+        if variant == baseline:  # back to the variant serving the version: the trial ends
+            return await self._rollback_variant(name, "requested", sender)
+        self._commit_record(name, msgspec.structs.replace(rec, variant_trial=variant, variant_split={}))
+        self._start_variant_trial(name, version, variant)
+        await self._announce("activated", name, version, sender, variant=variant,
+                             detail=f"variant {variant} in trial against {baseline} until its health gates commit it")
+        return self._state(name)
+
+    def _start_variant_trial(self, name: str, version: str, variant: str) -> None:
+        baseline = self.store.record(name).default_variants.get(version, "full")
+        self.trials[name] = Trial(version, version, time.monotonic(), self.settings.trial_window_s, variant=variant,
+                                  baseline_variant=baseline)
+
+    async def _rollback_variant(self, name: str, why: str, by: str) -> ModelState:
+        rec = self.store.record(name)
+        bad, baseline = rec.variant_trial, rec.default_variants.get(rec.active, "full")
+        self.trials.pop(name, None)
+        self._commit_record(name, msgspec.structs.replace(rec, variant_trial="", variant_split={}))
+        await self._announce("rolledback", name, rec.active, by, variant=baseline,
+                             detail=f"variant {bad} rolled back to {baseline}: {why}")
+        return self._state(name)
 
     async def main(self) -> None:
         """Trials decide when a window ends, whether or not a report follows it, and end
@@ -325,20 +410,24 @@ class ModelStoreService(Service):
     async def _health(self, report: ReportHealth) -> HealthRecorded:
         trial = self.trials.get(report.name)
         if trial is None or not trial.add(report, time.monotonic()):
-            return HealthRecorded(name=report.name, version=report.version)
+            return HealthRecorded(name=report.name, version=report.version, variant=report.variant)
         verdict = await self._judge(report.name, trial)
         if verdict == "wait":
-            verdict = "trial" if report.version == trial.version else ""
-        return HealthRecorded(name=report.name, version=report.version, verdict=verdict)
+            verdict = "trial" if trial.side(report) == 0 else ""
+        return HealthRecorded(name=report.name, version=report.version, verdict=verdict, variant=report.variant)
 
     async def _judge(self, name: str, trial: Trial) -> str:
         """Apply the trial gate (``_trial.decide``) to the trial's ended windows: "wait",
         "committed" or "rolled-back"."""
         decision = trial.decide(time.monotonic(), self.settings.trial_rule())
         rec = self.store.record(name)
-        if decision.verdict == "wait" or self.trials.get(name) is not trial or rec.trial != trial.version:
+        current = (rec.active == trial.version and rec.variant_trial == trial.variant if trial.variant
+                   else rec.trial == trial.version)
+        if decision.verdict == "wait" or self.trials.get(name) is not trial or not current:
             return "wait"
         del self.trials[name]  # before any await: one decision per trial
+        if trial.variant:
+            return await self._judge_variant(name, trial, decision.verdict, decision.reason)
         if decision.verdict == "rollback":
             await self._rollback(name, f"trial of {trial.version} failed its health gates against "
                                        f"{trial.baseline}: {decision.reason}", "health gates")
@@ -348,6 +437,24 @@ class ModelStoreService(Service):
         await self._announce("committed", name, trial.version, "health gates",
                              detail=f"against {trial.baseline}: {decision.reason}"
                              + ("; the split is cleared" if rec.split else ""))
+        return "committed"
+
+    async def _judge_variant(self, name: str, trial: Trial, verdict: str, reason: str) -> str:
+        what = f"variant {trial.variant} of {trial.version}"
+        if verdict == "rollback":
+            await self._rollback_variant(name, f"trial of {what} failed its health gates against "
+                                               f"{trial.baseline_variant}: {reason}", "health gates")
+            return "rolled-back"
+        # committed: the variant is the version's default (a variant split that ran the trial ends)
+        rec = self.store.record(name)
+        defaults = {v: d for v, d in rec.default_variants.items() if v != trial.version}
+        if trial.variant != "full":
+            defaults[trial.version] = trial.variant
+        self._commit_record(name, msgspec.structs.replace(rec, variant_trial="", variant_split={},
+                                                          default_variants=defaults))
+        await self._announce("committed", name, trial.version, "health gates", variant=trial.variant,
+                             detail=f"{what} against {trial.baseline_variant}: {reason}; it is the version's "
+                                    "default variant" + ("; the variant split is cleared" if rec.variant_split else ""))
         return "committed"
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -375,17 +482,19 @@ class ModelStoreService(Service):
     def _state(self, name: str) -> ModelState:
         rec = self.store.record(name)
         return ModelState(name=name, versions=self.store.versions(name), active=rec.active, previous=rec.previous,
-                          trial=rec.trial, split=dict(rec.split))
+                          trial=rec.trial, split=dict(rec.split), variant_split=dict(rec.variant_split),
+                          variant_trial=rec.variant_trial, default_variants=dict(rec.default_variants))
 
     async def _announce(self, what: str, name: str, version: str, by: str, *, previous: str = "",
-                        detail: str = "") -> None:
+                        detail: str = "", variant: str = "") -> None:
         """Publish on modelstore.<what> and append to the audit log."""
         self.log.info(f"model_{what}", name=name, version=version or None, previous=previous or None,
-                      by=by, detail=detail or None)
+                      variant=variant or None, by=by, detail=detail or None)
         await self.bus.publish(f"modelstore.{what}", ModelEvent(name=name, version=version, previous=previous,
-                                                                detail=detail))
+                                                                detail=detail, variant=variant))
+        subject = f"{name} {version}".strip() + (f" variant {variant}" if variant else "")
         try:
-            await self.bus.call("security", AuditAppend(kind=f"model-{what}", subject=f"{name} {version}".strip(),
+            await self.bus.call("security", AuditAppend(kind=f"model-{what}", subject=subject,
                                                         detail=f"{detail} (by {by})".strip()), Appended, timeout=5)
         except Exception as exc:  # the operation is done; say loudly that its record is missing
             self.log.error("audit_append_failed", name=name, what=what, error=str(exc))

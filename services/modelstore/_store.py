@@ -5,7 +5,7 @@ Layout under ``<state>/modelstore/``::
     datakey.sealed              the data key, sealed by the security service (master key)
     blobs/<sha256>              model and asset files, AES-256-GCM under the data key (nonce || ct)
     models/<name>/<version>/    manifest.json + signature.json, as signed
-    state.json                  active / previous / trial / split per model
+    state.json                  active / previous / trial / split and variant state per model
 
 Every write is write-temp, fsync, rename, fsync-directory: a crash at any instant leaves
 the old or the new state.  Blobs and manifests are written before ``state.json`` refers
@@ -38,6 +38,11 @@ class ModelRecord(msgspec.Struct, omit_defaults=True):
     previous: str = ""
     trial: str = ""
     split: dict[str, float] = {}
+    #: the active version's variant split and variant in trial (cleared when it changes)
+    variant_split: dict[str, float] = {}
+    variant_trial: str = ""
+    #: by version: its default variant when not "full" (kept across activations)
+    default_variants: dict[str, str] = {}
 
 
 class StoreState(msgspec.Struct):
@@ -155,3 +160,4 @@ class Store:
             if rec.active and rec.active not in have:
                 raise ModelStoreError(f"state.json names {name} {rec.active} as active, but it is not in the store")
             rec.split = {v: w for v, w in rec.split.items() if v in have}
+            rec.default_variants = {v: d for v, d in rec.default_variants.items() if v in have}

@@ -23,6 +23,10 @@ The rule (PROTOCOL.md 11.5), on the windows in which each version served at leas
    fewer windows or mixed, undecided;
 4. worse on either: roll back; not worse on both: commit; else wait, and once the trial is
    ``max_s`` old, roll back: a version is kept on evidence, never by default.
+
+A trial of a variant (``Activate`` with ``variant``) is the same rule on the reports about two
+variants of the active version: the variant in trial against the baseline variant (the one
+that served the version until then), each report counted by its ``variant``.
 """
 
 from __future__ import annotations
@@ -98,9 +102,11 @@ def _rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
-def decide(windows: Sequence[tuple[Sample, Sample]], age_s: float, rule: TrialRule) -> Decision:
+def decide(windows: Sequence[tuple[Sample, Sample]], age_s: float, rule: TrialRule, *,
+           of: str = "versions") -> Decision:
     """The decision on a trial from its closed windows, oldest first, each (trial, baseline),
-    and its age in seconds.  Pure: no clock, no state."""
+    and its age in seconds.  Pure: no clock, no state.  ``of``: what is compared ("versions",
+    "variants"), for the reason's words."""
     compared = [(t, b) for t, b in windows
                 if t.requests >= rule.window_min_requests and b.requests >= rule.window_min_requests]
     n_t = sum(t.requests for t, _ in compared)
@@ -112,7 +118,7 @@ def decide(windows: Sequence[tuple[Sample, Sample]], age_s: float, rule: TrialRu
         waiting.append(f"{n_t} requests of the trial and {n_b} of the baseline in {len(compared)} windows where "
                        f"both served at least {rule.window_min_requests}; it needs {rule.min_requests} of each")
         if not any(b.requests for _, b in windows) and any(t.requests for t, _ in windows):
-            waiting.append("the baseline served nothing beside the trial: a trial compares the two versions "
+            waiting.append(f"the baseline served nothing beside the trial: a trial compares the two {of} "
                            "serving side by side (split traffic between them)")
     else:
         p_t = _rate(sum(t.errors for t, _ in compared), n_t)
@@ -157,21 +163,37 @@ def decide(windows: Sequence[tuple[Sample, Sample]], age_s: float, rule: TrialRu
 
 class Trial:
     """A trial's windows: each report about the version in trial or its baseline is added to
-    the window of its arrival time (``now``, the store's monotonic clock)."""
+    the window of its arrival time (``now``, the store's monotonic clock).
 
-    def __init__(self, version: str, baseline: str, started: float, window_s: float) -> None:
+    A trial of a variant (``variant`` set; ``version`` and ``baseline`` are then the same
+    version) counts the reports about ``variant`` of that version against those about
+    ``baseline_variant``; reports about the version as a whole (no variant) are not counted.
+    A trial of a version counts every report about either version, whatever its variant."""
+
+    def __init__(self, version: str, baseline: str, started: float, window_s: float, *, variant: str = "",
+                 baseline_variant: str = "") -> None:
         self.version, self.baseline, self.started, self.window_s = version, baseline, started, window_s
+        self.variant, self.baseline_variant = variant, baseline_variant
         self.windows: dict[int, tuple[Sample, Sample]] = {}
 
     def index(self, now: float) -> int:
         return max(int((now - self.started) // self.window_s), 0)
 
+    def side(self, report: ReportHealth) -> int | None:
+        """0 for a report about the trial, 1 about the baseline, None about neither."""
+        if self.variant:
+            if report.version != self.version or not report.variant:
+                return None
+            return 0 if report.variant == self.variant else 1 if report.variant == self.baseline_variant else None
+        return 0 if report.version == self.version else 1 if report.version == self.baseline else None
+
     def add(self, report: ReportHealth, now: float) -> bool:
-        """Count the report; False when it is about neither version."""
-        if report.version not in (self.version, self.baseline):
+        """Count the report; False when it is about neither version (variant)."""
+        side = self.side(report)
+        if side is None:
             return False
         pair = self.windows.setdefault(self.index(now), (Sample(), Sample()))
-        pair[0 if report.version == self.version else 1].add(report)
+        pair[side].add(report)
         return True
 
     def closed(self, now: float) -> list[tuple[Sample, Sample]]:
@@ -180,4 +202,4 @@ class Trial:
         return [self.windows[i] for i in sorted(self.windows) if i < current]
 
     def decide(self, now: float, rule: TrialRule) -> Decision:
-        return decide(self.closed(now), now - self.started, rule)
+        return decide(self.closed(now), now - self.started, rule, of="variants" if self.variant else "versions")
