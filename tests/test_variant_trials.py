@@ -452,9 +452,12 @@ async def test_variant_trials_in_the_store_alone(make_system) -> None:
         state = await bus.call("modelstore", Activate(name="demo", version="1.0.0", variant="full"), ModelState)
         assert state.variant_trial == ""
         # a Rollback during a variant trial ends it (the version stays)
-        state = await bus.call("modelstore", Activate(name="demo", version="1.0.0", variant="int8"), ModelState)
-        assert state.variant_trial == "int8"
-        state = await bus.call("modelstore", Rollback(name="demo"), ModelState)
+        out = system.busctl("model", "activate", "demo", "variant", "int8", check=True).stdout
+        assert out.rstrip().endswith("active 1.0.0, variant int8 (in trial against full)"), out
+        assert (await state_of(bus, "demo")).variant_trial == "int8"
+        out = system.busctl("model", "rollback", "demo", check=True).stdout
+        assert out.rstrip().endswith("active 1.0.0, variant full"), out
+        state = await state_of(bus, "demo")
         assert (state.active, state.variant_trial, state.default_variant("1.0.0")) == ("1.0.0", "", "full")
         with pytest.raises(Rejected, match="no previous version"):  # and then there is nothing to roll back
             await bus.call("modelstore", Rollback(name="demo"), ModelState)
