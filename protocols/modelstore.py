@@ -242,6 +242,16 @@ class Variant(msgspec.Struct, omit_defaults=True):
     description: str = ""
 
 
+class StateSpec(msgspec.Struct, omit_defaults=True):
+    """A recurrent state: the model reads it from ``input`` and gives the next one as
+    ``output`` (silero-vad: ``state`` -> ``stateN``).  A stream starts from ``initial`` in
+    every element (shape: the input's, one along its batch axis, which it must have)."""
+
+    input: str
+    output: str
+    initial: float = 0.0
+
+
 class Asset(msgspec.Struct, omit_defaults=True):
     """A file of the bundle that is not a model: labels, a vocabulary, a tokenizer, thresholds.
     The signature covers it through ``sha256`` and ``size``, as a variant's file."""
@@ -305,6 +315,8 @@ class Manifest(msgspec.Struct, omit_defaults=True):
     metadata: dict[str, str] = {}
     #: by asset name: the bundle's files that are not models (labels, vocabularies...)
     assets: dict[str, Asset] = {}
+    #: a recurrent model's state pairs: what the scheduler keeps between a stream's chunks
+    states: list[StateSpec] = []
 
     def check(self) -> None:
         """The rules beyond types; raises ManifestError naming what to fix."""
@@ -328,6 +340,19 @@ class Manifest(msgspec.Struct, omit_defaults=True):
             if not ASSET_NAME.match(name):
                 problems.append(f"asset name {name!r} must be 1-63 of A-Z, a-z, 0-9, '_', '.' and '-', "
                                 "starting with a letter or digit")
+        inputs, outputs = {t.name: t for t in self.inputs}, {t.name: t for t in self.outputs}
+        for i, st in enumerate(self.states):
+            tin, tout = inputs.get(st.input), outputs.get(st.output)
+            if tin is None or tout is None:
+                problems.append(f"states[{i}] pairs input {st.input!r} with output {st.output!r}, but the model has "
+                                f"no {'input' if tin is None else 'output'} "
+                                f"{st.input if tin is None else st.output!r}")
+            elif tin.dtype != tout.dtype or len(tin.shape) != len(tout.shape):
+                problems.append(f"states[{i}]: input {st.input!r} is {tin.describe()} but output {st.output!r} is "
+                                f"{tout.describe()}; a state's next value must have its type and rank")
+            elif tin.batch() is None or tin.batch() != tout.batch():
+                problems.append(f"states[{i}]: input {st.input!r} and output {st.output!r} need the same batch axis "
+                                f"(they have {tin.batch()} and {tout.batch()}); set batch_axis in the pack spec")
         if problems:
             raise ManifestError("; ".join(problems))
 

@@ -6,8 +6,12 @@ import msgspec
 
 from ._messages import Tensor
 
-__all__ = ["Infer", "GetSchedule", "Request", "InferResult", "ModelQueue", "DriverState", "Schedule", "Reply",
-           "Degradation", "Detection", "Alert"]
+__all__ = ["Infer", "GetSchedule", "OpenStream", "CloseStream", "Request", "InferResult", "StageTime",
+           "StreamOpened", "StreamClosed", "ModelQueue", "DriverState", "Schedule", "Reply",
+           "Degradation", "Detection", "Alert", "StreamResult", "StreamReset", "STREAM_EVENTS"]
+
+#: the topic every stream's resets and expiries are published on (also on its own topic, if any)
+STREAM_EVENTS = "scheduler.streams"
 
 
 class Infer(msgspec.Struct, tag=True, omit_defaults=True):
@@ -25,13 +29,38 @@ class Infer(msgspec.Struct, tag=True, omit_defaults=True):
     variant: str = ""
     #: the outputs to send back, by name; empty: all of them
     outputs: list[str] = []
+    #: a stream opened with OpenStream: ``tensors`` are this chunk's inputs alone; the
+    #: stream's state and parameters are the scheduler's (``model`` is the stream's)
+    stream: str = ""
 
 
 class GetSchedule(msgspec.Struct, tag=True):
     pass
 
 
-Request = Infer | GetSchedule
+class OpenStream(msgspec.Struct, tag=True, omit_defaults=True):
+    """Open a stateful stream of ``model`` (one whose manifest declares ``states``): the
+    scheduler keeps each state tensor between chunks, starting from its initial value.
+    ``tensors`` (raw frames) are the stream's parameters: the model's inputs without a
+    batch axis that are not state (a sample rate), fixed for the stream's life."""
+
+    model: str
+    tensors: list[Tensor] = []
+    version: str = ""
+    key: str = ""
+    #: also publish each chunk's result (StreamResult) here, e.g. "results.vad.mic-1"
+    topic: str = ""
+    #: the outputs each chunk sends back (and publishes), by name; empty: all but the states
+    outputs: list[str] = []
+    #: seconds without a chunk after which the stream is closed (0: the scheduler's setting)
+    idle_s: float = 0.0
+
+
+class CloseStream(msgspec.Struct, tag=True):
+    stream: str
+
+
+Request = Infer | GetSchedule | OpenStream | CloseStream
 
 
 class InferResult(msgspec.Struct, tag=True, omit_defaults=True):
@@ -47,6 +76,41 @@ class InferResult(msgspec.Struct, tag=True, omit_defaults=True):
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     total_ms: float = 0.0
+    #: a stream's chunk: its number (from 1), and why its state was reset before it ("": it
+    #: was not; e.g. "driver accel-0 stopped")
+    seq: int = 0
+    reset: str = ""
+    #: a pipeline: each stage's time, in the order they finished
+    stages: list["StageTime"] = []
+
+
+class StageTime(msgspec.Struct, omit_defaults=True):
+    """One stage of a pipeline run: its name, its model (or op), the items it ran on (a
+    fan-out stage: one per item) and its time."""
+
+    stage: str
+    model: str = ""
+    items: int = 1
+    ms: float = 0.0
+
+
+class StreamOpened(msgspec.Struct, tag=True, omit_defaults=True):
+    stream: str
+    model: str
+    version: str
+    #: the driver that holds it (chunks of one stream run there, in order)
+    driver: str = ""
+    #: what each chunk carries: the model's inputs that are neither state nor parameters
+    inputs: list[str] = []
+    idle_s: float = 0.0
+
+
+class StreamClosed(msgspec.Struct, tag=True, omit_defaults=True):
+    """The answer to CloseStream, and an event when a stream expires (reason "idle")."""
+
+    stream: str
+    chunks: int = 0
+    reason: str = ""
 
 
 class ModelQueue(msgspec.Struct, tag=True, omit_defaults=True):
@@ -78,7 +142,7 @@ class Schedule(msgspec.Struct, tag=True, omit_defaults=True):
     drivers: list[DriverState] = []
 
 
-Reply = InferResult | Schedule
+Reply = InferResult | Schedule | StreamOpened | StreamClosed
 
 
 class Degradation(msgspec.Struct, tag=True, omit_defaults=True):
@@ -108,4 +172,26 @@ class Alert(msgspec.Struct, tag=True, omit_defaults=True):
     source: str
     state: str  # raised | cleared
     score: float
+    seq: int = 0
+
+
+class StreamResult(msgspec.Struct, tag=True, omit_defaults=True):
+    """A stream's chunk result, on the stream's topic (raw frames as in InferResult)."""
+
+    stream: str
+    model: str
+    version: str
+    seq: int
+    outputs: list[Tensor]
+    reset: str = ""
+
+
+class StreamReset(msgspec.Struct, tag=True, omit_defaults=True):
+    """A stream's state went back to its initial value (on STREAM_EVENTS and its topic); the
+    stream goes on, the next chunk's result says so too (InferResult.reset)."""
+
+    stream: str
+    model: str
+    reason: str
+    #: chunks it had run before
     seq: int = 0

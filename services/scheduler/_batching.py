@@ -23,7 +23,7 @@ __all__ = ["stackable", "take", "form_batch", "stack", "split", "misfit", "undef
 def stackable(first: Job, job: Job) -> bool:
     """Whether ``job`` may join the batch that ``first`` opened."""
     if job.version != first.version or job.priority != first.priority or job.variant != first.variant \
-            or not first.plan.batchable or job.plan is not first.plan:
+            or job.pin != first.pin or not first.plan.batchable or job.plan is not first.plan:
         return False
     for name, axis in first.plan.axes.items():
         a, b = first.inputs[name], job.inputs[name]

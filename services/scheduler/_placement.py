@@ -20,12 +20,22 @@ from services import DeadlineExceeded, Unavailable, UnknownDestination
 
 from ._settings import DriverSettings
 
-__all__ = ["Driver", "place", "apply_health", "thermal_pressure", "run_with_failover", "DOWN_FOR"]
+__all__ = ["Driver", "place", "apply_health", "thermal_pressure", "run_with_failover", "run_pinned", "DOWN_FOR",
+           "PinnedDriverLost"]
 
 #: seconds a driver that failed a batch is left out of placement
 DOWN_FOR = 0.5
 
 T = TypeVar("T")
+
+
+class PinnedDriverLost(Unavailable):
+    """A batch pinned to one driver (a stream's) could not run there: that driver is not
+    running, or failed it.  The batch is not moved (its state lived there)."""
+
+    def __init__(self, driver: str, message: str) -> None:
+        super().__init__(message)
+        self.driver = driver
 
 
 class Driver:
@@ -111,3 +121,23 @@ async def run_with_failover(drivers: Sequence[Driver], hot_c: float, deadline: f
         return result, driver
     raise DeadlineExceeded(f"{what}: no accelerator driver answered before the deadline"
                            + (f" (last error: {last})" if last else ""))
+
+
+async def run_pinned(drivers: Sequence[Driver], name: str, send: Callable[[Driver], Awaitable[T]],
+                     on_failure: Callable[[Driver, Exception], None] = lambda d, e: None) -> tuple[T, Driver]:
+    """``send`` the batch to driver ``name`` and nowhere else: PinnedDriverLost when it is
+    not up or fails the batch (marked down, as run_with_failover does)."""
+    driver = next((d for d in drivers if d.name == name), None)
+    if driver is None or not driver.up(time.monotonic()):
+        raise PinnedDriverLost(name, f"driver {name} is not running")
+    driver.in_flight += 1
+    try:
+        result = await send(driver)
+    except (Unavailable, UnknownDestination) as exc:
+        driver.mark_down(time.monotonic())
+        on_failure(driver, exc)
+        raise PinnedDriverLost(name, f"driver {name} failed: {exc}") from None
+    finally:
+        driver.in_flight -= 1
+    driver.batches += 1
+    return result, driver

@@ -33,7 +33,7 @@ class Job:
     """One request waiting for its batch; ``done`` is set with ``result`` or ``error``."""
 
     __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "result", "error",
-                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows")
+                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin")
 
     def __init__(self, model: str, version: str, inputs: dict[str, np.ndarray], priority: int, deadline: float,
                  plan: Plan, variant: str = "") -> None:
@@ -42,6 +42,8 @@ class Job:
         self.variant = variant
         #: its rows of the batch (along each input's batch axis)
         self.rows = plan.rows(inputs)
+        #: the driver it must run on (a stream's), or None: any
+        self.pin: str | None = None
         #: deadline: wall-clock seconds (the bus header's), 0 for none
         self.priority, self.deadline, self.seq = priority, deadline, next(_seq)
         self.done = anyio.Event()

@@ -37,16 +37,23 @@ from protocols.modelstore import (
     pick_version,
 )
 from protocols.scheduler import (
+    STREAM_EVENTS,
     Alert,
+    CloseStream,
     Degradation,
     Detection,
     GetSchedule,
     Infer,
     InferResult,
     ModelQueue as QueueState,
+    OpenStream,
     Reply,
     Request,
     Schedule,
+    StreamClosed,
+    StreamOpened,
+    StreamReset,
+    StreamResult,
 )
 from protocols.sensors import SensorFrame
 from protocols.telemetry import FeatureSamples
@@ -69,8 +76,9 @@ from ._batching import form_batch, misfit, split, stack, undefined
 from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
 from ._pipelines import Pipeline
-from ._placement import Driver, apply_health, run_with_failover, thermal_pressure
+from ._placement import Driver, PinnedDriverLost, apply_health, run_pinned, run_with_failover, thermal_pressure
 from ._queueing import Job, ModelQueue, check_priority
+from ._streams import Stream, Streams
 from ._tuning import BatchTuner
 from ._settings import SchedulerSettings
 
@@ -111,6 +119,7 @@ class Scheduler(Service):
         #: per model: its batch limit, measured when its batching is "auto"
         self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
+        self.streams = Streams(s.max_streams, s.stream_idle_s)
         self.served: dict[tuple[str, str, str], _Served] = {}
         m = self.metrics
         self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
@@ -158,6 +167,7 @@ class Scheduler(Service):
                     tg.start_soon(self._sensor_frames, pipeline, sub)
             tg.start_soon(self._ladder_steps)
             tg.start_soon(self._report_health)
+            tg.start_soon(self._expire_streams)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -165,30 +175,55 @@ class Scheduler(Service):
         match req:
             case GetSchedule():
                 return self._schedule()
-            case Infer():
+            case Infer(stream=""):
                 arrays = [ctx.tensor(t) for t in req.tensors]
                 return await self.infer(req.model, arrays, req.version, req.priority, req.key,
                                         ctx.deadline or time.time() + self.settings.default_timeout,
                                         req.tensors, req.variant, req.outputs)
+            case Infer():
+                return await self._chunk(req, ctx)
+            case OpenStream():
+                return await self._open_stream(req, ctx)
+            case CloseStream(stream=stream_id):
+                stream = self.streams.get(stream_id, ctx.sender)
+                self.streams.close(stream)
+                return StreamClosed(stream=stream.id, chunks=stream.seq, reason="closed")
 
     async def infer(self, model: str, arrays: list[np.ndarray], version: str, priority: int, key: str,
                     deadline: float, descs: Sequence[Tensor] = (), variant: str = "",
                     outputs: Sequence[str] = ()) -> tuple[InferResult, list]:
         """Run ``model`` on ``arrays`` (described by ``descs``: named, or unnamed in the
         contract's order) and answer with its outputs (only those named in ``outputs``)."""
+        version, manifest, plan, variant = await self._prepare(model, version, key, variant)
+        inputs = plan.bind(descs, arrays)
+        wanted = plan.wanted(outputs) if outputs else None
+        check_priority(priority)
+        job = Job(model, version, inputs, priority, deadline, plan, variant)
+        await self._run(job, manifest)
+        assert job.result is not None
+        given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
+        out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
+        job.result.outputs = out_descs
+        return job.result, frames
+
+    async def _prepare(self, model: str, version: str, key: str, variant: str) -> tuple[str, Manifest, Plan, str]:
+        """The version and variant serving a request, its manifest and contract."""
         if not version and model not in self.models:
             await self._refresh_models()  # installed a moment ago: its event may still be on its way
         version, picked = self._resolve(model, key, version)
         manifest = await self._manifest(model, version)
         plan = self._plan(model, version, manifest)
-        inputs = plan.bind(descs, arrays)
-        wanted = plan.wanted(outputs) if outputs else None
         if variant and variant not in manifest.variants:
             raise BadMessage(f"{model} {version} has no variant {variant!r}; it has "
                              f"{', '.join(map(repr, manifest.variants))}")
         if not variant and picked != "full" and not self.ladder.level and picked in manifest.variants:
             variant = picked  # the store's variant split, trial or default (under pressure: the ladder's)
-        check_priority(priority)
+        return version, manifest, plan, variant
+
+    async def _run(self, job: Job, manifest: Manifest) -> None:
+        """Queue ``job`` (or take it to a driver at once when the model is idle) and wait
+        for its result; raises its error."""
+        model = job.model
         if not self._tg_started.is_set():  # (waiting on a set Event would still cost a loop pass)
             await self._tg_started.wait()
         queue = self.queues.get(model)
@@ -198,7 +233,6 @@ class Scheduler(Service):
             self.tuners[model] = BatchTuner(mode, max_batch)
             self.slots[model] = anyio.Semaphore(len(self.drivers))
             self._tg.start_soon(self._batcher, queue)
-        job = Job(model, version, inputs, priority, deadline, plan, variant)
         slots = self.slots[model]
         if not len(queue) and slots.value and self.settings.batching_of(model)[2] <= 0:
             # idle (nothing queued, a driver slot free, no batching delay): the batch it would
@@ -209,7 +243,7 @@ class Scheduler(Service):
                 slots.release()
             else:
                 level = self.ladder.level
-                await self._dispatch(queue, variant or variant_for(manifest, level), level, [job], slots)
+                await self._dispatch(queue, job.variant or variant_for(manifest, level), level, [job], slots)
         else:
             queue.admit(job)
             try:
@@ -218,11 +252,97 @@ class Scheduler(Service):
                 job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
         if job.error is not None:
             raise job.error
-        assert job.result is not None
-        given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
-        out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
-        job.result.outputs = out_descs
+
+    # -- streams -----------------------------------------------------------------------------------
+
+    async def _open_stream(self, req: OpenStream, ctx: Context) -> StreamOpened:
+        version, manifest, plan, _ = await self._prepare(req.model, req.version, req.key, "")
+        driver = self._stream_driver()
+        stream = self.streams.create(req.model, version, manifest, plan, ctx.sender, req.tensors,
+                                     [ctx.tensor(t) for t in req.tensors], driver, req.topic, req.outputs, req.idle_s)
+        self.log.info("stream_opened", stream=stream.id, model=req.model, version=version, driver=driver,
+                      owner=ctx.sender)
+        return StreamOpened(stream=stream.id, model=req.model, version=version, driver=driver or "",
+                            inputs=stream.chunk_inputs, idle_s=stream.idle_s)
+
+    def _stream_driver(self, avoid: str = "") -> str | None:
+        """The ready driver holding the fewest streams (None while none is ready)."""
+        now = time.monotonic()
+        ready = [d for d in self.drivers if d.up(now) and d.name != avoid] or \
+                [d for d in self.drivers if d.up(now)]
+        if not ready:
+            return None
+        return min(ready, key=lambda d: (self.streams.load(d.name), d.in_flight)).name
+
+    async def _chunk(self, req: Infer, ctx: Context) -> tuple[InferResult, list]:
+        """One chunk of a stream: the stream's state and parameters with the chunk's inputs,
+        on the stream's driver; the next state kept, the other outputs answered."""
+        stream = self.streams.get(req.stream, ctx.sender)
+        arrays = [ctx.tensor(t) for t in req.tensors]
+        deadline = ctx.deadline or time.time() + self.settings.default_timeout
+        async with stream.lock:  # chunks of one stream: one at a time, in order
+            manifest = await self._manifest(stream.model, stream.version)
+            for attempt in range(2):
+                if stream.driver is None or not self._driver_up(stream.driver):
+                    await self._repin(stream, f"driver {stream.driver} is not running" if stream.driver
+                                      else "", avoid=stream.driver or "")
+                job = Job(stream.model, stream.version, stream.bind(req.tensors, arrays), req.priority, deadline,
+                          stream.plan, req.variant)
+                job.pin = stream.driver
+                try:
+                    await self._run(job, manifest)
+                    break
+                except PinnedDriverLost as exc:
+                    if attempt:
+                        raise Unavailable(f"stream {stream.id}: {exc}") from None
+                    await self._repin(stream, str(exc), avoid=exc.driver)
+            assert job.result is not None
+            outputs = stream.advance(job.outputs)
+            job.result.seq, job.result.reset, stream.reset = stream.seq, stream.reset, ""
+            out_descs, frames = pack_tensors(outputs)  # (copies: the state kept may share their batch)
+            job.result.outputs = out_descs
+            if stream.topic:
+                await self.bus.publish(stream.topic, StreamResult(stream=stream.id, model=stream.model,
+                                                                  version=stream.version, seq=stream.seq,
+                                                                  outputs=out_descs, reset=job.result.reset),
+                                       frames=frames)
         return job.result, frames
+
+    def _driver_up(self, name: str) -> bool:
+        now = time.monotonic()
+        return any(d.name == name and d.up(now) for d in self.drivers)
+
+    async def _repin(self, stream: Stream, reason: str, avoid: str = "") -> None:
+        """Pin ``stream`` to another driver; with ``reason``, its state is reset (and said so)."""
+        stream.driver = self._stream_driver(avoid)
+        if reason:
+            await self._reset(stream, reason)
+
+    async def _reset(self, stream: Stream, reason: str) -> None:
+        stream.restart(reason)
+        self.log.warning("stream_reset", stream=stream.id, model=stream.model, reason=reason, driver=stream.driver)
+        event = StreamReset(stream=stream.id, model=stream.model, reason=reason, seq=stream.seq)
+        for topic in (STREAM_EVENTS, stream.topic):
+            if topic:
+                with contextlib.suppress(BusError):
+                    await self.bus.publish(topic, event)
+
+    async def _driver_lost(self, name: str, state: str) -> None:
+        """A driver stopped: the streams it held start over on another one."""
+        for stream in self.streams.pinned_to(name):
+            await self._repin(stream, f"driver {name} is {state}", avoid=name)
+
+    async def _expire_streams(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            for stream in self.streams.idle(time.monotonic()):
+                self.streams.close(stream)
+                self.log.info("stream_expired", stream=stream.id, model=stream.model, chunks=stream.seq)
+                event = StreamClosed(stream=stream.id, chunks=stream.seq, reason="idle")
+                for topic in (STREAM_EVENTS, stream.topic):
+                    if topic:
+                        with contextlib.suppress(BusError):
+                            await self.bus.publish(topic, event)
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -364,7 +484,11 @@ class Scheduler(Service):
             self.log.warning("driver_failed", driver=driver.name, model=model, error=str(exc))
 
         deadline = max(j.deadline for j in batch)
-        incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
+        pin = batch[0].pin
+        if pin is None:
+            incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
+        else:  # a stream's chunks run where the stream is pinned, or fail (and it is reset there)
+            incoming, driver = await run_pinned(self.drivers, pin, send, failed)
         result = incoming.decode(RunResult)
         outputs = {t.name: incoming.tensor(t) for t in result.outputs}
         if features:
@@ -423,7 +547,9 @@ class Scheduler(Service):
             change = incoming.decode(ServiceStateChanged)
             for d in self.drivers:
                 if d.name == change.name:
-                    d.ready = change.state == "ready"
+                    was, d.ready = d.ready, change.state == "ready"
+                    if was and not d.ready:
+                        await self._driver_lost(d.name, change.state)
 
     async def _sensor_frames(self, pipeline: Pipeline, sub: Subscription) -> None:
         waiting = False

@@ -106,6 +106,10 @@ class SchedulerSettings(Settings):
     pipelines: list[PipelineSettings] = []
     #: per model (by name): its batching, over the defaults above
     models: dict[str, ModelSettings] = {}
+    #: streams open at once (OpenStream beyond: `overloaded`), and the seconds without a chunk
+    #: after which a stream is closed (unless it asked for its own)
+    max_streams: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    stream_idle_s: Positive = 60.0
 
     def batching_of(self, model: str) -> tuple[Batching, int, float]:
         """``model``'s batching mode, max batch and max delay (seconds)."""
