@@ -272,3 +272,56 @@ def test_stream_requests_that_cannot_be_served_are_refused_with_the_reason(syste
     assert "results." in topic
     assert "'state' is the stream's own" in state
     assert "input 'input' takes float32" in dtype
+
+
+def test_a_microphone_replayed_from_a_wav_feeds_a_stream_pipeline(vad_path: Path, tmp_path: Path) -> None:
+    """drivers.sensors replays a .wav in 32 ms frames at its real rate on sensor.mic; the
+    scheduler's stream pipeline feeds them, in order, as the chunks of one stream of the
+    voice-activity model and publishes each score: the scores are the model's, run directly
+    over the same recording with its state carried."""
+    import wave
+
+    sig = signals(3, 12, seed=4)[2]
+    with wave.open(str(tmp_path / "mic.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(sig, -1, 1) * 32767).astype("<i2").tobytes())
+    pcm = np.frombuffer((np.clip(sig, -1, 1) * 32767).astype("<i2").tobytes(), "<i2").astype(np.float32) / 32768
+    expected = [float(o[0, 0]) for o in direct(vad_path, pcm)]
+    bundle = pack(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC)
+    text = config(1, extra=f"""
+[services.mic]
+command = ["{{python}}", "-m", "drivers.sensors"]
+capabilities = ["publish:sensor.*"]
+settings = {{ kind = "replay", file = "{tmp_path / 'mic.wav'}", frame = {CHUNK}, loop = true }}
+""").replace("health_report_s = 60 }", 'health_report_s = 60, pipelines = [{ source = "sensor.mic", model = "vad", '
+             'stream = true, parameters = { sr = 16000 }, rate = 100, on = 0.5, off = 0.3 }] }')
+    assert "sensor.mic" in text
+    s = System(tmp_path, text)
+    try:
+        s.wait_bus()
+
+        async def main() -> list[Any]:
+            from services.scheduler import Detection
+
+            await s.wait_ready("security", "modelstore", "scheduler", "accel-0")
+            async with s.client() as bus:
+                async with bus.subscribe("results.vad") as results:
+                    await bus.request("modelstore", Install(), frames=[bundle], timeout=120)
+                    await bus.call("modelstore", Activate(name="vad", version="1.0.0"), ModelState)
+                    got: list[Any] = []
+                    with anyio.fail_after(30):
+                        while len(got) < 6:
+                            got.append((await results.receive()).decode(Detection))
+            return got
+
+        got = anyio.run(main)
+    finally:
+        s.kill()
+    # the pipeline opened its stream at the first frame it could run: from there, chunk by chunk
+    first = got[0].seq
+    assert [d.seq for d in got] == list(range(first, first + 6))
+    offset = first % 12  # replay's seq counts from 0, and the recording loops
+    direct_from = [float(o[0, 0]) for o in direct(vad_path, np.tile(pcm, 2)[offset * CHUNK:])]
+    assert [d.score for d in got] == pytest.approx(direct_from[:6], abs=0), (offset, expected[:8])

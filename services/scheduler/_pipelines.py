@@ -1,10 +1,15 @@
 """Sensor pipelines: frames from a sensor topic, at most ``rate`` per second, through a
 model; each score is a detection, and the alert follows it with hysteresis (raised at
-``on`` or above, cleared at ``off`` or below)."""
+``on`` or above, cleared at ``off`` or below).  A stream pipeline (``stream = true``) feeds
+each frame as the next chunk of one stream of a recurrent model (a microphone through a
+voice-activity model), its parameters from ``parameters``."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import anyio
 
 from ._settings import PipelineSettings
 
@@ -20,6 +25,9 @@ class Pipeline:
         self.alerts_topic = settings.alerts or f"alerts.{settings.model}"
         self.alert = False
         self._last = -math.inf
+        #: a stream pipeline's stream (a _streams.Stream), opened at its first frame
+        self.stream: Any = None
+        self.opening = anyio.Lock()
 
     def admit(self, now: float) -> bool:
         """Whether a frame arriving at ``now`` (monotonic seconds) goes to the model, or is

@@ -280,14 +280,18 @@ class Scheduler(Service):
         stream = self.streams.get(req.stream, ctx.sender)
         arrays = [ctx.tensor(t) for t in req.tensors]
         deadline = ctx.deadline or time.time() + self.settings.default_timeout
+        return await self._stream_run(stream, req.tensors, arrays, req.priority, deadline, req.variant)
+
+    async def _stream_run(self, stream: Stream, descs: Sequence[Tensor], arrays: list[np.ndarray], priority: int,
+                          deadline: float, variant: str = "") -> tuple[InferResult, list]:
         async with stream.lock:  # chunks of one stream: one at a time, in order
             manifest = await self._manifest(stream.model, stream.version)
             for attempt in range(2):
                 if stream.driver is None or not self._driver_up(stream.driver):
                     await self._repin(stream, f"driver {stream.driver} is not running" if stream.driver
                                       else "", avoid=stream.driver or "")
-                job = Job(stream.model, stream.version, stream.bind(req.tensors, arrays), req.priority, deadline,
-                          stream.plan, req.variant)
+                job = Job(stream.model, stream.version, stream.bind(descs, arrays), priority, deadline,
+                          stream.plan, variant)
                 job.pin = stream.driver
                 try:
                     await self._run(job, manifest)
@@ -570,9 +574,13 @@ class Scheduler(Service):
         frame = incoming.decode(SensorFrame)
         samples = incoming.tensor(frame.tensor).copy()
         model = pipeline.model
+        deadline = time.time() + pipeline.settings.timeout
         try:
-            result, frames = await self.infer(model, [samples[None, :]], "", 1, pipeline.source,
-                                              time.time() + pipeline.settings.timeout)
+            if pipeline.settings.stream:  # each frame the next chunk of the pipeline's own stream
+                result, frames = await self._stream_run(await self._pipeline_stream(pipeline), (),
+                                                        [samples[None, :]], 1, deadline)
+            else:
+                result, frames = await self.infer(model, [samples[None, :]], "", 1, pipeline.source, deadline)
         except RemoteError as exc:
             self.log.warning("pipeline_failed", model=model, source=pipeline.source, error=str(exc))
             return
@@ -586,6 +594,28 @@ class Scheduler(Service):
             self.log.warning("alert", model=model, source=pipeline.source, state=state, score=round(score, 3))
             await self.bus.publish(pipeline.alerts_topic, Alert(model=model, source=pipeline.source, state=state,
                                                                 score=score, seq=frame.seq))
+
+    async def _pipeline_stream(self, pipeline: Pipeline) -> Stream:
+        """The stream a stream pipeline feeds (opened at its first frame, again after it
+        expired), its parameters from the pipeline's settings in the contract's dtypes."""
+        async with pipeline.opening:
+            stream = pipeline.stream
+            if stream is not None and stream.id in self.streams.open:
+                return stream
+            version, manifest, plan, _ = await self._prepare(pipeline.model, "", pipeline.source, "")
+            specs = {s.name: s for s in plan.inputs}
+            names = list(pipeline.settings.parameters)
+            unknown = [n for n in names if n not in specs]
+            if unknown:
+                raise BadMessage(f"pipeline {pipeline.source}: {pipeline.model} has no input "
+                                 f"{', '.join(map(repr, unknown))} (its inputs: {', '.join(specs)})")
+            arrays = [np.array(v, dtype=specs[n].dtype) for n, v in pipeline.settings.parameters.items()]
+            descs = [Tensor(dtype=specs[n].dtype, shape=[], frame=i, name=n) for i, n in enumerate(names)]
+            pipeline.stream = self.streams.create(pipeline.model, version, manifest, plan, "scheduler", descs, arrays,
+                                                  self._stream_driver(), "", (), 0.0)
+            self.log.info("pipeline_stream_opened", source=pipeline.source, model=pipeline.model,
+                          stream=pipeline.stream.id)
+            return pipeline.stream
 
     # -- health reports for the model store's trial gates ------------------------------------------
 

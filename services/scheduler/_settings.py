@@ -54,6 +54,12 @@ class PipelineSettings(Settings):
     off: float = 0.4
     #: seconds one frame may take through the model
     timeout: Positive = 2.0
+    #: feed the frames as the chunks of one stream of the model (a recurrent one, whose
+    #: manifest declares states), e.g. a microphone through a voice-activity model; give a
+    #: rate at least the sensor's frame rate, or chunks are skipped
+    stream: bool = False
+    #: the stream's parameters (the model's inputs without a batch axis), e.g. { sr = 16000 }
+    parameters: dict[str, float] = {}
 
     def __post_init__(self) -> None:
         if self.off > self.on:
