@@ -75,6 +75,7 @@ from services import (
 from ._batching import form_batch, misfit, split, stack, undefined
 from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
+from ._graphs import Graphs
 from ._pipelines import Pipeline
 from ._placement import Driver, PinnedDriverLost, apply_health, run_pinned, run_with_failover, thermal_pressure
 from ._queueing import Job, ModelQueue, check_priority
@@ -109,6 +110,8 @@ class Scheduler(Service):
         s = self.settings
         self.drivers = [Driver.from_settings(d) for d in s.drivers]
         self.pipelines = [Pipeline(p) for p in s.pipelines]
+        self.graphs = Graphs(self, s.graphs)
+        await self.graphs.warm()  # (their ops' kernels, in a thread; only when graphs are declared)
         self.ladder = Ladder(s.hot_c, s.cool_c, s.overload_at)
         self.queues: dict[str, ModelQueue] = {}
         #: per model: its batches in flight, at most one per driver
@@ -194,6 +197,8 @@ class Scheduler(Service):
                     outputs: Sequence[str] = ()) -> tuple[InferResult, list]:
         """Run ``model`` on ``arrays`` (described by ``descs``: named, or unnamed in the
         contract's order) and answer with its outputs (only those named in ``outputs``)."""
+        if model in self.graphs:  # a pipeline: its stages, each through here (_graphs)
+            return await self.graphs.infer(model, arrays, version, priority, key, deadline, descs, variant, outputs)
         version, manifest, plan, variant = await self._prepare(model, version, key, variant)
         inputs = plan.bind(descs, arrays)
         wanted = plan.wanted(outputs) if outputs else None

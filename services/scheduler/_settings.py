@@ -11,17 +11,36 @@
     source = "sensor.vibration"
     model = "vibration-anomaly"
     rate = 2
+
+    [services.scheduler.settings.graphs.ocr]      # Infer(model="ocr") runs the whole graph
+    inputs = ["image"]
+    outputs = { text = "rec.ctc_greedy.text", boxes = "crop.boxes", counts = "det.db_boxes.counts" }
+    [[services.scheduler.settings.graphs.ocr.stages]]
+    name = "det"
+    model = "text-det"
+    inputs = { x = "image" }
+    [[services.scheduler.settings.graphs.ocr.stages]]
+    name = "crop"
+    op = "crop"
+    for_each = "det.db_boxes.boxes"
+    inputs = { image = "image", boxes = "det.db_boxes.boxes", map = "det.sigmoid_0.tmp_0" }
+    params = { height = 48, width = 320 }
+    [[services.scheduler.settings.graphs.ocr.stages]]
+    name = "rec"
+    model = "text-rec"
+    inputs = { x = "crop.crops" }
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from services import Settings
 
-__all__ = ["SchedulerSettings", "DriverSettings", "PipelineSettings", "ModelSettings"]
+__all__ = ["SchedulerSettings", "DriverSettings", "PipelineSettings", "ModelSettings", "GraphSettings",
+           "StageSettings"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -79,6 +98,38 @@ class ModelSettings(Settings):
     max_delay_ms: NonNegative | None = None
 
 
+class StageSettings(Settings):
+    """One stage of a graph: a model (through the scheduler's queues and batches) or an op (in
+    the scheduler).  Its ``inputs`` map each of the stage's inputs to a graph tensor: a graph
+    input (``"image"``) or a stage's output (``"det.db_boxes.boxes"``: stage, then the output's
+    name).  See ``_graphs`` for the whole format."""
+
+    name: str
+    #: an installed model (its inputs are the model's)...
+    model: str = ""
+    #: ... or an op of the scheduler's (``_graphs.GRAPH_OPS``: "crop"), with its ``params``
+    op: str = ""
+    inputs: dict[str, str] = {}
+    params: dict[str, Any] = {}
+    #: run once per item of this tensor (a padded [N, K, ...] tensor: each row's first
+    #: ``counts[n]`` of K; or items already): all of a request's items as one batch
+    for_each: str = ""
+    #: the items per row of ``for_each`` (int [N]); default: its sibling ``<...>.counts`` when
+    #: the stage that gives it has one (db_boxes.boxes -> db_boxes.counts), else all K
+    counts: str = ""
+    #: a model's version to run ("": the active one, or the A/B split's pick)
+    version: str = ""
+
+
+class GraphSettings(Settings):
+    """A pipeline: ``Infer(model=<its name>)`` runs its stages, in dependency order, and answers
+    with ``outputs`` (graph tensors by the names the client gets them under)."""
+
+    inputs: Annotated[list[str], msgspec.Meta(min_length=1)]
+    outputs: Annotated[dict[str, str], msgspec.Meta(min_length=1)]
+    stages: Annotated[list[StageSettings], msgspec.Meta(min_length=1)]
+
+
 def _default_drivers() -> list[DriverSettings]:
     return [DriverSettings(name="accel-cpu")]
 
@@ -116,6 +167,9 @@ class SchedulerSettings(Settings):
     #: after which a stream is closed (unless it asked for its own)
     max_streams: Annotated[int, msgspec.Meta(ge=1)] = 1024
     stream_idle_s: Positive = 60.0
+    #: pipelines by name (``Infer(model=NAME)`` runs one): stages of models and ops, checked
+    #: here (names, references, cycles) and against the models' contracts when first run
+    graphs: dict[str, GraphSettings] = {}
 
     def batching_of(self, model: str) -> tuple[Batching, int, float]:
         """``model``'s batching mode, max batch and max delay (seconds)."""
@@ -130,6 +184,11 @@ class SchedulerSettings(Settings):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"drivers names {', '.join(twice)} more than once")
+        if self.graphs:
+            from ._graphs import check_graph  # (it imports these settings)
+
+            for name, graph in self.graphs.items():
+                check_graph(name, graph)
 
     @property
     def overload_at(self) -> int:
