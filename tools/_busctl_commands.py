@@ -570,9 +570,16 @@ async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> in
     if out.json:
         out.emit({**plain(result), "outputs": {name: output_json(name, o) for name, o in outputs}})
         return 0
-    out.line(f"{result.model} {result.version} ({result.variant}, level {result.level}) on {result.driver}: "
-             f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
-             f"total {result.total_ms:.2f} ms")
+    if result.stages:  # a graph of the scheduler's (a pipeline): its stages' models, items and times
+        out.line(f"{result.model} (graph; {result.version or 'no model ran'}) on {result.driver or '-'}: "
+                 f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
+                 f"total {result.total_ms:.2f} ms")
+        for t in result.stages:
+            out.line(f"  stage {t.stage} ({t.model}): {t.items} item{'' if t.items == 1 else 's'}, {t.ms:.2f} ms")
+    else:
+        out.line(f"{result.model} {result.version} ({result.variant}, level {result.level}) on {result.driver}: "
+                 f"batch {result.batch}, queue {result.queue_ms:.2f} ms, compute {result.compute_ms:.2f} ms, "
+                 f"total {result.total_ms:.2f} ms")
     for name, o in outputs:
         for line in show_output(name, o, out.width):
             out.line(line)

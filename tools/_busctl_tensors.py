@@ -19,7 +19,7 @@ from protocols.modelstore import TensorSpec, show_shape
 
 __all__ = [
     "FORMATS", "InputError", "load_input", "read_wav", "split_input", "parse_value", "fit_input",
-    "contract_spec", "name_inputs", "is_text", "decode_text", "summarise", "show_output", "output_json",
+    "contract_spec", "name_inputs", "is_text", "is_boxes", "decode_text", "summarise", "show_output", "output_json",
     "SHOW_IN_FULL", "JSON_IN_FULL",
 ]
 
@@ -192,6 +192,12 @@ def decode_text(arr: np.ndarray) -> Any:
     return codes.view(f"<U{length}")[..., 0].tolist()
 
 
+def is_boxes(name: str, arr: np.ndarray) -> bool:
+    """Boxes as four (x, y) corners, [..., 4, 2] (a text detector's, a graph's crops'); an
+    output says it is boxes by its name."""
+    return arr.dtype.kind in "fiu" and arr.ndim >= 3 and arr.shape[-2:] == (4, 2) and "box" in name.lower()
+
+
 def _scores(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" and arr.ndim >= 1 and arr.shape[-1] >= MIN_CLASSES
 
@@ -234,6 +240,11 @@ def show_output(name: str, arr: np.ndarray, width: int = 160) -> list[str]:
             if len(rows) > SHOW_IN_FULL:
                 lines.append(f"  ... {len(rows) - SHOW_IN_FULL} more")
             return lines
+    if is_boxes(name, arr) and 0 < arr.size <= SHOW_IN_FULL * 8:  # (more: padded, summarised below)
+        one = all(d == 1 for d in arr.shape[:-3])  # (one request: number the boxes alone)
+        where = [str(i[-1]) if one else str(list(i)) for i in np.ndindex(*arr.shape[:-2])]
+        return [head] + [f"  box {w}: " + " ".join(f"({x:.0f}, {y:.0f})" for x, y in box.tolist())
+                         for w, box in zip(where, arr.reshape(-1, 4, 2))]
     if arr.size <= SHOW_IN_FULL:
         values = np.array2string(arr, separator=", ", threshold=SHOW_IN_FULL + 1, max_line_width=max(width - 4, 40))
         return [f"{head} {values}" if "\n" not in values else head] + \
