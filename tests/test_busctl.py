@@ -400,7 +400,7 @@ t busctl list --dead
 """
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out
-    assert out.stdout.splitlines() == ["status start stop", "greeter listener other", "greeter",
+    assert out.stdout.splitlines() == ["status start stop stream", "greeter listener other", "greeter",
                                        "short json json-pretty", "tail verify", "grant revoke reset greeter listener other",
                                        "--deadline"]
     if shutil.which("zsh") is None:
@@ -420,8 +420,8 @@ t busctl co
     assert out.returncode == 0, out
     assert out.stdout.splitlines() == ["greeter listener other", "files ", "files -/", " ".join(
         ["list", "status", "logs", "call", "introspect", "start", "stop", "restart", "reload", "wait", "caps", "audit",
-         "trust", "attest", "security", "model", "infer", "sched", "metrics", "top", "monitor", "pub", "sub",
-         "completion"])], out.stdout
+         "trust", "attest", "security", "model", "infer", "stream", "sched", "metrics", "top", "monitor", "pub",
+         "sub", "completion"])], out.stdout
 
 
 # -- 2. timeouts --------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ __all__ = [
     "UsageError", "EXIT_FAILED", "EXIT_TIMEOUT", "uptime_text", "read_json_object",
     "cmd_list", "cmd_status", "cmd_call", "cmd_introspect", "cmd_start", "cmd_stop", "cmd_restart",
     "cmd_reload", "cmd_wait", "cmd_caps", "cmd_audit", "cmd_trust", "cmd_attest", "cmd_security",
-    "cmd_model", "cmd_infer", "cmd_sched", "cmd_metrics", "parse_metrics",
+    "cmd_model", "cmd_infer", "cmd_stream", "cmd_sched", "cmd_metrics", "parse_metrics",
 ]
 
 EXIT_FAILED = 1
@@ -584,6 +584,240 @@ async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         for line in show_output(name, o, out.width):
             out.line(line)
     return 0
+
+
+#: samples per chunk when the model's chunk input has no fixed size (32 ms at 16 kHz)
+STREAM_CHUNK = 512
+
+
+async def _stream_contract(bus: BusClient, args: argparse.Namespace) -> tuple[list[Any], bool] | None:
+    """The inputs a client gives the model (pre ops folded in) and whether its manifest
+    declares states; None when the model store cannot say (the scheduler judges alone)."""
+    from protocols.modelstore import InspectModel, ModelManifest
+    from services import RemoteError
+
+    try:
+        found = await bus.call("modelstore", InspectModel(name=args.model, version=args.version or ""),
+                               ModelManifest, timeout=args.deadline)
+    except RemoteError:
+        return None
+    manifest = found.manifest
+    inputs = list(manifest.inputs)
+    if manifest.pre or manifest.post:
+        try:
+            from drivers.ops import OpsError, check_chains
+        except ImportError:
+            pass
+        else:
+            try:
+                inputs = list(check_chains(manifest).inputs)
+            except OpsError:
+                pass
+    return inputs, bool(manifest.states)
+
+
+def _chunk_shape(spec: Any, chunk: int | None) -> tuple[int, list[int]]:
+    """How the samples fill one chunk of the input ``spec``: (samples per chunk, the array's
+    shape): a batch axis of 1, fixed sizes kept, the one free axis the samples (``chunk``,
+    else the fixed sizes' product, else STREAM_CHUNK)."""
+    if spec is None:
+        n = chunk or STREAM_CHUNK
+        return n, [1, n]
+    axis = spec.batch()
+    dims = [1 if i == axis else d for i, d in enumerate(spec.shape)]
+    free = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+    fixed = int(math.prod(d for d in dims if isinstance(d, int)))
+    if len(free) > 1:
+        raise UsageError(f"input {spec.name!r} is {spec.describe()}: busctl stream fills one axis of free size with "
+                         "the samples, this input has several")
+    if not free:
+        if not spec.shape:
+            raise UsageError(f"input {spec.name!r} is a scalar ({spec.describe()}): it cannot take the file's samples")
+        if chunk is not None and chunk != fixed:
+            raise UsageError(f"--chunk {chunk}: input {spec.name!r} is {spec.describe()}, it takes {fixed} samples "
+                             "a chunk")
+        return fixed, [int(d) for d in dims]
+    n = chunk or STREAM_CHUNK * fixed
+    if n % fixed:
+        raise UsageError(f"--chunk {n}: input {spec.name!r} is {spec.describe()}, so a chunk is a multiple of {fixed} "
+                         "samples")
+    return n, [n // fixed if i == free[0] else int(d) for i, d in enumerate(dims)]
+
+
+def _chunk_text(name: str, arr: Any) -> str:
+    """One output of one chunk, on part of a line: its values when small, else a summary."""
+    import numpy as np
+
+    from ._busctl_tensors import SHOW_IN_FULL, decode_text, is_text, summarise
+
+    if is_text(name, arr):
+        try:
+            return f"{name}={decode_text(arr)!r}"
+        except ValueError:
+            pass
+    if arr.size <= SHOW_IN_FULL:
+        values = arr.reshape(-1) if arr.size == 1 else arr
+        text = np.array2string(values, separator=",", threshold=SHOW_IN_FULL + 1, max_line_width=10_000,
+                               formatter={"float_kind": lambda x: f"{x:.4g}"})
+        return f"{name}={text.replace(chr(10), '')}"
+    s = summarise(arr)
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+    top = f" top {s['top'][0][0]}" if "top" in s else ""
+    return (f"{name}: {arr.dtype.name} {list(arr.shape)} min {fmt(s['min'])} max {fmt(s['max'])} "
+            f"mean {fmt(s['mean'])}{top}")
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
+async def cmd_stream(bus: BusClient, args: argparse.Namespace, out: Output) -> int:
+    """A .wav file through a stateful stream, chunk by chunk: as fast as the answers come
+    or (--realtime) one chunk per chunk period on a monotonic schedule; one line per chunk,
+    a summary at the end; the stream is closed however busctl ends (Ctrl-C, a closed pipe)."""
+    import wave
+
+    import numpy as np
+
+    from protocols import pack_tensors
+    from services import BusError, RemoteError
+    from services.scheduler import CloseStream, Infer, InferResult, OpenStream, StreamClosed, StreamOpened
+
+    from ._busctl_tensors import InputError, contract_spec, output_json, parse_value, read_wav
+
+    if args.chunk is not None and args.chunk < 1:
+        raise UsageError(f"--chunk {args.chunk}: give a number of samples >= 1")
+    try:
+        samples = read_wav(args.input)
+        with wave.open(str(args.input), "rb") as w:
+            rate = w.getframerate()
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, EOFError, wave.Error) as exc:
+        raise UsageError(f"cannot read {args.input} as a .wav file: {exc}") from None
+    if not samples.size:
+        raise UsageError(f"{args.input} holds no samples")
+    found = await _stream_contract(bus, args)
+    specs = found[0] if found else []
+    notes: list[str] = []
+    try:
+        params = dict(parse_value(v, contract_spec(specs, v.partition("=")[0])) for v in args.value)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    sr = contract_spec(specs, "sr")
+    if sr is not None and "sr" not in params and sr.dtype == "int64" and sr.batch() is None \
+            and all(d == 1 for d in sr.shape):
+        params["sr"] = np.full([int(d) for d in sr.shape], rate, dtype=np.int64)
+        notes.append(f"sr={rate}: the file's sample rate (give --value sr=N to set another)")
+
+    descs, frames = pack_tensors(params) if params else ([], [])
+    incoming = await bus.request("scheduler", OpenStream(model=args.model, tensors=descs, version=args.version or "",
+                                                         topic=args.topic or "", outputs=list(args.only)),
+                                 frames=frames, timeout=args.deadline)
+    opened = incoming.decode(StreamOpened)
+    latencies: list[float] = []
+    late: list[float] = []
+    resets: list[tuple[int, str]] = []
+    done, chunks, period, interrupted = 0, -1, 0.0, False
+    t_start = time.monotonic()
+    try:
+        if len(opened.inputs) != 1:
+            raise UsageError(f"{args.model}'s chunks carry {len(opened.inputs)} inputs "
+                             f"({', '.join(map(repr, opened.inputs))}): busctl stream feeds one, from the .wav file")
+        name = opened.inputs[0]
+        per_chunk, shape = _chunk_shape(contract_spec(specs, name), args.chunk)
+        chunks = -(-samples.size // per_chunk)
+        pad = chunks * per_chunk - samples.size
+        padded = np.zeros(chunks * per_chunk, dtype=np.float32)
+        padded[:samples.size] = samples
+        if pad:
+            notes.append(f"the last chunk is zero-padded with {pad} samples")
+        period = per_chunk / rate
+        head = {"stream": opened.stream, "model": opened.model, "version": opened.version, "driver": opened.driver,
+                "file": str(args.input), "rate": rate, "seconds": samples.size / rate, "chunks": chunks,
+                "chunk_samples": per_chunk, "chunk_ms": period * 1e3, "realtime": bool(args.realtime),
+                "topic": args.topic or "", "notes": notes}
+        if out.json:
+            out.emit({"kind": "opened", **head}, flush=True)
+        else:
+            out.line(f"stream {opened.stream}: {opened.model} {opened.version} on {opened.driver or '?'}, "
+                     f"{args.input} ({rate} Hz, {samples.size / rate:.2f} s) in {chunks} chunks of {per_chunk} "
+                     f"samples ({period * 1e3:.1f} ms)" + (", in real time" if args.realtime else "")
+                     + (f"; results also on {args.topic}" if args.topic else ""), flush=True)
+            for note in notes:
+                out.line(f"  note: {note}", flush=True)
+        t_start = time.monotonic()
+        for i in range(chunks):
+            due = t_start + i * period
+            if args.realtime:
+                await anyio.sleep(max(due - time.monotonic(), 0.0))  # the schedule is absolute: no drift
+            tensors = {name: padded[i * per_chunk:(i + 1) * per_chunk].reshape(shape)}
+            cdescs, cframes = pack_tensors(tensors)
+            sent = time.monotonic()
+            reply = await bus.request("scheduler", Infer(model=args.model, tensors=cdescs, stream=opened.stream),
+                                      frames=cframes, timeout=args.deadline)
+            answered = time.monotonic()
+            done += 1
+            result = reply.decode(InferResult)
+            latency = (answered - sent) * 1e3
+            latencies.append(latency)
+            if args.realtime:
+                late.append((answered - due) * 1e3)
+            if result.reset:
+                resets.append((result.seq, result.reset))
+            outputs = [(t.name or f"output{j}", np.asarray(reply.tensor(t))) for j, t in enumerate(result.outputs)]
+            if out.json:
+                out.emit({"kind": "chunk", "seq": result.seq, "time_s": i * period, "latency_ms": latency,
+                          **({"late_ms": late[-1]} if args.realtime else {}), "batch": result.batch,
+                          "queue_ms": result.queue_ms, "compute_ms": result.compute_ms, "driver": result.driver,
+                          "reset": result.reset,
+                          "outputs": {n: output_json(n, o) for n, o in outputs}}, flush=True)
+            else:
+                if result.reset:
+                    out.line(out.paint(f"  reset before chunk {result.seq}: {result.reset}", "yellow"), flush=True)
+                out.line(f"{result.seq:>6} {i * period:9.3f}s  " + "  ".join(_chunk_text(n, o) for n, o in outputs)
+                         + f"  ({latency:.2f} ms, batch {result.batch})", flush=True)
+    except (KeyboardInterrupt, anyio.get_cancelled_exc_class()):
+        interrupted = True  # Ctrl-C: the stream is closed and what was done summed up, then busctl exits 130
+        raise
+    finally:
+        closed = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(min(args.deadline, 5.0)):
+            try:
+                closed = (await bus.request("scheduler", CloseStream(stream=opened.stream),
+                                            timeout=min(args.deadline, 5.0))).decode(StreamClosed)
+            except (BusError, RemoteError):
+                pass  # gone already (the scheduler restarted, or the stream expired): nothing to close
+        if done == chunks or interrupted:
+            _stream_summary(out, opened.stream, time.monotonic() - t_start, latencies, late, resets, closed,
+                            period if args.realtime else None, interrupted)
+    return 0
+
+
+def _stream_summary(out: Output, stream: str, wall: float, latencies: list[float], late: list[float],
+                    resets: list[tuple[int, str]], closed: Any, period: float | None, interrupted: bool) -> None:
+    """busctl stream's last line: chunks, latency, lateness (in real time), resets."""
+    summary: dict[str, Any] = {
+        "kind": "summary", "stream": stream, "chunks": len(latencies), "seconds": wall, "interrupted": interrupted,
+        "latency_ms": {"mean": sum(latencies) / len(latencies) if latencies else None,
+                       "p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99),
+                       "max": max(latencies) if latencies else None},
+        "resets": [{"seq": s, "reason": r} for s, r in resets], "closed": closed is not None}
+    if period is not None:
+        summary["late_chunks"] = sum(1 for x in late if x > period * 1e3)
+        summary["max_late_ms"] = max(late) if late else None
+    if out.json:
+        out.emit(summary, flush=True)
+        return
+    lat = {k: "-" if v is None else f"{v:.2f} ms" for k, v in summary["latency_ms"].items()}
+    out.line(("interrupted after " if interrupted else "") + f"{len(latencies)} chunks in {wall:.2f} s: latency "
+             f"mean {lat['mean']}, p50 {lat['p50']}, p99 {lat['p99']}, max {lat['max']}; "
+             + (f"answered more than a chunk period after it was due: {summary['late_chunks']}; "
+                if period is not None else "")
+             + f"resets: {len(resets)}; stream " + ("closed" if closed else "not closed (it expires when idle)"),
+             flush=True)
 
 
 async def cmd_sched(bus: BusClient, args: argparse.Namespace, out: Output) -> int:

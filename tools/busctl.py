@@ -68,6 +68,7 @@ from ._busctl_commands import (
     cmd_start,
     cmd_status,
     cmd_stop,
+    cmd_stream,
     cmd_trust,
     cmd_wait,
 )
@@ -334,6 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="a request key for sticky A/B assignment")
     p.add_argument("--batch", action="store_true",
                    help="add a batch axis of 1 to every input that has one, whatever the array's rank")
+    p = verb("stream", cmd_stream, "stream a .wav file through a stateful model (one whose manifest declares "
+                                   "states) chunk by chunk, as fast as the answers come or in real time, and print "
+                                   "each chunk's outputs and a latency summary")
+    p.add_argument("model", metavar="MODEL", help="the model's name")
+    p.add_argument("--input", required=True, metavar="FILE.wav",
+                   help="a .wav file (8/16/24/32-bit integer PCM; the first channel, float32 in [-1, 1], not "
+                        "resampled)").complete = "file"  # type: ignore[attr-defined]
+    p.add_argument("--topic", metavar="TOPIC", help="also publish each chunk's result on this topic "
+                                                    "(under results., e.g. results.vad.mic-1)")
+    p.add_argument("--realtime", action="store_true",
+                   help="send one chunk per chunk period, as a microphone would (default: as fast as answers come)")
+    p.add_argument("--chunk", type=int, metavar="N",
+                   help="samples per chunk (default: the model's fixed chunk size, else 512; the last chunk is "
+                        "zero-padded)")
+    p.add_argument("--value", action="append", default=[], metavar="NAME=NUMBER[:DTYPE]",
+                   help="a parameter of the stream, fixed for its life, e.g. sr=16000:int64 (a model's int64 "
+                        "scalar sr, when not given: the file's sample rate)")
+    p.add_argument("--only", action="append", default=[], metavar="OUTPUT",
+                   help="send back only this output (once for each; default: all but the states)")
+    p.add_argument("--version", help="a version of the model (default: the active one, or the split's pick)")
     verb("sched", cmd_sched, "scheduler queues, batches, drivers, degradation")
     verb("metrics", cmd_metrics, "every service's metrics (Prometheus text; JSON: families and samples)")
     p = verb("top", cmd_top, "live view: services, message rates, CPU, memory, queues (q quits)")
