@@ -51,6 +51,8 @@
   each model's contract when a version first runs (every input mapped, the outputs used
   given, with a batch axis).
 * **Metrics.**  ``edgebus_graph_stage_seconds{graph, stage}``, ``edgebus_graph_seconds{graph}``.
+
+A graph's name is what ``Infer.model`` names: it hides an installed model of the same name.
 """
 
 from __future__ import annotations
