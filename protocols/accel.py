@@ -27,6 +27,8 @@ class Run(msgspec.Struct, tag=True, omit_defaults=True):
     raw: bool = False
     #: also return the pre ops' output (the model's input features) as the last output
     features: bool = False
+    #: the outputs to send back, by name (the model's or its post chains'); empty: all
+    outputs: list[str] = []
 
 
 class Load(msgspec.Struct, tag=True, omit_defaults=True):

@@ -443,3 +443,18 @@ def test_a_driver_the_kernel_does_not_report_ready_gets_no_batch() -> None:
     assert place([starting, ready], now, 80.0) is None
     starting.ready = True
     assert place([starting, ready], now, 80.0) is starting
+
+
+async def test_a_batch_brings_back_the_union_of_the_outputs_its_jobs_want() -> None:
+    from services.scheduler._batching import wanted_outputs
+
+    a, b, c = job(), job(), job()
+    a.want, b.want = frozenset({"y"}), frozenset({"z", "y"})
+    assert wanted_outputs([a, b]) == ["y", "z"]
+    assert wanted_outputs([a, b, c]) is None  # c wants them all
+    two = Plan("m", [TensorSpec(name="x", dtype="float32", shape=[None, 4])],
+               [TensorSpec(name="y", dtype="float32", shape=[None, 4]),
+                TensorSpec(name="big", dtype="float32", shape=[None, 1000])])
+    d = job(plan=two)
+    d.want = frozenset({"y"})
+    assert misfit([d], {"y": np.zeros((1, 4), np.float32)}) == ""  # "big" was not asked for: not missing

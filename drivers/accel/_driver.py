@@ -199,6 +199,12 @@ class AcceleratorDriver(Service):
             if "INVALID_ARGUMENT" in str(exc) or "Unexpected input" in str(exc) or "data type" in str(exc):
                 raise BadMessage(f"{req.model}: {message}") from exc
             raise InternalError(f"{req.model}: {message}") from exc
+        if req.outputs:  # only what the scheduler's callers asked for travels back
+            unknown = [n for n in req.outputs if n not in outputs]
+            if unknown:
+                raise BadMessage(f"{req.model} gives no output {', '.join(map(repr, unknown))}; it gives "
+                                 f"{', '.join(map(repr, outputs))}")
+            outputs = {n: outputs[n] for n in (*req.outputs, *([FEATURES] if req.features else []))}
         descs, frames = pack_tensors(outputs, zero_copy=True)  # ours (ORT's or the ops' new arrays), never written again
         return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
 

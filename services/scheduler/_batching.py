@@ -17,7 +17,7 @@ import numpy as np
 
 from ._queueing import Job, ModelQueue
 
-__all__ = ["stackable", "take", "form_batch", "stack", "split", "misfit", "undefined"]
+__all__ = ["stackable", "take", "form_batch", "stack", "split", "misfit", "undefined", "wanted_outputs"]
 
 
 def stackable(first: Job, job: Job) -> bool:
@@ -85,7 +85,10 @@ def misfit(batch: list[Job], outputs: dict[str, np.ndarray]) -> str:
     none missing; none may be missing."""
     plan = batch[0].plan
     rows = sum(job.rows for job in batch)
+    wanted = wanted_outputs(batch)
     for name, axis in plan.out_axes.items():
+        if wanted is not None and name not in wanted:
+            continue
         out = outputs.get(name)
         if out is None:
             return f"no output {name!r} (it gave {', '.join(map(repr, outputs)) or 'nothing'})"
@@ -95,6 +98,13 @@ def misfit(batch: list[Job], outputs: dict[str, np.ndarray]) -> str:
             return (f"output {name!r} has shape {list(out.shape)} for {rows} input row(s); it needs one row per "
                     f"input row on axis {axis}")
     return ""
+
+
+def wanted_outputs(batch: list[Job]) -> list[str] | None:
+    """The outputs a batch must bring back: the union of what its jobs want (None: all)."""
+    if any(job.want is None for job in batch):
+        return None
+    return sorted(frozenset().union(*(job.want for job in batch)))  # type: ignore[arg-type]
 
 
 def undefined(job: Job) -> str:

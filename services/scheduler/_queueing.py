@@ -33,7 +33,7 @@ class Job:
     """One request waiting for its batch; ``done`` is set with ``result`` or ``error``."""
 
     __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "result", "error",
-                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin")
+                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin", "want")
 
     def __init__(self, model: str, version: str, inputs: dict[str, np.ndarray], priority: int, deadline: float,
                  plan: Plan, variant: str = "") -> None:
@@ -44,6 +44,8 @@ class Job:
         self.rows = plan.rows(inputs)
         #: the driver it must run on (a stream's), or None: any
         self.pin: str | None = None
+        #: the outputs its caller wants (None: all); the batch brings back the union of its jobs'
+        self.want: frozenset[str] | None = None
         #: deadline: wall-clock seconds (the bus header's), 0 for none
         self.priority, self.deadline, self.seq = priority, deadline, next(_seq)
         self.done = anyio.Event()

@@ -72,7 +72,7 @@ from services import (
     run,
 )
 
-from ._batching import form_batch, misfit, split, stack, undefined
+from ._batching import form_batch, misfit, split, stack, undefined, wanted_outputs
 from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
 from ._graphs import Graphs
@@ -204,6 +204,7 @@ class Scheduler(Service):
         wanted = plan.wanted(outputs) if outputs else None
         check_priority(priority)
         job = Job(model, version, inputs, priority, deadline, plan, variant)
+        job.want = frozenset(wanted) if wanted else None
         await self._run(job, manifest)
         assert job.result is not None
         given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
@@ -486,7 +487,8 @@ class Scheduler(Service):
 
         async def send(driver: Driver) -> Any:
             return await self.bus.request(driver.name, Run(model=model, version=version, variant=variant,
-                                                           inputs=descs, features=features),
+                                                           inputs=descs, features=features,
+                                                           outputs=wanted_outputs(batch) or []),
                                           frames=frames, deadline=deadline)
 
         def failed(driver: Driver, exc: Exception) -> None:
