@@ -23,7 +23,6 @@ both ways.  The two answers (text, boxes) are compared: they must be the same.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -34,10 +33,8 @@ import anyio
 import numpy as np
 
 from protocols import pack_tensors
-from protocols.modelstore import Activate, Install, ModelState
-from services import connect
 from services.scheduler import Infer, InferResult
-from tools._benchkit import boot, stop, write_results
+from tools._benchkit import boot, client, inference_config, install, pack_signed, stop, write_results
 
 DET = {"pre": [{"op": "image.resize", "params": {"height": 160, "width": 640}},
                {"op": "image.normalize", "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -70,28 +67,7 @@ inputs = { x = "crop.crops" }
 
 
 def _config(pub: str) -> str:
-    return f"""
-[services.security]
-command = ["{{python}}", "-m", "services.security"]
-capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-settings = {{ trusted_keys = [{{ label = "bench", public_key = "{pub}" }}] }}
-[services.modelstore]
-command = ["{{python}}", "-m", "services.modelstore"]
-requires = ["security"]
-capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
-[services.accel-cpu]
-command = ["{{python}}", "-m", "drivers.accel"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.GetModel", "call:modelstore.GetAsset"]
-settings = {{ threads = 1 }}
-[services.scheduler]
-command = ["{{python}}", "-m", "services.scheduler"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
-[services.scheduler.settings]
-max_delay_ms = 0
-health_report_s = 3600
-{GRAPH}"""
+    return inference_config(pub, "max_delay_ms = 0\nhealth_report_s = 3600", extra=GRAPH)
 
 
 def rendered() -> np.ndarray:
@@ -140,39 +116,21 @@ class Direct:
 
 
 def _pack(model: Path, name: str, spec: dict[str, Any], key: Any, tmp: Path) -> tuple[bytes, Any]:
+    """The signed bundle and its manifest (the direct chain builds its ops from it)."""
     from services.modelstore import Bundle
-    from tools.edgebus import build_parser
 
-    spec_path, out = tmp / f"{name}.json", tmp / f"{name}.ebm"
-    spec_path.write_text(json.dumps(spec))
-    args = build_parser().parse_args(["model", "pack", str(model), "--name", name, "--version", "1.0.0",
-                                      "--out", str(out), "--spec", str(spec_path)])
-    if args.func(args) != 0:
-        raise SystemExit(f"cannot pack {model}")
-    bundle = Bundle.load(out)
-    bundle.sign(key)
-    return bundle.to_bytes(), bundle.manifest
+    data = pack_signed(model, name, spec, key, tmp)
+    return data, Bundle.from_bytes(data).manifest
 
 
 async def _through_bus(tmp: Path, bundles: dict[str, bytes], image: np.ndarray, direct: Direct, rounds: int,
                        requests: int) -> dict[str, Any]:
-    from protocols import ListServices, ServiceList
-
     descs, frames = pack_tensors({"image": image[None]})
     times: dict[str, dict[str, list[float]]] = {way: {s: [] for s in ("det", "crop", "rec", "total")}
                                                 for way in ("direct", "bus")}
     same = True
-    async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
-        sub = await bus.subscribe("kernel.services")
-        while True:
-            st = await bus.call("kernel", ListServices(), ServiceList)
-            if st.services and all(s.state == "ready" for s in st.services):
-                break
-            await sub.receive()
-        for name, data in bundles.items():
-            await bus.request("modelstore", Install(), frames=[data], timeout=120)
-            await bus.call("modelstore", Activate(name=name, version="1.0.0"), ModelState)
-
+    await install(tmp, bundles)
+    async with client(tmp) as bus:
         async def one() -> tuple[InferResult, dict[str, np.ndarray], float]:
             t0 = time.perf_counter()
             incoming = await bus.request("scheduler", Infer(model="ocr", tensors=descs), frames=frames, timeout=60)

@@ -27,32 +27,12 @@ import numpy as np
 
 from protocols import pack_tensors
 from services import connect
-from protocols.modelstore import Activate, Install, ModelState
 from services.scheduler import Infer
-from tools._benchkit import boot, matmul_onnx, stop, write_results
+from tools._benchkit import boot, client, inference_config, install, matmul_onnx, stop, write_results
 
 
 def _config(pub: str, max_batch: int) -> str:
-    return f"""
-[services.security]
-command = ["{{python}}", "-m", "services.security"]
-capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-settings = {{ trusted_keys = [{{ label = "bench", public_key = "{pub}" }}] }}
-[services.modelstore]
-command = ["{{python}}", "-m", "services.modelstore"]
-requires = ["security"]
-capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
-[services.accel-cpu]
-command = ["{{python}}", "-m", "drivers.accel"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.GetModel"]
-settings = {{ threads = 1 }}
-[services.scheduler]
-command = ["{{python}}", "-m", "services.scheduler"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
-settings = {{ max_batch = {max_batch}, max_delay_ms = 0, max_queue = 4096 }}
-"""
+    return inference_config(pub, f"max_batch = {max_batch}\nmax_delay_ms = 0\nmax_queue = 4096")
 
 
 def _channel_mean_onnx() -> bytes:
@@ -82,27 +62,9 @@ def _bundle(name: str, model: bytes, n: int | None, key, in_shape: list | None =
     return b.to_bytes()
 
 
-async def _prepare(tmp: Path, bundles: list[bytes]) -> None:
-    from protocols import ListServices, ServiceList
-
-    async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
-        sub = await bus.subscribe("kernel.services")
-        while True:
-            st = await bus.call("kernel", ListServices(), ServiceList)
-            if st.services and all(s.state == "ready" for s in st.services):
-                break
-            await sub.receive()
-        for b in bundles:
-            installed = await bus.request("modelstore", Install(), frames=[b], timeout=120)
-            from protocols.modelstore import Installed
-
-            i = installed.decode(Installed)
-            await bus.call("modelstore", Activate(name=i.name, version=i.version), ModelState)
-
-
 async def _latency(tmp: Path, model: str, x: np.ndarray, n: int) -> list[float]:
     descs, frames = pack_tensors([x])
-    async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
+    async with client(tmp) as bus:
         for _ in range(min(200, n)):
             await bus.request("scheduler", Infer(model=model, tensors=descs), frames=frames)
         times = []
@@ -126,7 +88,7 @@ def _direct(session, x: np.ndarray, n: int) -> list[float]:
 
 async def _throughput(tmp: Path, x: np.ndarray, total: int, concurrency: int = 32) -> float:
     descs, frames = pack_tensors([x])
-    async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
+    async with client(tmp) as bus:
         for _ in range(50):
             await bus.request("scheduler", Infer(model="wide", tensors=descs), frames=frames)
         remaining = total
@@ -158,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
     small, wide, mid, image = matmul_onnx(4), matmul_onnx(256, 1), matmul_onnx(1024, 3), _channel_mean_onnx()
-    bundles = [_bundle("small", small, 4, key), _bundle("wide", wide, 256, key), _bundle("mid", mid, 1024, key),
-               _bundle("image", image, None, key, [None, 3, None, None], [None, 1, None, None])]
+    bundles = {"small": _bundle("small", small, 4, key), "wide": _bundle("wide", wide, 256, key),
+               "mid": _bundle("mid", mid, 1024, key),
+               "image": _bundle("image", image, None, key, [None, 3, None, None], [None, 1, None, None])}
     rng = np.random.default_rng(2)
     x_wide = rng.standard_normal((1, 256)).astype(np.float32)
     #: name -> (model bytes, input, requests per run)
@@ -178,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in (("batched", "unbatched") if run % 2 == 0 else ("unbatched", "batched")):
             proc, tmp = boot(_config(pub, 16 if mode == "batched" else 1))
             try:
-                anyio.run(_prepare, tmp, bundles)
+                anyio.run(install, tmp, bundles)
                 if mode == "batched":  # direct and through the bus, one after the other per model
                     for name, (_, x, n) in cases.items():
                         results["latency"][name]["direct"].extend(_direct(sessions[name], x, n))

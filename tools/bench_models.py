@@ -21,7 +21,6 @@ silero's batch axes) and installed into a throwaway system with one driver of on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -32,10 +31,8 @@ import anyio
 import numpy as np
 
 from protocols import pack_tensors
-from protocols.modelstore import Activate, Install, ModelState
-from services import connect
 from services.scheduler import GetSchedule, Infer, InferResult, Schedule
-from tools._benchkit import boot, stop, write_results
+from tools._benchkit import boot, client, inference_config, install, pack_signed, stop, write_results
 
 #: name -> (model to fetch, pack spec, input maker, latency requests, throughput requests)
 CASES: dict[str, tuple[str, dict[str, Any], Any, int, int]] = {
@@ -49,67 +46,23 @@ CASES: dict[str, tuple[str, dict[str, Any], Any, int, int]] = {
 
 
 def _config(pub: str, batching: str) -> str:
-    return f"""
-[services.security]
-command = ["{{python}}", "-m", "services.security"]
-capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll", "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
-settings = {{ trusted_keys = [{{ label = "bench", public_key = "{pub}" }}] }}
-[services.modelstore]
-command = ["{{python}}", "-m", "services.modelstore"]
-requires = ["security"]
-capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal", "call:security.AuditAppend", "publish:modelstore.*"]
-[services.accel-cpu]
-command = ["{{python}}", "-m", "drivers.accel"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.GetModel", "call:modelstore.GetAsset"]
-settings = {{ threads = 1 }}
-[services.scheduler]
-command = ["{{python}}", "-m", "services.scheduler"]
-requires = ["modelstore"]
-capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*", "publish:scheduler.*"]
-settings = {{ batching = "{batching}", max_batch = 16, max_delay_ms = 0, max_queue = 4096, health_report_s = 3600 }}
-"""
+    return inference_config(pub, f"""
+batching = "{batching}"
+max_batch = 16
+max_delay_ms = 0
+max_queue = 4096
+health_report_s = 3600""")
 
 
-def _pack(model: Path, name: str, spec: dict[str, Any], key: Any, tmp: Path) -> bytes:
-    from services.modelstore import Bundle
-    from tools.edgebus import build_parser
-
-    spec_path, out = tmp / f"{name}.json", tmp / f"{name}.ebm"
-    spec_path.write_text(json.dumps(spec))
-    args = build_parser().parse_args(["model", "pack", str(model), "--name", name, "--version", "1.0.0",
-                                      "--out", str(out), "--spec", str(spec_path)])
-    if args.func(args) != 0:
-        raise SystemExit(f"cannot pack {model}")
-    bundle = Bundle.load(out)
-    bundle.sign(key)
-    return bundle.to_bytes()
-
-
-async def _install(tmp: Path, bundles: dict[str, bytes]) -> None:
-    from protocols import ListServices, ServiceList
-
-    async with connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text()) as bus:
-        sub = await bus.subscribe("kernel.services")
-        while True:
-            st = await bus.call("kernel", ListServices(), ServiceList)
-            if st.services and all(s.state == "ready" for s in st.services):
-                break
-            await sub.receive()
-        for name, data in bundles.items():
-            await bus.request("modelstore", Install(), frames=[data], timeout=120)
-            await bus.call("modelstore", Activate(name=name, version="1.0.0"), ModelState)
-
-
-def _client(tmp: Path) -> Any:
-    return connect("bench", run_dir=tmp / "run", credential=(tmp / "run/credentials/operator").read_text())
+#: (tools.bench_streams packs and installs through these names)
+_pack, _install = pack_signed, install
 
 
 async def _bus_latency(tmp: Path, model: str, inputs: dict[str, np.ndarray], n: int,
                        expected: list[np.ndarray]) -> tuple[list[float], bool]:
     descs, frames = pack_tensors(inputs)
     exact = True
-    async with _client(tmp) as bus:
+    async with client(tmp) as bus:
         for i in range(min(20, n)):
             incoming = await bus.request("scheduler", Infer(model=model, tensors=descs), frames=frames, timeout=60)
             if i == 0:
@@ -138,7 +91,7 @@ def _direct(session: Any, inputs: dict[str, np.ndarray], n: int) -> list[float]:
 async def _throughput(tmp: Path, model: str, inputs: dict[str, np.ndarray], total: int,
                       concurrency: int = 32) -> tuple[float, str]:
     descs, frames = pack_tensors(inputs)
-    async with _client(tmp) as bus:
+    async with client(tmp) as bus:
         async def run(count: int) -> float:
             remaining = count
 
@@ -188,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             path = model_path(fetch)
         except ModelUnavailable as exc:
             raise SystemExit(f"bench_models: {exc}") from None
-        bundles[name] = _pack(path, name, spec, key, tmp)
+        bundles[name] = pack_signed(path, name, spec, key, tmp)
         inputs[name] = make(rng)
         sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     count = lambda n: max(10, int(n * args.scale))  # noqa: E731
@@ -201,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in (("auto", "off") if run % 2 == 0 else ("off", "auto")):
             proc, sys_tmp = boot(_config(pub, mode))
             try:
-                anyio.run(_install, sys_tmp, bundles)
+                anyio.run(install, sys_tmp, bundles)
                 for name in args.models:
                     _, _, _, n_lat, n_tp = CASES[name]
                     if mode == "off":  # latency at batch 1 (nothing else running): direct, then the bus
