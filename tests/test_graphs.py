@@ -35,7 +35,8 @@ from services.scheduler import GetSchedule, InferResult, Schedule
 
 from conftest import BIN, System
 from test_inference import config
-from test_real_models import DET_POST, DET_PRE, REC_POST, REC_PRE, infer, pack
+from helpers.models import pack_real, system_with
+from test_real_models import DET_POST, DET_PRE, REC_POST, REC_PRE, infer
 
 #: the graph as a user declares it (here inline, as the test config's settings are one table)
 OCR = {
@@ -93,29 +94,16 @@ LARGER = rendered([(60, 30, "EDGEBUS 2026", 64), (60, 140, "OCR GRAPH", 64)], (9
 @pytest.fixture(scope="module")
 def system(real_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     tmp = tmp_path_factory.mktemp("graphs")
-    bundles = {"text-det": pack(real_model("ppocr-det"), tmp / "det.ebm", "text-det", {"pre": DET_PRE, "post": DET_POST}),
-               "text-rec": pack(real_model("ppocr-rec"), tmp / "rec.ebm", "text-rec", {"pre": REC_PRE, "post": REC_POST}),
-               "text-cls": pack(real_model("ppocr-cls"), tmp / "cls.ebm", "text-cls", {})}
+    bundles = {"text-det": pack_real(real_model("ppocr-det"), tmp / "det.ebm", "text-det",
+                                     {"pre": DET_PRE, "post": DET_POST}),
+               "text-rec": pack_real(real_model("ppocr-rec"), tmp / "rec.ebm", "text-rec",
+                                     {"pre": REC_PRE, "post": REC_POST}),
+               "text-cls": pack_real(real_model("ppocr-cls"), tmp / "cls.ebm", "text-cls", {})}
     text = config(1).replace("max_delay_ms = 5,", f'max_delay_ms = 20, batching = "on", max_batch = 8, '
                                                   f'graphs = {inline(GRAPHS)},')
     text = text.replace("[services.scheduler]\n", '[services.scheduler]\nenvironment = { EDGEBUS_METRICS_INTERVAL = "0.2" }\n')
-    s = System(tmp, text)
-    try:
-        s.wait_bus()
-
-        async def install() -> None:
-            from protocols.modelstore import Activate, Install, ModelState
-
-            await s.wait_ready("security", "modelstore", "scheduler", "accel-0")
-            async with s.client() as bus:
-                for name, data in bundles.items():
-                    await bus.request("modelstore", Install(), frames=[data], timeout=120)
-                    await bus.call("modelstore", Activate(name=name, version="1.0.0"), ModelState)
-
-        anyio.run(install)
+    with system_with(tmp, text, bundles) as s:
         yield s
-    finally:
-        s.kill()
 
 
 async def by_hand(bus: Any, image: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,6 @@ tests skip, saying why.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,14 +23,11 @@ import numpy as np
 import pytest
 
 from protocols import pack_tensors
-from protocols.modelstore import Activate, Install, ModelState
-from services.modelstore import Bundle
 from services.scheduler import GetSchedule, Infer, InferResult, Schedule
-from tools.edgebus import build_parser
 
 from conftest import System
 from test_inference import config
-from test_modelstore import KEY
+from helpers.models import pack_real, system_with
 
 DET_PRE = [{"op": "image.resize", "params": {"height": 160, "width": 640}},
            {"op": "image.normalize", "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -42,18 +38,6 @@ REC_PRE = [{"op": "image.resize_pad", "params": {"height": 48, "width": 320}},
 REC_POST = [{"op": "text.ctc_greedy", "params": {"vocabulary": "metadata:character"}}]
 
 
-def pack(model: Path, out: Path, name: str, spec: dict[str, Any]) -> bytes:
-    """`edgebus model pack` as a user runs it (in this process), then signed."""
-    spec_path = out.with_suffix(".json")
-    spec_path.write_text(json.dumps(spec))
-    args = build_parser().parse_args(["model", "pack", str(model), "--name", name, "--version", "1.0.0",
-                                      "--out", str(out), "--spec", str(spec_path)])
-    assert args.func(args) == 0
-    bundle = Bundle.load(out)
-    bundle.sign(KEY)
-    return bundle.to_bytes()
-
-
 @pytest.fixture(scope="module")
 def models(real_model) -> dict[str, Path]:
     return {name: real_model(name) for name in ("ppocr-det", "ppocr-rec", "ppocr-cls")}
@@ -62,25 +46,15 @@ def models(real_model) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def system(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     tmp = tmp_path_factory.mktemp("real")
-    bundles = {"text-cls": pack(models["ppocr-cls"], tmp / "cls.ebm", "text-cls", {}),
-               "text-det": pack(models["ppocr-det"], tmp / "det.ebm", "text-det", {"pre": DET_PRE, "post": DET_POST}),
-               "text-rec": pack(models["ppocr-rec"], tmp / "rec.ebm", "text-rec", {"pre": REC_PRE, "post": REC_POST})}
+    bundles = {"text-cls": pack_real(models["ppocr-cls"], tmp / "cls.ebm", "text-cls", {}),
+               "text-det": pack_real(models["ppocr-det"], tmp / "det.ebm", "text-det",
+                                     {"pre": DET_PRE, "post": DET_POST}),
+               "text-rec": pack_real(models["ppocr-rec"], tmp / "rec.ebm", "text-rec",
+                                     {"pre": REC_PRE, "post": REC_POST})}
     # batching on for every model, so that concurrent requests share runs
-    s = System(tmp, config(1).replace("max_delay_ms = 5,", 'max_delay_ms = 20, batching = "on", max_batch = 8,'))
-    try:
-        s.wait_bus()
-
-        async def install() -> None:
-            await s.wait_ready("security", "modelstore", "scheduler", "accel-0")
-            async with s.client() as bus:
-                for name, data in bundles.items():
-                    await bus.request("modelstore", Install(), frames=[data], timeout=120)
-                    await bus.call("modelstore", Activate(name=name, version="1.0.0"), ModelState)
-
-        anyio.run(install)
+    with system_with(tmp, config(1).replace("max_delay_ms = 5,", 'max_delay_ms = 20, batching = "on", max_batch = 8,'),
+                     bundles) as s:
         yield s
-    finally:
-        s.kill()
 
 
 def session(path: Path) -> Any:

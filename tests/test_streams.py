@@ -12,7 +12,6 @@ chunks, its sample rate a parameter fixed per stream.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -25,31 +24,18 @@ import pytest
 from protocols import pack_tensors
 from protocols.modelstore import Activate, Install, ModelState
 from services import BadMessage, Forbidden, UnknownDestination
-from services.modelstore import Bundle
 from services.scheduler import (
     STREAM_EVENTS, CloseStream, GetSchedule, Infer, InferResult, OpenStream, Schedule, StreamClosed, StreamOpened,
     StreamReset, StreamResult,
 )
-from tools.edgebus import build_parser
 
 from conftest import System
 from test_inference import config
-from test_modelstore import KEY
+from helpers.models import pack_real, system_with
 
 CHUNK = 512  # 32 ms at 16 kHz
 VAD_SPEC = {"inputs": {"state": {"batch_axis": 1}}, "outputs": {"stateN": {"batch_axis": 1}},
             "states": [{"input": "state", "output": "stateN"}]}
-
-
-def pack(model: Path, out: Path, name: str, spec: dict[str, Any]) -> bytes:
-    spec_path = out.with_suffix(".json")
-    spec_path.write_text(json.dumps(spec))
-    args = build_parser().parse_args(["model", "pack", str(model), "--name", name, "--version", "1.0.0",
-                                      "--out", str(out), "--spec", str(spec_path)])
-    assert args.func(args) == 0
-    bundle = Bundle.load(out)
-    bundle.sign(KEY)
-    return bundle.to_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -59,27 +45,14 @@ def vad_path(real_model) -> Path:
 
 @pytest.fixture
 def system(vad_path: Path, tmp_path: Path) -> Iterator[System]:
-    bundles = {"vad": pack(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC),
-               "plain": pack(vad_path, tmp_path / "plain.ebm", "plain", {})}  # no states declared
+    bundles = {"vad": pack_real(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC),
+               "plain": pack_real(vad_path, tmp_path / "plain.ebm", "plain", {})}  # no states declared
     intruder = '[services.intruder]\ncapabilities = ["call:scheduler.*"]\n'  # an external peer
     text = config(1, extra=intruder).replace("max_delay_ms = 5,", 'max_delay_ms = 2, batching = "on", max_batch = 32,')
     # the scheduler follows its drivers' readiness (a driver that stops resets its streams at once)
     text = text.replace('"publish:scheduler.*",', '"publish:scheduler.*", "subscribe:kernel.services", "call:kernel.ListServices",')
-    s = System(tmp_path, text)
-    try:
-        s.wait_bus()
-
-        async def install() -> None:
-            await s.wait_ready("security", "modelstore", "scheduler", "accel-0")
-            async with s.client() as bus:
-                for name, data in bundles.items():
-                    await bus.request("modelstore", Install(), frames=[data], timeout=120)
-                    await bus.call("modelstore", Activate(name=name, version="1.0.0"), ModelState)
-
-        anyio.run(install)
+    with system_with(tmp_path, text, bundles) as s:
         yield s
-    finally:
-        s.kill()
 
 
 def signals(n: int, chunks: int, seed: int = 0) -> list[np.ndarray]:
@@ -289,7 +262,7 @@ def test_a_microphone_replayed_from_a_wav_feeds_a_stream_pipeline(vad_path: Path
         w.writeframes((np.clip(sig, -1, 1) * 32767).astype("<i2").tobytes())
     pcm = np.frombuffer((np.clip(sig, -1, 1) * 32767).astype("<i2").tobytes(), "<i2").astype(np.float32) / 32768
     expected = [float(o[0, 0]) for o in direct(vad_path, pcm)]
-    bundle = pack(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC)
+    bundle = pack_real(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC)
     text = config(1, extra=f"""
 [services.mic]
 command = ["{{python}}", "-m", "drivers.sensors"]
