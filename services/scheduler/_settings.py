@@ -13,22 +13,10 @@
     rate = 2
 
     [services.scheduler.settings.graphs.ocr]      # Infer(model="ocr") runs the whole graph
-    inputs = ["image"]
-    outputs = { text = "rec.ctc_greedy.text", boxes = "crop.boxes", counts = "det.db_boxes.counts" }
-    [[services.scheduler.settings.graphs.ocr.stages]]
-    name = "det"
-    model = "text-det"
-    inputs = { x = "image" }
-    [[services.scheduler.settings.graphs.ocr.stages]]
-    name = "crop"
-    op = "crop"
-    for_each = "det.db_boxes.boxes"
-    inputs = { image = "image", boxes = "det.db_boxes.boxes", map = "det.sigmoid_0.tmp_0" }
-    params = { height = 48, width = 320 }
-    [[services.scheduler.settings.graphs.ocr.stages]]
-    name = "rec"
-    model = "text-rec"
-    inputs = { x = "crop.crops" }
+    ...
+
+A graph's tables (``graphs.NAME``: inputs, outputs, stages) are shown in full, an OCR chain,
+at the top of ``services/scheduler/_graphs.py``.
 """
 
 from __future__ import annotations
