@@ -107,14 +107,67 @@ def test_resize_edge_cases() -> None:
         _image.resize(np.zeros((4, 4, 3), np.float32), 2, 2)
     with pytest.raises(ops.OpInputError, match="HWC or NHWC"):
         _image.resize(np.zeros((4, 4), np.uint8), 2, 2)
+    with pytest.raises(ops.OpInputError, match="threads must be at least 1"):
+        _image.resize(pixel, 2, 2, threads=0)
+
+
+@pytest.mark.parametrize("n_in", [1, 2, 3, 7, 48, 480, 1080, 1920, 1999])
+def test_resize_taps_are_opencvs(n_in: int) -> None:
+    """The taps (numba, as the kernels use them) equal the numpy reference's, and both
+    orders of a pixel's two weights add up to 2048 (the kernels rely on it)."""
+    for n_out in sorted({1, 2, 5, 33, 320, 360, 640, 720, 1280, n_in, 2 * n_in + 1}):
+        got, want = _image._axis_taps(n_in, n_out), _image._axis_taps_reference(n_in, n_out)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        assert (want[2] + want[3] == 2048).all()
+
+
+CAMERA_SHAPES = [((1080, 1920), (320, 320)), ((480, 640), (640, 640)), ((1080, 1920), (720, 1280)),
+                 ((1080, 1920), (360, 640))]  # the issue's three, and a letterbox's exact third
+
+
+@pytest.mark.parametrize("src_hw, dst_hw", CAMERA_SHAPES)
+def test_resize_against_opencv_on_camera_shapes(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> None:
+    """Within 1 of cv2.INTER_LINEAR on random frames (OpenCV's vector code rounds its sums a
+    little differently from its scalar code), equal to the reference, the same on 2 threads."""
+    cv2 = pytest.importorskip("cv2")
+    img = np.random.default_rng(sum(src_hw + dst_hw)).integers(0, 256, (*src_hw, 3), np.uint8)
+    (h, w) = dst_hw
+    out = _image.resize(img, h, w)
+    assert np.abs(out.astype(int) - cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)).max() <= 1
+    same(out, _image.resize_reference(img, h, w))
+    same(_image.resize(img, h, w, threads=2), out)
 
 
 def test_resize_against_opencv() -> None:
     cv2 = pytest.importorskip("cv2")
-    img = np.random.default_rng(1).integers(0, 256, (48, 64, 3), np.uint8)
-    for h, w in [(20, 30), (96, 128), (48, 33), (7, 100)]:
-        diff = np.abs(_image.resize(img, h, w).astype(int) - cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR))
-        assert diff.max() <= 1
+    rng = np.random.default_rng(1)
+    for shape in [(48, 64, 3), (37, 5, 1), (9, 31, 4), (1, 40, 3), (40, 1, 3), (2, 2, 3)]:
+        img = rng.integers(0, 256, shape, np.uint8)
+        for h, w in [(20, 30), (96, 128), (48, 33), (7, 100), (1, 1), (3, 2), (160, 5)]:
+            want = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, shape[2])
+            diff = np.abs(_image.resize(img, h, w).astype(int) - want)
+            assert diff.max() <= 1, (shape, h, w)
+
+
+@fuzz
+@given(img=images(channels=(1, 2, 3, 4, 5)), height=st.integers(1, 40), width=st.integers(1, 40),
+       threads=st.sampled_from([1, 2]))
+def test_resize_any_channels_and_threads(img: np.ndarray, height: int, width: int, threads: int) -> None:
+    """Both kernel orders (rows first when shrinking, columns first when enlarging), every
+    channel count (3 and 1 have kernels of their own), on one or two threads."""
+    same(_image.resize(img, height, width, threads=threads), _image.resize_reference(img, height, width))
+
+
+def test_letterbox_against_opencv() -> None:
+    """As YOLO letterboxes with cv2: resize, then copyMakeBorder with grey."""
+    cv2 = pytest.importorskip("cv2")
+    img = np.random.default_rng(3).integers(0, 256, (1080, 1920, 3), np.uint8)
+    out, scale, (top, left) = _image.letterbox(img, 640, 640)
+    assert (scale, top, left) == (1 / 3, 140, 0)
+    want = cv2.copyMakeBorder(cv2.resize(img, (640, 360), interpolation=cv2.INTER_LINEAR), 140, 140, 0, 0,
+                              cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    assert np.abs(out.astype(int) - want).max() <= 1
 
 
 @fuzz
@@ -158,6 +211,62 @@ def test_normalize_imagenet() -> None:
     close(out[:, 0, 0], expect.astype(np.float32))
     with pytest.raises(ops.OpInputError, match="mean has 2 values for images of 3 channels"):
         _image.normalize(img, [0.1, 0.2])
+
+
+@fuzz
+@given(img=images(channels=(1, 3, 4)), height=st.integers(1, 32), width=st.integers(1, 32), data=st.data())
+def test_to_model_is_the_ops_it_fuses(img: np.ndarray, height: int, width: int, data: st.DataObject) -> None:
+    """Bit for bit normalize(resize) (or of letterbox, bgr_to_rgb), and close to the numpy references."""
+    c = img.shape[-1]
+    n = data.draw(st.sampled_from([1, c]))
+    mean = data.draw(st.lists(st.floats(-2, 260), min_size=n, max_size=n))
+    std = data.draw(st.lists(st.floats(0.01, 100), min_size=n, max_size=n))
+    scale, letterbox, swap = data.draw(st.booleans()), data.draw(st.booleans()), c > 1 and data.draw(st.booleans())
+    pad, threads = data.draw(st.integers(0, 255)), data.draw(st.sampled_from([1, 2]))
+    out = _image.to_model(img, height, width, mean, std, scale, letterbox, pad, swap, threads=threads)
+    x = _image.letterbox(img, height, width, pad)[0] if letterbox else _image.resize(img, height, width)
+    same(out, _image.normalize(_image.bgr_to_rgb(x) if swap else x, mean, std, scale))
+    close(out, _image.to_model_reference(img, height, width, mean, std, scale, letterbox, pad, swap))
+
+
+@pytest.mark.parametrize("src_hw, dst_hw", CAMERA_SHAPES)
+def test_to_model_against_opencv(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> None:
+    """cv2.dnn.blobFromImage (resize, swapRB, (x - mean) * scale, NCHW) within 1/255 of a
+    pixel: the resize within 1."""
+    cv2 = pytest.importorskip("cv2")
+    img = np.random.default_rng(5).integers(0, 256, (2, *src_hw, 3), np.uint8)
+    (h, w) = dst_hw
+    out = _image.to_model(img, h, w, mean=[0.5], std=[1.0], swap_rb=True)
+    want = cv2.dnn.blobFromImages(list(img), 1 / 255, (w, h), mean=(127.5, 127.5, 127.5), swapRB=True)
+    assert out.shape == want.shape == (2, 3, h, w)
+    assert np.abs(out - want).max() <= 1 / 255 + 1e-6
+
+
+def test_to_model_as_a_manifest_op() -> None:
+    """``image.to_model`` in a chain: its contract and the tensor it feeds."""
+    import msgspec
+
+    from protocols.modelstore import Manifest, OpSpec, TensorSpec, Variant
+
+    params = {"height": 64, "width": 64, "letterbox": True, "swap_rb": True, "mean": [0.485, 0.456, 0.406],
+              "std": [0.229, 0.224, 0.225]}
+    m = Manifest(name="m", version="1.0.0", created=1.0,
+                 inputs=[TensorSpec(name="images", dtype="float32", shape=["N", 3, 64, 64])],
+                 outputs=[TensorSpec(name="y", dtype="float32", shape=["N", 2])],
+                 variants={"full": Variant(file="full.onnx", sha256="", size=0)},
+                 pre=[msgspec.convert({"op": "image.to_model", "params": params}, OpSpec)])
+    contract = ops.check_chains(m)
+    assert [(s.name, s.dtype, s.shape) for s in contract.inputs] == [("images", "uint8", ["N", None, None, 3])]
+    img = np.random.default_rng(6).integers(0, 256, (2, 48, 80, 3), np.uint8)
+    feed = ops.build_chains(m).pre({"images": img})["images"]
+    same(feed, _image.normalize(_image.bgr_to_rgb(_image.letterbox(img, 64, 64)[0]), params["mean"], params["std"]))
+    gray = Manifest(**{**msgspec.structs.asdict(m), "pre": [msgspec.convert(
+        {"op": "image.to_model", "params": {"height": 64, "width": 64, "swap_rb": True}}, OpSpec)],
+        "inputs": [TensorSpec(name="images", dtype="float32", shape=["N", 1, 64, 64])]})
+    with pytest.raises(ops.ChainError, match="no red and blue to swap"):
+        ops.check_chains(gray)
+    with pytest.raises(ops.OpInputError, match="image.to_model.*mean has 2 values for images of 3 channels"):
+        _image.to_model(img, 8, 8, mean=[0.1, 0.2])
 
 
 @fuzz

@@ -46,7 +46,7 @@ __all__ = [
     "OPS", "Op", "Pipeline", "pipeline", "run_pipeline", "TensorType",
     "check_chains", "build_chains", "Contract", "Chains", "Chain", "Step", "texts", "vocabulary",
     "OpsError", "UnknownOp", "OpParamsError", "PipelineError", "OpInputError", "ChainError",
-    "resize", "letterbox", "letterbox_geometry", "normalize", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray",
+    "resize", "letterbox", "letterbox_geometry", "normalize", "to_model", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray",
     "frame", "rms", "kurtosis", "crest_factor", "band_energies", "vibration_features",
     "softmax", "topk", "argmax", "threshold_hysteresis", "nms", "dequantize_int8",
 ]
@@ -56,7 +56,8 @@ _FAMILIES = {"image": "_image", "post": "_post", "signal": "_signal", "audio": "
              "text": "_text"}
 #: the kernels' functions, by the module that defines them
 _KERNELS = {
-    "_image": ("resize", "letterbox", "letterbox_geometry", "normalize", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray"),
+    "_image": ("resize", "letterbox", "letterbox_geometry", "normalize", "to_model", "bgr_to_rgb", "rgb_to_gray",
+               "bgr_to_gray"),
     "_signal": ("frame", "rms", "kurtosis", "crest_factor", "band_energies", "vibration_features"),
     "_post": ("softmax", "topk", "argmax", "threshold_hysteresis", "nms", "dequantize_int8"),
 }

@@ -109,6 +109,16 @@ def _to_chw(x: TensorType, p: Mapping[str, Any], res: Any) -> TensorType:
     return TensorType("float32", (*lead, c, h, w), _image_batch(x))
 
 
+def _to_model(x: TensorType, p: Mapping[str, Any], res: Any) -> TensorType:
+    *lead, h, w, c = x.shape
+    if 0 in (h, w):
+        raise Mismatch(f"an image of {h}x{w} pixels has nothing to resize")
+    if p.get("swap_rb", False) and isinstance(c, int) and c not in (3, 4):
+        raise Mismatch(f"images of {c} channels have no red and blue to swap")
+    _channel_values(p, c)
+    return TensorType("float32", (*lead, c, p["height"], p["width"]), _image_batch(x))
+
+
 def _colour(channels: Callable[[Dim], Dim]) -> Callable[..., TensorType]:
     def rule(x: TensorType, p: Mapping[str, Any], res: Any) -> TensorType:
         c = x.shape[-1]
@@ -292,6 +302,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Op("image.normalize", "_image:normalize",
        optional={"mean": numbers(), "std": numbers(above=0), "scale": boolean}, takes=_IMAGES, gives=_to_chw),
     Op("image.to_tensor", "_adapters:to_tensor", optional={"scale": boolean}, takes=_IMAGES, gives=_to_chw),
+    # resize or letterbox + swap_rb + normalize in one pass (bit for bit the three ops)
+    Op("image.to_model", "_image:to_model", required=_SIZE,
+       optional={"mean": numbers(), "std": numbers(above=0), "scale": boolean, "letterbox": boolean,
+                 "pad": integer(0, 255), "swap_rb": boolean}, takes=_IMAGES, gives=_to_model),
     Op("image.bgr_to_rgb", "_image:bgr_to_rgb", takes=_COLOUR, gives=_colour(lambda c: c)),
     Op("image.rgb_to_bgr", "_image:bgr_to_rgb", takes=_COLOUR, gives=_colour(lambda c: c)),
     Op("image.rgb_to_gray", "_image:rgb_to_gray", takes=_COLOUR, gives=_colour(lambda c: 1)),

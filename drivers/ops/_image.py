@@ -1,17 +1,22 @@
-"""Image ops: bilinear resize, letterbox, normalisation to CHW float32, colour conversion.
+"""Image ops: bilinear resize, letterbox, normalisation to CHW float32, colour conversion, and
+``to_model``, a camera's frame to a model's input in one pass.
 
 Images are uint8, HWC for one image or NHWC for a batch; every op takes either and keeps
 the batch axis if there is one.  Each op is a numba kernel behind a thin function that
 checks and shapes its input, with ``<op>_reference``, the same op written in plain numpy,
 next to it: the tests hold the two equal (exactly, for uint8 results).
 
-Resizing samples at half-pixel centres with clamped edges, as ``cv2.INTER_LINEAR`` does
-(no antialiasing when shrinking), but weights in float64 and rounds half up, where OpenCV
-uses 11-bit fixed-point weights: results differ from cv2's by at most 1.
+Resizing is ``cv2.INTER_LINEAR``'s arithmetic: half-pixel centres, clamped edges, no
+antialiasing when shrinking, and OpenCV's 11-bit fixed-point weights, so that results are
+within 1 of cv2's (OpenCV's vector code rounds its intermediate sums a little differently
+from its own scalar code, which these kernels follow exactly).  The kernels run at OpenCV's
+speed on one core (``tools/bench_ops`` measures them side by side); ``threads`` > 1 runs an
+image's rows on that many of numba's threads.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numba
@@ -19,7 +24,7 @@ import numpy as np
 
 from ._exceptions import OpInputError
 
-__all__ = ["resize", "letterbox", "letterbox_image", "letterbox_geometry", "normalize", "bgr_to_rgb",
+__all__ = ["resize", "letterbox", "letterbox_image", "letterbox_geometry", "normalize", "to_model", "bgr_to_rgb",
            "rgb_to_gray", "bgr_to_gray"]
 
 
@@ -49,83 +54,367 @@ def _check_size(op: str, batch: np.ndarray, height: int, width: int) -> None:
 
 
 # -- resize -----------------------------------------------------------------------------------------
+#
+# cv2.INTER_LINEAR's arithmetic: along each axis, an output pixel samples the source at its
+# centre, (o + 0.5) * in / out - 0.5 (computed in float32 as OpenCV does), between two source
+# pixels with 11-bit fixed-point weights that add up to 2048 (clamped to the edge pixel
+# beyond the image).  A pixel is then exactly (sum of weight_y * weight_x * source + 2^21) >> 22:
+# the same integer whichever axis goes first, so a kernel picks the cheaper order per shape.
+#
+# The kernels run one destination row at a time with two small int32 row buffers:
+# - rows first (shrinking): blend the destination row's two source rows over their whole
+#   width (contiguous: numba vectorises it), then pick and blend the two columns of each
+#   destination pixel;
+# - columns first (enlarging): blend the columns of each source row a destination row needs
+#   into a row buffer kept while the next destination row needs the same source row, then
+#   blend the two buffers (contiguous).
+# Taps (source offsets and weights for each output row and column) are computed once per
+# shape and cached.  Indices are unsigned so that numba emits no negative-index wraparound,
+# and the arithmetic goes through uint32 so that LLVM keeps it in 32-bit lanes.
+
+_ONE = 2048  # 1 << 11: the weights' fixed point (OpenCV's INTER_RESIZE_COEF_BITS)
+_HALF = np.uint32(1 << 21)  # rounds (weight_y * weight_x * value) >> 22
+_SHIFT = np.uint32(22)
+_U = tuple(np.uint64(k) for k in range(8))
+
+
+def _axis_taps_reference(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis, for each output pixel: its two source pixels and their weights (int32,
+    adding up to 2048), as OpenCV computes them for INTER_LINEAR."""
+    f = ((np.arange(n_out) + 0.5) * (1.0 / (n_out / n_in)) - 0.5).astype(np.float32)
+    first = np.floor(f)
+    f = f - first
+    first = first.astype(np.int64)
+    f[first < 0] = 0.0
+    first[first < 0] = 0
+    f[first >= n_in - 1] = 0.0
+    first[first >= n_in - 1] = n_in - 1
+    w1 = np.rint(f * np.float32(_ONE)).astype(np.int32)
+    w0 = np.rint((np.float32(1.0) - f) * np.float32(_ONE)).astype(np.int32)
+    return first, np.minimum(first + 1, n_in - 1), w0, w1
 
 
 @numba.njit(cache=True, nogil=True)
-def _taps(n_in, n_out):
-    """Along one axis: for each output pixel, the two source pixels and the second's weight."""
+def _axis_taps(n_in, n_out):
+    """``_axis_taps_reference`` in numba (for kernels that resize to sizes known only inside)."""
     first = np.empty(n_out, np.int64)
-    second = np.empty(n_out, np.int64)
-    weight = np.empty(n_out, np.float64)
-    scale = n_in / n_out
+    w0 = np.empty(n_out, np.int32)
+    w1 = np.empty(n_out, np.int32)
+    scale = 1.0 / (n_out / n_in)
     for o in range(n_out):
-        f = (o + 0.5) * scale - 0.5
-        i = int(np.floor(f))
-        w = f - i
+        f = np.float32((o + 0.5) * scale - 0.5)
+        fl = np.floor(f)
+        i = int(fl)
+        f = np.float32(f - fl)
         if i < 0:
-            i, w = 0, 0.0
+            i, f = 0, np.float32(0.0)
         if i >= n_in - 1:
-            i, w = n_in - 1, 0.0
+            i, f = n_in - 1, np.float32(0.0)
         first[o] = i
-        second[o] = min(i + 1, n_in - 1)
-        weight[o] = w
-    return first, second, weight
+        w1[o] = np.int32(np.rint(f * np.float32(2048.0)))
+        w0[o] = np.int32(np.rint((np.float32(1.0) - f) * np.float32(2048.0)))
+    return first, np.minimum(first + 1, n_in - 1), w0, w1
 
 
-def _taps_reference(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    f = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    first = np.floor(f).astype(np.int64)
-    weight = f - first
-    weight[first < 0] = 0.0
-    first[first < 0] = 0
-    weight[first >= n_in - 1] = 0.0
-    first[first >= n_in - 1] = n_in - 1
-    return first, np.minimum(first + 1, n_in - 1), weight
+@numba.njit(cache=True, nogil=True)
+def _row_taps(n_in, n_out):
+    """Rows: the two source rows (uint64) and their weights."""
+    first, second, w0, w1 = _axis_taps(n_in, n_out)
+    return first.astype(np.uint64), second.astype(np.uint64), w0, w1
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_taps(n_in, n_out, c):
+    """Columns of a row of ``n_in`` pixels of ``c`` channels (``n_in`` >= 2): the offset of the
+    first source pixel's first channel (uint64) and the second pixel's weight; the second pixel
+    is always the next one (at the right edge the pair moves one left, all weight on the
+    second), so a kernel loads one offset and one weight per pixel."""
+    first, _, w0, w1 = _axis_taps(n_in, n_out)
+    offset = np.empty(n_out, np.uint64)
+    for o in range(n_out):
+        if w0[o] + w1[o] != 2048:
+            raise AssertionError("resize weights must add up to 2048")
+        if first[o] == n_in - 1:
+            first[o] -= 1
+            w1[o] = 2048
+        offset[o] = first[o] * c
+    return offset, w1
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_first(n_in_rows, n_in_cols, n_out_rows, n_out_cols, c, rows_used):
+    """Whether blending rows first costs less than columns first (see the section's comment):
+    a picked column costs ~20x a contiguous blended element."""
+    columns_first = rows_used * n_out_cols * (c * 20) + n_out_rows * n_out_cols * c
+    rows_first = n_out_rows * n_out_cols * (c * 20) + n_out_rows * n_in_cols * c
+    return rows_first < columns_first
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_used(y0, y1):
+    """How many source rows the destination rows blend."""
+    return np.unique(np.concatenate((y0, y1))).size
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(n_in_rows: int, n_in_cols: int, n_out_rows: int, n_out_cols: int, c: int) -> tuple:
+    """The taps for one shape (cached: a camera's frames all have the same), read-only."""
+    y0, y1, b0, b1 = _row_taps(n_in_rows, n_out_rows)
+    xo, a1 = _column_taps(n_in_cols, n_out_cols, c)
+    rows_first = _rows_first(n_in_rows, n_in_cols, n_out_rows, n_out_cols, c, _rows_used(y0, y1))
+    for a in (y0, y1, b0, b1, xo, a1):
+        a.flags.writeable = False
+    return y0, y1, b0, b1, xo, a1, rows_first
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_rows(s0, s1, b0, b1, v):
+    """v = s0 * b0 + s1 * b1 over whole (interleaved) rows."""
+    for e in range(v.size):
+        v[e] = np.int32(s0[e]) * b0 + np.int32(s1[e]) * b1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick_columns(v, xo, a1, c, dst):
+    """dst[j, k] = the rounded blend of v's two columns for output column j (uint8, interleaved)."""
+    if c == 3:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            g0, g1, g2 = v[p], v[p + _U[1]], v[p + _U[2]]
+            dst[3 * j] = np.uint8(np.uint32((g0 << 11) + (v[p + _U[3]] - g0) * w + _HALF) >> _SHIFT)
+            dst[3 * j + 1] = np.uint8(np.uint32((g1 << 11) + (v[p + _U[4]] - g1) * w + _HALF) >> _SHIFT)
+            dst[3 * j + 2] = np.uint8(np.uint32((g2 << 11) + (v[p + _U[5]] - g2) * w + _HALF) >> _SHIFT)
+    elif c == 1:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            g = v[p]
+            dst[j] = np.uint8(np.uint32((g << 11) + (v[p + _U[1]] - g) * w + _HALF) >> _SHIFT)
+    else:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            for k in range(c):
+                q = p + np.uint64(k)
+                g = v[q]
+                dst[c * j + k] = np.uint8(np.uint32((g << 11) + (v[q + np.uint64(c)] - g) * w + _HALF) >> _SHIFT)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick_columns_bytes(s, xo, a1, c, dst):
+    """``_pick_columns`` of a destination row that lands on source row ``s`` (its second
+    row's weight is 0): (2048 * x + 2^21) >> 22 is (x + 2^10) >> 11, so no row blend."""
+    if c == 3:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            g0, g1, g2 = np.int32(s[p]), np.int32(s[p + _U[1]]), np.int32(s[p + _U[2]])
+            dst[3 * j] = np.uint8(np.uint32((g0 << 11) + (np.int32(s[p + _U[3]]) - g0) * w + 1024) >> 11)
+            dst[3 * j + 1] = np.uint8(np.uint32((g1 << 11) + (np.int32(s[p + _U[4]]) - g1) * w + 1024) >> 11)
+            dst[3 * j + 2] = np.uint8(np.uint32((g2 << 11) + (np.int32(s[p + _U[5]]) - g2) * w + 1024) >> 11)
+    else:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            for k in range(c):
+                q = p + np.uint64(k)
+                g = np.int32(s[q])
+                dst[c * j + k] = np.uint8(np.uint32((g << 11) + (np.int32(s[q + np.uint64(c)]) - g) * w + 1024) >> 11)
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_columns(s, xo, a1, c, h):
+    """h[j, k] = s's two columns for output column j blended (int32, interleaved)."""
+    if c == 3:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            g0, g1, g2 = np.int32(s[p]), np.int32(s[p + _U[1]]), np.int32(s[p + _U[2]])
+            h[3 * j] = (g0 << 11) + (np.int32(s[p + _U[3]]) - g0) * w
+            h[3 * j + 1] = (g1 << 11) + (np.int32(s[p + _U[4]]) - g1) * w
+            h[3 * j + 2] = (g2 << 11) + (np.int32(s[p + _U[5]]) - g2) * w
+    elif c == 1:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            g = np.int32(s[p])
+            h[j] = (g << 11) + (np.int32(s[p + _U[1]]) - g) * w
+    else:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            for k in range(c):
+                q = p + np.uint64(k)
+                g = np.int32(s[q])
+                h[c * j + k] = (g << 11) + (np.int32(s[q + np.uint64(c)]) - g) * w
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_columns2(s, t, xo, a1, c, h, g):
+    """``_blend_columns`` of two rows in one pass over the taps."""
+    if c == 3:
+        for j in range(xo.size):
+            p, w = xo[j], a1[j]
+            e0, e1, e2 = np.int32(s[p]), np.int32(s[p + _U[1]]), np.int32(s[p + _U[2]])
+            h[3 * j] = (e0 << 11) + (np.int32(s[p + _U[3]]) - e0) * w
+            h[3 * j + 1] = (e1 << 11) + (np.int32(s[p + _U[4]]) - e1) * w
+            h[3 * j + 2] = (e2 << 11) + (np.int32(s[p + _U[5]]) - e2) * w
+            e0, e1, e2 = np.int32(t[p]), np.int32(t[p + _U[1]]), np.int32(t[p + _U[2]])
+            g[3 * j] = (e0 << 11) + (np.int32(t[p + _U[3]]) - e0) * w
+            g[3 * j + 1] = (e1 << 11) + (np.int32(t[p + _U[4]]) - e1) * w
+            g[3 * j + 2] = (e2 << 11) + (np.int32(t[p + _U[5]]) - e2) * w
+    else:
+        _blend_columns(s, xo, a1, c, h)
+        _blend_columns(t, xo, a1, c, g)
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_rows(h0, h1, b0, b1, dst):
+    """dst = (h0 * b0 + h1 * b1 + 2^21) >> 22 (uint8), contiguous."""
+    for e in range(dst.size):
+        dst[e] = np.uint8(np.uint32(h0[e] * b0 + h1[e] * b1 + _HALF) >> _SHIFT)
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_rows(src, y0, y1, b0, b1, xo, a1, rows_first, out, base, stride, r0, r1):
+    """Destination rows ``r0`` to ``r1`` of one HWC image ``src`` (C-contiguous), row ``i``
+    written to ``out[base + i * stride:][:width * channels]`` (``out`` flat)."""
+    c = src.shape[2]
+    s = src.reshape(src.shape[0], src.shape[1] * c)
+    n = xo.size * c
+    if rows_first:
+        v = np.empty(s.shape[1], np.int32)
+        for i in range(r0, r1):
+            o = base + i * stride
+            if b1[i] == 0:
+                _pick_columns_bytes(s[y0[i]], xo, a1, c, out[o:o + n])
+            else:
+                _blend_rows(s[y0[i]], s[y1[i]], b0[i], b1[i], v)
+                _pick_columns(v, xo, a1, c, out[o:o + n])
+        return
+    ha = np.empty(n, np.int32)
+    hb = np.empty(n, np.int32)
+    none = np.uint64(s.shape[0])  # no source row
+    ra, rb = none, none  # the source rows in ha and hb
+    for i in range(r0, r1):
+        ya, yb = y0[i], y1[i]
+        if ra != ya:
+            if rb == ya:
+                ha, hb, ra, rb = hb, ha, rb, ra
+            elif rb != yb:
+                _blend_columns2(s[ya], s[yb], xo, a1, c, ha, hb)
+                ra, rb = ya, yb
+            else:
+                _blend_columns(s[ya], xo, a1, c, ha)
+                ra = ya
+        if rb != yb:
+            _blend_columns(s[yb], xo, a1, c, hb)
+            rb = yb
+        o = base + i * stride
+        _round_rows(ha, hb, b0[i], b1[i], out[o:o + n])
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_border(out, top, left, new_h, new_w, pad):
+    """Fill an NHWC canvas with ``pad`` outside its [top, top + new_h) x [left, left + new_w) region."""
+    n, height, width, c = out.shape
+    flat = out.reshape(-1)
+    row = width * c
+    for b in range(n):
+        for i in range(height):
+            o = (b * height + i) * row
+            if i < top or i >= top + new_h:
+                flat[o:o + row] = pad
+            else:
+                flat[o:o + left * c] = pad
+                flat[o + (left + new_w) * c:o + row] = pad
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_batch(src, out, top, left, y0, y1, b0, b1, xo, a1, rows_first):
+    """Each image of ``src`` (NHWC) into ``out`` (NHWC, C-contiguous) at ``(top, left)``."""
+    n, height, width, c = out.shape
+    flat = out.reshape(-1)
+    for b in range(n):
+        base = ((b * height + top) * width + left) * c
+        _resize_rows(src[b], y0, y1, b0, b1, xo, a1, rows_first, flat, base, width * c, 0, y0.size)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _resize_batch_parallel(src, out, top, left, y0, y1, b0, b1, xo, a1, rows_first, chunks):
+    """``_resize_batch`` with each image's rows cut into ``chunks`` run on numba's threads."""
+    n, height, width, c = out.shape
+    flat = out.reshape(-1)
+    rows = y0.size
+    for t in numba.prange(n * chunks):
+        b, part = t // chunks, t % chunks
+        base = ((b * height + top) * width + left) * c
+        _resize_rows(src[b], y0, y1, b0, b1, xo, a1, rows_first, flat, base, width * c,
+                     part * rows // chunks, (part + 1) * rows // chunks)
+
+
+def _two_columns(batch: np.ndarray) -> np.ndarray:
+    """An image one pixel wide as two equal columns: the kernels blend each pixel with the
+    next column (the same values: bilinear over them gives the column back exactly)."""
+    return np.repeat(batch, 2, axis=2) if batch.shape[2] == 1 else batch
+
+
+def _threads(op: str, threads: int) -> int:
+    if threads < 1:
+        raise OpInputError(op, f"threads must be at least 1, not {threads}")
+    return min(int(threads), numba.config.NUMBA_NUM_THREADS)
+
+
+def _resize_to(op: str, batch: np.ndarray, out: np.ndarray, top: int, left: int, new_h: int, new_w: int,
+               threads: int) -> None:
+    threads = _threads(op, threads)
+    batch = _two_columns(batch)
+    plan = _plan(batch.shape[1], batch.shape[2], new_h, new_w, batch.shape[3])
+    if threads == 1:
+        _resize_batch(batch, out, top, left, *plan)
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        _resize_batch_parallel(batch, out, top, left, *plan, threads)
+    finally:
+        numba.set_num_threads(before)
 
 
 @numba.njit(cache=True, nogil=True)
 def _resize_into(src, dst):
-    """Resize one HWC image into ``dst`` (any HWC view: a letterbox canvas's middle)."""
-    y0, y1, wy = _taps(src.shape[0], dst.shape[0])
-    x0, x1, wx = _taps(src.shape[1], dst.shape[1])
-    for i in range(dst.shape[0]):
-        a0, a1 = 1.0 - wy[i], wy[i]
-        top, bottom = src[y0[i]], src[y1[i]]
-        for j in range(dst.shape[1]):
-            b0, b1 = 1.0 - wx[j], wx[j]
-            c0, c1 = x0[j], x1[j]
-            for k in range(src.shape[2]):
-                v = a0 * (b0 * top[c0, k] + b1 * top[c1, k]) + a1 * (b0 * bottom[c0, k] + b1 * bottom[c1, k])
-                dst[i, j, k] = min(int(v + 0.5), 255)
+    """Resize one HWC image into ``dst`` (any HWC view: a letterbox canvas's middle, a
+    padded batch row's left part); the taps computed here, for kernels that call it with
+    sizes they find as they run."""
+    h, w, c = dst.shape
+    if src.shape[1] == 1:
+        wide = np.empty((src.shape[0], 2, src.shape[2]), np.uint8)
+        wide[:, 0] = src[:, 0]
+        wide[:, 1] = src[:, 0]
+        src = wide
+    else:
+        src = np.ascontiguousarray(src)
+    y0, y1, b0, b1 = _row_taps(src.shape[0], h)
+    xo, a1 = _column_taps(src.shape[1], w, c)
+    rows_first = _rows_first(src.shape[0], src.shape[1], h, w, c, _rows_used(y0, y1))
+    tmp = np.empty((h, w, c), np.uint8)
+    _resize_rows(src, y0, y1, b0, b1, xo, a1, rows_first, tmp.reshape(-1), 0, w * c, 0, h)
+    dst[:] = tmp
 
 
-@numba.njit(cache=True, nogil=True)
-def _resize(src, height, width):
-    out = np.empty((src.shape[0], height, width, src.shape[3]), np.uint8)
-    for b in range(src.shape[0]):
-        _resize_into(src[b], out[b])
-    return out
-
-
-def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of HWC or NHWC uint8 image(s) to ``height`` x ``width``."""
+def resize(img: np.ndarray, height: int, width: int, *, threads: int = 1) -> np.ndarray:
+    """Bilinear resize of HWC or NHWC uint8 image(s) to ``height`` x ``width``, as
+    cv2.INTER_LINEAR (within 1 of it).  ``threads`` > 1 cuts each image's rows among that
+    many of numba's threads."""
     batch = _batch("image.resize", img)
     _check_size("image.resize", batch, height, width)
-    return _like(img, _resize(batch, height, width))
+    out = np.empty((batch.shape[0], height, width, batch.shape[3]), np.uint8)
+    _resize_to("image.resize", batch, out, 0, 0, height, width, threads)
+    return _like(img, out)
 
 
 def resize_reference(img: np.ndarray, height: int, width: int) -> np.ndarray:
     batch = _batch("image.resize", img)
     _check_size("image.resize", batch, height, width)
-    src = batch.astype(np.float64)
-    y0, y1, wy = _taps_reference(src.shape[1], height)
-    x0, x1, wx = _taps_reference(src.shape[2], width)
-    b0, b1 = (1.0 - wx)[:, None], wx[:, None]
-    top, bottom = src[:, y0], src[:, y1]
-    top = b0 * top[:, :, x0] + b1 * top[:, :, x1]
-    bottom = b0 * bottom[:, :, x0] + b1 * bottom[:, :, x1]
-    v = (1.0 - wy)[:, None, None] * top + wy[:, None, None] * bottom
-    return _like(img, np.minimum(np.floor(v + 0.5), 255).astype(np.uint8))
+    y0, y1, b0, b1 = _axis_taps_reference(batch.shape[1], height)
+    x0, x1, a0, a1 = _axis_taps_reference(batch.shape[2], width)
+    src = batch.astype(np.int64)
+    across = src[:, :, x0] * a0[:, None] + src[:, :, x1] * a1[:, None]
+    v = across[:, y0] * b0[:, None, None] + across[:, y1] * b1[:, None, None]
+    return _like(img, ((v + (1 << 21)) >> 22).astype(np.uint8))
 
 
 # -- letterbox --------------------------------------------------------------------------------------
@@ -144,24 +433,20 @@ def letterbox_geometry(in_height: int, in_width: int, height: int, width: int) -
     return scale, new_h, new_w, (height - new_h) // 2, (width - new_w) // 2
 
 
-@numba.njit(cache=True, nogil=True)
-def _letterbox(src, height, width, new_h, new_w, top, left, pad):
-    out = np.full((src.shape[0], height, width, src.shape[3]), pad, np.uint8)
-    for b in range(src.shape[0]):
-        _resize_into(src[b], out[b, top:top + new_h, left:left + new_w])
-    return out
-
-
-def letterbox(img: np.ndarray, height: int, width: int, pad: int = 114) -> tuple[np.ndarray, float, tuple[int, int]]:
+def letterbox(img: np.ndarray, height: int, width: int, pad: int = 114, *,
+              threads: int = 1) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Resize keeping the aspect ratio to fit ``height`` x ``width``, centred on a canvas
     filled with ``pad`` (114, YOLO's grey, by default).
 
-    Returns the image(s), the scale, and the (top, left) padding.
+    Returns the image(s), the scale, and the (top, left) padding.  ``threads`` as ``resize``.
     """
     batch = _batch("image.letterbox", img)
     _check_size("image.letterbox", batch, height, width)
     scale, new_h, new_w, top, left = letterbox_geometry(batch.shape[1], batch.shape[2], height, width)
-    return _like(img, _letterbox(batch, height, width, new_h, new_w, top, left, pad)), scale, (top, left)
+    out = np.empty((batch.shape[0], height, width, batch.shape[3]), np.uint8)
+    _fill_border(out, top, left, new_h, new_w, pad)
+    _resize_to("image.letterbox", batch, out, top, left, new_h, new_w, threads)
+    return _like(img, out), scale, (top, left)
 
 
 def letterbox_reference(img: np.ndarray, height: int, width: int,
@@ -194,11 +479,11 @@ def _normalize(src, mul, add):
     return out
 
 
-def _channel_values(batch: np.ndarray, name: str, values: Sequence[float]) -> np.ndarray:
+def _channel_values(batch: np.ndarray, name: str, values: Sequence[float], op: str = "image.normalize") -> np.ndarray:
     c = batch.shape[3]
     v = np.asarray(values, np.float64).reshape(-1)
     if v.size not in (1, c):
-        raise OpInputError("image.normalize", f"{name} has {v.size} values for images of {c} channels")
+        raise OpInputError(op, f"{name} has {v.size} values for images of {c} channels")
     return np.broadcast_to(v, (c,))
 
 
@@ -283,3 +568,206 @@ def bgr_to_gray(img: np.ndarray) -> np.ndarray:
 
 def bgr_to_gray_reference(img: np.ndarray) -> np.ndarray:
     return _like(img, _gray_reference(_batch("image.bgr_to_gray", img, (3, 4)), 2, 0))
+
+
+# -- camera to model --------------------------------------------------------------------------------
+#
+# resize (or letterbox) + channel swap + normalisation + HWC -> CHW in one pass: the resize
+# kernels' two orders, but a destination row's values go straight to float32 planes
+# (value * mul + add in float64 as ``normalize`` computes it), so there is no intermediate
+# image and the result is bit for bit normalize(resize(...)).  Rows first, the column pick
+# writes each channel's plane; columns first, the source rows are blended into planar
+# buffers (the HWC -> CHW turn done by the column pick) and the row blend writes each plane
+# contiguously.
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick_columns_planes(v, xo, a1, c, q):
+    """``_pick_columns`` into planar int32 buffers: channel k of output column j at ``k * width + j``."""
+    n = xo.size
+    if c == 3:
+        for j in range(n):
+            p, w = xo[j], a1[j]
+            g0, g1, g2 = v[p], v[p + _U[1]], v[p + _U[2]]
+            q[j] = np.uint32((g0 << 11) + (v[p + _U[3]] - g0) * w + _HALF) >> _SHIFT
+            q[n + j] = np.uint32((g1 << 11) + (v[p + _U[4]] - g1) * w + _HALF) >> _SHIFT
+            q[2 * n + j] = np.uint32((g2 << 11) + (v[p + _U[5]] - g2) * w + _HALF) >> _SHIFT
+    else:
+        for k in range(c):
+            for j in range(n):
+                r = xo[j] + np.uint64(k)
+                g = v[r]
+                q[k * n + j] = np.uint32((g << 11) + (v[r + np.uint64(c)] - g) * a1[j] + _HALF) >> _SHIFT
+
+
+@numba.njit(cache=True, nogil=True)
+def _scale_row(q, m, f, dst):
+    """dst = q * m + f (float64) as float32, contiguous."""
+    for e in range(dst.size):
+        dst[e] = np.float32(q[e] * m + f)
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_columns_planes(s, t, xo, a1, c, h, g, both):
+    """``_blend_columns`` (of ``s``, and of ``t`` if ``both``) into planar buffers: channel k
+    of output column j at ``k * width + j``."""
+    n = xo.size
+    if c == 3:
+        for j in range(n):
+            p, w = xo[j], a1[j]
+            e0, e1, e2 = np.int32(s[p]), np.int32(s[p + _U[1]]), np.int32(s[p + _U[2]])
+            h[j] = (e0 << 11) + (np.int32(s[p + _U[3]]) - e0) * w
+            h[n + j] = (e1 << 11) + (np.int32(s[p + _U[4]]) - e1) * w
+            h[2 * n + j] = (e2 << 11) + (np.int32(s[p + _U[5]]) - e2) * w
+            if both:
+                e0, e1, e2 = np.int32(t[p]), np.int32(t[p + _U[1]]), np.int32(t[p + _U[2]])
+                g[j] = (e0 << 11) + (np.int32(t[p + _U[3]]) - e0) * w
+                g[n + j] = (e1 << 11) + (np.int32(t[p + _U[4]]) - e1) * w
+                g[2 * n + j] = (e2 << 11) + (np.int32(t[p + _U[5]]) - e2) * w
+    else:
+        for k in range(c):
+            for j in range(n):
+                q = xo[j] + np.uint64(k)
+                e = np.int32(s[q])
+                h[k * n + j] = (e << 11) + (np.int32(s[q + np.uint64(c)]) - e) * a1[j]
+                if both:
+                    e = np.int32(t[q])
+                    g[k * n + j] = (e << 11) + (np.int32(t[q + np.uint64(c)]) - e) * a1[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_rows_scaled(h0, h1, b0, b1, m, f, dst):
+    """``_round_rows``, each value then ``* m + f`` (float64) as float32."""
+    for e in range(dst.size):
+        dst[e] = np.float32(np.int32(np.uint32(h0[e] * b0 + h1[e] * b1 + _HALF) >> _SHIFT) * m + f)
+
+
+@numba.njit(cache=True, nogil=True)
+def _to_model_rows(src, y0, y1, b0, b1, xo, a1, rows_first, mul, add, planes, out, base, stride, r0, r1):
+    """Destination rows ``r0`` to ``r1`` of one HWC image; channel k of row i written to
+    ``out[base + planes[k] + i * stride:][:width]`` (``out`` flat)."""
+    c = src.shape[2]
+    s = src.reshape(src.shape[0], src.shape[1] * c)
+    n = xo.size
+    if rows_first:
+        v = np.empty(s.shape[1], np.int32)
+        q = np.empty(n * c, np.int32)
+        for i in range(r0, r1):
+            _blend_rows(s[y0[i]], s[y1[i]], b0[i], b1[i], v)
+            _pick_columns_planes(v, xo, a1, c, q)
+            for k in range(c):
+                o = base + planes[k] + i * stride
+                _scale_row(q[k * n:(k + 1) * n], mul[k], add[k], out[o:o + n])
+        return
+    ha = np.empty(n * c, np.int32)
+    hb = np.empty(n * c, np.int32)
+    none = np.uint64(s.shape[0])  # no source row
+    ra, rb = none, none  # the source rows in ha and hb
+    for i in range(r0, r1):
+        ya, yb = y0[i], y1[i]
+        if ra != ya:
+            if rb == ya:
+                ha, hb, ra, rb = hb, ha, rb, ra
+            else:
+                _blend_columns_planes(s[ya], s[yb], xo, a1, c, ha, hb, rb != yb)
+                ra, rb = ya, yb
+        if rb != yb:
+            _blend_columns_planes(s[yb], s[yb], xo, a1, c, hb, hb, False)
+            rb = yb
+        for k in range(c):
+            o = base + planes[k] + i * stride
+            _round_rows_scaled(ha[k * n:(k + 1) * n], hb[k * n:(k + 1) * n], b0[i], b1[i], mul[k], add[k],
+                               out[o:o + n])
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_planes(out, top, left, new_h, new_w, values):
+    """Fill each plane k of an NCHW tensor with ``values[k]`` outside [top, top + new_h) x [left, left + new_w)."""
+    n, c, height, width = out.shape
+    if new_h == height and new_w == width:
+        return
+    for b in range(n):
+        for k in range(c):
+            plane = out[b, k]
+            value = np.float32(values[k])
+            for i in range(height):
+                row = plane[i]
+                if i < top or i >= top + new_h:
+                    row[:] = value
+                else:
+                    row[:left] = value
+                    row[left + new_w:] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _to_model_batch(src, out, top, left, y0, y1, b0, b1, xo, a1, rows_first, mul, add, order):
+    n, c, height, width = out.shape
+    flat = out.reshape(-1)
+    planes = order * (height * width)
+    for b in range(n):
+        base = (b * c * height + top) * width + left
+        _to_model_rows(src[b], y0, y1, b0, b1, xo, a1, rows_first, mul, add, planes, flat, base, width, 0, y0.size)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _to_model_batch_parallel(src, out, top, left, y0, y1, b0, b1, xo, a1, rows_first, mul, add, order, chunks):
+    n, c, height, width = out.shape
+    flat = out.reshape(-1)
+    planes = order * (height * width)
+    rows = y0.size
+    for t in numba.prange(n * chunks):
+        b, part = t // chunks, t % chunks
+        base = (b * c * height + top) * width + left
+        _to_model_rows(src[b], y0, y1, b0, b1, xo, a1, rows_first, mul, add, planes, flat, base, width,
+                       part * rows // chunks, (part + 1) * rows // chunks)
+
+
+def to_model(img: np.ndarray, height: int, width: int, mean: Sequence[float] = (0.0,),
+             std: Sequence[float] = (1.0,), scale: bool = True, letterbox: bool = False, pad: int = 114,
+             swap_rb: bool = False, *, threads: int = 1) -> np.ndarray:
+    """A camera's uint8 HWC (NHWC) frame(s) to a model's float32 CHW (NCHW) input in one pass:
+    bilinear resize to ``height`` x ``width`` (with ``letterbox``, aspect kept and centred on
+    ``pad``, as ``letterbox``), red and blue swapped if ``swap_rb`` (BGR to RGB), then per
+    channel ``(x / 255 - mean) / std`` (``(x - mean) / std`` if not ``scale``), mean and std
+    in the output's channel order.  Bit for bit ``normalize(resize(...))`` (or of
+    ``letterbox`` / ``bgr_to_rgb``), without the intermediate images.  ``threads`` as
+    ``resize``."""
+    op = "image.to_model"
+    threads = _threads(op, threads)
+    batch = _batch(op, img, (3, 4) if swap_rb else ())
+    _check_size(op, batch, height, width)
+    c = batch.shape[3]
+    m, s = _channel_values(batch, "mean", mean, op), _channel_values(batch, "std", std, op)
+    mul, add = (1 / 255 if scale else 1.0) / s, -m / s  # per output channel
+    fill = pad * mul + add
+    order = np.arange(c)  # order[k]: the output channel (plane) of source channel k
+    if swap_rb:
+        order[[0, 2]] = order[[2, 0]]
+    mul, add = np.ascontiguousarray(mul[order]), np.ascontiguousarray(add[order])  # per source channel
+    if letterbox:
+        _, new_h, new_w, top, left = letterbox_geometry(batch.shape[1], batch.shape[2], height, width)
+    else:
+        new_h, new_w, top, left = height, width, 0, 0
+    out = np.empty((batch.shape[0], c, height, width), np.float32)
+    _fill_planes(out, top, left, new_h, new_w, fill)
+    batch = _two_columns(batch)
+    plan = _plan(batch.shape[1], batch.shape[2], new_h, new_w, c)
+    if threads == 1:
+        _to_model_batch(batch, out, top, left, *plan, mul, add, order)
+    else:
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            _to_model_batch_parallel(batch, out, top, left, *plan, mul, add, order, threads)
+        finally:
+            numba.set_num_threads(before)
+    return _like(img, out)
+
+
+def to_model_reference(img: np.ndarray, height: int, width: int, mean: Sequence[float] = (0.0,),
+                       std: Sequence[float] = (1.0,), scale: bool = True, letterbox: bool = False, pad: int = 114,
+                       swap_rb: bool = False) -> np.ndarray:
+    x = letterbox_reference(img, height, width, pad)[0] if letterbox else resize_reference(img, height, width)
+    if swap_rb:
+        x = bgr_to_rgb_reference(x)
+    return normalize_reference(x, mean, std, scale)
