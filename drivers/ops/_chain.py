@@ -201,6 +201,16 @@ class _Resources:
             raise ChainError(f"asset {ref.key!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _chain_ops(kind: str, steps: list[tuple[int, OpSpec]],
+               res: _Resources) -> tuple[str, list[tuple[Op, dict[str, Any]]]]:
+    """Where a chain starts (``pre[3]``) and its ops with their params checked: first each
+    op's name and params, then what they read from the bundle's resources."""
+    ops = [_op(f"{kind}[{i}]", s) for i, s in steps]
+    for (i, _), (op, params) in zip(steps, ops):
+        res.check(f"{kind}[{i}]", op, params)
+    return f"{kind}[{steps[0][0]}]", ops
+
+
 def _walk(kind: str, steps: list[tuple[int, OpSpec]], start: TensorType, res: _Resources,
           ops: list[tuple[Op, dict[str, Any]]]) -> list[Step]:
     """The types along a chain from ``start``; ChainError at the first op that cannot take
@@ -259,11 +269,8 @@ def _pre(manifest: Manifest, res: _Resources) -> tuple[list[Chain], dict[str, Te
     inputs = {s.name: s for s in manifest.inputs}
     fed: dict[str, str] = {}
     for steps in _group("pre", manifest.pre):
-        first_i, first = steps[0]
-        where = f"pre[{first_i}]"
-        ops = [_op(f"pre[{i}]", s) for i, s in steps]
-        for (i, s), (op, params) in zip(steps, ops):
-            res.check(f"pre[{i}]", op, params)
+        first = steps[0][1]
+        where, ops = _chain_ops("pre", steps, res)
         if not manifest.inputs:  # a manifest that declares no contract: the ops alone are checked
             chains.append(Chain("pre", first.input, first.input, []))
             continue
@@ -312,11 +319,8 @@ def _post(manifest: Manifest, res: _Resources) -> tuple[list[Chain], list[Tensor
     tensors: dict[str, TensorType] = {s.name: _type_of(s) for s in manifest.outputs}
     origin: dict[str, str] = {s.name: "the model gives" for s in manifest.outputs}
     for steps in _group("post", manifest.post):
-        first_i, first = steps[0]
-        where = f"post[{first_i}]"
-        ops = [_op(f"post[{i}]", s) for i, s in steps]
-        for (i, s), (op, params) in zip(steps, ops):
-            res.check(f"post[{i}]", op, params)
+        first = steps[0][1]
+        where, ops = _chain_ops("post", steps, res)
         if not manifest.outputs:  # no contract declared: the ops alone are checked
             chains.append(Chain("post", first.input, "", []))
             continue
