@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(PY) -m tools.bench_modelstore
 	$(PY) -m tools.bench_inference
 	$(PY) -m tools.bench_models
+	$(PY) -m tools.bench_graphs
+	$(PY) -m tools.bench_streams
 	$(PY) -m tools.bench_ops
 	$(PY) -m tools.bench_telemetry
 
