@@ -505,9 +505,10 @@ def _variants_shown(state: Any) -> str:
     return shown
 
 
-async def _infer_contract(bus: BusClient, args: argparse.Namespace) -> list[Any] | None:
+async def _contract_inputs(bus: BusClient, args: argparse.Namespace) -> list[Any] | None:
     """The inputs a client sends the model (its manifest's, with its pre ops folded in), or
-    None when the model store cannot say (the scheduler will judge the inputs alone)."""
+    None when the model store cannot say (the scheduler will judge the inputs alone): for
+    ``busctl infer`` and ``busctl stream``."""
     from protocols.modelstore import InspectModel, ModelManifest
     from services import RemoteError
 
@@ -544,7 +545,7 @@ async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         raise UsageError("busctl infer MODEL needs inputs: --input [NAME=]FILE (each), --value NAME=NUMBER[:DTYPE]")
     try:
         given: list[tuple[str, Any]] = [(name, load_input(path)) for name, path in map(split_input, args.input)]
-        contract = await _infer_contract(bus, args)
+        contract = await _contract_inputs(bus, args)
         specs = contract or []
         given += [parse_value(v, contract_spec(specs, v.partition("=")[0])) for v in args.value]
         if contract is not None:
@@ -588,32 +589,6 @@ async def cmd_infer(bus: BusClient, args: argparse.Namespace, out: Output) -> in
 
 #: samples per chunk when the model's chunk input has no fixed size (32 ms at 16 kHz)
 STREAM_CHUNK = 512
-
-
-async def _stream_contract(bus: BusClient, args: argparse.Namespace) -> tuple[list[Any], bool] | None:
-    """The inputs a client gives the model (pre ops folded in) and whether its manifest
-    declares states; None when the model store cannot say (the scheduler judges alone)."""
-    from protocols.modelstore import InspectModel, ModelManifest
-    from services import RemoteError
-
-    try:
-        found = await bus.call("modelstore", InspectModel(name=args.model, version=args.version or ""),
-                               ModelManifest, timeout=args.deadline)
-    except RemoteError:
-        return None
-    manifest = found.manifest
-    inputs = list(manifest.inputs)
-    if manifest.pre or manifest.post:
-        try:
-            from drivers.ops import OpsError, check_chains
-        except ImportError:
-            pass
-        else:
-            try:
-                inputs = list(check_chains(manifest).inputs)
-            except OpsError:
-                pass
-    return inputs, bool(manifest.states)
 
 
 def _chunk_shape(spec: Any, chunk: int | None) -> tuple[int, list[int]]:
@@ -699,8 +674,7 @@ async def cmd_stream(bus: BusClient, args: argparse.Namespace, out: Output) -> i
         raise UsageError(f"cannot read {args.input} as a .wav file: {exc}") from None
     if not samples.size:
         raise UsageError(f"{args.input} holds no samples")
-    found = await _stream_contract(bus, args)
-    specs = found[0] if found else []
+    specs = await _contract_inputs(bus, args) or []
     notes: list[str] = []
     try:
         params = dict(parse_value(v, contract_spec(specs, v.partition("=")[0])) for v in args.value)
