@@ -8,7 +8,7 @@ from ._messages import Tensor
 
 __all__ = ["Infer", "GetSchedule", "OpenStream", "CloseStream", "Request", "InferResult", "StageTime",
            "StreamOpened", "StreamClosed", "ModelQueue", "DriverState", "Schedule", "Reply",
-           "Degradation", "Detection", "Alert", "StreamResult", "StreamReset", "STREAM_EVENTS"]
+           "Degradation", "Detection", "PipelineResult", "Alert", "StreamResult", "StreamReset", "STREAM_EVENTS"]
 
 #: the topic every stream's resets and expiries are published on (also on its own topic, if any)
 STREAM_EVENTS = "scheduler.streams"
@@ -162,6 +162,22 @@ class Detection(msgspec.Struct, tag=True, omit_defaults=True):
     seq: int
     score: float
     alert: bool
+    level: int = 0
+
+
+class PipelineResult(msgspec.Struct, tag=True, omit_defaults=True, kw_only=True):
+    """A sensor pipeline's outputs (``publish = "outputs"``), on its result topic: one per
+    frame run, the model's or graph's outputs as raw frames (as in InferResult) and, ahead of
+    them, the strings of its text outputs (uint32 code points, zero-padded: an OCR graph's
+    ``text``) decoded, one per row or item, empty ones left out."""
+
+    source: str
+    model: str
+    #: the model's version, or a graph's models' ("det=1.0.0 rec=1.0.0")
+    version: str
+    seq: int
+    text: list[str] = []
+    outputs: list[Tensor]
     level: int = 0
 
 

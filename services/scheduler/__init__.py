@@ -9,8 +9,8 @@ degradation ladder and the manifest's fallback rule), ``_pipelines`` (sensor pip
 ``_settings`` (``SchedulerSettings``), ``_service`` (the Service that wires them)."""
 
 from protocols.scheduler import (
-    STREAM_EVENTS, Alert, CloseStream, Degradation, Detection, GetSchedule, Infer, InferResult, OpenStream, Schedule,
-    StageTime, StreamClosed, StreamOpened, StreamReset, StreamResult,
+    STREAM_EVENTS, Alert, CloseStream, Degradation, Detection, GetSchedule, Infer, InferResult, OpenStream,
+    PipelineResult, Schedule, StageTime, StreamClosed, StreamOpened, StreamReset, StreamResult,
 )
 
 from ._service import Scheduler
@@ -18,4 +18,4 @@ from ._settings import DriverSettings, PipelineSettings, SchedulerSettings
 
 __all__ = ["Alert", "Degradation", "Detection", "GetSchedule", "Infer", "InferResult", "Schedule", "Scheduler",
            "SchedulerSettings", "DriverSettings", "PipelineSettings", "OpenStream", "CloseStream", "StreamOpened",
-           "StreamClosed", "StreamResult", "StreamReset", "StageTime", "STREAM_EVENTS"]
+           "StreamClosed", "StreamResult", "StreamReset", "StageTime", "PipelineResult", "STREAM_EVENTS"]

@@ -588,8 +588,17 @@ class Scheduler(Service):
                                                         [samples[None, :]], 1, deadline)
             else:
                 result, frames = await self.infer(model, [samples[None, :]], "", 1, pipeline.source, deadline)
+        except UnknownDestination as exc:  # its model (or a graph's) is not installed: said once
+            if not pipeline.missing:
+                self.log.info("pipeline_model_missing", model=model, source=pipeline.source, error=str(exc))
+            pipeline.missing = str(exc)
+            return
         except RemoteError as exc:
             self.log.warning("pipeline_failed", model=model, source=pipeline.source, error=str(exc))
+            return
+        pipeline.missing = ""
+        if pipeline.settings.publish == "outputs":
+            await self.bus.publish(pipeline.result_topic, pipeline.outputs(frame.seq, result, frames), frames=frames)
             return
         score = float(np.asarray(frames[0]).view(np.float32).reshape(-1)[0]) if frames else 0.0
         changed = pipeline.score(score)

@@ -67,6 +67,10 @@ class PipelineSettings(Settings):
     stream: bool = False
     #: the stream's parameters (the model's inputs without a batch axis), e.g. { sr = 16000 }
     parameters: dict[str, float] = {}
+    #: what each frame publishes: "score", a Detection of the first output's first value (and
+    #: alerts); "outputs", a PipelineResult of the model's or graph's outputs, its text ones
+    #: decoded (an OCR graph's text: what a person reads on results.*), no alerts
+    publish: Literal["score", "outputs"] = "score"
 
     def __post_init__(self) -> None:
         if self.off > self.on:
