@@ -13,7 +13,8 @@
   rate / ``frame``, else 5) or as fast as possible (``fast = true``); ``loop = true``
   starts over at the end.
 * ``kind = "camera"``: the images of ``folder`` (png, jpg, .npy), in name order, as HWC
-  uint8 frames at ``rate`` (5); loops.
+  uint8 frames at ``rate`` (5); loops.  ``demo = true`` instead of a folder: the default
+  system's shop labels (``demo/text`` here, rendered by ``tools.build_ocr_demo``).
 
 Relative paths (``file``, ``folder``) are taken from the config file's directory.
 """
@@ -35,6 +36,9 @@ from protocols.sensors import SensorFrame
 from services import EXIT_CONFIG, Service, Settings, SettingsError, run
 
 from ._vibration import RATE, VibrationSimulator
+
+#: the demo camera's images (``demo = true``): shop labels for the default system's OCR
+DEMO_IMAGES = Path(__file__).with_name("demo") / "text"
 
 __all__ = ["SensorDriver", "SensorSettings", "VibrationSettings", "ReplaySettings", "CameraSettings",
            "SensorFrame", "load_recording"]
@@ -73,8 +77,15 @@ class ReplaySettings(Settings, tag_field="kind", tag="replay"):
 class CameraSettings(Settings, tag_field="kind", tag="camera"):
     """The images of a folder, in name order, looped."""
 
-    folder: Path
+    folder: Path | None = None
+    #: instead of a folder: the demo's shop labels shipped with this driver (DEMO_IMAGES)
+    demo: bool = False
     rate: _Rate = 5.0
+
+    def __post_init__(self) -> None:
+        if (self.folder is None) == (not self.demo):
+            raise ValueError("give either folder (a folder of images) or demo = true (the demo's shop labels), "
+                             "not " + ("both" if self.demo else "neither"))
 
 
 #: ``[services.<name>.settings]`` of a sensor: ``kind`` says which.
@@ -98,7 +109,8 @@ class SensorDriver(Service):
                 except (OSError, ValueError) as exc:
                     raise SettingsError(self.bus.name, "settings.file", str(exc)) from None
                 self.rate = rate or (self.sample_rate / frame if self.sample_rate else 5.0)
-            case CameraSettings(folder=folder):
+            case CameraSettings(folder=folder, demo=demo):
+                folder = DEMO_IMAGES if demo or folder is None else folder
                 try:
                     self.files = sorted(p for p in folder.iterdir()
                                         if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".npy"))
