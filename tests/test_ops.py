@@ -440,6 +440,39 @@ def test_argmax_edge_cases() -> None:
     same(_post.argmax(np.array([7], np.uint8)), np.array(0))
 
 
+def test_float32_rows_of_real_models() -> None:
+    """float32 scores take their own kernels (order keys, blocks of 512, a polynomial exp):
+    long rows as a classifier ([1, 1000]), a recogniser ([32, 6625]) and a detector
+    ([84, 8400]) give them, with the maximum, ties, NaN and -0.0 in any block."""
+    rng = np.random.default_rng(7)
+    for shape in [(1, 1000), (32, 6625), (84, 8400), (3, 513)]:
+        x = rng.normal(0, 8, shape).astype(np.float32)
+        same(_post.argmax(x), np.argmax(x, axis=-1))
+        close(_post.softmax(x), _post.softmax_reference(x))
+        exact = np.exp((x - x.max(axis=-1, keepdims=True)).astype(np.float64))  # x - max rounded as numpy does
+        np.testing.assert_allclose(_post.softmax(x), exact / exact.sum(axis=-1, keepdims=True), rtol=1e-6, atol=1e-30)
+    x = np.zeros((6, 1500), np.float32)
+    x[0, [700, 1200]] = 5  # equal maxima in two blocks: the first
+    x[1, 1400], x[1, 3] = 9, 8
+    x[2, :], x[2, 1000] = -np.inf, 1
+    x[3, 0], x[3, 999] = -0.0, 0.0  # -0.0 == 0.0: the first
+    x[3, 1:999], x[3, 1000:] = -1, -1
+    x[4, 900], x[4, 600] = np.nan, 7
+    x[5, :] = -1e30
+    same(_post.argmax(x), np.argmax(x, axis=-1))
+    same(_post.argmax(x), np.array([700, 1400, 1000, 0, 900, 0]))
+    logp = -np.abs(rng.normal(0, 5, (8, 6625))).astype(np.float32)  # log-probabilities: all negative
+    logp[3, 4000] = logp[3, 100] = -1e-6
+    same(_post.argmax(logp), np.argmax(logp, axis=-1))
+    close(_post.softmax(logp), _post.softmax_reference(logp))
+    out = _post.softmax(x)
+    close(out, _post.softmax_reference(x))
+    assert np.isnan(out[4]).all() and out[2, 1000] == 1 and (np.delete(out[2], 1000) == 0).all()
+    tiny = np.array([[0, -80, -87, -88, -100, -np.inf]], np.float32)  # down to underflow
+    np.testing.assert_allclose(_post.softmax(tiny), np.exp(tiny.astype(np.float64)) / np.exp(tiny.astype(np.float64)).sum(),
+                               rtol=1e-6, atol=1e-38)
+
+
 @fuzz
 @given(data=st.data(), start=st.booleans(),
        thresholds=st.lists(st.sampled_from([0.0, 0.3, 0.4, 0.5, 0.7, 1.0]), min_size=2, max_size=2, unique=True))

@@ -13,6 +13,8 @@ import math
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from ._exceptions import OpInputError, OpParamsError
 
@@ -35,6 +37,147 @@ def _rows(op: str, x: np.ndarray, floats: bool = True) -> tuple[np.ndarray, tupl
         raise OpInputError(op, f"an empty last axis ({x.shape}) has no scores to choose from")
     lead = x.shape[:-1]
     return np.ascontiguousarray(x.reshape(math.prod(lead), x.shape[-1])), lead
+
+
+# -- float32 rows at numpy's speed ------------------------------------------------------------------
+#
+# numba vectorises neither a float max (its NaN rules) nor exp (no SVML here), where numpy has
+# both.  So for float32 scores the maximum comes from integer reductions over the floats'
+# bits, which vectorise: the largest signed bits (the largest float if it is positive), and
+# the largest and smallest magnitude (bits without the sign: above +inf's is a NaN; the
+# least is the largest float when all are negative).  exp is a polynomial (Cephes' expf,
+# within 2 ulp) with the power of two put in the exponent bits.
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits``."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.int32), codegen
+
+
+_INF_BITS = 0x7F800000
+_MAGNITUDE = 0x7FFFFFFF
+
+
+@numba.njit(cache=True, nogil=True)
+def _bits_stats(bits):
+    """Of float32 bits (int32): the largest signed, the largest and the smallest magnitude."""
+    top = np.int32(-2147483648)
+    most = np.int32(0)
+    least = np.int32(_MAGNITUDE)
+    for j in range(bits.size):
+        b = bits[j]
+        top = b if b > top else top
+        a = np.int32(b & _MAGNITUDE)
+        most = a if a > most else most
+        least = a if a < least else least
+    return top, most, least
+
+
+@numba.njit(cache=True, nogil=True)
+def _max32(bits):
+    """The largest of float32 bits as a float32 (NaN if one is NaN, as np.max)."""
+    top, most, least = _bits_stats(bits)
+    if most > _INF_BITS:
+        return _F32(np.nan)
+    if top >= 0:
+        return _float32_from_bits(top)
+    return _float32_from_bits(np.int32(least | np.int32(-2147483648)))
+
+
+_F32 = np.float32
+_EXP_LO = _F32(-87.33654)  # below: exp is under float32's smallest normal; 0
+_LOG2E, _LN2_HI, _LN2_LO = _F32(1.44269504088896341), _F32(0.693359375), _F32(-2.12194440e-4)
+_E0, _E1, _E2 = _F32(1.9875691500e-4), _F32(1.3981999507e-3), _F32(8.3334519073e-3)
+_E3, _E4, _E5 = _F32(4.1665795894e-2), _F32(1.6666665459e-1), _F32(5.0000001201e-1)
+_HALF32, _ONE32, _ZERO32 = _F32(0.5), _F32(1.0), _F32(0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _exp_shifted(row, top, dst):
+    """dst = exp(row - top) in float32, for row <= top (vectorised)."""
+    for j in range(row.size):
+        d = row[j] - top
+        t = d if d > _EXP_LO else _EXP_LO
+        n = np.floor(t * _LOG2E + _HALF32)
+        r = t - n * _LN2_HI - n * _LN2_LO
+        p = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r * r + r + _ONE32
+        e = p * _float32_from_bits(np.int32((np.int32(n) + 127) << 23))
+        dst[j] = e if d >= _EXP_LO else _ZERO32
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})  # the sum vectorises
+def _sum(row):
+    total = 0.0
+    for j in range(row.size):
+        total += row[j]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _scale(row, s):
+    for j in range(row.size):
+        row[j] *= s
+
+
+@numba.njit(cache=True, nogil=True)
+def _softmax32(x):
+    out = np.empty_like(x)
+    bits = x.view(np.int32)
+    for r in range(x.shape[0]):
+        row, dst = x[r], out[r]
+        top = _max32(bits[r])
+        if not np.isfinite(top):  # a NaN, +inf, or all -inf: all NaN, as numpy
+            dst[:] = np.nan
+            continue
+        _exp_shifted(row, top, dst)
+        _scale(dst, _F32(1.0 / _sum(dst)))
+    return out
+
+
+_BLOCK = 512  # argmax: the first block of the best statistic holds the first maximum
+
+
+@numba.njit(cache=True, nogil=True)
+def _argmax32(x):
+    out = np.empty(x.shape[0], np.int64)
+    bits = x.view(np.int32)
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        key = bits[r]
+        top, most, least = _bits_stats(key[:_BLOCK])
+        up = down = 0  # the first blocks of the largest signed bits and of the least magnitude
+        for b in range(_BLOCK, n, _BLOCK):
+            t, m, s = _bits_stats(key[b:b + _BLOCK])
+            most = m if m > most else most
+            if t > top:
+                up, top = b, t
+            if s < least:
+                down, least = b, s
+        if most > _INF_BITS:  # np.argmax: the first NaN wins
+            j = 0
+            while (key[j] & _MAGNITUDE) <= _INF_BITS:
+                j += 1
+        elif top > 0:  # the largest is positive: its bits
+            j = up
+            while key[j] != top:
+                j += 1
+        elif top < 0:  # all negative: the least magnitude
+            j = down
+            while (key[j] & _MAGNITUDE) != least:
+                j += 1
+        else:  # the largest is 0.0: the first zero (-0.0 == 0.0)
+            j = 0
+            while x[r, j] != 0:
+                j += 1
+        out[r] = j
+    return out
 
 
 # -- softmax ----------------------------------------------------------------------------------------
@@ -64,7 +207,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, ``exp(x - max)`` normalised.  A row with a NaN, with +inf,
     or all -inf comes out all NaN, as the same formula does in numpy."""
     rows, lead = _rows("post.softmax", x)
-    return _softmax(rows).reshape(*lead, rows.shape[1])
+    return (_softmax32 if rows.dtype == np.float32 else _softmax)(rows).reshape(*lead, rows.shape[1])
 
 
 def softmax_reference(x: np.ndarray) -> np.ndarray:
@@ -148,7 +291,7 @@ def argmax(x: np.ndarray) -> np.ndarray:
     """Index (int64) of the largest score of the last axis: the first of equal ones, the
     first NaN if there is one (as np.argmax).  Integer scores are compared as they are."""
     rows, lead = _rows("post.argmax", x, floats=False)
-    return _argmax(rows).reshape(lead)
+    return (_argmax32 if rows.dtype == np.float32 else _argmax)(rows).reshape(lead)
 
 
 def argmax_reference(x: np.ndarray) -> np.ndarray:
