@@ -147,6 +147,19 @@ _BLOCK = 512  # argmax: the first block of the best statistic holds the first ma
 
 
 @numba.njit(cache=True, nogil=True)
+def _first(bits, mask, value, above):
+    """The first j with ``bits[j] & mask`` equal to ``value`` (above it if ``above``), else
+    ``bits.size``: a min-reduction over indices, which vectorises where a search loop does not."""
+    n = bits.size
+    first = n
+    for j in range(n):
+        b = bits[j] & mask
+        c = j if (b > value if above else b == value) else n
+        first = c if c < first else first
+    return first
+
+
+@numba.njit(cache=True, nogil=True)
 def _argmax32(x):
     out = np.empty(x.shape[0], np.int64)
     bits = x.view(np.int32)
@@ -163,21 +176,13 @@ def _argmax32(x):
             if s < least:
                 down, least = b, s
         if most > _INF_BITS:  # np.argmax: the first NaN wins
-            j = 0
-            while (key[j] & _MAGNITUDE) <= _INF_BITS:
-                j += 1
+            j = _first(key, _MAGNITUDE, _INF_BITS, True)
         elif top > 0:  # the largest is positive: its bits
-            j = up
-            while key[j] != top:
-                j += 1
+            j = up + _first(key[up:up + _BLOCK], -1, top, False)
         elif top < 0:  # all negative: the least magnitude
-            j = down
-            while (key[j] & _MAGNITUDE) != least:
-                j += 1
+            j = down + _first(key[down:down + _BLOCK], _MAGNITUDE, least, False)
         else:  # the largest is 0.0: the first zero (-0.0 == 0.0)
-            j = 0
-            while x[r, j] != 0:
-                j += 1
+            j = _first(key, _MAGNITUDE, 0, False)
         out[r] = j
     return out
 
