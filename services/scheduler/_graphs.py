@@ -766,11 +766,17 @@ class Graphs:
                        for name, g in settings.items()}
 
     async def warm(self) -> None:
-        """Load the kernels of the ops the graphs use (numba: a second or so, in a worker
-        thread) before a request waits for them; nothing without graphs."""
+        """Load the kernels of the ops the graphs use (numba: half a second or so from its
+        cache, in a worker thread; the scheduler starts it when it is ready, and its sensor
+        pipelines skip a graph's frames until it is done); nothing without graphs."""
         for name in sorted({st.op.name for g in self.graphs.values() for st in g.layout.order if st.op is not None}):
             await anyio.to_thread.run_sync(GRAPH_OPS[name].warm)
             self.warmed.add(name)
+
+    def loading(self, name: str) -> bool:
+        """Whether graph ``name`` has ops whose kernels ``warm`` has not loaded yet."""
+        g = self.graphs.get(name)
+        return g is not None and any(st.op is not None and st.op.name not in self.warmed for st in g.layout.order)
 
     def __contains__(self, name: str) -> bool:
         return name in self.graphs

@@ -110,8 +110,7 @@ class Scheduler(Service):
         s = self.settings
         self.drivers = [Driver.from_settings(d) for d in s.drivers]
         self.pipelines = [Pipeline(p) for p in s.pipelines]
-        self.graphs = Graphs(self, s.graphs)
-        await self.graphs.warm()  # (their ops' kernels, in a thread; only when graphs are declared)
+        self.graphs = Graphs(self, s.graphs)  # (their ops' kernels load after READY: main())
         self.ladder = Ladder(s.hot_c, s.cool_c, s.overload_at)
         self.queues: dict[str, ModelQueue] = {}
         #: per model: its batches in flight, at most one per driver
@@ -168,6 +167,7 @@ class Scheduler(Service):
             for pipeline, sub in self._pipeline_subs:
                 if sub is not None:
                     tg.start_soon(self._sensor_frames, pipeline, sub)
+            tg.start_soon(self.graphs.warm)  # (in a thread, off the boot's path: numba loads in ~0.5 s)
             tg.start_soon(self._ladder_steps)
             tg.start_soon(self._report_health)
             tg.start_soon(self._expire_streams)
@@ -578,6 +578,8 @@ class Scheduler(Service):
             self._tg.start_soon(self._run_pipeline, pipeline, incoming)
 
     async def _run_pipeline(self, pipeline: Pipeline, incoming: Incoming) -> None:
+        if self.graphs.loading(pipeline.model):  # its ops' kernels (compiling, if numba's cache is cold)
+            return
         frame = incoming.decode(SensorFrame)
         samples = incoming.tensor(frame.tensor).copy()
         model = pipeline.model
