@@ -17,6 +17,7 @@ venv: $(STAMP)
 
 # make run CONFIG=my-system.toml boots that config instead of the built-in default.
 run: $(STAMP)
+	$(PY) -m tools.build_ocr_demo   # the demo's OCR models (fetched once, cached) and labels; offline: a warning, no OCR
 	$(VENV)/bin/edgebus boot --run-dir .run $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP) debs

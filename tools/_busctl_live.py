@@ -36,6 +36,8 @@ def _body_text(body: Any) -> str:
     """A decoded body on one line, without its type tag (shown in its own column)."""
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "type"}
+        if isinstance(body.get("text"), list) and body["text"]:  # text a model read (PipelineResult):
+            body = {"text": body.pop("text"), **body}              # first, where a cut line still shows it
     return json.dumps(body, ensure_ascii=False)
 
 
