@@ -123,7 +123,7 @@ def test_resize_taps_are_opencvs(n_in: int) -> None:
 
 
 CAMERA_SHAPES = [((1080, 1920), (320, 320)), ((480, 640), (640, 640)), ((1080, 1920), (720, 1280)),
-                 ((1080, 1920), (360, 640))]  # the issue's three, and a letterbox's exact third
+                 ((1080, 1920), (360, 640)), ((480, 640), (240, 320))]  # the issue's three, a letterbox's third, a half
 
 
 @pytest.mark.parametrize("src_hw, dst_hw", CAMERA_SHAPES)
@@ -157,6 +157,19 @@ def test_resize_any_channels_and_threads(img: np.ndarray, height: int, width: in
     """Both kernel orders (rows first when shrinking, columns first when enlarging), every
     channel count (3 and 1 have kernels of their own), on one or two threads."""
     same(_image.resize(img, height, width, threads=threads), _image.resize_reference(img, height, width))
+
+
+@fuzz
+@given(data=st.data(), channels=st.sampled_from([1, 2, 3, 4]), threads=st.sampled_from([1, 2]))
+def test_resize_halving_the_width(data: st.DataObject, channels: int, threads: int) -> None:
+    """Halving the width takes a kernel of its own (source columns 2j and 2j + 1, a fixed
+    pattern that vectorises): equal to the reference, in resize and to_model."""
+    w = data.draw(st.integers(1, 40))
+    h0, h = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
+    img = data.draw(hnp.arrays(np.uint8, (h0, 2 * w, channels)))
+    same(_image.resize(img, h, w, threads=threads), _image.resize_reference(img, h, w))
+    close(_image.to_model(img, h, w, threads=threads), _image.to_model_reference(img, h, w))
+    same(_image.to_model(img, h, w), _image.normalize(_image.resize(img, h, w)))
 
 
 def test_letterbox_against_opencv() -> None:
