@@ -34,7 +34,7 @@ from protocols.scheduler import Detection, PipelineResult
 from services import SettingsError, decode_settings
 from tools import build_ocr_demo
 
-from conftest import BIN, System, free_port
+from conftest import BIN, System, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -112,11 +112,12 @@ async def test_without_the_ocr_models_the_pipeline_says_so_once_and_reads_once_t
         "preload_demo = true": f'preload_demo = false\npreload = "{only}"',
         "rate = 0.5                 # frames per second": "rate = 2.0"}))  # (the pipeline takes 1 a second)
     await system.wait_ready("scheduler", "camera", "accel-cpu", timeout=60)
+    wait_for(lambda: "pipeline_model_missing" in system.log(), 30, "the OCR pipeline's first frame")
     async with system.client() as bus:
         async with bus.subscribe("results.") as sub:
             with anyio.fail_after(30):  # the vibration pipeline goes on, the OCR one runs no frame
                 detections = 0
-                while detections < 8:  # 4 s at 2 a second: the OCR pipeline tried 3 frames at least
+                while detections < 8:  # 4 s at 2 a second: the OCR pipeline tried 3 more frames
                     incoming = await sub.receive()
                     assert incoming.header.dest == "results.vibration", incoming.header.dest
                     incoming.decode(Detection)
