@@ -28,7 +28,10 @@ import anyio
 import msgspec
 
 from protocols.runtime import ENV_STATE_DIR
-from services import BadMessage, Context, InternalError, Rejected, Service, SettingsError, Unavailable, UnknownDestination
+from services import (
+    BadMessage, Context, InternalError, Rejected, RemoteError, Service, SettingsError, Unavailable,
+    UnknownDestination,
+)
 from protocols.security import AuditAppend, Appended, Seal, Sealed, SignatureValid, Unseal, Unsealed, VerifySignature
 
 from ._bundle import Archive, Bundle, check_graph
@@ -100,6 +103,8 @@ class ModelStoreService(Service):
         #: one install at a time (memory: one bundle's files), and the store's writes
         #: (blobs, manifests, the sweep of a remove) never interleave
         self._installing = anyio.Lock()
+        #: sha256 of the model files ONNX Runtime loaded in a throwaway process (preload's checks)
+        self._loadable: set[str] = set()
         self._writing = anyio.Lock()
         #: the trials under way, by model: their windows are in memory only (a restarted
         #: store starts the trial of the version in trial again, from now)
@@ -124,13 +129,39 @@ class ModelStoreService(Service):
                 raise SettingsError(self.bus.name, "settings.preload",
                                     f"{self.settings.preload} is not a directory of .ebm bundles")
             directories.append(self.settings.preload)
+        todo = []
         for path in sorted(p for directory in directories for p in directory.glob("*.ebm")):
-            with Archive(path.read_bytes()) as archive:
+            data = path.read_bytes()
+            with Archive(data) as archive:
                 name = archive.manifest.name
-            if self.store.versions(name):
-                continue
-            installed = await self._install(path.read_bytes(), "preload")
+            if not self.store.versions(name):
+                todo.append(data)
+        # the models' load checks all at once (a process each: boot waits for the store), then
+        # the bundles installed one by one as any other
+        async with anyio.create_task_group() as tg:
+            for data in todo:
+                tg.start_soon(self._precheck, data)
+        for data in todo:
+            installed = await self._install(data, "preload")
             await self._activate(installed.name, installed.version, "preload")
+
+    async def _precheck(self, data: bytes) -> None:
+        """A bundle to preload checked as its install does up to its models' load checks
+        (signed by a trusted key, files as signed), each model that loads remembered by its
+        sha256; anything wrong is left to its install to say."""
+        try:
+            with Archive(data) as archive:
+                sig = archive.verify_embedded()
+                archive.check_entries()
+                await self.bus.call("security", VerifySignature(data=archive.manifest_bytes,
+                                                                signature=bytes.fromhex(sig.signature),
+                                                                key_id=sig.key_id), SignatureValid)
+                files = await anyio.to_thread.run_sync(archive.read_files)  # (views of the archive)
+                for variant, spec in archive.manifest.variants.items():
+                    await self._load_check(archive.manifest.name, variant, files[spec.file])
+                    self._loadable.add(spec.sha256)
+        except (BundleError, ModelLoadError, RemoteError, subprocess.TimeoutExpired):
+            return
 
     def _fault(self, point: str) -> None:
         """Fault injection for crash tests: the point named in FAULT kills the process."""
@@ -271,7 +302,8 @@ class ModelStoreService(Service):
                     await anyio.to_thread.run_sync(check_graph, m, spec.file, files[spec.file])
                 check_ops(m, files)  # the pre -> model -> post chains can run
                 for variant, spec in m.variants.items():
-                    await self._load_check(m.name, variant, files[spec.file])
+                    if spec.sha256 not in self._loadable:  # (a preload's, checked: _precheck)
+                        await self._load_check(m.name, variant, files[spec.file])
                 bundle = Bundle(archive.manifest_bytes, files, sig)
             async with self._writing:
                 self._check_newer(m.name, m.version)
