@@ -50,6 +50,7 @@ def _cases() -> list[tuple[str, dict[str, object], object]]:
         ("post.dequantize_int8", {"scale": 0.1}, np.zeros((1, 4), np.int8)),
         ("image.resize_pad", {"height": 4, "width": 8}, image),
         ("image.to_tensor", {}, image),
+        ("image.to_model", {"height": 4, "width": 4}, image),
         ("audio.log_mel", {"n_fft": 32, "hop": 16, "n_mels": 4}, np.zeros((1, 256), np.float32)),
         ("post.decode_yolo", {}, np.zeros((1, 6, 8), np.float32)),
         ("text.db_boxes", {}, np.pad(np.ones((1, 1, 8, 8), np.float32), ((0, 0), (0, 0), (4, 4), (4, 4)))),
@@ -57,11 +58,55 @@ def _cases() -> list[tuple[str, dict[str, object], object]]:
     ]
 
 
+#: the ops' modules whose kernels numba caches
+_KERNEL_MODULES = ("_image", "_post", "_signal", "_audio", "_detect", "_text")
+
+
+def clear_stale_cache() -> bool:
+    """Drop numba's cached kernels of drivers.ops when any of its sources changed since they
+    were cached; True when it did.
+
+    numba checks a cached kernel against its own file only, but a kernel inlines the
+    kernels it calls from other files (text's crops call image's resize): after an update of
+    _image.py alone, _text.py's cache would still hold the old resize.  So the cache is
+    taken as one: a digest of every source of the package, kept beside the cache."""
+    import hashlib
+    import importlib
+    from pathlib import Path
+
+    import numba
+
+    package = Path(importlib.import_module("drivers.ops").__file__).parent  # type: ignore[arg-type]
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    kernels = [k for name in _KERNEL_MODULES for k in vars(importlib.import_module(f"drivers.ops.{name}")).values()
+               if isinstance(k, numba.core.dispatcher.Dispatcher) and k._cache is not None
+               and hasattr(k._cache, "cache_path")]
+    if not kernels:
+        return False
+    stamp = Path(kernels[0]._cache.cache_path) / "edgebus-ops.sha256"
+    try:
+        if stamp.read_text() == digest.hexdigest():
+            return False
+    except OSError:
+        pass
+    for kernel in kernels:
+        kernel._cache.flush()
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest.hexdigest())
+    except OSError:  # a read-only install: its cache is what it shipped with
+        pass
+    return True
+
+
 def warm() -> int:
-    """Run every op once (compiling it, or loading it from numba's cache); the number of
-    ops run.  Imports numba."""
+    """Run every op once (compiling it, or loading it from numba's cache, after dropping a
+    cache older than the ops' sources); the number of ops run.  Imports numba."""
     from drivers.ops import pipeline
 
+    clear_stale_cache()
     cases = _cases()
     for name, params, x in cases:
         pipeline([(name, params)])(x)
