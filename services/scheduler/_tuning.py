@@ -10,7 +10,8 @@ not the round trip, which under load also holds the scheduler's own waits), plus
 round trip beyond it seen (the bus hops a batch shares among its rows).  Batches form up to ``max_batch`` while
 they cost less per row than a batch of one, and stay at one otherwise.  One batch in
 ``PROBE_EVERY`` goes the other way, so a decision follows the load and the device (a
-batch of one under load; a larger batch when it was off), never stuck on a first guess.
+batch of one under load; a small batch, ``PROBE_BATCH``, when it was off), never stuck on a
+first guess.
 
 The decision is a pure function of the two averages (``decide``); counting lives in
 ``BatchTuner``.
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["BatchTuner", "decide", "PROBE_EVERY", "MARGIN"]
+__all__ = ["BatchTuner", "decide", "PROBE_EVERY", "PROBE_BATCH", "MARGIN"]
 
 #: one batch in this many probes the size the tuner did not choose
 PROBE_EVERY = 32
-#: batching stays on while a row in a batch costs at most this share of a row alone
-MARGIN = 0.95
+#: the size of a probe batch while batching is off
+PROBE_BATCH = 4
+#: batching stays on while a row in a batch costs at most this share of a row alone (a clear
+#: gain: the two are measured under different load, and batches add waiting)
+MARGIN = 0.85
 #: samples of each kind before the first decision
 MIN_SAMPLES = 3
 
@@ -93,9 +97,14 @@ class BatchTuner:
         self._batches += 1
         probe = self._batches % PROBE_EVERY == 0
         on = self.batching
-        if on is None:  # measuring: batch as load allows; under load, every 4th batch alone
-            return 1 if self._alone.get() is None and self._batches % 4 == 0 else self.max_batch
-        return (1 if on else self.max_batch) if probe else (self.max_batch if on else 1)
+        if on is None:  # measuring: small batches as load allows; under load, every 4th alone
+            return 1 if self._alone.get() is None and self._batches % 4 == 0 else \
+                min(self.max_batch, 2 * PROBE_BATCH)
+        if not probe:
+            return self.max_batch if on else 1
+        # the other way, once: alone when batching, a small batch when not (a batch of 16 of
+        # a model that batches badly would cost more than the probe is worth)
+        return 1 if on else min(self.max_batch, PROBE_BATCH)
 
     def record(self, rows: int, compute: float, round_trip: float | None = None) -> None:
         """A run of ``rows`` rows in all took the driver ``compute`` seconds (pre ops, model,
