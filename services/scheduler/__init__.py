@@ -5,7 +5,7 @@ Modules by job: ``_queueing`` (admission, priority/EDF queues, deadlines), ``_ba
 ``_placement`` (driver choice by load and temperature, failover), ``_ladder`` (the
 degradation ladder and the manifest's fallback rule), ``_pipelines`` (sensor pipelines),
 ``_contract`` (a model's contract and batch axes), ``_tuning`` (batching per model),
-``_streams`` (stateful streams),
+``_streams`` (stateful streams), ``_streaming`` (serving them), ``_graphs`` (pipelines as graphs),
 ``_settings`` (``SchedulerSettings``), ``_service`` (the Service that wires them)."""
 
 from protocols.scheduler import (

@@ -37,7 +37,6 @@ from protocols.modelstore import (
     pick_version,
 )
 from protocols.scheduler import (
-    STREAM_EVENTS,
     Alert,
     CloseStream,
     Degradation,
@@ -50,10 +49,6 @@ from protocols.scheduler import (
     Reply,
     Request,
     Schedule,
-    StreamClosed,
-    StreamOpened,
-    StreamReset,
-    StreamResult,
 )
 from protocols.sensors import SensorFrame
 from protocols.telemetry import FeatureSamples
@@ -77,9 +72,10 @@ from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
 from ._graphs import Graphs
 from ._pipelines import Pipeline
-from ._placement import Driver, PinnedDriverLost, apply_health, run_pinned, run_with_failover, thermal_pressure
+from ._placement import Driver, apply_health, run_pinned, run_with_failover, thermal_pressure
 from ._queueing import Job, ModelQueue, check_priority
-from ._streams import Stream, Streams
+from ._streaming import Streaming
+from ._streams import Streams
 from ._tuning import BatchTuner
 from ._settings import SchedulerSettings
 
@@ -121,7 +117,7 @@ class Scheduler(Service):
         #: per model: its batch limit, measured when its batching is "auto"
         self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
-        self.streams = Streams(s.max_streams, s.stream_idle_s)
+        self.streaming = Streaming(self, Streams(s.max_streams, s.stream_idle_s))
         self.served: dict[tuple[str, str, str], _Served] = {}
         m = self.metrics
         self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
@@ -170,7 +166,7 @@ class Scheduler(Service):
             tg.start_soon(self.graphs.warm)  # (in a thread, off the boot's path: numba loads in ~0.5 s)
             tg.start_soon(self._ladder_steps)
             tg.start_soon(self._report_health)
-            tg.start_soon(self._expire_streams)
+            tg.start_soon(self.streaming.expire)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -184,13 +180,11 @@ class Scheduler(Service):
                                         ctx.deadline or time.time() + self.settings.default_timeout,
                                         req.tensors, req.variant, req.outputs)
             case Infer():
-                return await self._chunk(req, ctx)
+                return await self.streaming.chunk(req, ctx)
             case OpenStream():
-                return await self._open_stream(req, ctx)
+                return await self.streaming.open(req, ctx)
             case CloseStream(stream=stream_id):
-                stream = self.streams.get(stream_id, ctx.sender)
-                self.streams.close(stream)
-                return StreamClosed(stream=stream.id, chunks=stream.seq, reason="closed")
+                return self.streaming.close(stream_id, ctx.sender)
 
     async def infer(self, model: str, arrays: list[np.ndarray], version: str, priority: int, key: str,
                     deadline: float, descs: Sequence[Tensor] = (), variant: str = "",
@@ -258,101 +252,6 @@ class Scheduler(Service):
                 job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
         if job.error is not None:
             raise job.error
-
-    # -- streams -----------------------------------------------------------------------------------
-
-    async def _open_stream(self, req: OpenStream, ctx: Context) -> StreamOpened:
-        version, manifest, plan, _ = await self._prepare(req.model, req.version, req.key, "")
-        driver = self._stream_driver()
-        stream = self.streams.create(req.model, version, manifest, plan, ctx.sender, req.tensors,
-                                     [ctx.tensor(t) for t in req.tensors], driver, req.topic, req.outputs, req.idle_s)
-        self.log.info("stream_opened", stream=stream.id, model=req.model, version=version, driver=driver,
-                      owner=ctx.sender)
-        return StreamOpened(stream=stream.id, model=req.model, version=version, driver=driver or "",
-                            inputs=stream.chunk_inputs, idle_s=stream.idle_s)
-
-    def _stream_driver(self, avoid: str = "") -> str | None:
-        """The ready driver holding the fewest streams (None while none is ready)."""
-        now = time.monotonic()
-        ready = [d for d in self.drivers if d.up(now) and d.name != avoid] or \
-                [d for d in self.drivers if d.up(now)]
-        if not ready:
-            return None
-        return min(ready, key=lambda d: (self.streams.load(d.name), d.in_flight)).name
-
-    async def _chunk(self, req: Infer, ctx: Context) -> tuple[InferResult, list]:
-        """One chunk of a stream: the stream's state and parameters with the chunk's inputs,
-        on the stream's driver; the next state kept, the other outputs answered."""
-        stream = self.streams.get(req.stream, ctx.sender)
-        arrays = [ctx.tensor(t) for t in req.tensors]
-        deadline = ctx.deadline or time.time() + self.settings.default_timeout
-        return await self._stream_run(stream, req.tensors, arrays, req.priority, deadline, req.variant)
-
-    async def _stream_run(self, stream: Stream, descs: Sequence[Tensor], arrays: list[np.ndarray], priority: int,
-                          deadline: float, variant: str = "") -> tuple[InferResult, list]:
-        async with stream.lock:  # chunks of one stream: one at a time, in order
-            manifest = await self._manifest(stream.model, stream.version)
-            for attempt in range(2):
-                if stream.driver is None or not self._driver_up(stream.driver):
-                    await self._repin(stream, f"driver {stream.driver} is not running" if stream.driver
-                                      else "", avoid=stream.driver or "")
-                job = Job(stream.model, stream.version, stream.bind(descs, arrays), priority, deadline,
-                          stream.plan, variant)
-                job.pin = stream.driver
-                try:
-                    await self._run(job, manifest)
-                    break
-                except PinnedDriverLost as exc:
-                    if attempt:
-                        raise Unavailable(f"stream {stream.id}: {exc}") from None
-                    await self._repin(stream, str(exc), avoid=exc.driver)
-            assert job.result is not None
-            outputs = stream.advance(job.outputs)
-            job.result.seq, job.result.reset, stream.reset = stream.seq, stream.reset, ""
-            out_descs, frames = pack_tensors(outputs)  # (copies: the state kept may share their batch)
-            job.result.outputs = out_descs
-            if stream.topic:
-                await self.bus.publish(stream.topic, StreamResult(stream=stream.id, model=stream.model,
-                                                                  version=stream.version, seq=stream.seq,
-                                                                  outputs=out_descs, reset=job.result.reset),
-                                       frames=frames)
-        return job.result, frames
-
-    def _driver_up(self, name: str) -> bool:
-        now = time.monotonic()
-        return any(d.name == name and d.up(now) for d in self.drivers)
-
-    async def _repin(self, stream: Stream, reason: str, avoid: str = "") -> None:
-        """Pin ``stream`` to another driver; with ``reason``, its state is reset (and said so)."""
-        stream.driver = self._stream_driver(avoid)
-        if reason:
-            await self._reset(stream, reason)
-
-    async def _reset(self, stream: Stream, reason: str) -> None:
-        stream.restart(reason)
-        self.log.warning("stream_reset", stream=stream.id, model=stream.model, reason=reason, driver=stream.driver)
-        event = StreamReset(stream=stream.id, model=stream.model, reason=reason, seq=stream.seq)
-        for topic in (STREAM_EVENTS, stream.topic):
-            if topic:
-                with contextlib.suppress(BusError):
-                    await self.bus.publish(topic, event)
-
-    async def _driver_lost(self, name: str, state: str) -> None:
-        """A driver stopped: the streams it held start over on another one."""
-        for stream in self.streams.pinned_to(name):
-            await self._repin(stream, f"driver {name} is {state}", avoid=name)
-
-    async def _expire_streams(self) -> None:
-        while True:
-            await anyio.sleep(1.0)
-            for stream in self.streams.idle(time.monotonic()):
-                self.streams.close(stream)
-                self.log.info("stream_expired", stream=stream.id, model=stream.model, chunks=stream.seq)
-                event = StreamClosed(stream=stream.id, chunks=stream.seq, reason="idle")
-                for topic in (STREAM_EVENTS, stream.topic):
-                    if topic:
-                        with contextlib.suppress(BusError):
-                            await self.bus.publish(topic, event)
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -560,7 +459,7 @@ class Scheduler(Service):
                 if d.name == change.name:
                     was, d.ready = d.ready, change.state == "ready"
                     if was and not d.ready:
-                        await self._driver_lost(d.name, change.state)
+                        await self.streaming.driver_lost(d.name, change.state)
 
     async def _sensor_frames(self, pipeline: Pipeline, sub: Subscription) -> None:
         waiting = False
@@ -586,8 +485,8 @@ class Scheduler(Service):
         deadline = time.time() + pipeline.settings.timeout
         try:
             if pipeline.settings.stream:  # each frame the next chunk of the pipeline's own stream
-                result, frames = await self._stream_run(await self._pipeline_stream(pipeline), (),
-                                                        [samples[None, :]], 1, deadline)
+                result, frames = await self.streaming.run(await self.streaming.for_pipeline(pipeline), (),
+                                                          [samples[None, :]], 1, deadline)
             else:
                 result, frames = await self.infer(model, [samples[None, :]], "", 1, pipeline.source, deadline)
         except UnknownDestination as exc:  # its model (or a graph's) is not installed: said once
@@ -612,28 +511,6 @@ class Scheduler(Service):
             self.log.warning("alert", model=model, source=pipeline.source, state=state, score=round(score, 3))
             await self.bus.publish(pipeline.alerts_topic, Alert(model=model, source=pipeline.source, state=state,
                                                                 score=score, seq=frame.seq))
-
-    async def _pipeline_stream(self, pipeline: Pipeline) -> Stream:
-        """The stream a stream pipeline feeds (opened at its first frame, again after it
-        expired), its parameters from the pipeline's settings in the contract's dtypes."""
-        async with pipeline.opening:
-            stream = pipeline.stream
-            if stream is not None and stream.id in self.streams.open:
-                return stream
-            version, manifest, plan, _ = await self._prepare(pipeline.model, "", pipeline.source, "")
-            specs = {s.name: s for s in plan.inputs}
-            names = list(pipeline.settings.parameters)
-            unknown = [n for n in names if n not in specs]
-            if unknown:
-                raise BadMessage(f"pipeline {pipeline.source}: {pipeline.model} has no input "
-                                 f"{', '.join(map(repr, unknown))} (its inputs: {', '.join(specs)})")
-            arrays = [np.array(v, dtype=specs[n].dtype) for n, v in pipeline.settings.parameters.items()]
-            descs = [Tensor(dtype=specs[n].dtype, shape=[], frame=i, name=n) for i, n in enumerate(names)]
-            pipeline.stream = self.streams.create(pipeline.model, version, manifest, plan, "scheduler", descs, arrays,
-                                                  self._stream_driver(), "", (), 0.0)
-            self.log.info("pipeline_stream_opened", source=pipeline.source, model=pipeline.model,
-                          stream=pipeline.stream.id)
-            return pipeline.stream
 
     # -- health reports for the model store's trial gates ------------------------------------------
 
