@@ -1,7 +1,7 @@
 """Pre/post-processing ops benchmark: each numba op against its numpy reference, and the image
 and score ops against the library a user would otherwise call (OpenCV, numpy).
 
-    python -m tools.bench_ops [--runs 7] [--min-time 0.05] [--only numpy|library] [--threads 2]
+    python -m tools.bench_ops [--runs 7] [--min-time 0.05] [--only numpy|library|models] [--threads 2]
                               [--out bench-results/ops.json]
 
 For every op, on sizes a model meets (a 640x480 camera frame resized to 320x320, a
@@ -25,6 +25,20 @@ classifier's [1, 1000], a recogniser's [32, 6625] (PP-OCRv4 steps) and a detecto
 numba's time over the library's (below 1: numba is faster), the median of the runs' ratios.
 ``--threads N`` adds the image rows with N threads on both sides.  Without cv2 installed
 the OpenCV rows are left out, and the output says so.
+
+The model rows (``--only models``; also part of ``library`` and of a full run) put the ops of
+text, detection and audio models beside the code a user would otherwise write, one thread
+each (BLAS too, through threadpoolctl when installed): ``text.db_boxes`` on a 960x960 map (the
+real PP-OCRv4 detector's, run once with onnxruntime on 24 rendered text lines; rectangles over
+the lines when the model is unavailable) against PaddleOCR's DBPostProcess in OpenCV
+(findContours, minAreaRect, boxPoints, fillPoly score; unclip as the op does it), boxes
+within 2 px; ``text.crop_rotated`` of its first 20 boxes to 48x320 against
+getPerspectiveTransform + warpPerspective + resize per box, same widths; ``text.ctc_greedy``
+on [20, 40, 6625] against numpy argmax + collapse, same labels; ``post.nms`` on 8400 boxes
+against cv2.dnn.NMSBoxes and ``detect.decode_yolo`` on a YOLOv8 [1, 84, 8400] against numpy
++ cv2.dnn.NMSBoxesBatched, the same boxes kept; ``audio.log_mel`` (30 s at 16 kHz, n_fft 400,
+hop 160, 80 mels, dB) against numpy (rfft + matmul) and, when installed, librosa's
+melspectrogram + power_to_db, allclose.
 """
 
 from __future__ import annotations
@@ -196,6 +210,249 @@ def library_cases(rng: np.random.Generator, cv2: Any, threads: int = 1) -> list[
     return rows
 
 
+# -- the model ops (issue 11) against the libraries ---------------------------------------------------
+
+#: text lines rendered for the detector's map: (x, y, font size, text)
+OCR_LINES = [(30 + 40 * (i % 3), 20 + 38 * i, 18 + 4 * (i % 4), text) for i, text in enumerate(
+    ["Invoice 2026-11-30  total 1,284.50 EUR", "Pump station 7: pressure 3.2 bar", "ALARM ACK  operator 42",
+     "Serial No. 88-1234-XK", "The quick brown fox jumps over", "the lazy dog 0123456789",
+     "Line speed 1.25 m/s  setpoint 1.30", "Batch 4471 / lot 12", "Temperature 71.4 C", "Motor B current 12.7 A",
+     "Valve V-203 open", "Next service: 2027-02-01", "Conveyor 3 stopped", "Shift report page 2 of 5",
+     "Humidity 41 %", "Order 55021 shipped", "Checksum OK", "Firmware 4.2.17", "Door 2 closed",
+     "Zone C clear", "Spindle 12000 rpm", "Coolant level low", "Badge 0042 accepted", "End of report"])]
+
+
+def ocr_map(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """A 960x960 BGR image of rendered text lines and its DB probability map [960, 960]: from
+    the real PP-OCRv4 detector when it and onnxruntime are there, else rectangles over the lines."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (960, 960), "white")
+    draw = ImageDraw.Draw(image)
+    spans = []
+    for x, y, size, text in OCR_LINES:
+        draw.text((x, y), text, fill="black", font=ImageFont.load_default(size=size))
+        spans.append(draw.textbbox((x, y), text, font=ImageFont.load_default(size=size)))
+    bgr = np.ascontiguousarray(np.asarray(image)[..., ::-1])
+    try:
+        import onnxruntime as ort
+
+        from tools.fetch_models import model_path
+        session = ort.InferenceSession(str(model_path("ppocr-det")), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any reason the model cannot run: synthesize the map
+        prob = np.full((960, 960), 0.02, np.float32)
+        for x0, y0, x1, y1 in spans:
+            prob[y0 + 2:y1 - 2, x0 + 2:x1 - 2] = rng.uniform(0.7, 0.95, (y1 - y0 - 4, x1 - x0 - 4))
+        return bgr, prob, f"synthesized map (rectangles over the lines; the detector is unavailable: {exc})"
+    x = (np.asarray(image, np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
+    return bgr, np.ascontiguousarray(out[0, 0]), "map from the real PP-OCRv4 detector (ppocr-det) on the rendered lines"
+
+
+def cv_db_boxes(cv2: Any, prob: np.ndarray, thresh: float = 0.3, box_thresh: float = 0.6, unclip_ratio: float = 1.5,
+                max_candidates: int = 1000, min_size: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """PaddleOCR / rapidocr's DBPostProcess in OpenCV (contours, minAreaRect, boxPoints, the
+    "fast" fillPoly score), the unclip approximated as text.db_boxes does it: the rectangle's
+    sides moved out by area * unclip_ratio / perimeter (no pyclipper)."""
+    h, w = prob.shape
+    contours, _ = cv2.findContours((prob > thresh).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    boxes, scores = [], []
+    for contour in contours[:max_candidates]:
+        (cx, cy), (rw, rh), angle = cv2.minAreaRect(contour)
+        if min(rw, rh) < min_size:
+            continue
+        points = cv2.boxPoints(((cx, cy), (rw, rh), angle))
+        x0, x1 = int(np.clip(np.floor(points[:, 0].min()), 0, w - 1)), int(np.clip(np.ceil(points[:, 0].max()), 0, w - 1))
+        y0, y1 = int(np.clip(np.floor(points[:, 1].min()), 0, h - 1)), int(np.clip(np.ceil(points[:, 1].max()), 0, h - 1))
+        mask = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
+        cv2.fillPoly(mask, [(points - (x0, y0)).astype(np.int32)], 1)
+        score = cv2.mean(prob[y0:y1 + 1, x0:x1 + 1], mask)[0]
+        if score < box_thresh:
+            continue
+        d = rw * rh * unclip_ratio / (2 * (rw + rh))
+        if min(rw, rh) + 2 * d < min_size + 2:
+            continue
+        points = cv2.boxPoints(((cx, cy), (rw + 2 * d, rh + 2 * d), angle))
+        boxes.append(np.clip(points, 0, (w - 1, h - 1)))
+        scores.append(score)
+    return np.array(boxes, np.float32).reshape(-1, 4, 2), np.array(scores, np.float32)
+
+
+def same_boxes(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """As many boxes, each matched by centre within 2 px with sides within 3 px and score within 0.1
+    (fillPoly rasterises a slightly tilted rectangle's integer corners: up to 0.085 apart on the
+    real map, where the boxes themselves agree to 0.01 px)."""
+    (boxes, scores), (ref, ref_scores) = a, b
+    if len(boxes) != len(ref):
+        return False
+
+    def sides(q: np.ndarray) -> np.ndarray:
+        return np.sort([np.linalg.norm(q[0] - q[1]), np.linalg.norm(q[1] - q[2])])
+
+    centres = ref.mean(axis=1)
+    for box, score in zip(boxes, scores):
+        j = int(np.argmin(np.linalg.norm(centres - box.mean(axis=0), axis=1)))
+        if (np.linalg.norm(centres[j] - box.mean(axis=0)) > 2 or np.abs(sides(box) - sides(ref[j])).max() > 3
+                or abs(score - ref_scores[j]) > 0.1):
+            return False
+    return True
+
+
+def cv_crop_rotated(cv2: Any, image: np.ndarray, boxes: np.ndarray, height: int = 48,
+                    width: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """PaddleOCR's get_rotate_crop_image + resize_norm_img's resize and pad, per box (bilinear,
+    as crop_rotated samples; PaddleOCR warps with INTER_CUBIC)."""
+    out = np.zeros((len(boxes), height, width, image.shape[2]), np.uint8)
+    widths = np.empty(len(boxes), np.int32)
+    for i, p in enumerate(boxes.astype(np.float32)):
+        cw = max(int(max(np.linalg.norm(p[0] - p[1]), np.linalg.norm(p[2] - p[3]))), 1)
+        ch = max(int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2]))), 1)
+        m = cv2.getPerspectiveTransform(p, np.array([[0, 0], [cw, 0], [cw, ch], [0, ch]], np.float32))
+        crop = cv2.warpPerspective(image, m, (cw, ch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if ch / cw >= 1.5:
+            crop = np.rot90(crop)
+        rw = max(1, min(int(np.ceil(height * crop.shape[1] / crop.shape[0])), width))
+        out[i, :, :rw] = cv2.resize(crop, (rw, height), interpolation=cv2.INTER_LINEAR)
+        widths[i] = rw
+    return out, widths
+
+
+def same_crops(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Same widths, pixels within 8 on average per crop (the two round sampling positions differently)."""
+    (crops, widths), (ref, ref_widths) = a, b
+    return (np.array_equal(widths, ref_widths)
+            and max(float(np.abs(x.astype(np.int16) - y).mean()) for x, y in zip(crops, ref)) <= 8)
+
+
+def np_ctc_greedy(probs: np.ndarray, blank: int = 0) -> list[tuple[np.ndarray, float]]:
+    """PaddleOCR's CTCLabelDecode in numpy: argmax and max per step, repeats and blanks dropped."""
+    best, top = probs.argmax(axis=2), probs.max(axis=2)
+    rows = []
+    for labels, p in zip(best, top):
+        keep = labels != blank
+        keep[1:] &= labels[1:] != labels[:-1]
+        rows.append((labels[keep], float(p[keep].mean()) if keep.any() else 0.0))
+    return rows
+
+
+def same_text(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: list[tuple[np.ndarray, float]]) -> bool:
+    labels, lengths, confidence = a
+    return all(np.array_equal(labels[r, :lengths[r]], text) and abs(confidence[r] - c) < 1e-5
+               for r, (text, c) in enumerate(b))
+
+
+def yolo_predictions(rng: np.random.Generator, anchors: int = 8400, classes: int = 80, objects: int = 20) -> np.ndarray:
+    """A YOLOv8 output [1, 4 + classes, anchors]: boxes clustered around ``objects`` objects
+    (each anchor near one), the object's class scoring 0.2-0.95, the rest of the scores low."""
+    centre = rng.uniform(40, 600, (objects, 2))
+    size = rng.uniform(20, 200, (objects, 2))
+    which = rng.integers(0, objects, anchors)
+    xywh = np.concatenate([centre[which] + rng.normal(0, 6, (anchors, 2)),
+                           size[which] * rng.uniform(0.85, 1.15, (anchors, 2))], axis=1)
+    scores = rng.uniform(0, 0.05, (anchors, classes))
+    scores[np.arange(anchors), rng.integers(0, classes, objects)[which]] = rng.uniform(0.0, 0.95, anchors) ** 2
+    return np.ascontiguousarray(np.concatenate([xywh, scores], axis=1).T[None].astype(np.float32))
+
+
+def cv_decode_yolo(cv2: Any, pred: np.ndarray, score_threshold: float = 0.25, iou_threshold: float = 0.45,
+                   max_detections: int = 300) -> np.ndarray:
+    """Ultralytics' OpenCV example: numpy for the best class and the threshold, then
+    cv2.dnn.NMSBoxesBatched (per class) on x, y, w, h boxes."""
+    x = pred[0].T
+    scores = x[:, 4:]
+    labels, best = scores.argmax(axis=1), scores.max(axis=1)
+    cand = np.flatnonzero(best > score_threshold)
+    xywh = x[cand, :4].copy()
+    xywh[:, :2] -= xywh[:, 2:] / 2
+    kept = np.asarray(cv2.dnn.NMSBoxesBatched(xywh, best[cand], labels[cand], score_threshold, iou_threshold),
+                      np.int64).reshape(-1)[:max_detections]
+    boxes = np.concatenate([xywh[kept, :2], xywh[kept, :2] + xywh[kept, 2:]], axis=1)
+    return np.concatenate([boxes, best[cand][kept, None], labels[cand][kept, None]], axis=1).astype(np.float32)
+
+
+def same_detections(a: list[np.ndarray], b: np.ndarray) -> bool:
+    rows = a[0]
+    if rows.shape != b.shape:
+        return False
+    x, y = rows[np.lexsort(rows.T[::-1])], b[np.lexsort(b.T[::-1])]
+    return bool(np.allclose(x, y, atol=1e-3))
+
+
+def same_kept(a: np.ndarray, b: Any) -> bool:
+    return set(np.asarray(a).tolist()) == set(np.asarray(b, np.int64).reshape(-1).tolist())
+
+
+def np_log_mel(x: np.ndarray, bank: np.ndarray, n_fft: int = 400, hop: int = 160) -> np.ndarray:
+    """Log-mel (dB) in numpy: zero-padded centred frames, periodic Hann, rfft, power, matmul."""
+    padded = np.pad(x, n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
+    return 10 * np.log10(np.maximum(bank @ power.T, 1e-10))
+
+
+def model_cases(rng: np.random.Generator, cv2: Any) -> tuple[list[Row], list[str]]:
+    """(op, size, library, numba call, library call, agree) for the ops of text, detection and
+    audio models (issue 11), and notes on what was left out or where the input came from."""
+    from drivers.ops import audio, detect, post, text
+
+    rows: list[Row] = []
+    notes: list[str] = []
+    if cv2 is None:
+        notes.append("cv2 is not installed: db_boxes, crop_rotated and NMS are not compared with OpenCV")
+    else:
+        image, prob, source = ocr_map(rng)
+        notes.append(f"text.db_boxes / crop_rotated: {source}")
+        rows.append(("text.db_boxes", "960x960 map, 24 lines", "cv2 contours+minAreaRect",
+                     lambda: text.db_boxes(prob), lambda: cv_db_boxes(cv2, prob), same_boxes))
+        boxes = text.db_boxes(prob)[0][:20]
+        if len(boxes) < 20:
+            notes.append(f"crop_rotated: the map gave {len(boxes)} boxes, not 20")
+        rows.append(("text.crop_rotated", f"{len(boxes)} boxes -> {len(boxes)}x48x320", "cv2 warpPerspective",
+                     lambda: text.crop_rotated(image, boxes), lambda: cv_crop_rotated(cv2, image, boxes), same_crops))
+        pred = yolo_predictions(rng)
+        x = pred[0].T
+        xyxy = np.concatenate([x[:, :2] - x[:, 2:4] / 2, x[:, :2] + x[:, 2:4] / 2], axis=1)
+        xywh = np.concatenate([xyxy[:, :2], x[:, 2:4]], axis=1)
+        best = x[:, 4:].max(axis=1)
+        rows += [
+            ("post.nms", "8400 boxes, score 0.25, IoU 0.45", "cv2.dnn.NMSBoxes",
+             lambda: post.nms(xyxy, best, 0.45, 0.25), lambda: cv2.dnn.NMSBoxes(xywh, best, 0.25, 0.45), same_kept),
+            ("detect.decode_yolo", "1x84x8400, per class", "numpy+cv2.NMSBoxesBatched",
+             lambda: detect.decode_yolo(pred), lambda: cv_decode_yolo(cv2, pred), same_detections),
+        ]
+    steps = np.zeros((20, 40), np.int64)  # a few characters, blanks between, some repeated
+    steps[rng.random((20, 40)) < 0.4] = 1
+    steps[steps == 1] = rng.integers(1, 6625, int((steps == 1).sum()))
+    for t in range(1, 40):
+        again = rng.random(20) < 0.15
+        steps[again, t] = steps[again, t - 1]
+    logits = rng.normal(0, 1, (20, 40, 6625)).astype(np.float32)
+    np.put_along_axis(logits, steps[..., None], 12.0, axis=2)
+    probs = np.exp(logits - logits.max(axis=2, keepdims=True))
+    probs /= probs.sum(axis=2, keepdims=True)
+    rows.append(("text.ctc_greedy", "20x40x6625 (PP-OCRv4 rec)", "numpy argmax+collapse",
+                 lambda: text.ctc_greedy(probs), lambda: np_ctc_greedy(probs), same_text))
+    signal = (0.2 * rng.standard_normal(30 * 16000)).astype(np.float32)
+    bank = audio.mel_filterbank(16000, 400, 80).astype(np.float32)
+    ours = lambda: audio.log_mel(signal, log="db", pad_mode="constant")[0]  # noqa: E731
+    rows.append(("audio.log_mel", "30 s at 16 kHz, 400/160, 80 mels", "numpy rfft+matmul",
+                 ours, lambda: np_log_mel(signal, bank),
+                 lambda a, b: a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=2e-3)))
+    try:
+        import librosa
+    except ImportError:
+        notes.append("librosa is not installed: log_mel is compared with numpy only (pip install librosa to add it)")
+    else:
+        def librosa_log_mel() -> np.ndarray:
+            s = librosa.feature.melspectrogram(y=signal, sr=16000, n_fft=400, hop_length=160, n_mels=80)
+            return librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=None)
+
+        rows.append(("audio.log_mel", "30 s at 16 kHz, 400/160, 80 mels", "librosa", ours, librosa_log_mel,
+                     lambda a, b: a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=2e-3)))
+    return rows, notes
+
+
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -207,8 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench_ops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
-    parser.add_argument("--only", choices=("numpy", "library"), help="only the rows against the numpy "
-                        "references, or only those against the libraries")
+    parser.add_argument("--only", choices=("numpy", "library", "models"), help="only the rows against the numpy "
+                        "references, only those against the libraries, or only the text, detection and audio "
+                        "ops' rows against the libraries")
     parser.add_argument("--threads", type=int, default=1, help="also time the image ops on this many threads "
                         "(cv2.setNumThreads and the ops' threads)")
     parser.add_argument("--out", default="bench-results/ops.json")
@@ -221,13 +479,23 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cv2.setNumThreads(1)
     rows: list[Row] = []
-    if args.only != "library":
+    if args.only in (None, "numpy"):
         rows += [(op, size, "numpy", fast, slow, agree) for op, size, fast, slow in cases(rng)]
     library_start = len(rows)
-    if args.only != "numpy":
+    if args.only in (None, "library"):
         rows += library_cases(rng, cv2)
         if args.threads > 1:
             rows += library_cases(rng, cv2, args.threads)
+    notes: list[str] = []
+    if args.only != "numpy":
+        model_rows, notes = model_cases(rng, cv2)
+        rows += model_rows
+    try:  # numpy's and cv2's BLAS (librosa's and the numpy log-mel's matmul) on one thread too
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        notes.append("threadpoolctl is not installed: BLAS may use more than one thread in the numpy rows")
+    else:
+        threadpool_limits(1)
     load_before = load_average()
     results = []
     for index, (op, size, reference, fast, slow, check) in enumerate(rows):
@@ -259,12 +527,14 @@ def main(argv: list[str] | None = None) -> None:
             print("\nnumba less than 2x faster than numpy: " + "; ".join(slow_ops))
     against_libraries = [r for r in results if r["library"]]
     if against_libraries:
-        print(f"\n{'op':<16} {'size':<46} {'library':<24} {'numba us':>10} {'library us':>11} {'numba/lib':>10}")
+        print(f"\n{'op':<18} {'size':<46} {'library':<26} {'numba us':>10} {'library us':>11} {'numba/lib':>10}")
         for r in against_libraries:
-            print(f"{r['op']:<16} {r['size']:<46} {r['reference']:<24} {r['numba_us']:>10.1f} "
+            print(f"{r['op']:<18} {r['size']:<46} {r['reference']:<26} {r['numba_us']:>10.1f} "
                   f"{r['reference_us']:>11.1f} {r['ratio']:>9.2f}x")
         print("(numba/lib: numba's time over the library's, median of the runs' ratios; one thread each "
               "unless the size says otherwise)")
+    for note in notes:
+        print(f"note: {note}")
     if cv2 is None and args.only != "numpy":
         print("\ncv2 (OpenCV) is not installed: the image ops are not compared with OpenCV "
               "(pip install opencv-python-headless to add those rows)")
