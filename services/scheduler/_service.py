@@ -114,7 +114,7 @@ class Scheduler(Service):
         self.manifests: dict[tuple[str, str], Manifest] = {}
         #: each model version's contract (what clients send and get), built from its manifest
         self.plans: dict[tuple[str, str], Plan] = {}
-        #: per model: its batch limit, measured when its batching is "auto"
+        #: per model: its batching (limit measured when "auto", and delay), from the settings once
         self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
         self.streaming = Streaming(self, Streams(s.max_streams, s.stream_idle_s))
@@ -229,12 +229,11 @@ class Scheduler(Service):
         queue = self.queues.get(model)
         if queue is None:
             queue = self.queues[model] = ModelQueue(model, self.settings.max_queue)
-            mode, max_batch, _ = self.settings.batching_of(model)
-            self.tuners[model] = BatchTuner(mode, max_batch)
+            self.tuners[model] = BatchTuner(*self.settings.batching_of(model))
             self.slots[model] = anyio.Semaphore(len(self.drivers))
             self._tg.start_soon(self._batcher, queue)
         slots = self.slots[model]
-        if not len(queue) and slots.value and self.settings.batching_of(model)[2] <= 0:
+        if not len(queue) and slots.value and self.tuners[model].max_delay <= 0:
             # idle (nothing queued, a driver slot free, no batching delay): the batch it would
             # form is this job alone, leaving at once; this task takes it to the driver itself,
             # without the batcher's hand-off, a task per batch and an Event to wake it
@@ -306,11 +305,10 @@ class Scheduler(Service):
         # in infer, released by _dispatch)
         slots = self.slots[queue.model]
         tuner = self.tuners[queue.model]
-        delay = self.settings.batching_of(queue.model)[2]
         while True:
             await queue.wait()
             await slots.acquire()
-            batch = await form_batch(queue, tuner.limit(), delay)
+            batch = await form_batch(queue, tuner.limit(), tuner.max_delay)
             if not batch:
                 slots.release()
                 continue

@@ -62,11 +62,13 @@ class BatchTuner:
     """The batch limit of one model: ``limit()`` before forming a batch, ``record(rows,
     compute, round_trip)`` when it has run."""
 
-    __slots__ = ("mode", "max_batch", "_alone", "_batched", "_rows", "_batches", "_overhead")
+    __slots__ = ("mode", "max_batch", "max_delay", "_alone", "_batched", "_rows", "_batches", "_overhead")
 
-    def __init__(self, mode: Mode, max_batch: int) -> None:
+    def __init__(self, mode: Mode, max_batch: int, max_delay: float = 0.0) -> None:
         self.mode = mode
         self.max_batch = max_batch
+        #: seconds a batch waits for more requests once its first is there (the model's setting)
+        self.max_delay = max_delay
         self._alone = _Average()
         self._batched = _Average()
         self._rows = _Average()  # rows of a batched run
