@@ -298,3 +298,29 @@ settings = {{ kind = "replay", file = "{tmp_path / 'mic.wav'}", frame = {CHUNK},
     offset = first % 12  # replay's seq counts from 0, and the recording loops
     direct_from = [float(o[0, 0]) for o in direct(vad_path, np.tile(pcm, 2)[offset * CHUNK:])]
     assert [d.score for d in got] == pytest.approx(direct_from[:6], abs=0), (offset, expected[:8])
+
+
+def test_a_chunk_is_checked_as_any_request_is(vad_path: Path, tmp_path: Path) -> None:
+    """A stream's chunk goes through the model contract's one check (Plan.check): an empty
+    chunk and a chunk with NaN are refused naming the stream."""
+    from services.scheduler._contract import Plan
+    from services.scheduler._streams import Streams
+
+    from protocols.modelstore import Manifest
+
+    from services.modelstore import Bundle
+
+    pack_real(vad_path, tmp_path / "vad.ebm", "vad", VAD_SPEC)
+    manifest = Bundle.load(tmp_path / "vad.ebm").manifest
+    assert isinstance(manifest, Manifest)
+    plan = Plan.of("vad", manifest)
+    descs, _ = pack_tensors({"sr": np.array(16000, np.int64)})
+    stream = Streams(4, 60).create("vad", "1.0.0", manifest, plan, "me", descs, [np.array(16000, np.int64)],
+                                   None, "", (), 0.0)
+    with pytest.raises(BadMessage, match=rf"vad \(stream {stream.id}\): inputs disagree on the batch size: "
+                                         r"'input' has 0 on axis 0, 'state' has 1"):
+        stream.bind([], [np.zeros((0, CHUNK), np.float32)])
+    with pytest.raises(BadMessage, match="input 'input' contains NaN"):
+        stream.bind([], [np.full((1, CHUNK), np.nan, np.float32)])
+    bound = stream.bind([], [np.zeros((1, CHUNK), np.float32)])
+    assert list(bound) == ["input", "state", "sr"] and bound["state"].shape == (2, 1, 128)

@@ -100,6 +100,13 @@ class Plan:
                 raise BadMessage(f"{model} takes {len(self.inputs)} input(s) ({self._unnamed}), got "
                                  f"{len(arrays)} unnamed tensor(s)")
             given = dict(zip(self.names, arrays))
+        return self.check(given)
+
+    def check(self, given: dict[str, np.ndarray], who: str = "") -> dict[str, np.ndarray]:
+        """``given`` (every input by name) checked against the contract, in the contract's
+        order; bad-message (naming ``who``, the model by default) for anything that does not
+        fit: a missing, extra, mistyped or misshaped input, NaN or infinity, no rows."""
+        model = who or self.model
         if len(self.inputs) == 1 and len(given) == 1:  # the common case, without building a dict of shapes
             (name, a), = given.items()
             spec = self.inputs[0]

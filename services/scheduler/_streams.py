@@ -29,7 +29,7 @@ from protocols import Tensor
 from protocols.modelstore import Manifest, TensorSpec, check_tensors
 from services import BadMessage, Forbidden, Overloaded, UnknownDestination
 
-from ._contract import Plan, all_finite, dtype_name
+from ._contract import Plan, dtype_name
 
 __all__ = ["Stream", "Streams"]
 
@@ -79,14 +79,7 @@ class Stream:
                 raise BadMessage(f"{model}: a chunk carries {len(self.chunk_inputs)} input(s) "
                                  f"({', '.join(map(repr, self.chunk_inputs))}), got {len(arrays)}")
             chunk = dict(zip(self.chunk_inputs, arrays))
-        given = {**chunk, **self.state, **self.params}
-        problem = check_tensors(self.plan.inputs, {n: (dtype_name(a.dtype), a.shape) for n, a in given.items()})
-        if problem:
-            raise BadMessage(f"{model}: {problem}")
-        for name, a in chunk.items():
-            if a.dtype.kind == "f" and not all_finite(a):
-                raise BadMessage(f"{model}: input {name!r} contains NaN or infinity")
-        return {n: given[n] for n in self.plan.names}
+        return self.plan.check({**chunk, **self.state, **self.params}, model)
 
     def advance(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Take the next state out of a chunk's ``outputs``; what the client gets."""
