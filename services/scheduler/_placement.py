@@ -95,6 +95,24 @@ def thermal_pressure(drivers: Sequence[Driver], now: float) -> float | None:
     return min(t for t in temps if t is not None)
 
 
+async def _attempt(driver: Driver, send: Callable[[Driver], Awaitable[T]],
+                   on_failure: Callable[[Driver, Exception], None]) -> T:
+    """``send`` the batch to ``driver``, counted in flight; a driver that answers
+    Unavailable/UnknownDestination is marked down (and ``on_failure`` told) before the error
+    goes on."""
+    driver.in_flight += 1
+    try:
+        result = await send(driver)
+    except (Unavailable, UnknownDestination) as exc:
+        driver.mark_down(time.monotonic())
+        on_failure(driver, exc)
+        raise
+    finally:
+        driver.in_flight -= 1
+    driver.batches += 1
+    return result
+
+
 async def run_with_failover(drivers: Sequence[Driver], hot_c: float, deadline: float, what: str,
                             send: Callable[[Driver], Awaitable[T]],
                             on_failure: Callable[[Driver, Exception], None] = lambda d, e: None) -> tuple[T, Driver]:
@@ -107,18 +125,10 @@ async def run_with_failover(drivers: Sequence[Driver], hot_c: float, deadline: f
         if driver is None:
             await anyio.sleep(0.05)  # every driver is down: wait for a restart, until the deadline
             continue
-        driver.in_flight += 1
         try:
-            result = await send(driver)
+            return await _attempt(driver, send, on_failure), driver
         except (Unavailable, UnknownDestination) as exc:
-            driver.mark_down(time.monotonic())
             last = exc
-            on_failure(driver, exc)
-            continue
-        finally:
-            driver.in_flight -= 1
-        driver.batches += 1
-        return result, driver
     raise DeadlineExceeded(f"{what}: no accelerator driver answered before the deadline"
                            + (f" (last error: {last})" if last else ""))
 
@@ -130,14 +140,7 @@ async def run_pinned(drivers: Sequence[Driver], name: str, send: Callable[[Drive
     driver = next((d for d in drivers if d.name == name), None)
     if driver is None or not driver.up(time.monotonic()):
         raise PinnedDriverLost(name, f"driver {name} is not running")
-    driver.in_flight += 1
     try:
-        result = await send(driver)
+        return await _attempt(driver, send, on_failure), driver
     except (Unavailable, UnknownDestination) as exc:
-        driver.mark_down(time.monotonic())
-        on_failure(driver, exc)
         raise PinnedDriverLost(name, f"driver {name} failed: {exc}") from None
-    finally:
-        driver.in_flight -= 1
-    driver.batches += 1
-    return result, driver
