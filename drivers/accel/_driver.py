@@ -12,10 +12,10 @@ CPUs (the ``threads`` setting), one inter-op thread (batches arrive one at a tim
 all graph optimisations, memory pattern and arena on.
 
 A Run applies the manifest's pre ops (numba kernels in drivers.ops), session.run, then the
-post ops, on a whole batch; tensors arrive and leave as zero-copy frames.  The pre ops must
-give one row of the model's input per input row (``Pipeline.rows``): an input they make
-nothing of, or several rows of, is answered bad-message naming it and what the ops take,
-never an empty or misaligned result.
+post ops, on a whole batch; tensors arrive and leave as zero-copy frames, named as in the
+model's contract.  The pre chains must give one row of the model's input per input row
+(``drivers.ops.Chains.pre``): an input they make nothing of, or several rows of, is answered
+bad-message naming it and what the ops take, never an empty or misaligned result.
 """
 
 from __future__ import annotations
