@@ -7,12 +7,10 @@ in bundles: packed, signed, installed into a real model store, served by GetAsse
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from services.modelstore import Bundle, BundleError, TamperedBundle, read_graph
 from tools.edgebus import build_parser
 
 from conftest import ROOT, System
+from test_modelstore import zip_replace
 
 DEMO = ROOT / "services" / "modelstore" / "demo" / "vibration-anomaly-1.0.0.ebm"
 DEMO_PUBLIC_KEY = "1b2919a2f33f79bff04474da0ab8b807def7108184315f111162a4b8c612ea62"
@@ -237,15 +236,6 @@ def key_files(tmp_path: Path) -> tuple[Path, str]:
     key = make_key()
     (tmp_path / "k.key").write_text(key.private_bytes_raw().hex() + "\n")
     return tmp_path / "k.key", key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
-
-def zip_replace(data: bytes, name: str, transform: Any) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-        for item in src.namelist():
-            content = src.read(item)
-            dst.writestr(item, transform(content) if item == name else content)
-    return out.getvalue()
 
 
 LABELS = "up\nupside-down\n"
