@@ -54,10 +54,6 @@ max_queue = 4096
 health_report_s = 3600""")
 
 
-#: (tools.bench_streams packs and installs through these names)
-_pack, _install = pack_signed, install
-
-
 async def _bus_latency(tmp: Path, model: str, inputs: dict[str, np.ndarray], n: int,
                        expected: list[np.ndarray]) -> tuple[list[float], bool]:
     descs, frames = pack_tensors(inputs)

@@ -43,8 +43,8 @@ from services import BusError, RemoteError, connect
 from services.scheduler import (
     CloseStream, GetSchedule, Infer, InferResult, OpenStream, Schedule, StreamOpened,
 )
-from tools._benchkit import boot, stop, write_results
-from tools.bench_models import _config, _install, _pack
+from tools._benchkit import boot, install, pack_signed, stop, write_results
+from tools.bench_models import _config
 
 RATE = 16000
 CHUNK = 512  # 32 ms at 16 kHz
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     except ModelUnavailable as exc:
         raise SystemExit(f"bench_streams: {exc}") from None
     tmp = Path(tempfile.mkdtemp(prefix="edgebus-bench-streams-"))
-    bundle = _pack(path, "vad", VAD_SPEC, key, tmp)
+    bundle = pack_signed(path, "vad", VAD_SPEC, key, tmp)
 
     results: list[dict[str, Any]] = []
     print(f"{'mode':5} {'streams':>7} {'procs':>5} {'sent':>7} {'answered':>8} {'p50 ms':>7} {'p99 ms':>7} "
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                 .replace("max_batch = 16", f"max_batch = {args.max_batch}")
             proc, sys_tmp = boot(config)
             try:
-                anyio.run(_install, sys_tmp, {"vad": bundle})
+                anyio.run(install, sys_tmp, {"vad": bundle})
                 r = _measure(sys_tmp / "run", proc.pid, n, args.procs, args.seconds, args.warmup, args.seed)
             finally:
                 stop(proc)
