@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from protocols import SIGNATURE, Error, ErrorCode, Header, Kind, body_tag
+from protocols import SIGNATURE, Error, ErrorCode, Header, Kind, MessageEncoder, body_tag
 from protocols.transport import send_frames
 from protocols.runtime import get_logger
 
@@ -118,7 +118,9 @@ class RouterCore:
         self._peers: dict[bytes, Peer] = {}
         #: Service name -> peer (services only: shared credentials' clients are not named).
         self._by_name: dict[str, Peer] = {}
-        self._enc = msgspec.msgpack.Encoder()
+        #: Leaves out every field equal to its default, as PROTOCOL.md 3.1 says (msgspec alone
+        #: would keep a computed one: a Welcome's heartbeat_interval read from the config).
+        self._enc = MessageEncoder()
         #: What the router tells its supervisor; None when it runs without one.
         self.notices: Mailbox[Notice] | None = Mailbox() if supervised else None
         self._routed = self._denied = self._malformed = self._stray = self._dropped_events = 0

@@ -43,7 +43,7 @@ class Routing(RouterCore):
             if identity == WAKE_IDENTITY:
                 return
             self._malformed += 1
-            self._reject(identity, None, ErrorCode.BAD_MESSAGE,
+            self._reject(identity, self._header_of(parts), ErrorCode.BAD_MESSAGE,
                          f"expected at least 3 frames (signature, header, body), got {len(parts) - 1}")
             return
         sig = parts[1]
@@ -88,6 +88,18 @@ class Routing(RouterCore):
             self._publish(peer, hdr, parts, size)
         else:
             self._control_message(peer, hdr, parts[3])
+
+    def _header_of(self, parts: list[Any]) -> Header | None:
+        """The header of a message too short to route, if it has one: a signature of this
+        major version, then a frame that decodes as a header.  Its error then carries the
+        header's id (PROTOCOL.md 2); without one, id 0."""
+        if len(parts) < 3:
+            return None
+        try:
+            check_signature(parts[1])
+            return self._hdr.decode(parts[2])
+        except (ProtocolError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
 
     def _request(self, peer: Peer, hdr: Header, parts: list[Any], now: float, size: int) -> None:
         dest = hdr.dest

@@ -18,13 +18,18 @@ from ._wire import (
     Codec,
     Header,
     Kind,
+    MessageEncoder,
     body_tag,
     check_signature,
+    check_tag,
+    omit_defaults,
+    tag_of,
 )
 
 __all__ = [
     "ProtocolError", "FrameError", "VersionError", "DecodeError", "TypeMismatch",
     "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "SIGNATURE", "Kind", "Header", "Codec", "BodyDecoder",
     "body_tag", "check_signature", "pack_tensors", "unpack_tensor",
+    "MessageEncoder", "omit_defaults", "tag_of", "check_tag",
     *_message_names,
 ]

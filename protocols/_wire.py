@@ -20,6 +20,10 @@ __all__ = [
     "Kind",
     "Header",
     "Codec",
+    "MessageEncoder",
+    "omit_defaults",
+    "tag_of",
+    "check_tag",
 ]
 
 PROTOCOL_MAJOR = 1
@@ -60,6 +64,154 @@ def body_tag(msg: msgspec.Struct) -> str:
     return type(msg).__struct_config__.tag  # type: ignore[return-value]
 
 
+# -- leaving out defaults ---------------------------------------------------------------------
+#
+# msgspec's ``omit_defaults`` leaves a field out only when its value *is* the default object
+# (or an empty list/dict/set for a factory default).  A value computed at run time that equals
+# the default -- ``1.0`` read from a config, ``64 * 1024 * 1024`` computed, ``0.0`` from
+# arithmetic -- is another object, and was encoded.  PROTOCOL.md 3.1 says every field equal
+# to its default is left out, so before encoding, ``omit_defaults`` puts the default object
+# itself back into each such field (a value equal to it: nothing a receiver can tell).
+
+#: Per Struct type: ``None`` when nothing in it needs this; else (the fields whose default a
+#: computed value can equal without being it, the fields that may hold such Structs).
+_PLANS: dict[type, tuple[tuple[tuple[str, Any], ...], tuple[str, ...]] | None] = {}
+_SAFE_INTS = range(-5, 257)  # CPython's cached small ints: a computed one is the default itself
+
+
+def _needs_replacing(default: Any) -> bool:
+    if default is None or isinstance(default, (bool, enum.Enum)):
+        return False
+    if isinstance(default, int):
+        return default not in _SAFE_INTS
+    if isinstance(default, (str, bytes)):
+        return len(default) > 0  # the empty ones are singletons
+    return isinstance(default, (float, tuple, frozenset))
+
+
+def _may_hold_structs(t: Any) -> bool:
+    from msgspec import inspect as mi
+
+    match t:
+        case mi.StructType():
+            return True
+        case mi.ListType() | mi.SetType() | mi.FrozenSetType() | mi.VarTupleType():
+            return _may_hold_structs(t.item_type)
+        case mi.TupleType():
+            return any(map(_may_hold_structs, t.item_types))
+        case mi.DictType():
+            return _may_hold_structs(t.value_type)
+        case mi.UnionType():
+            return any(map(_may_hold_structs, t.types))
+        case _:
+            return False
+
+
+def _plan(cls: type) -> tuple[tuple[tuple[str, Any], ...], tuple[str, ...]] | None:
+    from msgspec import inspect as mi
+
+    fields, defaults = cls.__struct_fields__, cls.__struct_defaults__  # type: ignore[attr-defined]
+    with_default = zip(fields[len(fields) - len(defaults):], defaults)
+    scalars = tuple((name, default) for name, default in with_default
+                    if cls.__struct_config__.omit_defaults and _needs_replacing(default))  # type: ignore[attr-defined]
+    try:
+        info = mi.type_info(cls)
+        nested = tuple(f.name for f in info.fields if _may_hold_structs(f.type))  # type: ignore[attr-defined]
+    except (NameError, TypeError):  # annotations it cannot resolve: look into every field
+        nested = tuple(fields)
+    plan = (scalars, nested) if scalars or nested else None
+    _PLANS[cls] = plan
+    return plan
+
+
+def omit_defaults(msg: Any) -> Any:
+    """``msg`` (a Struct, and the Structs inside it) with every field that equals its default
+    holding the default object itself, so that ``omit_defaults`` leaves it out; returned."""
+    plan = _PLANS.get(type(msg), _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _plan(type(msg)) if isinstance(msg, msgspec.Struct) else None
+    if plan is not None:
+        _apply(msg, plan)
+    return msg
+
+
+_UNPLANNED: Any = object()
+_force_setattr = msgspec.structs.force_setattr
+
+
+def _apply(msg: Any, plan: tuple[tuple[tuple[str, Any], ...], tuple[str, ...]]) -> None:
+    scalars, nested = plan
+    for name, default in scalars:
+        value = getattr(msg, name)
+        if value is not default and value == default and (
+                type(value) is type(default) or (type(default) is float and type(value) is int)):
+            _force_setattr(msg, name, default)
+    for name in nested:
+        value = getattr(msg, name)
+        if isinstance(value, msgspec.Struct):
+            omit_defaults(value)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                if isinstance(item, msgspec.Struct):
+                    omit_defaults(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, msgspec.Struct):
+                    omit_defaults(item)
+
+
+class MessageEncoder:
+    """The msgpack encoder of every message: leaves out each field equal to its default
+    (``omit_defaults`` above), then encodes.  Built once per socket, like msgspec's."""
+
+    __slots__ = ("_encode",)
+
+    def __init__(self) -> None:
+        self._encode = msgspec.msgpack.Encoder().encode
+
+    def encode(self, obj: Any) -> bytes:
+        if type(obj) is Header:  # every message has one: its only such field, inline
+            deadline = obj.deadline
+            if deadline == 0.0 and deadline is not _NO_DEADLINE:
+                _force_setattr(obj, "deadline", _NO_DEADLINE)
+            return self._encode(obj)
+        plan = _PLANS.get(type(obj), _UNPLANNED)
+        if plan is not None:
+            omit_defaults(obj)
+        return self._encode(obj)
+
+
+#: The Header's default deadline object (the one msgspec compares against).
+_NO_DEADLINE = Header.__struct_defaults__[
+    Header.__struct_fields__.index("deadline") - len(Header.__struct_fields__) + len(Header.__struct_defaults__)]
+
+
+def tag_of(body: Any) -> str | None:
+    """The ``type`` key of an encoded body (frame 2), without decoding the rest; None when
+    the body is not a msgpack map with a string ``type``."""
+    try:
+        value = msgspec.msgpack.decode(body, type=_Tagged)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return value.type or None
+
+
+def check_tag(header_type: str, body: Any) -> None:
+    """PROTOCOL.md 3.3: the body's tag must be the header's type; TypeMismatch if not (a
+    body without a tag is a DecodeError)."""
+    tag = tag_of(body)
+    if tag is None:
+        raise DecodeError(f"body of {header_type!r}", "it is not a map with a string 'type' (the tag)")
+    if tag != header_type:
+        raise TypeMismatch(header_type, tag)
+
+
+class _Tagged(msgspec.Struct):
+    """A body read only for its tag (other keys ignored)."""
+
+    type: str = ""
+
+
 class Codec:
     """One encoder and one header decoder, built once per socket.
 
@@ -70,7 +222,7 @@ class Codec:
     __slots__ = ("_enc", "_hdr", "max_size")
 
     def __init__(self, max_size: int = 64 * 1024 * 1024) -> None:
-        self._enc = msgspec.msgpack.Encoder()
+        self._enc = MessageEncoder()
         self._hdr = msgspec.msgpack.Decoder(Header)
         self.max_size = max_size
 

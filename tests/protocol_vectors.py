@@ -4,7 +4,9 @@
 body Struct of frame 2, and the raw frames 3.. that follow it.  ``Codec().pack(header, body,
 raw)`` must give exactly the frames documented in PROTOCOL.md, and decoding those frames
 (header with ``Decoder(Header)``, body with ``Decoder(type(body))``) must give these objects
-back.  Every value is fixed, so the bytes never change.
+back.  Every value is fixed, so the bytes never change.  A float-typed field holds a float
+(``factor=2.0``, never ``2``: msgspec would encode the int as an integer), as section 18's
+decoded forms show it with a decimal point; test_protocol_vectors compares number kinds.
 
 The example system: a service ``calc`` (serves ``Add`` and ``Scale``, publishes on
 ``calc.stats``) and a client ``app``.  This module holds data only, no tests.

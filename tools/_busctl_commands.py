@@ -32,6 +32,7 @@ from protocols import (
     ServiceStatus,
     StartService,
     StopService,
+    check_tag,
 )
 from services import BusClient
 
@@ -117,6 +118,9 @@ async def cmd_call(bus: BusClient, args: argparse.Namespace, out: Output) -> int
     body["type"] = args.type
     incoming = await bus.request(args.service, msgspec.msgpack.encode(body), type=args.type,
                                  timeout=args.deadline)
+    # PROTOCOL.md 3.3: a reply whose body tag is not its header's type fails the call as a
+    # protocol error (TypeMismatch: busctl says so and exits 1), as the SDK's call() does.
+    check_tag(incoming.type, incoming.body)
     out.pretty(incoming.decode())
     return 0
 
