@@ -225,3 +225,72 @@ def test_busctl_call_fails_on_a_reply_whose_tag_is_not_its_type(system: System) 
         assert "'Other'" in lines[0] and "'Answer'" in lines[0], lines
     finally:
         peer.close()
+
+
+# -- introspection reads any JSON Schema of the shape 5.2 specifies, and says when it cannot ----
+
+class Add(msgspec.Struct, tag=True):
+    a: int
+    b: int = 0
+
+
+class Sum(msgspec.Struct, tag=True):
+    value: float
+
+
+HAND_WRITTEN = {  # as a JavaScript or Rust author writes one: definitions, $ref, oneOf, const tags
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "oneOf": [{"$ref": "#/definitions/ask"}, {"type": "object", "title": "Ping", "properties": {}}],
+    "definitions": {
+        "ask": {"type": "object", "required": ["type", "q"], "properties": {
+            "type": {"const": "Ask"}, "q": {"type": "string"}, "n": {"type": ["integer", "null"]},
+            "tags": {"type": "array", "items": {"$ref": "#/definitions/tag"}}}},
+        "tag": {"type": "string", "maxLength": 20},
+    },
+}
+HAND_WRITTEN_REPLY = {"type": "object", "properties": {"type": {"enum": ["Answer"]}, "text": {"type": "string"}}}
+
+
+def _introspect(system: System, name: str) -> list[str]:
+    proc = busctl(system, "introspect", name)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_introspect_renders_a_hand_written_json_schema(system: System) -> None:
+    peer = ExternalPeer(system, "shaped", ["Ask", "Ping"], lambda h, b: ("Answer", {"type": "Answer"}),
+                        schema=HAND_WRITTEN, reply_schema=HAND_WRITTEN_REPLY)
+    try:
+        assert _introspect(system, "shaped") == [
+            "service shaped",
+            "  request Ask(q: string, n?: integer | null, tags?: [string])",
+            "  request Ping()",
+            "  reply   Answer(text: string)",
+        ]
+    finally:
+        peer.close()
+
+
+def test_introspect_renders_msgspec_schemas_and_says_what_it_cannot_render(system: System) -> None:
+    peer = ExternalPeer(system, "opaque", ["Add"], lambda h, b: ("Sum", {"type": "Sum", "value": 1.0}),
+                        schema=msgspec.json.schema(Add), reply_schema=msgspec.json.schema(Sum))
+    try:
+        assert _introspect(system, "opaque")[1:] == ["  request Add(a: integer, b?: integer)",
+                                                     "  reply   Sum(value: number)"]
+    finally:
+        peer.close()
+    # valid JSON Schemas, but not of a message union: said, in a line each, not left out
+    peer = ExternalPeer(system, "opaque", ["Add"], lambda h, b: ("Sum", {"type": "Sum", "value": 1.0}),
+                        schema={"type": "string"}, reply_schema={"$ref": "https://example.com/sum.json"})
+    try:
+        lines = _introspect(system, "opaque")
+        assert lines[1] == "  request Add"
+        assert lines[2].startswith("  (cannot render the request schema for Add: a 'string' where an object "
+                                   "schema (a message) was expected"), lines
+        assert lines[3].startswith("  (cannot render the reply schema: the reference "
+                                   "'https://example.com/sum.json' is not within the document"), lines
+        assert all("busctl introspect -o json shows it as sent" in line for line in lines[2:4])
+        shown = msgspec.json.decode(busctl(system, "introspect", "opaque", "-o", "json").stdout)
+        assert shown["schema"] == {"type": "string"}
+    finally:
+        peer.close()

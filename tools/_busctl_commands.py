@@ -38,6 +38,7 @@ from services import BusClient
 
 from ._busctl_logs import show_status_tail, status_details, status_tail
 from ._busctl_output import Output, plain
+from ._busctl_schema import interface_lines
 
 __all__ = [
     "UsageError", "EXIT_FAILED", "EXIT_TIMEOUT", "uptime_text", "read_json_object",
@@ -131,33 +132,11 @@ async def cmd_introspect(bus: BusClient, args: argparse.Namespace, out: Output) 
         out.emit(iface)
         return 0
     out.line(f"service {iface.name}")
-    defs = iface.schema.get("$defs", {})
-    for t in iface.types:
-        schema = defs.get(t, {})
-        props = schema.get("properties", {})
-        required = set(schema.get("required", []))
-        fields = ", ".join(
-            f"{k}{'' if k in required else '?'}: {_schema_type(v)}" for k, v in props.items() if k != "type"
-        )
-        out.line(f"  request {t}({fields})")
-    for name, schema in iface.reply_schema.get("$defs", {}).items():
-        if "properties" in schema and schema.get("properties", {}).get("type"):
-            fields = ", ".join(f"{k}: {_schema_type(v)}" for k, v in schema["properties"].items() if k != "type")
-            out.line(f"  reply   {name}({fields})")
+    for line in interface_lines(iface.types, iface.schema, iface.reply_schema):
+        out.line(line)
     for topic in iface.publishes:
         out.line(f"  publishes {topic}")
     return 0
-
-
-def _schema_type(schema: dict[str, Any]) -> str:
-    if "$ref" in schema:
-        return schema["$ref"].rsplit("/", 1)[-1]
-    if "anyOf" in schema:
-        return " | ".join(_schema_type(s) for s in schema["anyOf"])
-    t = schema.get("type", "any")
-    if t == "array":
-        return f"[{_schema_type(schema.get('items', {}))}]"
-    return str(t)
 
 
 async def _operation(bus: BusClient, args: argparse.Namespace, out: Output, msg: msgspec.Struct, verb: str) -> int:
