@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--pubkey", required=True, help="the device's ed25519 public key (hex) or a file holding it")
     verify.add_argument("--nonce", help="the challenge the report must carry")
     verify.set_defaults(func=_attest_verify)
+    from tools._fleet import add_commands as add_fleet_commands
+
+    add_fleet_commands(sub)
     return parser
 
 
