@@ -299,6 +299,77 @@ def test_crop_rotated_matches_reference(case: tuple) -> None:
         assert (crop[:, used:] == pad).all()
 
 
+def solved_homography(p: np.ndarray, cw: int, ch: int) -> np.ndarray:
+    """The map from the crop's corners to the box's by the 8x8 linear system (as
+    cv2.getPerspectiveTransform sets it up), to hold the closed form to."""
+    a, b = np.zeros((8, 8)), np.zeros(8)
+    for i, ((x, y), (u, v)) in enumerate(zip([(0, 0), (cw, 0), (cw, ch), (0, ch)], p)):
+        a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+        a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+        b[2 * i], b[2 * i + 1] = u, v
+    return np.append(np.linalg.solve(a, b), 1.0).reshape(3, 3)
+
+
+@fuzz
+@given(st.lists(st.floats(0, 60, allow_nan=False), min_size=8, max_size=8), st.integers(1, 80), st.integers(1, 80))
+def test_closed_form_homography_maps_the_corners(coords: list[float], cw: int, ch: int) -> None:
+    p = np.array(coords).reshape(4, 2)
+    m = np.empty((3, 3))
+    _text._homography(p, cw, ch, m)
+    same(m, _text._homography_reference(p, cw, ch))
+    edges = np.roll(p, -1, axis=0) - p
+    turns = edges[:, 0] * np.roll(edges[:, 1], -1) - edges[:, 1] * np.roll(edges[:, 0], -1)
+    corners = np.array([[0, 0, 1], [cw, 0, 1], [cw, ch, 1], [0, ch, 1]], np.float64) @ m.T
+    mapped = corners[:, :2] / corners[:, 2:]
+    if (turns > 1.0).all() or (turns < -1.0).all():  # clearly convex: the corners land on the box's
+        np.testing.assert_allclose(mapped, p, atol=1e-6)
+        flat = np.abs(p[0] - p[1] + p[2] - p[3]).max() <= _text._FLAT
+        if not flat:
+            np.testing.assert_allclose(m, solved_homography(p, cw, ch), rtol=1e-6, atol=1e-9)
+    else:  # otherwise the first, second and fourth corners fix an affine map
+        np.testing.assert_allclose(mapped[[0, 1, 3]], p[[0, 1, 3]], atol=1e-6)
+
+
+def test_a_rotated_rectangle_in_float32_is_mapped_affinely() -> None:
+    a, c = 0.3, np.array([40.0, 30.0])
+    e, n = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+    rect = np.array([c - 20 * e - 6 * n, c + 20 * e - 6 * n, c + 20 * e + 6 * n, c - 20 * e + 6 * n], np.float32)
+    assert np.abs(rect[0] - rect[1] + rect[2] - rect[3]).max() > 0  # not exactly a parallelogram once rounded
+    m = np.empty((3, 3))
+    _text._homography(rect.astype(np.float64), 40, 12, m)
+    assert (m[2] == [0.0, 0.0, 1.0]).all()
+    trapezoid = np.array([[10, 10], [50, 10], [45, 30], [15, 30]], np.float64)
+    _text._homography(trapezoid, 40, 20, m)
+    assert m[2, 0] != 0.0 or m[2, 1] != 0.0
+
+
+def test_crop_rotated_is_within_one_of_opencv() -> None:
+    """The warp against cv2.warpPerspective (bilinear, edges replicated) on a smooth image, for
+    rotated rectangles (some off the image's edge) and a trapezoid; each crop asked for at its
+    own size, so that the resize after the warp copies it."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed: nothing to compare "
+                                            "against; the numpy reference is checked above")
+    yy, xx = np.mgrid[0:120, 0:160].astype(np.float64)
+    image = np.stack([128 + 100 * np.sin(xx / 9) * np.cos(yy / 7), 2 * xx * 0.7 + yy * 0.3,
+                      128 + 90 * np.cos((xx + yy) / 11)], axis=-1).round().astype(np.uint8)
+    boxes = []
+    for a, (cx, cy), (hu, hv) in [(0.0, (60, 50), (30, 9)), (0.2, (80, 60), (40, 12)), (-0.7, (70, 60), (35, 15)),
+                                  (1.1, (20, 100), (30, 10)), (0.05, (150, 10), (25, 8))]:
+        e, n = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+        c = np.array([cx, cy], np.float64)
+        boxes.append([c - hu * e - hv * n, c + hu * e - hv * n, c + hu * e + hv * n, c - hu * e + hv * n])
+    boxes.append([[30, 20], [120, 25], [110, 70], [40, 60]])
+    for p in np.array(boxes, np.float32):
+        cw = max(int(max(np.linalg.norm(p[0] - p[1]), np.linalg.norm(p[2] - p[3]))), 1)
+        ch = max(int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2]))), 1)
+        m = cv2.getPerspectiveTransform(p, np.array([[0, 0], [cw, 0], [cw, ch], [0, ch]], np.float32))
+        want = cv2.warpPerspective(image, m, (cw, ch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        assert ch < 1.5 * cw
+        crops, widths = _text.crop_rotated(image, p[None], height=ch, width=cw)
+        assert widths.tolist() == [cw]
+        assert np.abs(crops[0].astype(int) - want).max() <= 1, p
+
+
 def gradient_image(h: int = 60, w: int = 80) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     return np.stack([xx * 3 % 256, yy * 4 % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from ._exceptions import OpInputError, OpParamsError
-from ._image import _batch, _resize_into, resize_reference
+from ._image import _batch, _column_taps, _path, _resize_into, _resize_rows, _row_taps, _rows_used, resize_reference
 
 __all__ = ["db_boxes", "scale_boxes", "crop_rotated", "resize_pad", "ctc_greedy", "labels_to_text",
            "vocabulary_from_metadata", "check_vocabulary"]
@@ -594,99 +594,274 @@ def _check_out(op: str, height: int, width: int, pad: int) -> None:
         raise OpParamsError(op, "pad", f"must be an integer from 0 to 255, not {pad!r}")
 
 
-def _crop_plan(image_shape: tuple[int, ...], boxes: np.ndarray, height: int,
-               width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per box: the 3x3 map from crop pixels to image pixels, the crop's (height, width),
-    whether it is turned upright, and its width once resized to ``height``."""
+def _crop_plan_checked(image_shape: tuple[int, ...], boxes: np.ndarray, height: int,
+                       width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_crop_plan`` for an image of ``image_shape``, or OpInputError for a box that does not lie on it."""
     h, w = image_shape[:2]
+    maps, sizes, upright, widths, bad = _crop_plan(boxes, h, w, height, width)
+    if bad >= 0:
+        p = boxes[bad]
+        side = int(max(np.hypot(*(p[0] - p[1])), np.hypot(*(p[2] - p[3])), np.hypot(*(p[0] - p[3])),
+                       np.hypot(*(p[1] - p[2]))))
+        raise OpInputError(CROP_ROTATED, f"box {bad} has a side of {side} pixels on an image of {h}x{w}: "
+                                         f"boxes must lie on the image (sides of at most {_longest(h, w)})")
+    return maps, sizes, upright, widths
+
+
+@numba.njit(cache=True, nogil=True)
+def _longest(h, w):
+    """The longest side a box on an ``h`` x ``w`` image may have (a side of a box on the image is
+    at most h + w)."""
+    return 2 * (h + w) + 32
+
+
+@numba.njit(cache=True, nogil=True)
+def _side(ax, ay, bx, by):
+    dx, dy = ax - bx, ay - by
+    return math.sqrt(dx * dx + dy * dy)
+
+
+@numba.njit(cache=True, nogil=True)
+def _crop_plan(boxes, h, w, height, width):
+    """Per box of ``boxes`` (float64 [K, 4, 2]) on an ``h`` x ``w`` image: the 3x3 map from
+    crop pixels to image pixels, the crop's (height, width) (its longer top or bottom side by
+    its longer left or right side, as PaddleOCR's crop), whether it is turned upright, and its
+    width once resized to ``height``; and the first box with a side too long to lie on the
+    image (-1 if none, else the plan is unfinished)."""
     k = boxes.shape[0]
     maps = np.empty((k, 3, 3), np.float64)
     sizes = np.empty((k, 2), np.int64)
     upright = np.zeros(k, np.bool_)
     widths = np.empty(k, np.int64)
-    longest = 2 * (h + w) + 32  # a box on the image has sides of at most h + w
-    for i, p in enumerate(boxes):
-        cw = int(max(np.linalg.norm(p[0] - p[1]), np.linalg.norm(p[2] - p[3])))  # as PaddleOCR's crop
-        ch = int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2])))
-        if max(cw, ch) > longest:
-            raise OpInputError(CROP_ROTATED, f"box {i} has a side of {max(cw, ch)} pixels on an image of {h}x{w}: "
-                                             f"boxes must lie on the image (sides of at most {longest})")
-        cw, ch = max(cw, 1), max(ch, 1)
-        maps[i] = _homography(p, cw, ch)
-        sizes[i] = ch, cw
-        upright[i] = ch / cw >= TALL
-        rh, rw = (cw, ch) if upright[i] else (ch, cw)
-        widths[i] = _fitted_width(rh, rw, height, width)
-    return maps, sizes, upright, widths
+    longest = _longest(h, w)
+    for b in range(k):
+        p = boxes[b]
+        fw = max(_side(p[0, 0], p[0, 1], p[1, 0], p[1, 1]), _side(p[2, 0], p[2, 1], p[3, 0], p[3, 1]))
+        fh = max(_side(p[0, 0], p[0, 1], p[3, 0], p[3, 1]), _side(p[1, 0], p[1, 1], p[2, 0], p[2, 1]))
+        if max(fw, fh) >= longest + 1:
+            return maps, sizes, upright, widths, b
+        cw, ch = max(int(fw), 1), max(int(fh), 1)
+        _homography(p, cw, ch, maps[b])
+        sizes[b, 0], sizes[b, 1] = ch, cw
+        upright[b] = ch / cw >= TALL
+        rh, rw = (cw, ch) if upright[b] else (ch, cw)
+        widths[b] = max(1, min(int(math.ceil(height * (rw / rh))), width))  # as _fitted_width
+    return maps, sizes, upright, widths, -1
 
 
-def _homography(p: np.ndarray, cw: int, ch: int) -> np.ndarray:
-    """The perspective map taking the crop's corners (0, 0), (cw, 0), (cw, ch), (0, ch) to the
-    box's four corners; for a box that is not a strictly convex quadrilateral (a line, a
-    point, corners out of order), the affine map fixed by its first, second and fourth corner."""
-    edges = np.roll(p, -1, axis=0) - p
-    turns = edges[:, 0] * np.roll(edges[:, 1], -1) - edges[:, 1] * np.roll(edges[:, 0], -1)
-    scale = max(float(np.abs(edges).max()), 1.0) ** 2
-    if (turns > 1e-9 * scale).all() or (turns < -1e-9 * scale).all():
-        src = np.array([[0, 0], [cw, 0], [cw, ch], [0, ch]], np.float64)
-        a = np.zeros((8, 8))
-        b = np.zeros(8)
-        for i, ((x, y), (u, v)) in enumerate(zip(src, p)):
-            a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
-            a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
-            b[2 * i], b[2 * i + 1] = u, v
-        try:
-            m = np.append(np.linalg.solve(a, b), 1.0).reshape(3, 3)
-        except np.linalg.LinAlgError:
-            m = None
-        if m is not None and np.isfinite(m).all():
-            return m
-    m = np.zeros((3, 3))
-    m[:2, 0] = (p[1] - p[0]) / cw
-    m[:2, 1] = (p[3] - p[0]) / ch
-    m[:2, 2] = p[0]
-    m[2, 2] = 1.0
-    return m
+#: A box whose corners are this close (in pixels) to a parallelogram's is taken as one, mapped
+#: affinely (no division per pixel): a rotated rectangle's corners rounded to float32 are off
+#: by that much, far below the warp's 1/256 of a pixel.
+_FLAT = 1.0 / 512
 
 
 @numba.njit(cache=True, nogil=True)
-def _warp(src, m, ch, cw):
-    """Bilinear sample of ``src`` (HWC) at ``m`` applied to each crop pixel (x, y), the edge
-    pixels repeated beyond the image (cv2.warpPerspective's WARP_INVERSE_MAP, BORDER_REPLICATE)."""
+def _homography(p, cw, ch, m):
+    """Into ``m``: the perspective map taking the crop's corners (0, 0), (cw, 0), (cw, ch),
+    (0, ch) to the box's four corners ``p``, in closed form (Heckbert's square-to-quadrilateral
+    map, scaled to the crop); for a parallelogram (as a rotated rectangle is, within _FLAT), or
+    a box that is not a strictly convex quadrilateral (a line, a point, corners out of order),
+    the affine map fixed by its first, second and fourth corner."""
+    x0, y0, x1, y1, x2, y2, x3, y3 = p[0, 0], p[0, 1], p[1, 0], p[1, 1], p[2, 0], p[2, 1], p[3, 0], p[3, 1]
+    left = right = 0
+    scale = 1.0
+    for i in range(4):
+        ex, ey = p[(i + 1) % 4, 0] - p[i, 0], p[(i + 1) % 4, 1] - p[i, 1]
+        scale = max(scale, abs(ex), abs(ey))
+    for i in range(4):
+        ex, ey = p[(i + 1) % 4, 0] - p[i, 0], p[(i + 1) % 4, 1] - p[i, 1]
+        fx, fy = p[(i + 2) % 4, 0] - p[(i + 1) % 4, 0], p[(i + 2) % 4, 1] - p[(i + 1) % 4, 1]
+        turn = ex * fy - ey * fx
+        if turn > 1e-9 * scale * scale:
+            left += 1
+        elif turn < -1e-9 * scale * scale:
+            right += 1
+    m[2, 2] = 1.0
+    parallelogram = abs(x0 - x1 + x2 - x3) <= _FLAT and abs(y0 - y1 + y2 - y3) <= _FLAT
+    if (left == 4 or right == 4) and not parallelogram:
+        dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
+        dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
+        den = dx1 * dy2 - dx2 * dy1
+        g = (dx3 * dy2 - dx2 * dy3) / den
+        k = (dx1 * dy3 - dx3 * dy1) / den
+        m[0, 0], m[0, 1], m[0, 2] = (x1 - x0 + g * x1) / cw, (x3 - x0 + k * x3) / ch, x0
+        m[1, 0], m[1, 1], m[1, 2] = (y1 - y0 + g * y1) / cw, (y3 - y0 + k * y3) / ch, y0
+        m[2, 0], m[2, 1] = g / cw, k / ch
+        if np.isfinite(m).all():
+            return
+    m[0, 0], m[0, 1], m[0, 2] = (x1 - x0) / cw, (x3 - x0) / ch, x0
+    m[1, 0], m[1, 1], m[1, 2] = (y1 - y0) / cw, (y3 - y0) / ch, y0
+    m[2, 0], m[2, 1] = 0.0, 0.0
+
+
+def _crop_plan_reference(image_shape: tuple[int, ...], boxes: np.ndarray, height: int,
+                         width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    h, w = image_shape[:2]
+    maps = np.empty((len(boxes), 3, 3), np.float64)
+    sizes = np.empty((len(boxes), 2), np.int64)
+    upright = np.zeros(len(boxes), np.bool_)
+    widths = np.empty(len(boxes), np.int64)
+    for b, p in enumerate(boxes.tolist()):
+        side = [math.sqrt((p[i][0] - p[j][0]) * (p[i][0] - p[j][0]) + (p[i][1] - p[j][1]) * (p[i][1] - p[j][1]))
+                for i, j in ((0, 1), (2, 3), (0, 3), (1, 2))]
+        if max(side) >= 2 * (h + w) + 32 + 1:
+            raise OpInputError(CROP_ROTATED, f"box {b} has a side of {int(max(side))} pixels: "
+                                             f"boxes must lie on the image")
+        cw, ch = max(int(max(side[:2])), 1), max(int(max(side[2:])), 1)
+        maps[b] = _homography_reference(np.array(p), cw, ch)
+        sizes[b] = ch, cw
+        upright[b] = ch / cw >= TALL
+        rh, rw = (cw, ch) if upright[b] else (ch, cw)
+        widths[b] = _fitted_width(rh, rw, height, width)
+    return maps, sizes, upright, widths
+
+
+def _homography_reference(p: np.ndarray, cw: int, ch: int) -> np.ndarray:
+    edges = np.roll(p, -1, axis=0) - p
+    turns = edges[:, 0] * np.roll(edges[:, 1], -1) - edges[:, 1] * np.roll(edges[:, 0], -1)
+    tol = 1e-9 * max(float(np.abs(edges).max()), 1.0) ** 2
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = p.tolist()
+    parallelogram = abs(x0 - x1 + x2 - x3) <= _FLAT and abs(y0 - y1 + y2 - y3) <= _FLAT
+    if ((turns > tol).all() or (turns < -tol).all()) and not parallelogram:
+        with np.errstate(all="ignore"):
+            dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
+            dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
+            den = np.float64(dx1 * dy2 - dx2 * dy1)
+            g, k = (dx3 * dy2 - dx2 * dy3) / den, (dx1 * dy3 - dx3 * dy1) / den
+            m = np.array([[(x1 - x0 + g * x1) / cw, (x3 - x0 + k * x3) / ch, x0],
+                          [(y1 - y0 + g * y1) / cw, (y3 - y0 + k * y3) / ch, y0], [g / cw, k / ch, 1.0]])
+        if np.isfinite(m).all():
+            return m
+    return np.array([[(x1 - x0) / cw, (x3 - x0) / ch, x0], [(y1 - y0) / cw, (y3 - y0) / ch, y0], [0.0, 0.0, 1.0]])
+
+
+# The warp samples the image at each crop pixel's position under the box's map, in float64
+# per pixel (a row's terms once per row, the column's term per pixel: a contiguous loop numba
+# vectorises, the division included), clamped to the image (the edge pixels repeated beyond
+# it, as cv2's BORDER_REPLICATE) and rounded to 1/256 of a pixel; the bilinear blend is then
+# integer arithmetic on those 8-bit fractions, rounded once.  That is within 1 of the exact
+# blend, and of cv2.warpPerspective (which rounds positions to 1/32) where the image is smooth.
+
+_SUB_BITS = 8  # sub-pixel positions and bilinear weights: 1/256 of a pixel
+
+
+@numba.njit(cache=True, nogil=True)
+def _warp_into(src, m, ch, cw, cols, crop, offs, wxs, wys):
+    """Bilinear sample of ``src`` (HWC) at ``m`` applied to each crop pixel (x, y), into
+    ``crop`` (flat, ``ch * cw * C``); ``cols`` holds 0.0, 1.0, ... and ``offs``, ``wxs``,
+    ``wys`` are a row's scratch (each at least ``cw`` long)."""
     h, w, c = src.shape
-    out = np.empty((ch, cw, c), np.uint8)
+    s = src.reshape(-1)
+    right = np.uint64(c if w > 1 else 0)  # the next pixel along x and y (none in an image 1 pixel wide or high)
+    down = np.uint64(w * c if h > 1 else 0)
+    one = np.uint64(1)
+    xl, yl = float(w - 1), float(h - 1)
+    xm, ym = np.int32(max(w - 2, 0)), np.int32(max(h - 2, 0))
+    wc, cc = np.uint64(w * c), np.uint64(c)
+    m00, m10, m20 = m[0, 0], m[1, 0], m[2, 0]
+    affine = m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0  # the division by 1 left out (exact)
     for i in range(ch):
-        y = float(i)
-        for j in range(cw):
-            x = float(j)
-            den = m[2, 0] * x + m[2, 1] * y + m[2, 2]
-            sx = min(max((m[0, 0] * x + m[0, 1] * y + m[0, 2]) / den, -1.0), float(w))
-            sy = min(max((m[1, 0] * x + m[1, 1] * y + m[1, 2]) / den, -1.0), float(h))
-            fx, fy = np.floor(sx), np.floor(sy)
-            ax, ay = sx - fx, sy - fy
-            x0, y0 = int(fx), int(fy)
-            xa, xb = min(max(x0, 0), w - 1), min(max(x0 + 1, 0), w - 1)
-            ya, yb = min(max(y0, 0), h - 1), min(max(y0 + 1, 0), h - 1)
-            for k in range(c):
-                v = ((1.0 - ay) * ((1.0 - ax) * src[ya, xa, k] + ax * src[ya, xb, k])
-                     + ay * ((1.0 - ax) * src[yb, xa, k] + ax * src[yb, xb, k]))
-                out[i, j, k] = min(int(v + 0.5), 255)
-    return out
+        rx = m[0, 1] * i + m[0, 2]
+        ry = m[1, 1] * i + m[1, 2]
+        rw = m[2, 1] * i + m[2, 2]
+        if affine:
+            for j in range(cw):  # contiguous: vectorised
+                sx = m00 * cols[j] + rx
+                sy = m10 * cols[j] + ry
+                sx = min(sx, xl) if sx >= 0.0 else 0.0
+                sy = min(sy, yl) if sy >= 0.0 else 0.0
+                x = np.int32(sx * 256.0 + 0.5)
+                y = np.int32(sy * 256.0 + 0.5)
+                x0 = min(x >> 8, xm)
+                y0 = min(y >> 8, ym)
+                offs[j] = np.uint64(y0) * wc + np.uint64(x0) * cc
+                wxs[j] = x - (x0 << 8)
+                wys[j] = y - (y0 << 8)
+        else:
+            for j in range(cw):
+                d = m20 * cols[j] + rw
+                sx = (m00 * cols[j] + rx) / d
+                sy = (m10 * cols[j] + ry) / d
+                sx = min(sx, xl) if sx >= 0.0 else 0.0  # NaN (a degenerate map) to 0 too
+                sy = min(sy, yl) if sy >= 0.0 else 0.0
+                x = np.int32(sx * 256.0 + 0.5)
+                y = np.int32(sy * 256.0 + 0.5)
+                x0 = min(x >> 8, xm)
+                y0 = min(y >> 8, ym)
+                offs[j] = np.uint64(y0) * wc + np.uint64(x0) * cc
+                wxs[j] = x - (x0 << 8)
+                wys[j] = y - (y0 << 8)
+        row = crop[i * cw * c:(i + 1) * cw * c]
+        if c == 3:
+            for j in range(cw):
+                p, ax, ay = offs[j], wxs[j], wys[j]
+                q = p + down
+                a, b, e, f = np.int32(s[p]), np.int32(s[p + right]), np.int32(s[q]), np.int32(s[q + right])
+                t, u = (a << 8) + (b - a) * ax, (e << 8) + (f - e) * ax
+                row[3 * j] = np.uint8(((t << 8) + (u - t) * ay + 32768) >> 16)
+                p, q = p + one, q + one
+                a, b, e, f = np.int32(s[p]), np.int32(s[p + right]), np.int32(s[q]), np.int32(s[q + right])
+                t, u = (a << 8) + (b - a) * ax, (e << 8) + (f - e) * ax
+                row[3 * j + 1] = np.uint8(((t << 8) + (u - t) * ay + 32768) >> 16)
+                p, q = p + one, q + one
+                a, b, e, f = np.int32(s[p]), np.int32(s[p + right]), np.int32(s[q]), np.int32(s[q + right])
+                t, u = (a << 8) + (b - a) * ax, (e << 8) + (f - e) * ax
+                row[3 * j + 2] = np.uint8(((t << 8) + (u - t) * ay + 32768) >> 16)
+        else:
+            for j in range(cw):
+                p, ax, ay = offs[j], wxs[j], wys[j]
+                for k in range(c):
+                    q = p + np.uint64(k)
+                    a, b = np.int32(s[q]), np.int32(s[q + right])
+                    e, f = np.int32(s[q + down]), np.int32(s[q + down + right])
+                    t, u = (a << 8) + (b - a) * ax, (e << 8) + (f - e) * ax
+                    row[c * j + k] = np.uint8(((t << 8) + (u - t) * ay + 32768) >> 16)
 
 
 @numba.njit(cache=True, nogil=True)
 def _crop_rotated(src, maps, sizes, upright, widths, height, width, pad):
-    out = np.full((maps.shape[0], height, width, src.shape[2]), pad, np.uint8)
-    for b in range(maps.shape[0]):
+    """All the crops, warped one at a time into a scratch crop (reused: no allocation per box
+    but the resize's taps), turned upright if need be, resized into their batch row and padded."""
+    k, c = maps.shape[0], src.shape[2]
+    out = np.empty((k, height, width, c), np.uint8)
+    flat = out.reshape(-1)
+    area, longest = 1, 1
+    for b in range(k):
+        area = max(area, sizes[b, 0] * sizes[b, 1])
+        longest = max(longest, sizes[b, 0], sizes[b, 1])
+    crop = np.empty(area * c, np.uint8)
+    turned = np.empty(area * c if upright.any() else 0, np.uint8)
+    wide = np.empty(2 * longest * c, np.uint8)  # a crop one column wide, doubled (see _two_columns)
+    cols = np.arange(longest).astype(np.float64)
+    offs = np.empty(longest, np.uint64)
+    wxs = np.empty(longest, np.int32)
+    wys = np.empty(longest, np.int32)
+    row = width * c
+    for b in range(k):
         ch, cw = sizes[b, 0], sizes[b, 1]
-        crop = _warp(src, maps[b], ch, cw)
+        _warp_into(src, maps[b], ch, cw, cols, crop, offs, wxs, wys)
+        img = crop[:ch * cw * c].reshape(ch, cw, c)
         if upright[b]:  # np.rot90: a quarter turn counter-clockwise
-            turned = np.empty((cw, ch, src.shape[2]), np.uint8)
             for i in range(cw):
                 for j in range(ch):
-                    turned[i, j] = crop[j, cw - 1 - i]
-            crop = turned
-        _resize_into(crop, out[b, :, :widths[b]])
+                    for e in range(c):
+                        turned[(i * ch + j) * c + e] = crop[(j * cw + cw - 1 - i) * c + e]
+            img = turned[:ch * cw * c].reshape(cw, ch, c)
+        if img.shape[1] == 1:
+            n = img.shape[0]
+            for i in range(n):
+                for e in range(c):
+                    wide[2 * i * c + e] = img[i, 0, e]
+                    wide[(2 * i + 1) * c + e] = img[i, 0, e]
+            img = wide[:2 * n * c].reshape(n, 2, c)
+        used = widths[b]
+        y0, y1, b0, b1 = _row_taps(img.shape[0], height)
+        xo, a1 = _column_taps(img.shape[1], used, c)
+        path = _path(img.shape[0], img.shape[1], height, used, c, _rows_used(y0, y1), xo, a1)
+        base = b * height * row
+        _resize_rows(img, y0, y1, b0, b1, xo, a1, path, flat, base, row, 0, height)
+        for i in range(height):
+            flat[base + i * row + used * c:base + (i + 1) * row] = pad
     return out
 
 
@@ -704,8 +879,9 @@ def crop_rotated(image: np.ndarray, boxes: np.ndarray, height: int = 48, width: 
     """Each box of a uint8 HWC image cut out upright at the recogniser's size.
 
     A box is four corners ``(x, y)``, clockwise from the top-left (as ``db_boxes`` gives
-    them, scaled to the image).  Its crop, sampled bilinearly through the perspective map from
-    the crop's corners to the box's, has the box's own size: its longer top or bottom side by
+    them, scaled to the image).  Its crop, sampled bilinearly (at positions rounded to 1/256
+    of a pixel) through the perspective map from the crop's corners to the box's (affine for a
+    parallelogram, as a rotated rectangle is), has the box's own size: its longer top or bottom side by
     its longer left or right side (PaddleOCR's ``get_rotate_crop_image``, which uses cubic
     sampling).  A crop at least TALL times as high as wide (a vertical line of text) is turned
     a quarter counter-clockwise.  It is then resized to ``height`` keeping its aspect, to the
@@ -717,24 +893,29 @@ def crop_rotated(image: np.ndarray, boxes: np.ndarray, height: int = 48, width: 
     img = _image(CROP_ROTATED, image)
     b = _quads(CROP_ROTATED, boxes)
     _check_out(CROP_ROTATED, height, width, pad)
-    maps, sizes, upright, widths = _crop_plan(img.shape, b, height, width)
+    maps, sizes, upright, widths = _crop_plan_checked(img.shape, b, height, width)
     return _crop_rotated(img, maps, sizes, upright, widths, height, width, pad), widths.astype(np.int32)
 
 
 def _warp_reference(src: np.ndarray, m: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    h, w = src.shape[:2]
-    y, x = np.meshgrid(np.arange(ch, dtype=np.float64), np.arange(cw, dtype=np.float64), indexing="ij")
-    den = m[2, 0] * x + m[2, 1] * y + m[2, 2]
-    sx = np.minimum(np.maximum((m[0, 0] * x + m[0, 1] * y + m[0, 2]) / den, -1.0), float(w))
-    sy = np.minimum(np.maximum((m[1, 0] * x + m[1, 1] * y + m[1, 2]) / den, -1.0), float(h))
-    fx, fy = np.floor(sx), np.floor(sy)
-    ax, ay = (sx - fx)[..., None], (sy - fy)[..., None]
-    x0, y0 = fx.astype(np.int64), fy.astype(np.int64)
-    xa, xb = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
-    ya, yb = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
-    s = src.astype(np.float64)
-    v = (1.0 - ay) * ((1.0 - ax) * s[ya, xa] + ax * s[ya, xb]) + ay * ((1.0 - ax) * s[yb, xa] + ax * s[yb, xb])
-    return np.minimum(np.floor(v + 0.5), 255).astype(np.uint8)
+    h, w, c = src.shape
+    i = np.arange(ch, dtype=np.float64)[:, None]
+    j = np.arange(cw, dtype=np.float64)[None, :]
+    with np.errstate(all="ignore"):
+        d = m[2, 0] * j + (m[2, 1] * i + m[2, 2])
+        sx = (m[0, 0] * j + (m[0, 1] * i + m[0, 2])) / d
+        sy = (m[1, 0] * j + (m[1, 1] * i + m[1, 2])) / d
+    sx = np.where(sx >= 0.0, np.minimum(sx, w - 1.0), 0.0)
+    sy = np.where(sy >= 0.0, np.minimum(sy, h - 1.0), 0.0)
+    x = np.floor(sx * 256.0 + 0.5).astype(np.int64)  # 1/256 of a pixel
+    y = np.floor(sy * 256.0 + 0.5).astype(np.int64)
+    x0 = np.minimum(x >> 8, max(w - 2, 0))
+    y0 = np.minimum(y >> 8, max(h - 2, 0))
+    ax, ay = (x - (x0 << 8))[..., None], (y - (y0 << 8))[..., None]
+    s = src.astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    v = ((256 - ay) * ((256 - ax) * s[y0, x0] + ax * s[y0, x1]) + ay * ((256 - ax) * s[y1, x0] + ax * s[y1, x1]))
+    return ((v + 32768) >> 16).astype(np.uint8)
 
 
 def crop_rotated_reference(image: np.ndarray, boxes: np.ndarray, height: int = 48, width: int = 320,
@@ -742,7 +923,7 @@ def crop_rotated_reference(image: np.ndarray, boxes: np.ndarray, height: int = 4
     img = _image(CROP_ROTATED, image)
     b = _quads(CROP_ROTATED, boxes)
     _check_out(CROP_ROTATED, height, width, pad)
-    maps, sizes, upright, widths = _crop_plan(img.shape, b, height, width)
+    maps, sizes, upright, widths = _crop_plan_reference(img.shape, b, height, width)
     out = np.full((len(b), height, width, img.shape[2]), pad, np.uint8)
     for i in range(len(b)):
         crop = _warp_reference(img, maps[i], int(sizes[i, 0]), int(sizes[i, 1]))
