@@ -266,7 +266,8 @@ def _validate(config: SystemConfig, source: str) -> None:
                 raise ConfigError(source, f"{key}.requires", f"requires unknown service {dep!r}")
             if svc.managed and not config.services[dep].managed:
                 raise ConfigError(source, f"{key}.requires",
-                                  f"{dep!r} has no command; a started service can only require started ones")
+                                  f"{dep!r} is configured without a command (an external service: it connects on its "
+                                  "own); a service the kernel starts can only require services it starts")
         try:
             signal.Signals[svc.stop_signal]
         except KeyError:

@@ -294,3 +294,75 @@ def test_introspect_renders_msgspec_schemas_and_says_what_it_cannot_render(syste
         assert shown["schema"] == {"type": "string"}
     finally:
         peer.close()
+
+
+# -- waiting for the bus while the kernel boots (5.1) --------------------------------------------
+
+
+def test_busctl_wait_bus_started_with_the_kernel_returns_once_a_hello_succeeds(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"  # does not exist yet: the kernel makes it
+    waiter = subprocess.Popen([BUSCTL, "wait", "--bus", "--timeout", "90", "-o", "json", "--run-dir", str(run_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    system = System(tmp_path, "[services.ext]\n", env={"EDGEBUS_LOG_LEVEL": "debug"})
+    try:
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, (waiter.returncode, err)
+        answer = msgspec.json.decode(out)
+        assert answer["endpoint"] == system.endpoint and answer["name"].startswith("busctl."), answer
+        # it had a session: the kernel logged the Hello it accepted under that name
+        deadline = time.monotonic() + 30
+        while f'"service": "{answer["name"]}"' not in system.log().replace('":"', '": "'):
+            assert time.monotonic() < deadline, system.log()[-3000:]
+            time.sleep(0.05)
+        # and a Hello succeeds for anyone from then on (the credential files are there)
+        header, _ = _hello_raw(system, "ext")
+        assert header.type == "Welcome"
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+        system.kill()
+
+
+def test_busctl_wait_bus_times_out_with_a_message(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run([BUSCTL, "wait", "--bus", "--timeout", "1", "--run-dir", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 6, proc
+    assert time.monotonic() - started < 30
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("busctl: the bus did not accept a handshake within 1s: "), lines
+    assert "edgebus is not running" in lines[0]
+    # --bus without an endpoint is for wait only; wait needs a service or --bus
+    for argv in (["list", "--bus"], ["wait"]):
+        proc = subprocess.run([BUSCTL, *argv, "--run-dir", str(tmp_path / "none")], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith("busctl: ") and "Traceback" not in proc.stderr, proc
+
+
+# -- an external service: configured without a command, says Hello with its name (5.1, 5.2) ------
+
+EDGEBUS = str(BIN / "edgebus")
+
+
+def test_an_external_service_says_hello_with_its_config_name_or_empty(system: System, raw_peer) -> None:
+    credential = (system.run_dir / "credentials" / "ext").read_text()
+    for said in ("ext", ""):
+        peer = raw_peer(system.endpoint)
+        assert peer.hello(said, credential).name == "ext"
+    peer = raw_peer(system.endpoint)
+    peer.send(Header(kind=Kind.CONTROL, type="Hello", id=1), Hello(service="other", credential=credential))
+    err = peer.recv_error(timeout=30)
+    assert err.code == ErrorCode.UNAUTHENTICATED and "belongs to 'ext', not 'other'" in err.message
+
+
+def test_no_command_and_an_empty_command_are_the_same_and_the_config_check_says_so(tmp_path: Path) -> None:
+    for spelling in ("", "command = []\n"):
+        config = tmp_path / "system.toml"
+        config.write_text(f"[services.ext]\n{spelling}\n[services.user]\ncommand = [\"/bin/true\"]\n"
+                          "requires = [\"ext\"]\n")
+        proc = subprocess.run([EDGEBUS, "config", "check", str(config)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 78, proc
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "services.user.requires" in lines[0], lines
+        assert "'ext' is configured without a command (an external service" in lines[0], lines

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -164,6 +165,8 @@ def kernel_pid(run_dir: Path) -> int | None:
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """The endpoint and the operator credential: --bus with --credential-file (or
     EDGEBUS_CREDENTIAL_FILE), else the run directory's socket and credentials/operator."""
+    if args.bus == "" and args.command != "wait":
+        raise UsageError("--bus needs an ENDPOINT (only `busctl wait --bus` takes none)")
     if args.bus:
         endpoint, cred_file = args.bus, args.credential_file or os.environ.get("EDGEBUS_CREDENTIAL_FILE")
         if not endpoint.startswith(("ipc://", "tcp://")):
@@ -192,10 +195,42 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 async def _session(args: argparse.Namespace, out: Output) -> int:
+    if args.command == "wait" and args.bus is not None:
+        code = await _wait_for_bus(args, out)
+        if code or args.name is None:
+            return code
+    elif args.command == "wait" and args.name is None:
+        raise UsageError("busctl wait: give the SERVICE to wait for, or --bus to wait for the bus itself")
     endpoint, credential = _target(args)
     async with connect("busctl", endpoint=endpoint, credential=credential, connect_timeout=args.timeout,
                        reconnect=False) as bus:
         return await args.func(bus, args, out)
+
+
+async def _wait_for_bus(args: argparse.Namespace, out: Output) -> int:
+    """``busctl wait --bus``: until the bus accepts a handshake (a Hello answered with a
+    Welcome), at most --timeout seconds.  While the kernel is starting, each attempt finds no
+    kernel holding the run directory, no credential yet, or a stale one, or no answer: it is
+    tried again 0.05 s later, the pause doubling to 1 s, until the deadline (exit 6)."""
+    deadline = time.monotonic() + args.timeout
+    pause, why = 0.05, "not tried"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            endpoint, credential = _target(args)
+            async with connect("busctl", endpoint=endpoint, credential=credential, reconnect=False,
+                               connect_timeout=max(min(left, 5.0), 0.05)) as bus:
+                if out.json:
+                    out.emit({"endpoint": endpoint, "name": bus.name})
+                return EXIT_OK
+        except (NotRunning, ConnectError, ConnectionLost) as exc:
+            why = str(exc)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            print(f"busctl: the bus did not accept a handshake within {args.timeout:g}s: {why}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        await anyio.sleep(min(pause, left))
+        pause = min(pause * 2, 1.0)
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -222,9 +257,9 @@ def _add_globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--run-dir", metavar="DIR", default=default(None),
                    help="the kernel's run directory (default: $EDGEBUS_RUN_DIR, else the default of edgebus boot)"
                    ).complete = "dir"  # type: ignore[attr-defined]
-    g.add_argument("--bus", metavar="ENDPOINT", default=default(None),
+    g.add_argument("--bus", metavar="ENDPOINT", nargs="?", const="", default=default(None),
                    help="a bus endpoint instead of the run directory's, e.g. ipc:///run/edgebus/bus.sock "
-                        "(needs --credential-file)")
+                        "(needs --credential-file); `wait --bus` without one waits for the run directory's bus")
     g.add_argument("--credential-file", metavar="FILE", default=default(None),
                    help="the credential to present (default: RUN_DIR/credentials/operator, or "
                         "$EDGEBUS_CREDENTIAL_FILE with --bus)").complete = "file"  # type: ignore[attr-defined]
@@ -275,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("restart", cmd_restart, "restart a service, and its dependents under rest_for_one (deadline 90 s)")):
         service(verb(name, func, text, OPERATION_DEADLINE))
     verb("reload", cmd_reload, "re-read the config file, as SIGHUP does (deadline 90 s)", OPERATION_DEADLINE)
-    p = verb("wait", cmd_wait, "wait until a service is in a state, at most --deadline seconds (exit 6 if not)")
-    service(p)
+    p = verb("wait", cmd_wait, "wait until a service is in a state, at most --deadline seconds (exit 6 if not); "
+                               "wait --bus: until the bus accepts a handshake, at most --timeout seconds")
+    p.add_argument("name", metavar="NAME", nargs="?", help="the service's name (none with --bus: only the bus)"
+                   ).complete = "service"  # type: ignore[attr-defined]
     p.add_argument("--state", default="ready", help="the state to wait for (default ready)",
                    choices=["waiting", "starting", "ready", "stopping", "stopped", "backoff", "failed"])
     p = verb("caps", cmd_caps, "the capability table (origin, expiry; '!' marks a revocation); "

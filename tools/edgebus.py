@@ -64,7 +64,7 @@ def check_services(config: Any, source: str, base: Any) -> tuple[list[str], list
         key = f"services.{name}"
         if not svc.command:
             if svc.settings:
-                unchecked.append((name, "the service is external (no command)"))
+                unchecked.append((name, "the service is configured without a command (an external service)"))
             continue
         program = svc.command[0]
         found = program == "{python}" or (os.access(program, os.X_OK) if "/" in program else shutil.which(program))
