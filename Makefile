@@ -22,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP) debs
 	$(PY) -m tools.fetch_models --quiet   # the real models of the tests (cached; offline: a warning, they skip)
+	@# the JavaScript reference peer's modules (zeromq ships its binaries in the npm package); no npm: its tests skip
+	@if command -v npm >/dev/null; then npm ci --prefix protocols/examples/js --no-audit --no-fund --loglevel=error || \
+	  echo "warning: npm ci failed; the JavaScript conformance tests will skip"; \
+	else echo "warning: no npm; the JavaScript conformance tests will skip"; fi
 	$(PY) -m pytest -q
 
 # Debian packages the tests use: a real MQTT broker (mosquitto) for the uplink tests, zsh

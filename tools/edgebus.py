@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools._model_tools import add_commands
 
     add_commands(sub)
+    from tools._conformance import add_command as add_conformance
+
+    add_conformance(sub)
     attest = sub.add_parser("attest", help="attestation reports")
     asub = attest.add_subparsers(dest="attest_command", required=True)
     verify = asub.add_parser("verify", help="verify a report from `busctl attest` offline")
