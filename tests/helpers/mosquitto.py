@@ -134,9 +134,12 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.log.unlink(missing_ok=True)
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.proc.poll() is not None or _listening(self.port), 20, "mosquitto to listen")
+        # listening, and catching SIGHUP (set_acl's reload; before its handler is set it would end it)
+        wait_for(lambda: self.proc.poll() is not None or (_catches_sighup(self.proc.pid) and _listening(self.port)),
+                 20, "mosquitto to listen")
         if self.proc.poll() is not None:
             raise AssertionError(f"mosquitto exited ({self.proc.returncode}): {self.log_text()[-2000:]}")
 
@@ -172,6 +175,15 @@ class Mosquitto:
             cert, key = self.pki.client(name)
             settings.update(tls_ca=str(self.pki.ca), tls_cert=str(cert), tls_key=str(key))
         return settings
+
+
+def _catches_sighup(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (signal.SIGHUP - 1)))
 
 
 def _listening(port: int) -> bool:
