@@ -489,7 +489,7 @@ SCENARIOS = [
     Scenario("hello", "2 3.2 5.1 5.2", "the first message, byte for byte", hello),
     Scenario("heartbeats", "5.4", "heartbeats at the announced interval", heartbeats),
     Scenario("malformed-input", "2 12 14", "malformed input from the kernel side", malformed_input),
-    Scenario("deadlines", "6.3", "deadlines", deadlines),
+    Scenario("deadlines", "6.3 3.1", "deadlines", deadlines),
     Scenario("bye", "5.5 17", "Bye on SIGTERM, exit 0", bye),
     Scenario("liveness", "5.4 1.3", "the kernel's silence", liveness),
 ]
