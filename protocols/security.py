@@ -86,6 +86,8 @@ class TrustAdd(msgspec.Struct, tag=True, omit_defaults=True):
     #: An ed25519 public key, 64 hex characters.
     public_key: str
     label: str = ""
+    #: what the key may sign: ``model`` bundles, or ``fleet`` deployment documents
+    role: str = "model"
 
 
 class TrustRemove(msgspec.Struct, tag=True):
@@ -103,6 +105,8 @@ class VerifySignature(msgspec.Struct, tag=True, omit_defaults=True):
     signature: bytes
     #: Optional: the key the signer claims; otherwise every trusted key is tried.
     key_id: str = ""
+    #: only keys of this role count (``model``: bundles; ``fleet``: deployment documents)
+    role: str = "model"
 
 
 class Seal(msgspec.Struct, tag=True, omit_defaults=True):
@@ -195,6 +199,8 @@ class TrustedKey(msgspec.Struct, tag=True, omit_defaults=True):
     label: str = ""
     #: config | runtime
     source: str = "runtime"
+    #: what it may sign: ``model`` (bundles) | ``fleet`` (deployment documents)
+    role: str = "model"
 
 
 class TrustedKeys(msgspec.Struct, tag=True):

@@ -4,16 +4,23 @@ signed deployments of bundles published as retained chunks."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from protocols import fleet
 from protocols.fleet import Topics
+from protocols.security import AuditRecords, AuditTail
 
+from conftest import System, wait_for
 from helpers.mosquitto import Mosquitto, mqtt_client, tls_broker  # noqa: F401  (a fixture)
+from test_modelstore import KEY, bundle, pub_hex
 
 
 def _collect(client, topics: list[str]) -> tuple[dict[str, bytes], threading.Event]:
@@ -58,3 +65,202 @@ def test_the_acl_lets_a_device_read_only_its_own_and_its_groups_topics(tls_broke
             dev1.loop_stop(); dev1.disconnect()
     finally:
         op.loop_stop(); op.disconnect()
+
+
+# -- a real device: `edgebus boot` with the fleet service ---------------------------------------
+
+FLEET_KEY = Ed25519PrivateKey.generate()
+FLEET_RAW = FLEET_KEY.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+FLEET_PUB = FLEET_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+OTHER_RAW = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def device_config(broker: Mosquitto, device: str, groups: list[str], extra: str = "") -> str:
+    b = broker.client_settings(device)
+    return f"""
+[services.security]
+command = ["{{python}}", "-m", "services.security"]
+capabilities = ["call:kernel.Grant", "call:kernel.Revoke", "call:kernel.Enroll",
+                "call:kernel.GetMeasurements", "subscribe:kernel.audit"]
+[[services.security.settings.trusted_keys]]
+label = "test"
+public_key = "{pub_hex(KEY)}"
+[[services.security.settings.trusted_keys]]
+label = "test fleet"
+public_key = "{FLEET_PUB.hex()}"
+role = "fleet"
+
+[services.modelstore]
+command = ["{{python}}", "-m", "services.modelstore"]
+requires = ["security"]
+capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
+                "call:security.AuditAppend", "publish:modelstore.*"]
+
+[services.fleet]
+command = ["{{python}}", "-m", "services.fleet"]
+requires = ["modelstore"]
+capabilities = [
+  "call:security.DeviceKey", "call:security.Attest", "call:security.TrustList", "call:security.AuditAppend",
+  "call:modelstore.ListModels", "call:modelstore.Install", "call:modelstore.Activate", "subscribe:modelstore.*",
+  "call:kernel.ListServices", "call:kernel.Reload",
+]
+backoff_initial = 0.05
+backoff_max = 0.2
+
+[services.fleet.settings]
+device_id = "{device}"
+groups = {groups!r}
+window = 2
+report_interval = 5.0
+[services.fleet.settings.broker]
+host = "{b['host']}"
+port = {b['port']}
+tls_ca = "{b['tls_ca']}"
+tls_cert = "{b['tls_cert']}"
+tls_key = "{b['tls_key']}"
+backoff_initial = 0.5
+backoff_max = 2.0
+{extra}"""
+
+
+class Operator:
+    """The test's side of the broker: publishes artifacts and signed documents (retained), and
+    follows the devices' reports."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.t = Topics()
+        self.reports: dict[str, fleet.ReportedState] = {}
+        self.enrolments: dict[str, fleet.Enrolment] = {}
+        self.lock = threading.Lock()
+        self.client = mqtt_client(broker, "operator")
+        got, subscribed = threading.Event(), threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda c, u, mid, codes, p=None: subscribed.set()
+        self.client.subscribe([(f"{self.t.prefix}/devices/+/reported", 1), (f"{self.t.prefix}/devices/+/enrol", 1)])
+        assert subscribed.wait(10)
+
+    def _on_message(self, c, u, m) -> None:
+        kind = self.t.parse(m.topic)
+        with self.lock:
+            if kind[0] == "reported" and m.payload:
+                self.reports[kind[1]] = fleet.decode(m.payload, fleet.ReportedState)
+            elif kind[0] == "enrol" and m.payload:
+                self.enrolments[kind[1]] = fleet.decode(m.payload, fleet.Enrolment)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(20)
+
+    def artifact(self, data: bytes, chunk_size: int, only: range | None = None) -> fleet.ArtifactInfo:
+        info = fleet.artifact_info(data, chunk_size)
+        self.publish(self.t.info(info.sha256), fleet.encode(info))
+        for c in fleet.chunks_of(data, chunk_size):
+            if only is None or c.index in only:
+                self.publish(self.t.chunk(c.sha256, c.index), fleet.encode(c))
+        return info
+
+    def deploy(self, topic: str, version: int, target: str, bundles: list[fleet.ArtifactRef], *,
+               key: bytes = FLEET_RAW, expires_in: float = 3600, deployment: str = "") -> bytes:
+        now = time.time()
+        doc = fleet.Deployment(fleet="test", version=version, deployment=deployment or f"dep-{version}",
+                               target=target, issued=now - 1, expires=now + expires_in, bundles=bundles)
+        payload = fleet.encode(fleet.sign_document(doc, key))
+        self.publish(topic, payload)
+        return payload
+
+    def wait_report(self, device: str, predicate, what: str, timeout: float = 90) -> fleet.ReportedState:
+        def check():
+            with self.lock:
+                r = self.reports.get(device)
+            return r if r is not None and predicate(r) else None
+        try:
+            return wait_for(check, timeout, what)
+        except AssertionError:
+            raise AssertionError(f"{what}; the last report: {self.reports.get(device)}") from None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _model(r: fleet.ReportedState, name: str) -> fleet.ModelReport | None:
+    return next((m for m in r.models if m.name == name), None)
+
+
+async def _audit(system: System) -> list[str]:
+    async with system.client() as bus:
+        records = await bus.call("security", AuditTail(n=200), AuditRecords, timeout=10)
+    return [f"{r.kind} {r.subject} {r.detail}" for r in records.records]
+
+
+async def _pid(system: System, name: str) -> int:
+    return (await system.services())[name].pid
+
+
+@pytest.mark.anyio
+async def test_a_device_receives_a_signed_deployment_resumes_after_kill_9_and_refuses_bad_documents(
+        tls_broker: Mosquitto, make_system) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev1": ["lab"]}, operator="operator"))
+    op = Operator(tls_broker)
+    try:
+        system = make_system(device_config(tls_broker, "dev1", ["lab"]))
+        await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+        first = op.wait_report("dev1", lambda r: r.groups == ["lab"], "the device's first report")
+        assert first.attestation is not None and first.current is None
+        assert op.enrolments["dev1"].public_key == first.attestation.public_key
+
+        # a deployment to its group; only the first chunks are on the broker yet
+        v1 = bundle("1.0.0", KEY)
+        chunk = 256
+        n = -(-len(v1) // chunk)
+        assert n >= 6
+        info = op.artifact(v1, chunk, only=range(0, n // 2))
+        ref = fleet.ArtifactRef(name="demo", version="1.0.0", sha256=info.sha256, size=info.size)
+        op.deploy(op.t.group_desired("lab"), 1, "group:lab", [ref])
+        journal = system.run_dir / "state" / "fleet" / "partial" / f"{info.sha256}.journal"
+        wait_for(lambda: journal.exists() and len(journal.read_text().split()) >= n // 2, 60, "half the chunks")
+        report = op.wait_report("dev1", lambda r: r.current is not None and r.current.outcome == "downloading",
+                                "the download reported")
+        assert report.applied_version == 1
+
+        # kill -9 mid-download; the kernel restarts the agent, which resumes from its journal
+        pid = await _pid(system, "fleet")
+        os.kill(pid, signal.SIGKILL)
+        await system.wait_restarted("fleet", pid, timeout=60)
+        await system.wait_ready("fleet", timeout=60)
+        for c in fleet.chunks_of(v1, chunk):
+            if c.index >= n // 2:
+                op.publish(op.t.chunk(c.sha256, c.index), fleet.encode(c))
+        report = op.wait_report("dev1", lambda r: r.current is not None and r.current.outcome == "succeeded",
+                                "the deployment to succeed")
+        m = _model(report, "demo")
+        assert m is not None and m.active == "1.0.0" and report.current.deployment == "dep-1"
+        audit = await _audit(system)
+        assert any(a.startswith(f"fleet-download-resumed demo 1.0.0 {n // 2} of {n} chunks held") for a in audit), audit
+        assert any(a.startswith("fleet-succeeded dep-1 v1") for a in audit)
+        assert not journal.exists() and not list((journal.parent.parent / "blobs").iterdir())
+
+        # a newer version to the device itself: installed, activated, in trial against 1.0.0
+        v2 = bundle("1.1.0", KEY)
+        info2 = op.artifact(v2, 4096)
+        ref2 = fleet.ArtifactRef(name="demo", version="1.1.0", sha256=info2.sha256, size=info2.size)
+        op.deploy(op.t.device_desired("dev1"), 2, "device:dev1", [ref2])
+        report = op.wait_report("dev1", lambda r: r.current is not None and r.current.version == 2
+                                and r.current.outcome == "trial", "the second deployment in trial")
+        m = _model(report, "demo")
+        assert m.active == "1.1.0" and m.trial == "1.1.0" and set(m.versions) == {"1.0.0", "1.1.0"}
+
+        # refused, each reported with its reason, nothing else changes
+        old = op.deploy(op.t.device_desired("dev1"), 1, "device:dev1", [ref], deployment="replayed")
+        report = op.wait_report("dev1", lambda r: r.refused is not None and r.refused.reason == "replay", "replay")
+        op.deploy(op.t.device_desired("dev1"), 10, "device:dev1", [ref], key=OTHER_RAW, deployment="forged")
+        report = op.wait_report("dev1", lambda r: r.refused.reason == "unknown-key", "an unknown key refused")
+        assert report.refused.deployment == "forged"
+        op.deploy(op.t.device_desired("dev1"), 11, "device:dev1", [ref], expires_in=-10, deployment="stale")
+        report = op.wait_report("dev1", lambda r: r.refused.reason == "expired", "an expired document refused")
+        assert report.current.version == 2 and report.applied_version == 2 and _model(report, "demo").active == "1.1.0"
+        audit = await _audit(system)
+        for reason in ("replay", "unknown-key", "expired"):
+            assert any(a.startswith("fleet-refused") and f" {reason}: " in a for a in audit), (reason, audit)
+        assert old  # (the replayed bytes were a genuine, once valid document)
+    finally:
+        op.close()

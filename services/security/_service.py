@@ -82,11 +82,13 @@ _RECORDED_HERE = {"granted", "revoked", "reset", "enrolled", "unenrolled", "enro
 
 
 class TrustedKeySetting(Settings):
-    """A model-signing key the configuration trusts (``busctl trust remove`` cannot drop it)."""
+    """A key the configuration trusts (``busctl trust remove`` cannot drop it)."""
 
     label: str
     #: the ed25519 public key, 64 hex characters
     public_key: Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")]
+    #: what it may sign: ``model`` bundles, or ``fleet`` deployment documents
+    role: Annotated[str, msgspec.Meta(pattern="^(model|fleet)$")] = "model"
 
 
 class SecuritySettings(Settings):
@@ -117,7 +119,7 @@ class SecurityService(Service):
         self.keys = FileKeyStore(state)
         self.audit = AuditLog(state / "audit", self.keys.sign, max_bytes=settings.audit_max_bytes,
                               checkpoint_every=settings.audit_checkpoint_every)
-        self.trust = TrustStore(state / "trust.json", [(k.label, k.public_key) for k in settings.trusted_keys])
+        self.trust = TrustStore(state / "trust.json", [(k.label, k.public_key, k.role) for k in settings.trusted_keys])
         self.grants_path = state / "grants.json"
         self.grants: list[GrantEntry] = (msgspec.json.decode(self.grants_path.read_bytes(), type=list[GrantEntry])
                                          if self.grants_path.exists() else [])
@@ -271,12 +273,13 @@ class SecurityService(Service):
                 self.audit.append("enrolment-reset", name, by=ctx.sender,
                                   detail=f"was an enrolment of {was}" if was else "was an unenrolment")
                 return Enrolled(name=name, public_key="")
-            case TrustAdd(public_key=key, label=label):
+            case TrustAdd(public_key=key, label=label, role=role):
                 try:
-                    added = self.trust.add(key, label)
+                    added = self.trust.add(key, label, role)
                 except ValueError as exc:
                     raise BadMessage(str(exc)) from exc
-                self.audit.append("trust-added", added.key_id, detail=label, by=ctx.sender)
+                self.audit.append("trust-added", added.key_id, detail=label if role == "model" else f"{label} (role {role})",
+                                  by=ctx.sender)
                 return TrustedKeys(keys=[added])
             case TrustRemove(key_id=kid):
                 try:
@@ -289,8 +292,8 @@ class SecurityService(Service):
                 return TrustedKeys(keys=[removed])
             case TrustList():
                 return TrustedKeys(keys=list(self.trust.keys.values()))
-            case VerifySignature(data=data, signature=sig, key_id=kid):
-                key = self.trust.verify(data, sig, kid)
+            case VerifySignature(data=data, signature=sig, key_id=kid, role=role):
+                key = self.trust.verify(data, sig, kid, role)
                 if key is None:
                     who = f"key {kid}" if kid else "any trusted key"
                     raise BadMessage(f"the signature does not verify with {who}"

@@ -1,0 +1,3 @@
+from services.fleet._service import main
+
+main()

@@ -1,0 +1,272 @@
+"""The fleet service: the device agent's I/O shell.
+
+It connects to the MQTT broker (paho-mqtt in its own network thread, mutual TLS with the
+device's certificate, reconnecting with back-off), feeds the agent core (``_agent.Agent``)
+the messages it receives, the model store's state and its own actions' outcomes, and
+carries out the agent's actions: MQTT subscriptions and publications, the model store's
+``Install`` and ``Activate``, config fragments merged into the config file and the
+kernel's ``Reload``, and records in the security service's audit log.  Without a
+``broker`` in its settings it stays idle.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectSendStream
+
+from protocols import ListServices, Reload, Reloaded, ServiceList
+from protocols.fleet import HealthSummary, ModelReport
+from protocols.modelstore import Activate as StoreActivate
+from protocols.modelstore import Install as StoreInstall
+from protocols.modelstore import Installed, ListModels, ModelList, ModelState
+from protocols.runtime import ENV_STATE_DIR
+from protocols.security import Attest, AuditAppend, DeviceKey, PublicKey, SignedReport, TrustedKeys, TrustList
+from services import BusError, Service, run
+
+from ._agent import (
+    Activate,
+    Agent,
+    ApplyConfig,
+    Audit,
+    Connected,
+    DiskStorage,
+    Disconnected,
+    Done,
+    Event,
+    Health,
+    Install,
+    Models,
+    Publish,
+    Received,
+    Subscribe,
+    Tick,
+    TrustChanged,
+    Unsubscribe,
+)
+from ._config import ConfigFragmentError, merge_fragment
+from ._settings import FleetSettings
+
+__all__ = ["FleetService", "main"]
+
+#: the trust store's role of the keys that sign deployment documents
+FLEET_ROLE = "fleet"
+
+
+class FleetService(Service):
+    name = "fleet"
+    Settings = FleetSettings
+
+    async def setup(self) -> None:
+        self.client: Any = None
+        self.agent: Agent | None = None
+
+    async def main(self) -> None:
+        s: FleetSettings = self.settings
+        if s.broker is None:
+            self.log.info("fleet_off", detail="no broker in [services.fleet.settings.broker]: not in a fleet")
+            await anyio.sleep_forever()
+        state_dir = s.state_dir or Path(os.environ.get(ENV_STATE_DIR, ".")) / "fleet"
+        storage = DiskStorage(state_dir, s.max_artifact_bytes)
+        key = await self.bus.call("security", DeviceKey(), PublicKey, timeout=10)
+        self.agent = Agent(s.device_id, s.groups, storage, prefix=s.prefix, public_key=key.public_key,
+                           fleet_id=s.fleet, max_artifact_bytes=s.max_artifact_bytes, window=s.window,
+                           trusted=await self._fleet_keys())
+        self.agent.attestation = await self._attest()
+        send, receive = anyio.create_memory_object_stream[Event](64)
+        async with anyio.create_task_group() as tg, send, receive:
+            self.tg = tg
+            self.events = send
+            await send.send(Models(await self._models()))
+            tg.start_soon(self._watch_models, send)
+            tg.start_soon(self._ticker, send)
+            self._start_mqtt(send, anyio.lowlevel.current_token())
+            try:
+                async for event in receive:
+                    await self._handle(event)
+            finally:
+                self._stop_mqtt()
+
+    async def teardown(self) -> None:
+        self._stop_mqtt()
+
+    # -- MQTT --------------------------------------------------------------------------------
+
+    def _start_mqtt(self, send: MemoryObjectSendStream[Event], token: Any) -> None:
+        import paho.mqtt.client as mqtt
+
+        s: FleetSettings = self.settings
+        b = s.broker
+        assert b is not None
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgebus-fleet-{s.device_id}",
+                             clean_session=True)
+        if b.tls_ca is not None:
+            client.tls_set(ca_certs=str(b.tls_ca), certfile=str(b.tls_cert) if b.tls_cert else None,
+                           keyfile=str(b.tls_key) if b.tls_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(max(1, int(b.backoff_initial)), max(1, int(b.backoff_max)))
+        log = self.log
+        closing = threading.Event()
+
+        def deliver(event: Event) -> None:
+            # paho's thread waits for room in the queue: TCP backpressure bounds what is in memory
+            if closing.is_set():
+                return
+            try:
+                anyio.from_thread.run(send.send, event, token=token)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+                closing.set()
+
+        def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            if rc.is_failure:
+                log.warning("fleet_connect_refused", host=b.host, port=b.port, reason=str(rc))
+                return
+            log.info("fleet_connected", host=b.host, port=b.port, device=s.device_id)
+            deliver(Connected())
+
+        def on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            if not closing.is_set():
+                log.info("fleet_disconnected", reason=str(rc))
+            deliver(Disconnected())
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_message = lambda c, u, m: deliver(Received(m.topic, bytes(m.payload)))
+        self.client, self._closing = client, closing
+        client.connect_async(b.host, b.port, b.keepalive)
+        client.loop_start()  # paho's thread: connects, and reconnects with its back-off
+
+    def _stop_mqtt(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            self._closing.set()
+            client.disconnect()
+            client.loop_stop()
+
+    # -- events and actions ------------------------------------------------------------------
+
+    async def _handle(self, event: Event) -> None:
+        agent = self.agent
+        assert agent is not None
+        if isinstance(event, Received) and agent.topics.parse(event.topic)[0] in ("device-desired", "group-desired"):
+            agent.handle(TrustChanged(await self._fleet_keys()))  # the trust store as it is now
+        if isinstance(event, Connected):
+            agent.attestation = await self._attest()
+        for action in agent.handle(event):
+            match action:
+                case Subscribe(topics=topics) if self.client is not None:
+                    self.client.subscribe([(t, 1) for t in topics])
+                case Unsubscribe(topics=topics) if self.client is not None:
+                    self.client.unsubscribe(topics)
+                case Publish(topic=topic, payload=payload, retain=retain, qos=qos) if self.client is not None:
+                    self.client.publish(topic, payload, qos=qos, retain=retain)
+                case Audit(kind=kind, subject=subject, detail=detail):
+                    self.log.info(kind.replace("-", "_"), subject=subject, detail=detail)
+                    try:
+                        await self.bus.call("security", AuditAppend(kind=kind, subject=subject, detail=detail),
+                                            timeout=10)
+                    except BusError as exc:
+                        self.log.warning("fleet_audit_failed", kind=kind, error=str(exc))
+                case Install() | Activate() | ApplyConfig():
+                    self.tg.start_soon(self._carry_out, action)
+
+    async def _carry_out(self, action: Install | Activate | ApplyConfig) -> None:
+        """One of the agent's steps through the bus (in its own task: an install takes a while);
+        its outcome goes back to the agent as Done, after the model store's state."""
+        agent = self.agent
+        assert agent is not None
+        ok, reason = True, ""
+        try:
+            match action:
+                case Install(ref=ref):
+                    data = await anyio.to_thread.run_sync(agent.storage.read_blob, ref.sha256)
+                    reply = await self.bus.call("modelstore", StoreInstall(), Installed, frames=[data], timeout=300)
+                    if (reply.name, reply.version) != (ref.name, ref.version):
+                        ok, reason = False, (f"the bundle is {reply.name} {reply.version}, the document says "
+                                             f"{ref.name} {ref.version}")
+                case Activate(name=name, version=version):
+                    await self.bus.call("modelstore", StoreActivate(name=name, version=version), ModelState, timeout=30)
+                case ApplyConfig(fragment=fragment):
+                    ok, reason = await self._apply_config(fragment.toml)
+        except BusError as exc:
+            ok, reason = False, str(exc)
+        except OSError as exc:
+            ok, reason = False, f"cannot read the downloaded bundle: {exc}"
+        try:
+            await self.events.send(Models(await self._models()))
+        except BusError as exc:
+            self.log.warning("fleet_models_unavailable", error=str(exc))
+        await self.events.send(Done(action, ok, reason))
+
+    async def _apply_config(self, toml: str) -> tuple[bool, str]:
+        s: FleetSettings = self.settings
+        if s.config_file is None:
+            return False, "this device takes no config fragments (no config_file in [services.fleet.settings])"
+        state_dir = s.state_dir or Path(os.environ.get(ENV_STATE_DIR, ".")) / "fleet"
+        try:
+            previous = await anyio.to_thread.run_sync(merge_fragment, s.config_file, state_dir / "config.base.toml",
+                                                      toml)
+        except ConfigFragmentError as exc:
+            return False, str(exc)
+        try:
+            await self.bus.call("kernel", Reload(), Reloaded, timeout=90)
+        except BusError as exc:
+            from services import atomic_write
+
+            await anyio.to_thread.run_sync(atomic_write, s.config_file, previous)  # the config as it was
+            return False, f"the kernel refused the merged config: {exc}"
+        return True, ""
+
+    async def _models(self) -> list[ModelReport]:
+        listing = await self.bus.call("modelstore", ListModels(), ModelList, timeout=20)
+        return [ModelReport(name=m.name, versions=m.versions, active=m.active, trial=m.trial) for m in listing.models]
+
+    async def _watch_models(self, send: MemoryObjectSendStream[Event]) -> None:
+        """The model store's events (installs, activations, commits, rollbacks by its health
+        gates): its state again, to the agent."""
+        async with self.bus.subscribe("modelstore.") as events:
+            async for _ in events:
+                try:
+                    await send.send(Models(await self._models()))
+                except BusError as exc:
+                    self.log.warning("fleet_models_unavailable", error=str(exc))
+
+    async def _ticker(self, send: MemoryObjectSendStream[Event]) -> None:
+        s: FleetSettings = self.settings
+        while True:
+            try:
+                listing = await self.bus.call("kernel", ListServices(), ServiceList, timeout=10)
+                managed = [x for x in listing.services if x.managed]
+                failing = sorted(x.name for x in managed if x.state in ("failed", "backoff"))
+                await send.send(Health(HealthSummary(services_ready=sum(x.state == "ready" for x in managed),
+                                                     services_total=len(managed), failing=failing)))
+            except BusError as exc:
+                self.log.warning("fleet_health_unavailable", error=str(exc))
+            await send.send(Tick())
+            await anyio.sleep(s.report_interval)
+
+    async def _fleet_keys(self) -> dict[str, bytes]:
+        """The trust store's keys of role ``fleet``: key id -> raw public key."""
+        try:
+            keys = await self.bus.call("security", TrustList(), TrustedKeys, timeout=10)
+        except BusError as exc:
+            self.log.warning("fleet_keys_unavailable", error=str(exc))
+            return self.agent.trusted if self.agent is not None else {}
+        return {k.key_id: bytes.fromhex(k.public_key) for k in keys.keys if getattr(k, "role", "model") == FLEET_ROLE}
+
+    async def _attest(self) -> SignedReport | None:
+        try:
+            return await self.bus.call("security", Attest(), SignedReport, timeout=10)
+        except BusError as exc:
+            self.log.warning("fleet_attestation_unavailable", error=str(exc))
+            return None
+
+
+def main() -> None:
+    run(FleetService)
