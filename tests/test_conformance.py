@@ -105,3 +105,23 @@ def test_usage_errors_are_one_line() -> None:
     assert "no program '/nonexistent/peer'" in proc.stderr and proc.stderr.count("\n") == 1
     proc = conformance(PY_PEER, "--config", "/nonexistent/system.toml")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "/nonexistent/system.toml" in proc.stderr
+
+
+def test_a_peer_that_starts_over_instead_of_exiting_passes() -> None:
+    """1.3 allows both: the SDK's reconnecting client takes its name back and says Hello on
+    a new connection when the kernel falls silent."""
+    proc = conformance(f"{PY_PEER} --reconnect", "-o", "json", "--only", "newest-wins,hello,liveness")
+    got = results(proc)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert got["newest-wins"]["detail"] == "the peer started a new session"
+    assert got["liveness"]["detail"].startswith("said Hello on a new connection")
+
+
+def test_a_config_without_the_conformance_service_fails_saying_so(tmp_path: Path) -> None:
+    config = tmp_path / "system.toml"
+    config.write_text("[bus]\nheartbeat_interval = 0.5\n")
+    proc = conformance(PY_PEER, "--config", str(config), "-o", "json", "--only", "handshake,requests")
+    assert proc.returncode == 1
+    got = results(proc)
+    assert list(got) == ["handshake", "requests"] and failed(proc) == ["handshake", "requests"]
+    assert all("must declare [services.conformance] without a command" in r["detail"] for r in got.values())

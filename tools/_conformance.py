@@ -334,9 +334,10 @@ class PeerProcess:
     """The peer under test, started as a service without a ``command`` would be by hand
     (section 17's variables, its credential in a file); its output goes to ``log``."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, pump: Pump) -> None:
         self.argv = argv
         self.log = log
+        self.pump = pump
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, bus: str, run_dir: Path, credential_file: Path) -> None:
@@ -382,10 +383,7 @@ class PeerProcess:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+            self.pump.until(lambda: proc.poll() is not None, grace)  # (the suite's sessions beat meanwhile)
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # what remains of its group (npm's node...)
         except (ProcessLookupError, PermissionError):
@@ -408,10 +406,11 @@ class Suite:
         self.config_text = config
         self.ctx = zmq.Context()
         self.pump = Pump()
-        self.peer = PeerProcess(peer, workdir / "peer.log")
+        self.peer = PeerProcess(peer, workdir / "peer.log", self.pump)
         self.kernel: subprocess.Popen[bytes] | None = None
         self.run_dir = workdir / "run"
         self.operator: Link | None = None
+        self.boot_failure = ""
         self.scripted: ScriptedKernel | None = None
         #: where the peer is connected: "kernel", "scripted" or ""
         self.peer_on = ""
@@ -430,6 +429,16 @@ class Suite:
         """The real kernel and the suite's operator session (once)."""
         if self.operator is not None:
             return self.operator
+        if self.boot_failure:
+            raise Check(self.boot_failure)
+        try:
+            self.operator = self._boot()
+        except Check as exc:
+            self.boot_failure = str(exc)
+            raise
+        return self.operator
+
+    def _boot(self) -> Link:
         if self.kernel is None:
             config = self.work / "system.toml"
             config.write_text(self.config_text or CONFIG)
@@ -439,18 +448,20 @@ class Suite:
                  "--state-dir", str(self.work / "state")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             log.close()
+        kernel = self.kernel
         creds = self.run_dir / "credentials"
-        ready = self.pump.until(lambda: self.kernel.poll() is not None or (  # type: ignore[union-attr]
-            (self.run_dir / "bus.sock").exists() and (creds / "operator").exists()
-            and (creds / contract.SERVICE).exists()), 30.0)
-        if self.kernel.poll() is not None:
-            raise Check(f"the kernel exited with status {self.kernel.returncode}: "
-                        f"{self._tail(self.work / 'kernel.log')}")
-        if not ready:
-            raise Check(f"the kernel did not make {self.run_dir}/bus.sock and the credential files of operator and "
-                        f"{contract.SERVICE!r} within 30s (is [services.{contract.SERVICE}] in the config, without a command?)")
-        self.operator = Link(self.pump, self.ctx, self.endpoint, self.credential("operator"), "conformance-suite")
-        return self.operator
+        up = self.pump.until(lambda: kernel.poll() is not None or (
+            (self.run_dir / "bus.sock").exists() and (creds / "operator").exists()), 30.0)
+        if up:  # (the credential files are written together, at start)
+            self.pump.until(lambda: (creds / contract.SERVICE).exists(), 2.0)
+        if kernel.poll() is not None:
+            raise Check(f"the kernel exited with status {kernel.returncode}: {self._tail(self.work / 'kernel.log')}")
+        if not up:
+            raise Check(f"the kernel did not make {self.run_dir}/bus.sock and the operator's credential within 30s")
+        if not (creds / contract.SERVICE).exists():
+            raise Check(f"the kernel wrote no credential for {contract.SERVICE!r}: the config must declare "
+                        f"[services.{contract.SERVICE}] without a command (PROTOCOL.md A.1)")
+        return Link(self.pump, self.ctx, self.endpoint, self.credential("operator"), "conformance-suite")
 
     def link(self, credential: str, service: str, types: Sequence[str] = ()) -> Link:
         return Link(self.pump, self.ctx, self.endpoint, credential, service, types)

@@ -69,7 +69,7 @@ def credentials(suite: Suite) -> str:
     wrong = suite.work / "wrong-credential"
     wrong.write_text(secrets.token_urlsafe(32))
     wrong.chmod(0o600)
-    impostor = PeerProcess(suite.peer.argv, suite.work / "peer-wrong-credential.log")
+    impostor = PeerProcess(suite.peer.argv, suite.work / "peer-wrong-credential.log", suite.pump)
     suite.extra.append(impostor)
     impostor.start(suite.endpoint, suite.run_dir, wrong)
     status = suite.pump.until(lambda: impostor.exited() is not None, 20.0)
@@ -352,6 +352,8 @@ def heartbeats(suite: Suite) -> str:
         check(msg.header.id == 0 and not msg.raw, "a heartbeat with an id or raw frames (5.4)")
         beats.append(at)
     limit = SCRIPTED_INTERVAL * SCRIPTED_LIVENESS
+    check(suite.peer.running(), f"the peer exited (status {suite.peer.exited()}) while the kernel beat every "
+                                f"{SCRIPTED_INTERVAL}s: a kernel's heartbeat is a sign of life (5.4)")
     check(len(beats) >= 4, f"{len(beats)} heartbeats in {window}s at an announced interval of {SCRIPTED_INTERVAL}s (5.4)")
     gaps = [b - a for a, b in zip([start, *beats], beats)]
     check(max(gaps) < limit, f"{max(gaps):.2f}s between two heartbeats: over interval x liveness = {limit:g}s")
@@ -462,6 +464,8 @@ def liveness(suite: Suite) -> str:
             identity, _, frames = sk.inbox.popleft()
             if identity != old:
                 return "said Hello on a new connection"
+            if len(frames) >= 3 and frames[0][:3] == SIGNATURE[:3] and _is_hello(frames[1]):
+                return "said Hello again"
         return None
 
     outcome = suite.pump.until(gave_up, limit)
@@ -473,6 +477,13 @@ def liveness(suite: Suite) -> str:
     check(took >= SCRIPTED_INTERVAL * SCRIPTED_LIVENESS * 0.8,
           f"the peer gave up after {took:.2f}s, before interval x liveness")
     return f"{outcome} after {took:.2f}s"
+
+
+def _is_hello(header: bytes) -> bool:
+    try:
+        return msgspec.msgpack.decode(header, type=Header).type == "Hello"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
 
 
 SCENARIOS = [

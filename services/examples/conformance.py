@@ -6,12 +6,15 @@
 ``--fault NAME`` makes it deliberately wrong in one way, for the suite's own tests:
 ``tags`` (records events whose body tag differs from the header's type), ``tensors``
 (echoes tensors without checking their descriptors against the frames), ``liveness``
-(never notices that the kernel went silent).
+(never notices that the kernel went silent).  ``--reconnect`` starts a new session when the
+kernel ends one (the SDK client's behaviour) instead of exiting (a service's).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 import time
 from typing import Any
 
@@ -24,7 +27,7 @@ from protocols.conformance import (
     Request, Seen, Sleep, Slept,
 )
 from protocols import Error, ErrorCode
-from services import Context, Service, Subscription, error_from_wire, run
+from services import EXIT_BUS, BusError, Context, Service, Subscription, configure_logging, error_from_wire, run, serve
 
 FAULTS = ("tags", "tensors", "liveness")
 
@@ -104,8 +107,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="services.examples.conformance",
                                      description="the conformance service on the Python SDK")
     parser.add_argument("--fault", choices=FAULTS, default="", help="misbehave in this one way (for tests)")
-    ConformancePeer.fault = parser.parse_args().fault
-    run(ConformancePeer)
+    parser.add_argument("--reconnect", action="store_true",
+                        help="start a new session when one ends, as an SDK client does, instead of exiting")
+    args = parser.parse_args()
+    ConformancePeer.fault = args.fault
+    if not args.reconnect:
+        run(ConformancePeer)
+        return
+    log = configure_logging(SERVICE)
+    try:
+        anyio.run(functools.partial(serve, ConformancePeer, reconnect=True))
+    except* BusError as group:
+        log.error("service_bus_error", error=str(group.exceptions[0]))
+        sys.exit(EXIT_BUS)
+    except* KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
