@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from protocols import fleet
 from protocols.fleet import Topics
+from protocols.modelstore import ListModels, ModelList
 from protocols.security import AuditRecords, AuditTail
 
 from conftest import System, wait_for
@@ -264,3 +265,49 @@ async def test_a_device_receives_a_signed_deployment_resumes_after_kill_9_and_re
         assert old  # (the replayed bytes were a genuine, once valid document)
     finally:
         op.close()
+
+
+@pytest.mark.anyio
+async def test_a_device_killed_mid_download_with_the_broker_down_converges_when_both_come_back(
+        tls_broker: Mosquitto, make_system) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev2": ["lab"]}, operator="operator"))
+    op = Operator(tls_broker)
+    config = device_config(tls_broker, "dev2", ["lab"])
+    system = make_system(config, sub="dev2")
+    await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+    op.wait_report("dev2", lambda r: r.groups == ["lab"], "the device's first report")
+    data = bundle("1.0.0", KEY)
+    chunk = 256
+    n = -(-len(data) // chunk)
+    info = op.artifact(data, chunk, only=range(0, n // 3))
+    op.deploy(op.t.group_desired("lab"), 5, "group:lab",
+              [fleet.ArtifactRef(name="demo", version="1.0.0", sha256=info.sha256, size=info.size)])
+    state = system.run_dir / "state"
+    journal = state / "fleet" / "partial" / f"{info.sha256}.journal"
+    wait_for(lambda: journal.exists() and len(journal.read_text().split()) >= n // 3, 60, "a third of the chunks")
+
+    # the whole device dies (kill -9: kernel and services), and the broker goes down
+    system.kill()
+    op.close()
+    tls_broker.stop()
+    for stale in (system.run_dir / "bus.sock", system.run_dir / "credentials" / "operator"):
+        stale.unlink(missing_ok=True)
+    again = System(system.tmp, config)
+    try:
+        again.wait_bus(30)
+        await again.wait_ready("security", "modelstore", "fleet", timeout=60)
+        async with again.client() as bus:  # on the old version (none) until the download completes
+            assert not [m for m in (await bus.call("modelstore", ListModels(), ModelList)).models if m.name == "demo"]
+        tls_broker.start()
+        op = Operator(tls_broker)
+        for c in fleet.chunks_of(data, chunk):
+            if c.index >= n // 3:
+                op.publish(op.t.chunk(c.sha256, c.index), fleet.encode(c))
+        report = op.wait_report("dev2", lambda r: r.current is not None and r.current.outcome == "succeeded",
+                                "the deployment to succeed after the restarts")
+        assert _model(report, "demo").active == "1.0.0" and report.applied_version == 5
+        audit = await _audit(again)
+        assert any(a.startswith(f"fleet-download-resumed demo 1.0.0 {n // 3} of {n} chunks held") for a in audit), audit
+    finally:
+        op.close()
+        again.kill()
