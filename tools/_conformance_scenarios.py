@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from protocols import SIGNATURE, Error, ErrorCode, Header, Hello, Kind, ServiceStatus, Tensor
+from protocols import SIGNATURE, Error, ErrorCode, GetService, Header, Hello, Kind, Ready, ServiceStatus, Subscribe, Tensor
 from protocols import conformance as contract
 from protocols.conformance import SERVICE
 
@@ -72,13 +72,12 @@ def credentials(suite: Suite) -> str:
     impostor = PeerProcess(suite.peer.argv, suite.work / "peer-wrong-credential.log", suite.pump)
     suite.extra.append(impostor)
     impostor.start(suite.endpoint, suite.run_dir, wrong)
-    status = suite.pump.until(lambda: impostor.exited() is not None, 20.0)
+    suite.pump.until(lambda: impostor.exited() is not None, 20.0)
     code = impostor.exited()
     impostor.stop()
     check(code is not None, "a peer whose Hello was refused (a credential the kernel never issued) was still "
                             "running after 20s: a refused Hello ends the attempts (1.3, Conformance)")
     check(code != 0, "a peer whose Hello was refused exited with status 0, not an error status")
-    del status
     _expect_reply(op.call(SERVICE, "Echo", contract.Echo(text="still here")), "Echoed",
                   "Echo after another connection's refused Hello")
     return f"refused, exited with status {code}"
@@ -87,7 +86,7 @@ def credentials(suite: Suite) -> str:
 def handshake(suite: Suite) -> str:
     """The kernel took the peer's Hello (name, the contract's types) and its Ready."""
     op = suite.peer_on_kernel()
-    answer = op.call("kernel", "GetService", {"type": "GetService", "name": SERVICE})
+    answer = op.call("kernel", "GetService", GetService(name=SERVICE))
     status = _expect_reply_kernel(answer, ServiceStatus)
     check(status.connected, f"the kernel shows {SERVICE!r} not connected (state {status.state})")
     missing = [t for t in contract.TYPES if t not in status.types]
@@ -149,8 +148,8 @@ def tag_mismatch(suite: Suite) -> str:
                   "a request with header type Sleep and body tag Echo")
     topic = contract.TOPICS + "tags"
     _listen(op, [contract.TOPICS + "tags"])
-    op.send({"k": 4, "t": "Note", "d": topic}, {"type": "Echo", "text": "smuggled"})
-    op.send({"k": 4, "t": "Note", "d": topic}, {"type": "Note", "text": "genuine"})
+    op.send(Header(kind=Kind.EVENT, type="Note", dest=topic), {"type": "Echo", "text": "smuggled"})
+    op.send(Header(kind=Kind.EVENT, type="Note", dest=topic), {"type": "Note", "text": "genuine"})
     notes = _notes_until(op, lambda ns: any(n.text == "genuine" for n in ns), "the Note 'genuine'")
     bad = [n for n in notes if n.text != "genuine"]
     if bad:
@@ -230,9 +229,9 @@ def events(suite: Suite) -> str:
     op = suite.peer_on_kernel()
     listening = _listen(op, [contract.TOPICS + "in."])
     check(listening.topics == sorted(listening.topics), f"Listening.topics {listening.topics} is not sorted")
-    sub = op.control("Subscribe", {"type": "Subscribe", "topics": [contract.TOPICS + "out."]})
+    sub = op.control("Subscribe", Subscribe(topics=[contract.TOPICS + "out."]))
     check(sub.header.type == "Subscribed", f"the kernel answered the suite's Subscribe with {sub.describe()}")
-    op.send({"k": 4, "t": "Note", "d": contract.TOPICS + "in.a"}, contract.Note(text="to the peer"))
+    op.send(Header(kind=Kind.EVENT, type="Note", dest=contract.TOPICS + "in.a"), contract.Note(text="to the peer"))
     notes = _notes_until(op, lambda ns: any(n.text == "to the peer" for n in ns), "the suite's Note")
     note = next(n for n in notes if n.text == "to the peer")
     check(note.topic == contract.TOPICS + "in.a", f"the Note was reported on {note.topic!r}")
@@ -243,7 +242,8 @@ def events(suite: Suite) -> str:
     check(event.header.type == "Note" and event.header.sender == SERVICE,
           f"the event on {topic} is {event.describe()} from {event.header.sender!r}")
     body = event.decode()
-    check(body.get("type") == "Note" and body.get("text") == "from the peer", f"the event's body is {body!r}")
+    check(isinstance(body, dict) and body.get("type") == "Note" and body.get("text") == "from the peer",
+          f"the event's body is {body!r}")
     check(event.header.id == 0, f"the event carries id {event.header.id}")
     return "one event each way"
 
@@ -260,7 +260,7 @@ def denials(suite: Suite) -> str:
     _expect_reply(op.call(SERVICE, "Publish", contract.Publish(topic=prefix + "x", text="no")), "Published",
                   f"Publish on {prefix}x")
     op.pump.run(0.3)
-    status = _expect_reply_kernel(op.call("kernel", "GetService", {"type": "GetService", "name": SERVICE}), ServiceStatus)
+    status = _expect_reply_kernel(op.call("kernel", "GetService", GetService(name=SERVICE)), ServiceStatus)
     check(status.denied >= 2, f"the kernel counted {status.denied} denials of the peer, not 2")
     _expect_reply(op.call(SERVICE, "Echo", contract.Echo(text="after")), "Echoed", "Echo after the denials")
     return f"forbidden {err.capability}"
@@ -272,14 +272,14 @@ def newest_wins(suite: Suite) -> str:
     op = suite.peer_on_kernel()
     newest = suite.link(suite.credential(SERVICE), SERVICE, contract.TYPES)
     check(newest.name == SERVICE, f"the suite's connection was named {newest.name!r}")
-    newest.send(Header(kind=Kind.CONTROL, type="Ready"), {"type": "Ready"})
+    newest.send(Header(kind=Kind.CONTROL, type="Ready"), Ready())
     rid = op.request(SERVICE, "Echo", contract.Echo(text="whose?"))
     req = newest.expect(lambda m: m.header.kind == Kind.REQUEST, 5.0, "the request routed to the newest connection")
     newest.send(Header(kind=Kind.REPLY, type="Echoed", id=req.header.id), contract.Echoed(text="the newest"))
     echoed = _expect_reply(op.answer_to(rid, 5.0, "Echo"), "Echoed", "Echo while the suite holds the name")
     check(echoed.text == "the newest", "the kernel routed to the old connection")
-    interval = (op.welcome.heartbeat_interval * op.welcome.heartbeat_liveness) if op.welcome else 3.0
-    limit = interval + 5.0
+    assert op.welcome is not None
+    limit = op.welcome.heartbeat_interval * op.welcome.heartbeat_liveness + 5.0
     reacted = suite.pump.until(lambda: ("exited" if not suite.peer.running() else
                                         "said Hello again" if newest.take(_refused) else None), limit)
     newest.close(bye=reacted != "said Hello again")
@@ -380,7 +380,7 @@ def malformed_input(suite: Suite) -> str:
          msgspec.msgpack.encode({"type": "Error", "code": "a-code-from-the-future", "message": "?"})],
         [SIGNATURE, msgspec.msgpack.encode({"k": 2, "t": "Subscribed", "i": 12, "s": "kernel"}),
          msgspec.msgpack.encode({"type": "Subscribed", "topics": []})],
-        [SIGNATURE, msgspec.msgpack.encode({"k": 4, "t": "Note", "d": "nobody.asked", "s": "suite"}),
+        [SIGNATURE, msgspec.msgpack.encode(Header(kind=Kind.EVENT, type="Note", dest="nobody.asked", sender="suite")),
          msgspec.msgpack.encode({"type": "Note", "text": "unasked"})],
         [SIGNATURE, msgspec.msgpack.encode({"k": 5, "t": "Frobnicate", "s": "kernel"}), msgspec.msgpack.encode({"type": "Frobnicate"})],
     ]
