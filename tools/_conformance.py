@@ -49,6 +49,7 @@ capabilities = ["publish:{contract.TOPICS}*", "subscribe:{contract.TOPICS}*"]
 #: What the scripted kernel announces in its Welcome (not the defaults: the peer must use them).
 SCRIPTED_INTERVAL = 0.2
 SCRIPTED_LIVENESS = 5
+MAX_MESSAGE_SIZE = 1 << 20
 
 _hdr_decoder = msgspec.msgpack.Decoder(Header)
 _any = msgspec.msgpack.Decoder()
@@ -287,6 +288,20 @@ class ScriptedKernel:
         self.next_beat = 0.0
         pump.add(self)
 
+    def rotate(self) -> None:
+        """A new credential in the file (as a kernel writes at each start, 5.1)."""
+        self.credential = secrets.token_urlsafe(32)
+        self.credential_file.write_text(self.credential)
+
+    def welcome(self, hello_id: int) -> None:
+        """Welcome the peer: not the default timing, a 1 MiB limit, and a field from a later minor (3.1)."""
+        self.send(pack(Header(kind=Kind.REPLY, type="Welcome", id=hello_id, sender="kernel"),
+                       {"type": "Welcome", "name": contract.SERVICE, "heartbeat_interval": SCRIPTED_INTERVAL,
+                        "heartbeat_liveness": SCRIPTED_LIVENESS, "max_message_size": MAX_MESSAGE_SIZE,
+                        "a_later_field": True}))
+        self.beating = True
+        self.next_beat = 0.0
+
     def tick(self, now: float) -> None:
         if self.beating and self.peer is not None and now >= self.next_beat:
             self.next_beat = now + SCRIPTED_INTERVAL
@@ -510,10 +525,7 @@ class Suite:
         self.peer_on = "scripted"
         identity, _, hello = sk.next(20.0, "Hello")
         sk.peer = identity
-        sk.send(pack(Header(kind=Kind.REPLY, type="Welcome", id=hello.header.id, sender="kernel"),
-                     Welcome(name=contract.SERVICE, heartbeat_interval=SCRIPTED_INTERVAL,
-                             heartbeat_liveness=SCRIPTED_LIVENESS)))
-        sk.beating = True
+        sk.welcome(hello.header.id)
         sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Ready", 15.0, "Ready after the Welcome")
         return sk, hello
 

@@ -17,7 +17,7 @@ from protocols import conformance as contract
 from protocols.conformance import SERVICE
 
 from tools._conformance import (
-    SCRIPTED_INTERVAL, SCRIPTED_LIVENESS, Check, Link, Message, PeerProcess, Suite, check, pack,
+    MAX_MESSAGE_SIZE, SCRIPTED_INTERVAL, SCRIPTED_LIVENESS, Check, Link, Message, PeerProcess, Suite, check, pack,
 )
 
 __all__ = ["Scenario", "SCENARIOS"]
@@ -324,12 +324,12 @@ def hello(suite: Suite) -> str:
     check(hello_.credential == sk.credential, "Hello.credential is not the content of EDGEBUS_CREDENTIAL_FILE (5.1)")
     missing = [t for t in contract.TYPES if t not in hello_.types]
     check(not missing, f"Hello.types lacks {', '.join(missing)}")
+    sk.pump.run(0.3)
+    if sk.inbox:
+        _, _, early = sk.next(0.1, "message")
+        raise Check(f"the peer sent {early.describe()} before the answer to its Hello (5.2: nothing but Hello until then)")
     sk.peer = identity
-    sk.send(pack(Header(kind=Kind.REPLY, type="Welcome", id=h.id, sender="kernel"),
-                 {"type": "Welcome", "name": SERVICE, "heartbeat_interval": SCRIPTED_INTERVAL,
-                  "heartbeat_liveness": SCRIPTED_LIVENESS, "max_message_size": 1 << 20,
-                  "a_future_field": True}))
-    sk.beating = True
+    sk.welcome(h.id)
     sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Ready", 15.0, "Ready after the Welcome")
     return f"pid {hello_.pid}" if hello_.pid else "Hello and Ready"
 
@@ -383,6 +383,8 @@ def malformed_input(suite: Suite) -> str:
         [SIGNATURE, msgspec.msgpack.encode(Header(kind=Kind.EVENT, type="Note", dest="nobody.asked", sender="suite")),
          msgspec.msgpack.encode({"type": "Note", "text": "unasked"})],
         [SIGNATURE, msgspec.msgpack.encode({"k": 5, "t": "Frobnicate", "s": "kernel"}), msgspec.msgpack.encode({"type": "Frobnicate"})],
+        [SIGNATURE, msgspec.msgpack.encode({**echo_hdr, "i": 13}),  # over Welcome.max_message_size (13.1)
+         msgspec.msgpack.encode(contract.Echo(tensors=[Tensor("uint8", [MAX_MESSAGE_SIZE], 0)])), bytes(MAX_MESSAGE_SIZE)],
     ]
     for frames in junk:
         sk.send(frames)
@@ -445,7 +447,19 @@ def bye(suite: Suite) -> str:
     check(gone is not None and code is not None, "the peer still ran 10s after its Bye")
     check(code == 0, f"the peer exited with status {code} after SIGTERM, not 0 (17)")
     suite.peer_on = ""
-    return "Bye, exit 0"
+    sk.rotate()  # started again, the peer reads the credential the "kernel" wrote since
+    sk.peer, sk.beating = None, False
+    sk.inbox.clear()
+    suite.peer.start(sk.endpoint, sk.dir, sk.credential_file)
+    suite.peer_on = "scripted"
+    identity, _, msg = sk.next(20.0, "Hello from the peer started again")
+    check(msg.header.type == "Hello", f"the restarted peer's first message was {msg.describe()}")
+    check(msg.decode(Hello).credential == sk.credential,
+          "the restarted peer said Hello with the old credential, not the one now in its file (5.1)")
+    sk.peer = identity
+    sk.welcome(msg.header.id)
+    sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Ready", 15.0, "Ready after the Welcome")
+    return "Bye, exit 0; started again with the new credential"
 
 
 def liveness(suite: Suite) -> str:
@@ -499,8 +513,8 @@ SCENARIOS = [
     Scenario("newest-wins", "5.2 5.5 1.3", "the newest connection wins", newest_wins),
     Scenario("hello", "2 3.2 5.1 5.2", "the first message, byte for byte", hello),
     Scenario("heartbeats", "5.4", "heartbeats at the announced interval", heartbeats),
-    Scenario("malformed-input", "2 12 14", "malformed input from the kernel side", malformed_input),
+    Scenario("malformed-input", "2 12 13.1 14", "malformed input from the kernel side", malformed_input),
     Scenario("deadlines", "6.3 3.1", "deadlines", deadlines),
-    Scenario("bye", "5.5 17", "Bye on SIGTERM, exit 0", bye),
+    Scenario("bye", "5.5 17 5.1", "Bye on SIGTERM, exit 0, started again", bye),
     Scenario("liveness", "5.4 1.3", "the kernel's silence", liveness),
 ]
