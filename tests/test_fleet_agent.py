@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -20,6 +21,8 @@ from protocols.modelstore import ListModels, ModelList
 from protocols.security import AuditRecords, AuditTail
 
 from conftest import System, wait_for
+from services import BusError
+from services.examples.greeter import Greet, Greeting
 from helpers.mosquitto import Mosquitto, mqtt_client, tls_broker  # noqa: F401  (a fixture)
 from test_modelstore import KEY, bundle, pub_hex
 
@@ -76,7 +79,7 @@ FLEET_PUB = FLEET_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 OTHER_RAW = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
-def device_config(broker: Mosquitto, device: str, groups: list[str], extra: str = "") -> str:
+def device_config(broker: Mosquitto, device: str, groups: list[str], extra: str = "", settings: str = "") -> str:
     b = broker.client_settings(device)
     return f"""
 [services.security]
@@ -113,6 +116,7 @@ device_id = "{device}"
 groups = {groups!r}
 window = 2
 report_interval = 5.0
+{settings}
 [services.fleet.settings.broker]
 host = "{b['host']}"
 port = {b['port']}
@@ -311,3 +315,48 @@ async def test_a_device_killed_mid_download_with_the_broker_down_converges_when_
     finally:
         op.close()
         again.kill()
+
+
+@pytest.mark.anyio
+async def test_a_config_fragment_is_merged_into_the_config_file_and_applied_by_the_kernels_reload(
+        tls_broker: Mosquitto, make_system, tmp_path: Path) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev3": []}, operator="operator"))
+    op = Operator(tls_broker)
+    d = tmp_path / "dev3"
+    greeter = """
+[services.greeter]
+command = ["{python}", "-m", "services.examples.greeter"]
+[services.greeter.settings]
+greeting = "hello, {who}"
+tick_interval = 60.0
+"""
+    config = device_config(tls_broker, "dev3", [], extra=greeter, settings=f'config_file = "{d / "system.toml"}"')
+    system = make_system(config, sub="dev3")
+    try:
+        await system.wait_ready("security", "modelstore", "fleet", "greeter", timeout=60)
+        op.wait_report("dev3", lambda r: r.current is None, "the device's first report")
+        toml = '[services.greeter.settings]\ngreeting = "fleet says hi, {who}"\n'
+        now = time.time()
+        doc = fleet.Deployment(fleet="test", version=1, deployment="cfg-1", target="device:dev3", issued=now,
+                               expires=now + 600, config=fleet.ConfigFragment(toml=toml, sha256=fleet.config_digest(toml)))
+        op.publish(op.t.device_desired("dev3"), fleet.encode(fleet.sign_document(doc, FLEET_RAW)))
+        report = op.wait_report("dev3", lambda r: r.current is not None and r.current.outcome in ("succeeded", "failed"),
+                                "the config deployment to end")
+        assert report.current.outcome == "succeeded", report.current
+        assert report.config_digest == fleet.config_digest(toml)
+        async with system.client() as bus:
+            with anyio.fail_after(60):
+                while True:  # the kernel restarts the greeter with its new settings
+                    try:
+                        reply = await bus.call("greeter", Greet(who="dev3"), Greeting, timeout=5)
+                        if reply.text == "fleet says hi, dev3":
+                            break
+                    except BusError:
+                        pass
+                    await anyio.sleep(0.2)
+        text = system.config_path.read_text()
+        assert text.startswith("# Written by the edgebus fleet service") and 'tick_interval = 60.0' in text
+        assert (system.run_dir / "state" / "fleet" / "config.base.toml").read_text() == config
+        assert any(a.startswith("fleet-config-applied") for a in await _audit(system))
+    finally:
+        op.close()

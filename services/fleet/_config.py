@@ -91,7 +91,8 @@ def _table(lines: list[str], path: list[str], table: dict[str, Any]) -> None:
             lines.append(f"{_key(k)} = {_value(v)}")
     for k, v in table.items():
         if isinstance(v, dict):
-            lines += ["", f"[{'.'.join(_key(p) for p in [*path, k])}]"]
+            if not v or any(not isinstance(x, dict) and not _is_table_array(x) for x in v.values()):
+                lines += ["", f"[{'.'.join(_key(p) for p in [*path, k])}]"]  # else implied by its subtables
             _table(lines, [*path, k], v)
         elif _is_table_array(v):
             for item in v:
