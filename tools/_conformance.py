@@ -47,8 +47,8 @@ capabilities = ["publish:{contract.TOPICS}*", "subscribe:{contract.TOPICS}*"]
 """
 
 #: What the scripted kernel announces in its Welcome (not the defaults: the peer must use them).
-SCRIPTED_INTERVAL = 0.2
-SCRIPTED_LIVENESS = 5
+SCRIPTED_INTERVAL = 0.25
+SCRIPTED_LIVENESS = 8  # (2 s: a loaded machine does not end sessions by itself)
 MAX_MESSAGE_SIZE = 1 << 20
 
 _hdr_decoder = msgspec.msgpack.Decoder(Header)

@@ -335,7 +335,7 @@ def hello(suite: Suite) -> str:
 
 
 def heartbeats(suite: Suite) -> str:
-    """With a Welcome announcing a 0.2 s interval, the peer beats about every 0.2 s (no id,
+    """With a Welcome announcing a 0.25 s interval, the peer beats about every 0.25 s (no id,
     no raw frames) and answers none of the kernel's beats."""
     sk, _ = suite.peer_on_script()
     window = 2.5
