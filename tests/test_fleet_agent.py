@@ -23,6 +23,9 @@ from protocols.security import AuditRecords, AuditTail
 from conftest import System, wait_for
 from services import BusError
 from services.examples.greeter import Greet, Greeting
+from services.fleet import Activate as AgentActivate
+from services.fleet import Agent, Audit, Connected, Done, DiskStorage, Install, MemoryStorage, Models, Publish, Received, Subscribe
+from services.security._trust import TrustStore
 from helpers.mosquitto import Mosquitto, mqtt_client, tls_broker  # noqa: F401  (a fixture)
 from test_modelstore import KEY, bundle, pub_hex
 
@@ -360,3 +363,157 @@ tick_interval = 60.0
         assert any(a.startswith("fleet-config-applied") for a in await _audit(system))
     finally:
         op.close()
+
+
+# -- the agent's core, driven in process (the simulation's way: MemoryStorage) ----------------
+
+
+class Harness:
+    """Retained topics in a dict, a model store in a dict: runs an agent's actions until
+    nothing is left to do, and counts what it asked for."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.retained: dict[str, bytes] = {}
+        self.store: dict[str, fleet.ModelReport] = {}
+        self.subscribed: list[str] = []
+        self.published: dict[str, bytes] = {}
+        self.audit: list[Audit] = []
+        self.refuse_install = ""
+
+    def run(self, *events, limit: int = 10_000) -> None:
+        queue = list(events)
+        while queue and limit:
+            limit -= 1
+            for action in self.agent.handle(queue.pop(0)):
+                match action:
+                    case Subscribe(topics=topics):
+                        self.subscribed += topics
+                        queue += [Received(t, self.retained[t]) for t in topics if t in self.retained]
+                    case Publish(topic=topic, payload=payload):
+                        self.published[topic] = payload
+                    case Install(ref=ref):
+                        if not self.refuse_install:
+                            m = self.store.setdefault(ref.name, fleet.ModelReport(name=ref.name))
+                            m.versions.append(ref.version)
+                        queue += [Models(list(self.store.values())), Done(action, not self.refuse_install,
+                                                                          self.refuse_install)]
+                    case AgentActivate(name=name, version=version):
+                        m = self.store[name]
+                        m.trial = version if m.active else ""
+                        m.active = version
+                        queue += [Models(list(self.store.values())), Done(action, True)]
+                    case Audit():
+                        self.audit.append(action)
+
+    def report(self) -> fleet.ReportedState:
+        return fleet.decode(self.published[self.agent.topics.reported(self.agent.device)], fleet.ReportedState)
+
+
+def _signed(version: int, target: str, bundles=(), key: bytes = FLEET_RAW, expires_in: float = 600) -> bytes:
+    now = time.time()
+    return fleet.encode(fleet.sign_document(fleet.Deployment(
+        fleet="test", version=version, deployment=f"d{version}", target=target, issued=now, expires=now + expires_in,
+        bundles=list(bundles)), key))
+
+
+def _agent(storage=None, **kw) -> Agent:
+    return Agent("dev9", ["a", "b"], storage or MemoryStorage(), trusted={fleet.key_id(FLEET_PUB): FLEET_PUB}, **kw)
+
+
+def _publish_artifact(h: Harness, data: bytes, chunk_size: int) -> fleet.ArtifactRef:
+    info = fleet.artifact_info(data, chunk_size)
+    h.retained[h.agent.topics.info(info.sha256)] = fleet.encode(info)
+    for c in fleet.chunks_of(data, chunk_size):
+        h.retained[h.agent.topics.chunk(c.sha256, c.index)] = fleet.encode(c)
+    return fleet.ArtifactRef(name="m", version="1.0.0", sha256=info.sha256, size=info.size)
+
+
+def test_the_agent_applies_the_highest_version_of_its_device_and_group_topics() -> None:
+    h = Harness(_agent())
+    t = h.agent.topics
+    h.retained[t.group_desired("a")] = _signed(7, "group:a")
+    h.retained[t.group_desired("b")] = _signed(9, "group:b")
+    h.retained[t.device_desired("dev9")] = _signed(8, "device:dev9")
+    h.run(Models([]), Connected())
+    r = h.report()
+    assert r.applied_version == 9 and r.current.deployment == "d9" and r.current.outcome == "succeeded"
+    # the order of arrival decides which were refused, never which is applied
+    assert r.refused is None or r.refused.reason == "replay"
+    h.run(Received(t.group_desired("a"), _signed(10, "group:c")))  # another group's document
+    assert h.report().refused.reason == "wrong-target" and h.report().applied_version == 9
+
+
+def test_a_bundle_the_store_holds_is_not_fetched_and_a_bad_chunk_is_not_kept() -> None:
+    h = Harness(_agent(window=2))
+    data = os.urandom(10_000)
+    ref = _publish_artifact(h, data, 1000)
+    h.store["m"] = fleet.ModelReport(name="m", versions=["1.0.0"], active="0.9.0")
+    h.retained[h.agent.topics.device_desired("dev9")] = _signed(1, "device:dev9", [ref])
+    h.run(Models(list(h.store.values())), Connected())
+    assert not [s for s in h.subscribed if "/artifacts/" in s]  # held: activated, nothing fetched
+    assert h.report().current.outcome == "trial" and h.store["m"].active == "1.0.0"
+
+    # a new agent, nothing held: a corrupted chunk is dropped, the download waits for a good one
+    h = Harness(_agent(window=2))
+    ref = _publish_artifact(h, data, 1000)
+    bad = fleet.Chunk(sha256=ref.sha256, index=3, data=b"x" * 1000)
+    h.retained[h.agent.topics.chunk(ref.sha256, 3)] = fleet.encode(bad)
+    h.retained[h.agent.topics.device_desired("dev9")] = _signed(1, "device:dev9", [ref])
+    h.run(Models([]), Connected())
+    assert h.report().current.outcome == "downloading" and not h.store
+    good = next(c for c in fleet.chunks_of(data, 1000) if c.index == 3)
+    h.run(Received(h.agent.topics.chunk(ref.sha256, 3), fleet.encode(good)))
+    assert h.report().current.outcome == "succeeded" and h.store["m"].active == "1.0.0"
+    assert h.agent.storage.blobs == {} and h.agent.storage.partial == {}  # installed: the cache is emptied
+
+
+def test_an_artifact_over_the_limit_fails_the_deployment_and_a_refused_install_says_why(tmp_path: Path) -> None:
+    h = Harness(_agent(DiskStorage(tmp_path / "s", 1 << 16), max_artifact_bytes=1 << 16))
+    ref = _publish_artifact(h, os.urandom(70_000), 8192)
+    h.retained[h.agent.topics.device_desired("dev9")] = _signed(1, "device:dev9", [ref])
+    h.run(Models([]), Connected())
+    r = h.report()
+    assert r.current.outcome == "failed" and "over the limit of 65536" in r.current.reason
+    assert not [s for s in h.subscribed if "/chunks/" in s]
+
+    h = Harness(_agent(DiskStorage(tmp_path / "t", 1 << 20)))
+    h.refuse_install = "bad bundle: it is not signed"
+    ref = _publish_artifact(h, os.urandom(5000), 1024)
+    h.retained[h.agent.topics.device_desired("dev9")] = _signed(1, "device:dev9", [ref])
+    h.run(Models([]), Connected())
+    r = h.report()
+    assert r.current.outcome == "failed" and "the model store refused m 1.0.0: bad bundle: it is not signed" in r.current.reason
+    assert [a.kind for a in h.audit][-1] == "fleet-failed"
+
+
+def test_the_disk_storage_resumes_from_its_journal_and_rechecks_each_chunk(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    info = fleet.artifact_info(data, 1000)
+    s = DiskStorage(tmp_path, 1 << 20)
+    assert s.begin(info) == set()
+    for c in fleet.chunks_of(data, 1000):
+        if c.index in (0, 2, 5):
+            s.put_chunk(info, c.index, c.data)
+    s2 = DiskStorage(tmp_path, 1 << 20)
+    assert s2.begin(info) == {0, 2, 5}
+    with open(tmp_path / "partial" / f"{info.sha256}.part", "r+b") as f:  # a torn chunk is not trusted
+        f.seek(2 * 1000)
+        f.write(b"\0" * 10)
+    assert DiskStorage(tmp_path, 1 << 20).begin(info) == {0, 5}
+    for c in fleet.chunks_of(data, 1000):
+        s2.put_chunk(info, c.index, c.data)
+    assert s2.finish(info) and s2.read_blob(info.sha256) == data
+    assert list((tmp_path / "partial").iterdir()) == []
+
+
+def test_a_fleet_key_signs_documents_only_and_a_model_key_bundles_only(tmp_path: Path) -> None:
+    store = TrustStore(tmp_path / "trust.json", [("fleet", FLEET_PUB.hex(), "fleet"), ("models", pub_hex(KEY))])
+    data = b"manifest"
+    fleet_sig = FLEET_KEY.sign(data)
+    assert store.verify(data, fleet_sig) is None  # as a bundle's signer: not trusted
+    assert store.verify(data, fleet_sig, role="fleet").label == "fleet"
+    assert store.verify(data, KEY.sign(data), role="fleet") is None
+    assert store.verify(data, KEY.sign(data)).label == "models"
+    with pytest.raises(ValueError, match="one role"):
+        store.add(FLEET_PUB.hex(), "again", role="model")
