@@ -513,11 +513,11 @@ class Suite:
             self.scripted = ScriptedKernel(self.pump, self.ctx, self.work / "scripted")
         return self.scripted
 
-    def peer_on_script(self, fresh: bool = False) -> tuple[ScriptedKernel, Message]:
-        """Start the peer against the scripted kernel; its Hello (answered: Welcome) once it said Ready."""
+    def peer_on_script(self, fresh: bool = False) -> ScriptedKernel:
+        """The peer in a session with the scripted kernel (started, welcomed, Ready), or a new one."""
         sk = self.script()
         if self.peer_on == "scripted" and self.peer.running() and not fresh and sk.peer is not None:
-            return sk, Message(Header(kind=Kind.CONTROL, type="Hello"), b"", [])
+            return sk
         self.peer.stop()
         sk.peer, sk.beating = None, False
         sk.inbox.clear()
@@ -527,7 +527,7 @@ class Suite:
         sk.peer = identity
         sk.welcome(hello.header.id)
         sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Ready", 15.0, "Ready after the Welcome")
-        return sk, hello
+        return sk
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -546,7 +546,7 @@ class Suite:
             try:
                 self.kernel.wait(15)
             except subprocess.TimeoutExpired:
-                self.kernel.kill()
+                os.killpg(self.kernel.pid, signal.SIGKILL)  # (it leads its session and process group)
                 self.kernel.wait()
         self.ctx.term()
 

@@ -337,7 +337,7 @@ def hello(suite: Suite) -> str:
 def heartbeats(suite: Suite) -> str:
     """With a Welcome announcing a 0.25 s interval, the peer beats about every 0.25 s (no id,
     no raw frames) and answers none of the kernel's beats."""
-    sk, _ = suite.peer_on_script()
+    sk = suite.peer_on_script()
     window = 2.5
     sk.inbox.clear()
     start = time.monotonic()
@@ -363,7 +363,7 @@ def heartbeats(suite: Suite) -> str:
 def malformed_input(suite: Suite) -> str:
     """Malformed messages, another major version, errors, stray replies and events are
     dropped unanswered; a request with another minor and unknown keys is served."""
-    sk, _ = suite.peer_on_script()
+    sk = suite.peer_on_script()
     echo_hdr = {"k": 1, "t": "Echo", "d": SERVICE, "s": "suite", "dl": time.time() + 30}
     body = msgspec.msgpack.encode({"type": "Echo", "text": "bad"})
     junk = [
@@ -407,7 +407,7 @@ def malformed_input(suite: Suite) -> str:
 def deadlines(suite: Suite) -> str:
     """A request whose deadline passes while it works, or has passed already, is answered
     timeout; one without a deadline (0) or with an integer deadline is served."""
-    sk, _ = suite.peer_on_script()
+    sk = suite.peer_on_script()
 
     def ask(rid: int, seconds: float, deadline: Any) -> None:
         hdr: dict[str, Any] = {"k": 1, "t": "Sleep", "d": SERVICE, "i": rid, "s": "suite"}
@@ -438,7 +438,7 @@ def deadlines(suite: Suite) -> str:
 
 def bye(suite: Suite) -> str:
     """On SIGTERM the peer says Bye (no id) and exits with status 0."""
-    sk, _ = suite.peer_on_script()
+    sk = suite.peer_on_script()
     suite.peer.signal(signal.SIGTERM)
     msg = sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Bye", 10.0, "Bye after SIGTERM")
     check(msg.header.id == 0, f"the Bye has id {msg.header.id} (5.5: no id)")
@@ -465,7 +465,7 @@ def bye(suite: Suite) -> str:
 def liveness(suite: Suite) -> str:
     """When the kernel says nothing for interval x liveness, the peer gives the session up:
     it exits, or says Hello again on a new connection."""
-    sk, _ = suite.peer_on_script(fresh=not suite.peer.running())
+    sk = suite.peer_on_script(fresh=not suite.peer.running())
     old = sk.peer
     sk.beating = False
     silent = time.monotonic()
