@@ -24,7 +24,8 @@ from conftest import System, wait_for
 from services import BusError
 from services.examples.greeter import Greet, Greeting
 from services.fleet import Activate as AgentActivate
-from services.fleet import Agent, Audit, Connected, Done, DiskStorage, Install, MemoryStorage, Models, Publish, Received, Subscribe
+from services.fleet import (Agent, Audit, Connected, DiskStorage, Done, Install, MemoryStorage, Models, Publish, Received,
+                            Serving, Subscribe)
 from services.security._trust import TrustStore
 from helpers.mosquitto import Mosquitto, mqtt_client, tls_broker  # noqa: F401  (a fixture)
 from test_modelstore import KEY, bundle, pub_hex
@@ -109,7 +110,7 @@ requires = ["modelstore"]
 capabilities = [
   "call:security.DeviceKey", "call:security.Attest", "call:security.TrustList", "call:security.AuditAppend",
   "call:modelstore.ListModels", "call:modelstore.Install", "call:modelstore.Activate", "subscribe:modelstore.*",
-  "call:kernel.ListServices", "call:kernel.Reload",
+  "call:kernel.ListServices", "call:kernel.Reload", "subscribe:metrics.scheduler", "subscribe:telemetry.drift",
 ]
 backoff_initial = 0.05
 backoff_max = 0.2
@@ -517,3 +518,12 @@ def test_a_fleet_key_signs_documents_only_and_a_model_key_bundles_only(tmp_path:
     assert store.verify(data, KEY.sign(data)).label == "models"
     with pytest.raises(ValueError, match="one role"):
         store.add(FLEET_PUB.hex(), "again", role="model")
+
+
+def test_the_report_carries_each_models_serving_health() -> None:
+    h = Harness(_agent())
+    h.store["m"] = fleet.ModelReport(name="m", versions=["1.0.0"], active="1.0.0")
+    h.run(Models(list(h.store.values())), Connected())
+    h.run(Serving([fleet.ModelReport(name="m", requests=120, errors=3, p95_ms=8.5, drift="warn")]))
+    m = h.report().models[0]
+    assert (m.name, m.active, m.requests, m.errors, m.p95_ms, m.drift) == ("m", "1.0.0", 120, 3, 8.5, "warn")

@@ -25,6 +25,7 @@ from ._agent import (
     Models,
     Publish,
     Received,
+    Serving,
     Storage,
     StorageFull,
     Subscribe,
@@ -38,7 +39,7 @@ from ._settings import BrokerSettings, FleetSettings
 
 __all__ = [
     "Agent", "AgentState", "Storage", "DiskStorage", "MemoryStorage", "StorageFull",
-    "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Tick", "TrustChanged",
+    "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
     "Action", "Subscribe", "Unsubscribe", "Publish", "Install", "Activate", "ApplyConfig", "Audit",
     "FleetSettings", "BrokerSettings", "ConfigFragmentError", "merge_fragment", "dumps", "FleetService",
 ]

@@ -2,7 +2,8 @@
 
 The shell (``_service.py``; or a simulation running many agents in one process) feeds it
 events (``Connected``, ``Disconnected``, ``Received`` an MQTT message, ``Models`` the model
-store's state, ``Done`` the outcome of an action it asked for, ``Health``, ``Tick``) and
+store's state, ``Done`` the outcome of an action it asked for, ``Health``, ``Serving`` the
+models' serving health, ``TrustChanged`` the fleet keys, ``Tick``) and
 carries out the actions it returns (``Subscribe``, ``Unsubscribe``, ``Publish``, ``Install``,
 ``Activate``, ``ApplyConfig``, ``Audit``), then feeds back each action's outcome as ``Done``.
 Its durable state (``AgentState``) and the artifacts it downloads are kept through a small
@@ -66,7 +67,7 @@ from protocols.security import SignedReport
 
 __all__ = [
     "AgentState", "Storage", "MemoryStorage", "DiskStorage", "Agent", "StorageFull",
-    "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Tick", "TrustChanged",
+    "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
     "Action", "Subscribe", "Unsubscribe", "Publish", "Install", "Activate", "ApplyConfig", "Audit",
 ]
 
@@ -313,6 +314,13 @@ class Health(msgspec.Struct):
     health: HealthSummary
 
 
+class Serving(msgspec.Struct):
+    """How the models served since the previous Serving: ``requests``, ``errors``, ``p95_ms``
+    and ``drift`` of each ModelReport (the other fields are ignored)."""
+
+    models: list[ModelReport]
+
+
 class TrustChanged(msgspec.Struct):
     """The fleet keys the device trusts: key id -> raw ed25519 public key."""
 
@@ -323,7 +331,7 @@ class Tick(msgspec.Struct):
     pass
 
 
-Event = Connected | Disconnected | Received | Models | Done | Health | TrustChanged | Tick
+Event = Connected | Disconnected | Received | Models | Done | Health | Serving | TrustChanged | Tick
 
 
 class Subscribe(msgspec.Struct):
@@ -402,6 +410,7 @@ class Agent:
         #: the model store's models by name, once known (None: not yet)
         self.models: dict[str, ModelReport] | None = None
         self.health: HealthSummary | None = None
+        self.serving: dict[str, ModelReport] = {}
         self.attestation: SignedReport | None = None
         self.download: _Download | None = None
         #: the action in flight (one at a time), awaiting its Done
@@ -434,6 +443,8 @@ class Agent:
                 self._done(action, ok, reason, out)
             case Health(health=health):
                 self.health = health
+            case Serving(models=models):
+                self.serving = {m.name: m for m in models}
             case TrustChanged(keys=keys):
                 self.trusted = dict(keys)
             case Tick():
@@ -723,7 +734,11 @@ class Agent:
                          attestation=self.attestation)
 
     def reported(self) -> ReportedState:
-        models = sorted((self.models or {}).values(), key=lambda m: m.name)
+        models = []
+        for m in sorted((self.models or {}).values(), key=lambda m: m.name):
+            s = self.serving.get(m.name)
+            models.append(m if s is None else msgspec.structs.replace(m, requests=s.requests, errors=s.errors,
+                                                                     p95_ms=s.p95_ms, drift=s.drift))
         return ReportedState(device=self.device, seq=self.state.report_seq, time=self.clock(), groups=self.groups,
                              models=models, config_digest=self.state.config_digest, health=self.health,
                              current=self.state.status, refused=self.state.refused,

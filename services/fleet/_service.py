@@ -29,7 +29,9 @@ from protocols.modelstore import Install as StoreInstall
 from protocols.modelstore import Installed, ListModels, ModelList, ModelState
 from protocols.runtime import ENV_STATE_DIR
 from protocols.security import Attest, AuditAppend, DeviceKey, PublicKey, SignedReport, TrustedKeys, TrustList
-from services import BusError, Service, run
+from protocols import ProtocolError
+from protocols.telemetry import DriftEvent, MetricsSnapshot
+from services import BusError, Forbidden, Service, run
 
 from ._agent import (
     Activate,
@@ -46,6 +48,7 @@ from ._agent import (
     Models,
     Publish,
     Received,
+    Serving,
     Subscribe,
     Tick,
     TrustChanged,
@@ -67,6 +70,12 @@ class FleetService(Service):
     async def setup(self) -> None:
         self.client: Any = None
         self.agent: Agent | None = None
+        #: by model: the scheduler's latency histogram (count, {le: cumulative}) summed over its
+        #: versions, as last published, and as at the previous Serving
+        self._latency: dict[str, tuple[float, dict[float, float]]] = {}
+        self._latency_then: dict[str, tuple[float, dict[float, float]]] = {}
+        #: by model: the drift level of its latest telemetry.drift event
+        self._drift: dict[str, str] = {}
 
     async def main(self) -> None:
         s: FleetSettings = self.settings
@@ -87,6 +96,8 @@ class FleetService(Service):
             await send.send(Models(await self._models()))
             tg.start_soon(self._watch_models, send)
             tg.start_soon(self._ticker, send)
+            tg.start_soon(self._watch_latency)
+            tg.start_soon(self._watch_drift)
             self._start_mqtt(send, anyio.lowlevel.current_token())
             try:
                 async for event in receive:
@@ -248,8 +259,64 @@ class FleetService(Service):
                                                      services_total=len(managed), failing=failing)))
             except BusError as exc:
                 self.log.warning("fleet_health_unavailable", error=str(exc))
+            await send.send(self._serving())
             await send.send(Tick())
             await anyio.sleep(s.report_interval)
+
+    def _serving(self) -> Serving:
+        """Requests and p95 latency of each model since the previous call (from the scheduler's
+        ``edgebus_inference_total_seconds``), and its drift level."""
+        out = []
+        for model in sorted(self._latency.keys() | self._drift.keys()):
+            count, cum = self._latency.get(model, (0.0, {}))
+            count0, cum0 = self._latency_then.get(model, (0.0, {}))
+            requests = max(0, int(count - count0))
+            p95 = 0.0
+            if requests:
+                finite = [le for le in sorted(cum) if le != float("inf")]
+                for le in sorted(cum):
+                    if cum[le] - cum0.get(le, 0.0) >= 0.95 * requests:
+                        p95 = 1000.0 * (le if le != float("inf") else (finite[-1] if finite else 0.0))
+                        break
+            out.append(ModelReport(name=model, requests=requests, p95_ms=round(p95, 3), drift=self._drift.get(model, "")))
+        self._latency_then = dict(self._latency)
+        return Serving(out)
+
+    async def _watch_latency(self) -> None:
+        try:
+            async with self.bus.subscribe("metrics.scheduler") as events:
+                async for incoming in events:
+                    try:
+                        snap = incoming.decode(MetricsSnapshot)
+                    except ProtocolError:
+                        continue
+                    latency: dict[str, tuple[float, dict[float, float]]] = {}
+                    for f in snap.families:
+                        if f.name != "edgebus_inference_total_seconds":
+                            continue
+                        for x in f.samples:
+                            model = x.labels.get("model", "")
+                            count, cum = latency.setdefault(model, (0.0, {}))
+                            if x.name.endswith("_count"):
+                                latency[model] = (count + x.value, cum)
+                            elif x.name.endswith("_bucket"):
+                                le = float(x.labels.get("le", "inf").replace("+Inf", "inf"))
+                                cum[le] = cum.get(le, 0.0) + x.value
+                    self._latency = latency
+        except Forbidden as exc:
+            self.log.info("fleet_no_latency", detail=f"{exc}: the reports carry no request counts or latency")
+
+    async def _watch_drift(self) -> None:
+        try:
+            async with self.bus.subscribe("telemetry.drift") as events:
+                async for incoming in events:
+                    try:
+                        event = incoming.decode(DriftEvent)
+                    except ProtocolError:
+                        continue
+                    self._drift[event.model] = event.level
+        except Forbidden as exc:
+            self.log.info("fleet_no_drift", detail=f"{exc}: the reports carry no drift levels")
 
     async def _fleet_keys(self) -> dict[str, bytes]:
         """The trust store's keys of role ``fleet``: key id -> raw public key."""
