@@ -174,6 +174,76 @@ def test_chains_of_several_inputs_and_outputs() -> None:
     np.testing.assert_array_equal(out["dequantize_int8"], [[1, -2, 0, 0.5]] * 2)
 
 
+def reuse_manifest() -> Manifest:
+    """A detector-like model fed by letterbox -> to_tensor and a recogniser-like input fed by
+    resize_pad -> normalize: image ops that write into a given buffer, inside chains."""
+    return manifest([spec("image", "float32", ["N", 3, 64, 64]), spec("line", "float32", ["N", 3, 48, 160])],
+                    [spec("y", "float32", ["N", 4])],
+                    pre=[{"op": "image.letterbox", "params": {"height": 64, "width": 64}, "input": "image"},
+                         {"op": "image.to_tensor"},
+                         {"op": "image.resize_pad", "params": {"height": 48, "width": 160}, "input": "line"},
+                         {"op": "image.normalize", "params": HALF}])
+
+
+def expected_feed(image: np.ndarray, line: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": ops.normalize(ops.letterbox(image, 64, 64)[0]),
+            "line": ops.normalize(ops.text.resize_pad(line, 48, 160)[0], **HALF)}
+
+
+def held(chains: ops.Chains) -> list[Any]:
+    """The intermediate buffers each pre chain keeps (its spare sets' arrays)."""
+    return [[h[1] for s in bound._spare for h in s if h is not None] for _, bound in chains._pre]
+
+
+def test_a_chain_writes_its_intermediates_into_the_buffers_of_its_last_call() -> None:
+    """The second frame of a size costs no new intermediate image: the first op of each chain
+    writes into the array it gave last time; the chain's result is new each time (it leaves
+    the chain: to ONNX Runtime, to the client) and a result already given is never written."""
+    chains = build_chains(reuse_manifest())
+    rng = np.random.default_rng(4)
+    frames = [(rng.integers(0, 256, (2, 30, 50, 3), np.uint8), rng.integers(0, 256, (2, 20, 90, 3), np.uint8))
+              for _ in range(3)]
+    first = chains.pre({"image": frames[0][0], "line": frames[0][1]})
+    buffers = held(chains)
+    assert [len(b) for b in buffers] == [1, 1]
+    kept = {k: v.copy() for k, v in first.items()}
+    second = chains.pre({"image": frames[1][0], "line": frames[1][1]})
+    assert [[id(a) for a in b] for b in held(chains)] == [[id(a) for a in b] for b in buffers]  # no new intermediate
+    for got, (image, line) in ((first, frames[0]), (second, frames[1])):
+        for name, want in expected_feed(image, line).items():
+            np.testing.assert_array_equal(got[name], want)
+    for name in ("image", "line"):
+        assert not np.may_share_memory(first[name], second[name])
+        assert all(not np.may_share_memory(second[name], a) for b in held(chains) for a in b)
+        np.testing.assert_array_equal(first[name], kept[name])  # the first results were not written again
+    third = chains.pre({"image": frames[2][0][:1], "line": frames[2][1]})  # another shape: a buffer of its own
+    np.testing.assert_array_equal(third["image"], expected_feed(frames[2][0][:1], frames[2][1])["image"])
+    assert held(chains)[1][0] is buffers[1][0] and held(chains)[0][0] is not buffers[0][0]
+    assert held(build_chains(reuse_manifest(), reuse=False)) == [[], []]
+
+
+def test_chains_running_on_several_threads_at_once_keep_their_buffers_apart() -> None:
+    """A driver runs batches on several threads: each call takes a set of buffers of its own."""
+    import concurrent.futures
+
+    chains = build_chains(reuse_manifest())
+    rng = np.random.default_rng(5)
+    frames = [(rng.integers(0, 256, (1, 30, 50, 3), np.uint8), rng.integers(0, 256, (1, 20, 90, 3), np.uint8))
+              for _ in range(6)]
+    wants = [expected_feed(*f) for f in frames]
+
+    def run(k: int) -> bool:
+        for _ in range(15):
+            got = chains.pre({"image": frames[k][0], "line": frames[k][1]})
+            if any(not np.array_equal(got[n], w) for n, w in wants[k].items()):
+                return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(6)))
+    assert all(len(b) <= 2 for b in held(chains))  # at most two spare sets kept
+
+
 def test_audio_and_detector_ops_in_chains() -> None:
     from drivers.ops import _audio, _detect
 

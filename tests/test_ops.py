@@ -297,6 +297,49 @@ def test_to_model_as_a_manifest_op() -> None:
 
 
 @fuzz
+@given(img=images(channels=(3,)), height=st.integers(1, 20), width=st.integers(1, 20), data=st.data())
+def test_image_ops_write_into_out(img: np.ndarray, height: int, width: int, data: st.DataObject) -> None:
+    """``out=``: the op writes its result there (whatever was in it before) and returns it."""
+    from drivers.ops import _adapters, _text
+
+    pad = data.draw(st.integers(0, 255))
+    calls = [lambda **kw: _image.resize(img, height, width, **kw),
+             lambda **kw: _image.letterbox(img, height, width, pad, **kw)[0],
+             lambda **kw: _image.letterbox_image(img, height, width, pad, **kw),
+             lambda **kw: _image.normalize(img, [0.4], [0.3], **kw),
+             lambda **kw: _adapters.to_tensor(img, **kw),
+             lambda **kw: _image.to_model(img, height, width, [0.5], [0.2], letterbox=True, pad=pad, swap_rb=True,
+                                          threads=data.draw(st.sampled_from([1, 2])), **kw),
+             lambda **kw: _text.resize_pad(img, height, width, pad, **kw)[0],
+             lambda **kw: _adapters.resize_pad_images(list(img) if img.ndim == 4 else [img], height, width, pad, **kw)]
+    for call in calls:
+        want = call()
+        out = np.full_like(want, 77)
+        assert call(out=out) is out
+        same(out, want)
+
+
+def test_out_must_fit_the_result() -> None:
+    img = np.zeros((2, 10, 12, 3), np.uint8)
+    good = np.empty((2, 6, 8, 3), np.uint8)
+    for bad, words in [(np.empty((1, 6, 8, 3), np.uint8), r"uint8 array \[2, 6, 8, 3\].*not uint8 \[1, 6, 8, 3\]"),
+                       (good.astype(np.float32), "not float32"), (np.empty((2, 6, 16, 3), np.uint8)[:, :, ::2], "C-contig"),
+                       ([[0]], "not list")]:
+        with pytest.raises(ops.OpInputError, match=words):
+            _image.resize(img, 6, 8, out=bad)
+    frozen = good.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ops.OpInputError, match="writeable"):
+        _image.resize(img, 6, 8, out=frozen)
+    with pytest.raises(ops.OpInputError, match="out must not overlap the input") as info:
+        _image.resize(img, 10, 12, out=img)
+    assert info.value.op == "image.resize"
+    with pytest.raises(ops.OpInputError, match=r"out must be .*float32 array \[3, 6, 8\]") as info:
+        _image.to_model(img[0], 6, 8, out=np.empty((1, 3, 6, 8), np.float32))  # one image: no batch axis
+    assert info.value.op == "image.to_model"
+
+
+@fuzz
 @given(img=images(channels=(3, 4)))
 def test_colour(img: np.ndarray) -> None:
     for name in ("bgr_to_rgb", "rgb_to_gray", "bgr_to_gray"):

@@ -1,7 +1,7 @@
 """Pre/post-processing ops benchmark: each numba op against its numpy reference, and the image
 and score ops against the library a user would otherwise call (OpenCV, numpy).
 
-    python -m tools.bench_ops [--runs 7] [--min-time 0.05] [--only numpy|library|models] [--threads 2]
+    python -m tools.bench_ops [--runs 7] [--min-time 0.05] [--only numpy|library|models|chain] [--threads 2]
                               [--out bench-results/ops.json]
 
 For every op, on sizes a model meets (a 640x480 camera frame resized to 320x320, a
@@ -39,6 +39,13 @@ against cv2.dnn.NMSBoxes and ``detect.decode_yolo`` on a YOLOv8 [1, 84, 8400] ag
 + cv2.dnn.NMSBoxesBatched, the same boxes kept; ``audio.log_mel`` (30 s at 16 kHz, n_fft 400,
 hop 160, 80 mels, dB) against numpy (rfft + matmul) and, when installed, librosa's
 melspectrogram + power_to_db, allclose.
+
+The chain rows (``--only chain``; also part of a full run) run a manifest's pre chain as the
+driver does (``Chains.pre``: letterbox -> to_tensor, resize -> normalize, resize_pad ->
+normalize), writing the intermediate image into the buffer of its previous call against new
+arrays each call (``build_chains(..., reuse=False)``).  glibc's allocator recycles blocks of
+the same size, so the two are close; with ``MALLOC_MMAP_THRESHOLD_=131072`` (fresh pages for
+every large block, as musl's allocator gives) the reuse saves the intermediate's page faults.
 """
 
 from __future__ import annotations
@@ -453,6 +460,50 @@ def model_cases(rng: np.random.Generator, cv2: Any) -> tuple[list[Row], list[str
     return rows, notes
 
 
+def chain_manifest(model_input: list[Any], pre: list[dict[str, Any]]) -> Any:
+    import msgspec
+
+    from protocols.modelstore import Manifest, OpSpec, TensorSpec, Variant
+
+    return Manifest(name="bench", version="1.0.0", created=1.0,
+                    inputs=[TensorSpec(name="x", dtype="float32", shape=model_input)],
+                    outputs=[TensorSpec(name="y", dtype="float32", shape=["N", 4])],
+                    variants={"full": Variant(file="full.onnx", sha256="", size=0)},
+                    pre=[msgspec.convert(p, OpSpec) for p in pre])
+
+
+def same_feed(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def chain_cases(rng: np.random.Generator) -> list[Row]:
+    """A manifest's pre chain run as the driver runs it (``Chains.pre``), writing its
+    intermediate image into the buffer of its last call (``reuse``, the default) against new
+    arrays each call (``build_chains(..., reuse=False)``)."""
+    from drivers.ops import build_chains
+
+    half = {"mean": [0.5], "std": [0.5]}
+    cases = [
+        ("letterbox -> to_tensor", "1080x1920 -> 640x640", ["N", 3, 640, 640],
+         [{"op": "image.letterbox", "params": {"height": 640, "width": 640}}, {"op": "image.to_tensor"}],
+         rng.integers(0, 256, (1, 1080, 1920, 3), np.uint8)),
+        ("resize -> normalize", "480x640 -> 640x640", ["N", 3, 640, 640],
+         [{"op": "image.resize", "params": {"height": 640, "width": 640}}, {"op": "image.normalize", "params": half}],
+         rng.integers(0, 256, (1, 480, 640, 3), np.uint8)),
+        ("resize_pad -> normalize", "20 crops 32x200 -> 20x48x320", ["N", 3, 48, 320],
+         [{"op": "image.resize_pad", "params": {"height": 48, "width": 320}},
+          {"op": "image.normalize", "params": half}],
+         rng.integers(0, 256, (20, 32, 200, 3), np.uint8)),
+    ]
+    rows: list[Row] = []
+    for name, size, model_input, pre, frames in cases:
+        manifest = chain_manifest(model_input, pre)
+        reusing, fresh = build_chains(manifest), build_chains(manifest, reuse=False)
+        rows.append((name, size, "new arrays each call", lambda c=reusing, x=frames: c.pre({"x": x}),
+                     lambda c=fresh, x=frames: c.pre({"x": x}), same_feed))
+    return rows
+
+
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -464,9 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench_ops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
-    parser.add_argument("--only", choices=("numpy", "library", "models"), help="only the rows against the numpy "
-                        "references, only those against the libraries, or only the text, detection and audio "
-                        "ops' rows against the libraries")
+    parser.add_argument("--only", choices=("numpy", "library", "models", "chain"), help="only the rows against the "
+                        "numpy references, only those against the libraries, only the text, detection and audio "
+                        "ops' rows against the libraries, or only the chains reusing their buffers")
     parser.add_argument("--threads", type=int, default=1, help="also time the image ops on this many threads "
                         "(cv2.setNumThreads and the ops' threads)")
     parser.add_argument("--out", default="bench-results/ops.json")
@@ -487,9 +538,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads > 1:
             rows += library_cases(rng, cv2, args.threads)
     notes: list[str] = []
-    if args.only != "numpy":
+    if args.only not in ("numpy", "chain"):
         model_rows, notes = model_cases(rng, cv2)
         rows += model_rows
+    chain_start = len(rows)
+    if args.only in (None, "chain"):
+        rows += chain_cases(rng)
     try:  # numpy's and cv2's BLAS (librosa's and the numpy log-mel's matmul) on one thread too
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -509,14 +563,15 @@ def main(argv: list[str] | None = None) -> None:
             numba_s.append(per_call(fast, args.min_time))
             reference_s.append(per_call(slow, args.min_time))
         med_numba, med_reference = statistics.median(numba_s), statistics.median(reference_s)
-        results.append({"op": op, "size": size, "reference": reference, "library": index >= library_start,
+        results.append({"op": op, "size": size, "reference": reference,
+                        "library": library_start <= index < chain_start, "chain": index >= chain_start,
                         "numba_us": med_numba * 1e6, "reference_us": med_reference * 1e6,
                         "speedup": med_reference / med_numba,
                         "ratio": statistics.median(n / r for n, r in zip(numba_s, reference_s)),
                         "runs_numba_us": [t * 1e6 for t in numba_s],
                         "runs_reference_us": [t * 1e6 for t in reference_s]})
     load_after = load_average()
-    against_numpy = [r for r in results if not r["library"]]
+    against_numpy = [r for r in results if not r["library"] and not r["chain"]]
     if against_numpy:
         print(f"{'op':<26} {'size':<36} {'numba us':>10} {'reference us':>18} {'speed-up':>9}")
         for r in against_numpy:
@@ -533,9 +588,19 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['reference_us']:>11.1f} {r['ratio']:>9.2f}x")
         print("(numba/lib: numba's time over the library's, median of the runs' ratios; one thread each "
               "unless the size says otherwise)")
+    chains = [r for r in results if r["chain"]]
+    if chains:
+        print(f"\n{'pre chain':<26} {'size':<30} {'reusing us':>11} {'new arrays us':>14} {'ratio':>7}")
+        for r in chains:
+            print(f"{r['op']:<26} {r['size']:<30} {r['numba_us']:>11.1f} {r['reference_us']:>14.1f} "
+                  f"{r['ratio']:>6.2f}x")
+        malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        print("(the chain writing its intermediate into its last call's buffer over new arrays each call; "
+              + (f"MALLOC_MMAP_THRESHOLD_={malloc})" if malloc else "glibc's default allocator, which recycles "
+                 "same-sized blocks: MALLOC_MMAP_THRESHOLD_=131072 makes it map fresh pages each time, as musl does)"))
     for note in notes:
         print(f"note: {note}")
-    if cv2 is None and args.only != "numpy":
+    if cv2 is None and args.only not in ("numpy", "chain"):
         print("\ncv2 (OpenCV) is not installed: the image ops are not compared with OpenCV "
               "(pip install opencv-python-headless to add those rows)")
     if load_before is not None:

@@ -23,14 +23,15 @@ from ._registry import Ref
 __all__ = ["resize_pad_images", "to_tensor", "db_boxes_batch", "prepare_ctc", "ctc_text"]
 
 
-def resize_pad_images(images: np.ndarray, height: int, width: int, pad: int = 0) -> np.ndarray:
+def resize_pad_images(images: np.ndarray, height: int, width: int, pad: int = 0, *,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """``_text.resize_pad``'s images (the widths it used are not the model's input)."""
-    return _text.resize_pad(images, height, width, pad)[0]
+    return _text.resize_pad(images, height, width, pad, out=out)[0]
 
 
-def to_tensor(images: np.ndarray, scale: bool = True) -> np.ndarray:
+def to_tensor(images: np.ndarray, scale: bool = True, *, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 HWC (NHWC) to float32 CHW (NCHW), divided by 255 if ``scale``."""
-    return _image.normalize(images, (0.0,), (1.0,), scale)
+    return _image.normalize(images, (0.0,), (1.0,), scale, out=out)
 
 
 def db_boxes_batch(prob: np.ndarray, thresh: float = 0.3, box_thresh: float = 0.6, unclip_ratio: float = 1.5,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -359,21 +360,75 @@ def check_chains(manifest: Manifest, assets: Mapping[str, bytes] | None = None) 
 # -- running ----------------------------------------------------------------------------------------
 
 
-class _Bound:
-    """A chain's ops bound to their kernels and parameters."""
+#: Sets of a chain's scratch buffers kept between calls: one per call running at the same time
+#: (a driver's threads), up to this many.
+_SPARE_SETS = 2
 
-    def __init__(self, chain: Chain, res: _Resources) -> None:
+
+class _Bound:
+    """A chain's ops bound to their kernels and parameters.
+
+    With ``reuse``, an op inside the chain that writes into a given array (an ``out``
+    parameter: the image ops) writes into the array it gave on the chain's previous call,
+    when it is given an input of the same shape and dtype as then (so its result has the same
+    shape): a camera's frames cost no new intermediate image each.  The chain's last op always
+    gives a new array: that one leaves the chain (to ONNX Runtime and, as the model's
+    features, to the client; a post chain's to the reply, sent without a copy).  A call takes
+    a set of buffers for itself and puts it back when it ends, so calls on several threads at
+    once never share one (a call finding no spare set starts a new one)."""
+
+    def __init__(self, chain: Chain, res: _Resources, reuse: bool = True) -> None:
         self.chain = chain
         self.fns = []
-        for step in chain.steps:
+        self.writes_out: list[bool] = []
+        for i, step in enumerate(chain.steps):
             params = {k: (res.text(v) if isinstance(v, Ref) else v) for k, v in step.params.items()}
             self.fns.append(functools.partial(step.op.fn, **step.op.prepare(params)))
+            inner = i < len(chain.steps) - 1
+            self.writes_out.append(reuse and inner and "out" in inspect.signature(step.op.fn).parameters)
+        #: spare scratch sets: per step, (the input's shape and dtype, the array it gave) or None
+        self._spare: list[list[Any]] = []
 
     def __call__(self, x: Any) -> Any:
+        if not any(self.writes_out):
+            return self._run(x, None)
+        try:
+            scratch = self._spare.pop()  # atomic: two threads never take the same set
+        except IndexError:
+            scratch = [None] * len(self.fns)
+        try:
+            y = self._run(x, scratch)
+            self._release(scratch, y)
+        finally:
+            if len(self._spare) < _SPARE_SETS:
+                self._spare.append(scratch)
+        return y
+
+    @staticmethod
+    def _release(scratch: list[Any], y: Any) -> None:
+        """Drop from the set any buffer the chain's result shares memory with (an op that gave
+        a view of its input): the result leaves the chain and must not be written again."""
         import numpy as np
 
-        for step, fn in zip(self.chain.steps, self.fns):
-            y = fn(x)
+        for i, held in enumerate(scratch):
+            if held is not None and any(isinstance(a, np.ndarray) and np.may_share_memory(a, held[1])
+                                        for a in (y if isinstance(y, tuple) else (y,))):
+                scratch[i] = None
+
+    def _run(self, x: Any, scratch: list[Any] | None) -> Any:
+        import numpy as np
+
+        for i, (step, fn) in enumerate(zip(self.chain.steps, self.fns)):
+            if scratch is not None and self.writes_out[i] and isinstance(x, np.ndarray):
+                key = (x.shape, x.dtype.str)
+                held = scratch[i]
+                if held is not None and held[0] == key:
+                    y = fn(x, out=held[1])
+                else:
+                    y = fn(x)
+                    scratch[i] = (key, y) if isinstance(y, np.ndarray) else None
+            else:
+                y = fn(x)
             arrays = y if isinstance(y, tuple) else (y,)
             n = len(x) if step.given.batch == 0 and np.ndim(x) else None
             gives = step.gives if isinstance(step.gives, tuple) else (step.gives,)
@@ -406,15 +461,20 @@ class Chains:
     the others as they are.  ``post(outputs)`` takes the model's outputs by name and gives
     them followed by what the post chains add.  An op that makes more or fewer rows than
     it was given along a batch axis, an empty result, or a feed that does not fit the model
-    raises OpInputError naming the op, what it was given and what it takes."""
+    raises OpInputError naming the op, what it was given and what it takes.
 
-    def __init__(self, manifest: Manifest, contract: Contract, assets: Mapping[str, bytes]) -> None:
+    With ``reuse`` (the default), the image ops inside a chain write into the buffers they
+    filled on its previous call of the same shapes (see ``_Bound``); every result ``pre`` and
+    ``post`` give is a new array all the same."""
+
+    def __init__(self, manifest: Manifest, contract: Contract, assets: Mapping[str, bytes],
+                 reuse: bool = True) -> None:
         res = _Resources(manifest, assets)
         self.manifest = manifest
         self.contract = contract
         self._model_inputs = {s.name: s for s in manifest.inputs}
-        self._pre = [(c, _Bound(c, res)) for c in contract.pre if c.steps]
-        self._post = [(c, _Bound(c, res)) for c in contract.post if c.steps]
+        self._pre = [(c, _Bound(c, res, reuse)) for c in contract.pre if c.steps]
+        self._post = [(c, _Bound(c, res, reuse)) for c in contract.post if c.steps]
 
     def pre(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         feed = dict(inputs)
@@ -445,14 +505,14 @@ class Chains:
         return f"Chains({'; '.join(chains) or 'none'})"
 
 
-def build_chains(manifest: Manifest, resources: Mapping[str, bytes] | None = None) -> Chains:
+def build_chains(manifest: Manifest, resources: Mapping[str, bytes] | None = None, *, reuse: bool = True) -> Chains:
     """The manifest's chains, checked (``check_chains``, with the assets' bytes) and bound to
     their kernels (numba loads here) to run around the model.  ``resources`` maps each asset
     the ops read (``Contract.assets``) to its bytes; a parameter ``"metadata:KEY"`` reads the
-    manifest's own metadata."""
+    manifest's own metadata.  ``reuse``: see ``Chains``."""
     assets = dict(resources or {})
     contract = check_chains(manifest, assets)
-    return Chains(manifest, contract, assets)
+    return Chains(manifest, contract, assets, reuse)
 
 
 def texts(codes: Any) -> list[str]:

@@ -46,6 +46,32 @@ def _like(img: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out if np.ndim(img) == 4 else out[0]
 
 
+def _output(op: str, img: np.ndarray | list[np.ndarray], out: np.ndarray | None, shape: tuple[int, ...],
+            dtype: type, *, batched: bool = False) -> np.ndarray:
+    """Where an op writes its result of ``shape`` (with the batch axis): a new array, or the
+    caller's ``out``, which must be the result as the op returns it (without the batch axis for
+    one image, unless the op gives a batch whatever it is given: ``batched``), writeable,
+    C-contiguous, and apart from the input (an array, or a list of images)."""
+    if out is None:
+        return np.empty(shape, dtype)
+    one = not batched and np.ndim(img) != 4
+    want = shape[1:] if one else shape
+    if (not isinstance(out, np.ndarray) or out.shape != want or out.dtype != dtype or not out.flags.c_contiguous
+            or not out.flags.writeable):
+        got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise OpInputError(op, f"out must be a writeable C-contiguous {np.dtype(dtype).name} array "
+                               f"{list(want)} (the result's shape), not {got}")
+    if any(np.may_share_memory(out, a) for a in (img if isinstance(img, list) else [img])):
+        raise OpInputError(op, "out must not overlap the input: the op reads the input while it writes out")
+    return out[None] if one else out
+
+
+def _result(img: np.ndarray, out: np.ndarray | None, written: np.ndarray) -> np.ndarray:
+    """What an op returns: the caller's ``out`` itself, or the new array without the batch
+    axis ``_batch`` added to a single image."""
+    return out if out is not None else _like(img, written)
+
+
 def _check_size(op: str, batch: np.ndarray, height: int, width: int) -> None:
     if batch.shape[1] == 0 or batch.shape[2] == 0:
         raise OpInputError(op, f"an image of {batch.shape[1]}x{batch.shape[2]} pixels has nothing to resize")
@@ -491,15 +517,16 @@ def _resize_into(src, dst):
     dst[:] = tmp
 
 
-def resize(img: np.ndarray, height: int, width: int, *, threads: int = 1) -> np.ndarray:
+def resize(img: np.ndarray, height: int, width: int, *, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize of HWC or NHWC uint8 image(s) to ``height`` x ``width``, as
     cv2.INTER_LINEAR (within 1 of it).  ``threads`` > 1 cuts each image's rows among that
-    many of numba's threads."""
+    many of numba's threads.  ``out``, an array of the result's shape and dtype, takes the
+    result instead of a new array (and is returned)."""
     batch = _batch("image.resize", img)
     _check_size("image.resize", batch, height, width)
-    out = np.empty((batch.shape[0], height, width, batch.shape[3]), np.uint8)
-    _resize_to("image.resize", batch, out, 0, 0, height, width, threads)
-    return _like(img, out)
+    dst = _output("image.resize", img, out, (batch.shape[0], height, width, batch.shape[3]), np.uint8)
+    _resize_to("image.resize", batch, dst, 0, 0, height, width, threads)
+    return _result(img, out, dst)
 
 
 def resize_reference(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -529,20 +556,21 @@ def letterbox_geometry(in_height: int, in_width: int, height: int, width: int) -
     return scale, new_h, new_w, (height - new_h) // 2, (width - new_w) // 2
 
 
-def letterbox(img: np.ndarray, height: int, width: int, pad: int = 114, *,
-              threads: int = 1) -> tuple[np.ndarray, float, tuple[int, int]]:
+def letterbox(img: np.ndarray, height: int, width: int, pad: int = 114, *, threads: int = 1,
+              out: np.ndarray | None = None) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Resize keeping the aspect ratio to fit ``height`` x ``width``, centred on a canvas
     filled with ``pad`` (114, YOLO's grey, by default).
 
-    Returns the image(s), the scale, and the (top, left) padding.  ``threads`` as ``resize``.
+    Returns the image(s), the scale, and the (top, left) padding.  ``threads`` and ``out`` as
+    ``resize``.
     """
     batch = _batch("image.letterbox", img)
     _check_size("image.letterbox", batch, height, width)
     scale, new_h, new_w, top, left = letterbox_geometry(batch.shape[1], batch.shape[2], height, width)
-    out = np.empty((batch.shape[0], height, width, batch.shape[3]), np.uint8)
-    _fill_border(out, top, left, new_h, new_w, pad)
-    _resize_to("image.letterbox", batch, out, top, left, new_h, new_w, threads)
-    return _like(img, out), scale, (top, left)
+    dst = _output("image.letterbox", img, out, (batch.shape[0], height, width, batch.shape[3]), np.uint8)
+    _fill_border(dst, top, left, new_h, new_w, pad)
+    _resize_to("image.letterbox", batch, dst, top, left, new_h, new_w, threads)
+    return _result(img, out, dst), scale, (top, left)
 
 
 def letterbox_reference(img: np.ndarray, height: int, width: int,
@@ -555,24 +583,23 @@ def letterbox_reference(img: np.ndarray, height: int, width: int,
     return _like(img, out), scale, (top, left)
 
 
-def letterbox_image(img: np.ndarray, height: int, width: int, pad: int = 114) -> np.ndarray:
+def letterbox_image(img: np.ndarray, height: int, width: int, pad: int = 114, *,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """``letterbox`` without the geometry: the ``image.letterbox`` op of a pipeline."""
-    return letterbox(img, height, width, pad)[0]
+    return letterbox(img, height, width, pad, out=out)[0]
 
 
 # -- normalisation ----------------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
-def _normalize(src, mul, add):
+def _normalize(src, mul, add, out):
     n, h, w, c = src.shape
-    out = np.empty((n, c, h, w), np.float32)
     for b in range(n):
         for k in range(c):
             for i in range(h):
                 for j in range(w):
                     out[b, k, i, j] = src[b, i, j, k] * mul[k] + add[k]
-    return out
 
 
 def _channel_values(batch: np.ndarray, name: str, values: Sequence[float], op: str = "image.normalize") -> np.ndarray:
@@ -584,13 +611,17 @@ def _channel_values(batch: np.ndarray, name: str, values: Sequence[float], op: s
 
 
 def normalize(img: np.ndarray, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
-              scale: bool = True) -> np.ndarray:
+              scale: bool = True, *, out: np.ndarray | None = None) -> np.ndarray:
     """HWC (NHWC) uint8 to CHW (NCHW) float32: ``(x / 255 - mean) / std`` per channel, or
-    ``(x - mean) / std`` if not ``scale``.  One mean or std value serves every channel."""
+    ``(x - mean) / std`` if not ``scale``.  One mean or std value serves every channel.
+    ``out`` as ``resize``."""
     batch = _batch("image.normalize", img)
     m, s = _channel_values(batch, "mean", mean), _channel_values(batch, "std", std)
     mul = (1 / 255 if scale else 1.0) / s
-    return _like(img, _normalize(batch, mul, -m / s))
+    n, h, w, c = batch.shape
+    dst = _output("image.normalize", img, out, (n, c, h, w), np.float32)
+    _normalize(batch, mul, -m / s, dst)
+    return _result(img, out, dst)
 
 
 def normalize_reference(img: np.ndarray, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
@@ -842,14 +873,14 @@ def _to_model_batch_parallel(src, out, top, left, y0, y1, b0, b1, xo, a1, path, 
 
 def to_model(img: np.ndarray, height: int, width: int, mean: Sequence[float] = (0.0,),
              std: Sequence[float] = (1.0,), scale: bool = True, letterbox: bool = False, pad: int = 114,
-             swap_rb: bool = False, *, threads: int = 1) -> np.ndarray:
+             swap_rb: bool = False, *, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """A camera's uint8 HWC (NHWC) frame(s) to a model's float32 CHW (NCHW) input in one pass:
     bilinear resize to ``height`` x ``width`` (with ``letterbox``, aspect kept and centred on
     ``pad``, as ``letterbox``), red and blue swapped if ``swap_rb`` (BGR to RGB), then per
     channel ``(x / 255 - mean) / std`` (``(x - mean) / std`` if not ``scale``), mean and std
     in the output's channel order.  Bit for bit ``normalize(resize(...))`` (or of
-    ``letterbox`` / ``bgr_to_rgb``), without the intermediate images.  ``threads`` as
-    ``resize``."""
+    ``letterbox`` / ``bgr_to_rgb``), without the intermediate images.  ``threads`` and ``out``
+    as ``resize``."""
     op = "image.to_model"
     threads = _threads(op, threads)
     batch = _batch(op, img, (3, 4) if swap_rb else ())
@@ -866,20 +897,20 @@ def to_model(img: np.ndarray, height: int, width: int, mean: Sequence[float] = (
         _, new_h, new_w, top, left = letterbox_geometry(batch.shape[1], batch.shape[2], height, width)
     else:
         new_h, new_w, top, left = height, width, 0, 0
-    out = np.empty((batch.shape[0], c, height, width), np.float32)
-    _fill_planes(out, top, left, new_h, new_w, fill)
+    dst = _output(op, img, out, (batch.shape[0], c, height, width), np.float32)
+    _fill_planes(dst, top, left, new_h, new_w, fill)
     batch = _two_columns(batch)
     plan = _plan(batch.shape[1], batch.shape[2], new_h, new_w, c)
     if threads == 1:
-        _to_model_batch(batch, out, top, left, *plan, mul, add, order)
+        _to_model_batch(batch, dst, top, left, *plan, mul, add, order)
     else:
         before = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            _to_model_batch_parallel(batch, out, top, left, *plan, mul, add, order, threads)
+            _to_model_batch_parallel(batch, dst, top, left, *plan, mul, add, order, threads)
         finally:
             numba.set_num_threads(before)
-    return _like(img, out)
+    return _result(img, out, dst)
 
 
 def to_model_reference(img: np.ndarray, height: int, width: int, mean: Sequence[float] = (0.0,),

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from ._exceptions import OpInputError, OpParamsError
-from ._image import _batch, _column_taps, _path, _resize_into, _resize_rows, _row_taps, _rows_used, resize_reference
+from ._image import _batch, _column_taps, _output, _path, _resize_rows, _row_taps, _rows_used, resize_reference
 
 __all__ = ["db_boxes", "scale_boxes", "crop_rotated", "resize_pad", "ctc_greedy", "labels_to_text",
            "vocabulary_from_metadata", "check_vocabulary"]
@@ -824,7 +824,6 @@ def _crop_rotated(src, maps, sizes, upright, widths, height, width, pad):
     but the resize's taps), turned upright if need be, resized into their batch row and padded."""
     k, c = maps.shape[0], src.shape[2]
     out = np.empty((k, height, width, c), np.uint8)
-    flat = out.reshape(-1)
     area, longest = 1, 1
     for b in range(k):
         area = max(area, sizes[b, 0] * sizes[b, 1])
@@ -836,7 +835,6 @@ def _crop_rotated(src, maps, sizes, upright, widths, height, width, pad):
     offs = np.empty(longest, np.uint64)
     wxs = np.empty(longest, np.int32)
     wys = np.empty(longest, np.int32)
-    row = width * c
     for b in range(k):
         ch, cw = sizes[b, 0], sizes[b, 1]
         _warp_into(src, maps[b], ch, cw, cols, crop, offs, wxs, wys)
@@ -847,22 +845,32 @@ def _crop_rotated(src, maps, sizes, upright, widths, height, width, pad):
                     for e in range(c):
                         turned[(i * ch + j) * c + e] = crop[(j * cw + cw - 1 - i) * c + e]
             img = turned[:ch * cw * c].reshape(cw, ch, c)
-        if img.shape[1] == 1:
-            n = img.shape[0]
-            for i in range(n):
-                for e in range(c):
-                    wide[2 * i * c + e] = img[i, 0, e]
-                    wide[(2 * i + 1) * c + e] = img[i, 0, e]
-            img = wide[:2 * n * c].reshape(n, 2, c)
-        used = widths[b]
-        y0, y1, b0, b1 = _row_taps(img.shape[0], height)
-        xo, a1 = _column_taps(img.shape[1], used, c)
-        path = _path(img.shape[0], img.shape[1], height, used, c, _rows_used(y0, y1), xo, a1)
-        base = b * height * row
-        _resize_rows(img, y0, y1, b0, b1, xo, a1, path, flat, base, row, 0, height)
-        for i in range(height):
-            flat[base + i * row + used * c:base + (i + 1) * row] = pad
+        _resize_padded(img, wide, out, b, widths[b], pad)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_padded(img, wide, out, b, used, pad):
+    """``img`` (HWC, C-contiguous) resized into ``out[b, :, :used]`` (``out`` NHWC,
+    C-contiguous), ``pad`` after it; ``wide`` holds a copy of an image one column wide with its
+    column doubled (see _two_columns) and is at least 2 * H * C long."""
+    height, width, c = out.shape[1], out.shape[2], out.shape[3]
+    if img.shape[1] == 1:
+        n = img.shape[0]
+        for i in range(n):
+            for e in range(c):
+                wide[2 * i * c + e] = img[i, 0, e]
+                wide[(2 * i + 1) * c + e] = img[i, 0, e]
+        img = wide[:2 * n * c].reshape(n, 2, c)
+    y0, y1, b0, b1 = _row_taps(img.shape[0], height)
+    xo, a1 = _column_taps(img.shape[1], used, c)
+    path = _path(img.shape[0], img.shape[1], height, used, c, _rows_used(y0, y1), xo, a1)
+    flat = out.reshape(-1)
+    row = width * c
+    base = b * height * row
+    _resize_rows(img, y0, y1, b0, b1, xo, a1, path, flat, base, row, 0, height)
+    for i in range(height):
+        flat[base + i * row + used * c:base + (i + 1) * row] = pad
 
 
 def _image(op: str, image: np.ndarray) -> np.ndarray:
@@ -958,32 +966,35 @@ def _images(images: np.ndarray | Sequence[np.ndarray]) -> tuple[list[np.ndarray]
 
 
 @numba.njit(cache=True, nogil=True)
-def _resize_pad(batch, widths, height, width, pad):
-    out = np.full((batch.shape[0], height, width, batch.shape[3]), pad, np.uint8)
+def _resize_pad(batch, widths, pad, out):
+    wide = np.empty(2 * batch.shape[1] * batch.shape[3], np.uint8)
     for b in range(batch.shape[0]):
-        _resize_into(batch[b], out[b, :, :widths[b]])
-    return out
+        _resize_padded(batch[b], wide, out, b, widths[b], pad)
 
 
 def resize_pad(images: np.ndarray | Sequence[np.ndarray], height: int, width: int,
-               pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               pad: int = 0, *, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Aspect-keeping resize to ``height`` and padding on the right to ``width``, as a text
     recogniser takes its input: each image gets the width ``min(ceil(height * w / h), width)``
     (bilinear, as ``image.resize``: within 1 of cv2.INTER_LINEAR) and ``pad`` after it.
 
     ``images`` is one HWC uint8 image, an NHWC batch, or a sequence of HWC images of any sizes
     (crops).  Returns uint8 ``[N, height, width, C]`` (N = 1 for one image) and each image's
-    width, int32 ``[N]``.
+    width, int32 ``[N]``.  ``out``, a uint8 ``[N, height, width, C]`` array, takes the images
+    instead of a new array (and is returned).
     """
     _check_out(RESIZE_PAD, height, width, pad)
     imgs, batch = _images(images)
     widths = np.array([_fitted_width(img.shape[0], img.shape[1], height, width) for img in imgs], np.int64)
+    shape = (len(imgs), height, width, imgs[0].shape[2] if imgs else batch.shape[3])
+    dst = _output(RESIZE_PAD, imgs, out, shape, np.uint8, batched=True)
     if batch is not None:
-        return _resize_pad(batch, widths, height, width, pad), widths.astype(np.int32)
-    out = np.full((len(imgs), height, width, imgs[0].shape[2]), pad, np.uint8)
+        _resize_pad(batch, widths, pad, dst)
+        return dst, widths.astype(np.int32)
+    wide = np.empty(2 * max(img.shape[0] for img in imgs) * shape[3], np.uint8)
     for b, img in enumerate(imgs):  # each its own size: one kernel call each
-        _resize_into(img, out[b, :, :widths[b]])
-    return out, widths.astype(np.int32)
+        _resize_padded(img, wide, dst, b, widths[b], pad)
+    return dst, widths.astype(np.int32)
 
 
 def resize_pad_reference(images: np.ndarray | Sequence[np.ndarray], height: int, width: int,
