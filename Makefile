@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) -m tools.bench_streams
 	$(PY) -m tools.bench_ops
 	$(PY) -m tools.bench_telemetry
+	$(PY) -m tools.bench_fleet
 
 clean:
 	rm -rf .run $(VENV) *.egg-info

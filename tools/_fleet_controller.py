@@ -280,10 +280,39 @@ class Controller:
         config = ConfigFragment(toml=d.config, sha256=fleet.config_digest(d.config)) if d.config else None
         return self.bundles_of(d.artifact), config
 
-    def _previous(self, d: Deployment) -> tuple[list[ArtifactRef], ConfigFragment | None]:
+    def _previous(self, d: Deployment, baseline: dict[str, str] | None = None
+                  ) -> tuple[list[ArtifactRef], ConfigFragment | None]:
+        """What to roll a device back to: for each model of the deployment, the version the
+        device had active before (``baseline``, from its report when the deployment reached
+        it), else the one the group's previous document named; the previous config.  The
+        device holds that version already and fetches nothing; its sha256 is the artifact's
+        pushed from this state, else all zeros (a version the device never held cannot be
+        fetched: it fails, and says so)."""
         config = (ConfigFragment(toml=d.previous_config, sha256=fleet.config_digest(d.previous_config))
                   if d.previous_config else None)
-        return self.bundles_of(d.previous_artifact), config
+        before = {b.name: b for b in self.bundles_of(d.previous_artifact)}
+        out = []
+        for new in self.bundles_of(d.artifact):
+            version = (baseline or {}).get(new.name) or (before[new.name].version if new.name in before else "")
+            if not version:
+                continue  # the model is new to the device: nothing to go back to
+            known = before.get(new.name)
+            if known is not None and known.version == version:
+                out.append(known)
+                continue
+            sha = self.state.artifact_named(f"{new.name}@{version}")
+            size = len(self.state.artifact(sha)[3]) if sha else 0  # type: ignore[index]
+            out.append(ArtifactRef(name=new.name, version=version, sha256=sha or "0" * 64, size=size))
+        if not d.artifact:
+            out = list(before.values())
+        return out, config
+
+    def baseline(self, device: str, names: Iterable[str]) -> dict[str, str]:
+        report = self.reports.get(device)
+        if report is None:
+            return {}
+        active = {m.name: m.active for m in report.models if m.active}
+        return {n: active[n] for n in names if n in active}
 
     def touched(self, d: Deployment) -> dict[str, int]:
         """Devices this deployment sent a document, with its version."""
@@ -327,10 +356,12 @@ class Controller:
                 wave = decision.wave
                 issued = []
                 with self.state.transaction():
+                    names = [b.name for b in bundles]
                     for device in d.waves[wave]:
                         issued.append(self.issue("device", device, d.id, bundles, config, d.policy.validity_s))
                         self.state.set_progress(d.id, device, now, state="sent", reason=f"document v{issued[-1][1]}",
                                                 version=issued[-1][1], wave=wave)
+                        self.state.set_baseline(d.id, device, self.baseline(device, names))
                     self.state.update_deployment(d.id, now, wave=wave, wave_started_at=now, reason=decision.reason)
                 self.send(issued)
                 self.log(f"deployment {d.id}: wave {wave + 1} of {len(d.waves)} sent to {len(d.waves[wave])} devices")
@@ -380,22 +411,26 @@ class Controller:
         d = self._get(deployment)
         if d.state == "rolled_back":
             raise FleetError(f"deployment {deployment} is rolled back already", 1)
-        bundles, config = self._previous(d)
         now = self.clock()
         issued = []
-        touched = self.touched(d)
+        touched = {p.device: p for p in self.state.progress(d.id) if p.version > 0}
+        targets = set()
         with self.state.transaction():
             if d.group_version:
                 held = self.state.documents().get(self.topics.group_desired(d.group))
                 if held is not None and held[1] == d.id:
+                    bundles, config = self._previous(d)
                     issued.append(self.issue("group", d.group, d.id, bundles, config, d.policy.validity_s))
-            for device in touched:
+                    targets.add(self._describe(bundles, config))
+            for device, p in touched.items():
+                bundles, config = self._previous(d, p.baseline)
                 issued.append(self.issue("device", device, d.id, bundles, config, d.policy.validity_s))
-                self.state.set_progress(d.id, device, now, state="rolled-back", reason=f"document v{issued[-1][1]} "
+                targets.add(self._describe(bundles, config))
+                self.state.set_progress(d.id, device, now, state="rolling-back", reason=f"document v{issued[-1][1]} "
                                         f"({self._describe(bundles, config)})", version=issued[-1][1])
             self.state.update_deployment(deployment, now, state="rolled_back", reason=reason)
         self.send(issued)
-        self.log(f"deployment {deployment}: rolled back {len(touched)} devices to {self._describe(bundles, config)}")
+        self.log(f"deployment {deployment}: rolled back {len(touched)} devices to {'; '.join(sorted(targets))}")
         return len(issued)
 
     @staticmethod

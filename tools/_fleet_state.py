@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE TABLE IF NOT EXISTS progress (
     deployment INTEGER NOT NULL REFERENCES deployments(id), device TEXT NOT NULL, wave INTEGER NOT NULL,
     version INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'planned', reason TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL, PRIMARY KEY (deployment, device));
+    updated_at REAL NOT NULL, baseline TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (deployment, device));
 """
 
 _SCHEMA_VERSION = "1"
@@ -82,6 +82,8 @@ class Progress(msgspec.Struct):
     state: str
     reason: str
     updated_at: float
+    #: model -> the version the device had active when this deployment first reached it
+    baseline: dict[str, str] = {}
 
 
 class DeviceRow(msgspec.Struct):
@@ -243,6 +245,12 @@ class State:
             return db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?)",
                               (sha256, len(data), chunk_size, name, info, data, now)).rowcount == 1
 
+    def artifact_named(self, name: str) -> str | None:
+        """The sha256 of the artifact pushed last as ``name`` ("model@version")."""
+        row = self.db.execute("SELECT sha256 FROM artifacts WHERE name=? ORDER BY pushed_at DESC LIMIT 1",
+                              (name,)).fetchone()
+        return row[0] if row else None
+
     def artifact(self, sha256: str) -> tuple[str, int, bytes, bytes] | None:
         """(name, chunk_size, info, data) or None."""
         row = self.db.execute("SELECT name, chunk_size, info, data FROM artifacts WHERE sha256=?", (sha256,)).fetchone()
@@ -286,7 +294,7 @@ class State:
                        (msgspec.msgpack.encode(waves), now, deployment))
             for i, wave in enumerate(waves):
                 for device in wave:
-                    db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, 0, 'planned', '', ?)",
+                    db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, 0, 'planned', '', ?, '{}')",
                                (deployment, device, i, now))
 
     def deployment(self, deployment: int) -> Deployment | None:
@@ -306,9 +314,14 @@ class State:
             db.execute(f"UPDATE deployments SET {sets}, updated_at=? WHERE id=?", (*fields.values(), now, deployment))
 
     def progress(self, deployment: int) -> list[Progress]:
-        return [Progress(*row) for row in self.db.execute(
-            "SELECT device, wave, version, state, reason, updated_at FROM progress WHERE deployment=? "
+        return [Progress(*row[:-1], baseline=msgspec.json.decode(row[-1])) for row in self.db.execute(
+            "SELECT device, wave, version, state, reason, updated_at, baseline FROM progress WHERE deployment=? "
             "ORDER BY wave, device", (deployment,))]
+
+    def set_baseline(self, deployment: int, device: str, baseline: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE progress SET baseline=? WHERE deployment=? AND device=?",
+                       (msgspec.json.encode(baseline).decode(), deployment, device))
 
     def set_progress(self, deployment: int, device: str, now: float, *, state: str, reason: str = "",
                      version: int | None = None, wave: int | None = None) -> None:
@@ -319,7 +332,7 @@ class State:
                              (state, reason, now, version, wave, deployment, device, state, reason, version, version))
             if cur.rowcount == 0 and not db.execute("SELECT 1 FROM progress WHERE deployment=? AND device=?",
                                                     (deployment, device)).fetchone():
-                db.execute("INSERT INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.execute("INSERT INTO progress VALUES (?, ?, ?, ?, ?, ?, ?, '{}')",
                            (deployment, device, -1 if wave is None else wave, version or 0, state, reason, now))
 
 
