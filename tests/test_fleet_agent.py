@@ -527,3 +527,79 @@ def test_the_report_carries_each_models_serving_health() -> None:
     h.run(Serving([fleet.ModelReport(name="m", requests=120, errors=3, p95_ms=8.5, drift="warn")]))
     m = h.report().models[0]
     assert (m.name, m.active, m.requests, m.errors, m.p95_ms, m.drift) == ("m", "1.0.0", 120, 3, 8.5, "warn")
+
+
+class RangeServer:
+    """One blob over HTTP with byte ranges (206), in a thread of the test; counts the ranges
+    served.  ``fail`` makes it answer 500 from then on."""
+
+    def __init__(self, data: bytes) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range", "")
+                if server.fail or not rng.startswith("bytes="):
+                    self.send_error(500 if server.fail else 416)
+                    return
+                first, last = (int(x) for x in rng[6:].split("-"))
+                body = data[first:last + 1]
+                server.ranges.append((first, last))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.ranges: list[tuple[int, int]] = []
+        self.fail = False
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/demo-1.0.0.ebm"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.mark.anyio
+async def test_a_bundle_with_a_url_is_fetched_by_range_requests_and_from_the_broker_when_the_url_fails(
+        tls_broker: Mosquitto, make_system) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev4": []}, operator="operator"))
+    op = Operator(tls_broker)
+    data = bundle("1.0.0", KEY)
+    chunk = 256
+    server = RangeServer(data)
+    try:
+        system = make_system(device_config(tls_broker, "dev4", []), sub="dev4")
+        await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+        op.wait_report("dev4", lambda r: r.current is None, "the device's first report")
+        info = op.artifact(data, chunk, only=range(0))  # the info on the broker, no chunk
+        ref = fleet.ArtifactRef(name="demo", version="1.0.0", sha256=info.sha256, size=info.size, url=server.url)
+        op.deploy(op.t.device_desired("dev4"), 1, "device:dev4", [ref])
+        report = op.wait_report("dev4", lambda r: r.current is not None and r.current.outcome == "succeeded",
+                                "the bundle fetched by URL")
+        assert _model(report, "demo").active == "1.0.0"
+        assert sorted(server.ranges) == [(i * chunk, min(len(data), (i + 1) * chunk) - 1)
+                                         for i in range(len(info.chunks))]
+
+        # the URL fails: the device takes the chunks from the broker
+        server.fail = True
+        v2 = bundle("1.1.0", KEY)
+        info2 = op.artifact(v2, chunk)
+        ref2 = fleet.ArtifactRef(name="demo", version="1.1.0", sha256=info2.sha256, size=info2.size, url=server.url)
+        op.deploy(op.t.device_desired("dev4"), 2, "device:dev4", [ref2])
+        report = op.wait_report("dev4", lambda r: r.current is not None and r.current.version == 2
+                                and r.current.outcome == "trial", "the second bundle from the broker")
+        assert _model(report, "demo").active == "1.1.0"
+        assert any(a.startswith("fleet-http-failed demo 1.1.0") for a in await _audit(system))
+    finally:
+        server.close()
+        op.close()

@@ -19,6 +19,8 @@ from ._agent import (
     DiskStorage,
     Done,
     Event,
+    Fetch,
+    Fetched,
     Health,
     Install,
     MemoryStorage,
@@ -40,7 +42,7 @@ from ._settings import BrokerSettings, FleetSettings
 __all__ = [
     "Agent", "AgentState", "Storage", "DiskStorage", "MemoryStorage", "StorageFull",
     "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
-    "Action", "Subscribe", "Unsubscribe", "Publish", "Install", "Activate", "ApplyConfig", "Audit",
+    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "ApplyConfig", "Audit",
     "FleetSettings", "BrokerSettings", "ConfigFragmentError", "merge_fragment", "dumps", "FleetService",
 ]
 

@@ -68,7 +68,7 @@ from protocols.security import SignedReport
 __all__ = [
     "AgentState", "Storage", "MemoryStorage", "DiskStorage", "Agent", "StorageFull",
     "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
-    "Action", "Subscribe", "Unsubscribe", "Publish", "Install", "Activate", "ApplyConfig", "Audit",
+    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "ApplyConfig", "Audit",
 ]
 
 
@@ -321,6 +321,15 @@ class Serving(msgspec.Struct):
     models: list[ModelReport]
 
 
+class Fetched(msgspec.Struct, omit_defaults=True):
+    """The outcome of a Fetch: the bytes, or why there are none."""
+
+    sha256: str
+    index: int
+    data: bytes = b""
+    error: str = ""
+
+
 class TrustChanged(msgspec.Struct):
     """The fleet keys the device trusts: key id -> raw ed25519 public key."""
 
@@ -331,7 +340,7 @@ class Tick(msgspec.Struct):
     pass
 
 
-Event = Connected | Disconnected | Received | Models | Done | Health | Serving | TrustChanged | Tick
+Event = Connected | Disconnected | Received | Models | Done | Health | Serving | Fetched | TrustChanged | Tick
 
 
 class Subscribe(msgspec.Struct):
@@ -347,6 +356,17 @@ class Publish(msgspec.Struct, omit_defaults=True):
     payload: bytes
     retain: bool = False
     qos: int = 1
+
+
+class Fetch(msgspec.Struct):
+    """Fetch ``length`` bytes at ``start`` of ``url`` (an HTTP(S) range request): chunk
+    ``index`` of the artifact ``sha256``; answered by a Fetched event."""
+
+    url: str
+    sha256: str
+    index: int
+    start: int
+    length: int
 
 
 class Install(msgspec.Struct):
@@ -370,7 +390,7 @@ class Audit(msgspec.Struct, omit_defaults=True):
     detail: str = ""
 
 
-Action = Subscribe | Unsubscribe | Publish | Install | Activate | ApplyConfig | Audit
+Action = Subscribe | Unsubscribe | Publish | Fetch | Install | Activate | ApplyConfig | Audit
 
 
 class _Download:
@@ -382,7 +402,11 @@ class _Download:
         self.info: ArtifactInfo | None = None
         self.held: set[int] = set()
         self.asked: set[int] = set()
+        #: the chunk topics subscribed to
+        self.subscribed: set[int] = set()
         self.info_asked = False
+        #: fetched from ref.url (range requests) until that fails
+        self.http = bool(ref.url)
 
 
 # -- the agent ---------------------------------------------------------------------------------
@@ -431,7 +455,9 @@ class Agent:
                                       *(self.topics.group_desired(g) for g in self.groups)]))
                 out.append(Publish(self.topics.enrol(self.device), fleet.encode(self.enrolment()), retain=True))
                 if self.download is not None:  # a fresh session: ask again for what is missing
-                    self.download.asked.clear()
+                    if not self.download.http:
+                        self.download.asked.clear()
+                    self.download.subscribed.clear()
                     self.download.info_asked = False
             case Disconnected():
                 self.connected = False
@@ -447,6 +473,8 @@ class Agent:
                 self.serving = {m.name: m for m in models}
             case TrustChanged(keys=keys):
                 self.trusted = dict(keys)
+            case Fetched(sha256=sha, index=index, data=data, error=error):
+                self._fetched(sha, index, data, error, out)
             case Tick():
                 pass
         self._advance(out)
@@ -532,48 +560,82 @@ class Agent:
             chunk = fleet.decode(payload, Chunk, limit=info.chunk_size + 512)
         except fleet.FleetError:
             return  # a bad chunk is not held; the window asks for it again on the next session
-        if (chunk.sha256 != info.sha256 or chunk.index != index or len(chunk.data) != info.chunk_length(index)
-                or hashlib.sha256(chunk.data).hexdigest() != info.chunks[index]):
+        if chunk.sha256 != info.sha256 or chunk.index != index:
             return
+        self._accept(d, index, chunk.data, out)
+
+    def _fetched(self, sha256: str, index: int, data: bytes, error: str, out: list[Action]) -> None:
+        d = self.download
+        if d is None or d.info is None or d.ref.sha256 != sha256 or not d.http:
+            return
+        if error or not self._accept(d, index, data, out):
+            # the operator's URL failed: the broker's chunks instead, from the first missing
+            d.http = False
+            d.asked.clear()
+            out.append(Audit("fleet-http-failed", f"{d.ref.name} {d.ref.version}",
+                             f"{d.ref.url}: chunk {index}: {error or 'does not match its sha256'}; "
+                             "fetching the rest from the broker"))
+            self._ask(d, out)
+
+    def _accept(self, d: _Download, index: int, data: bytes, out: list[Action]) -> bool:
+        """Keep chunk ``index`` if it verifies (False if not); finish the artifact with its last."""
+        info = d.info
+        assert info is not None
+        if index >= len(info.chunks) or index in d.held:
+            return True
+        if len(data) != info.chunk_length(index) or hashlib.sha256(data).hexdigest() != info.chunks[index]:
+            return False
         try:
-            self.storage.put_chunk(info, index, chunk.data)
+            self.storage.put_chunk(info, index, data)
         except OSError as e:
             self._fail(f"bundle {d.ref.name} {d.ref.version}: cannot write its chunk: {e}", out)
-            return
+            return True
         d.held.add(index)
         if len(d.held) % max(1, len(info.chunks) // 4) == 0:  # progress in the report: by quarters
             self._set_progress()
         if len(d.held) == len(info.chunks):
-            out.append(Unsubscribe([self.topics.chunk(info.sha256, i) for i in sorted(d.asked)]))
+            if d.subscribed:
+                out.append(Unsubscribe([self.topics.chunk(info.sha256, i) for i in sorted(d.subscribed)]))
             self.download = None
             if not self.storage.finish(info):
                 self._fail(f"bundle {d.ref.name} {d.ref.version}: the chunks do not make its sha256", out)
-                return
+                return True
             out.append(Audit("fleet-downloaded", f"{d.ref.name} {d.ref.version}",
-                             f"sha256 {info.sha256}, {info.size} bytes in {len(info.chunks)} chunks"))
+                             f"sha256 {info.sha256}, {info.size} bytes in {len(info.chunks)} chunks"
+                             + (f" from {d.ref.url}" if d.http else "")))
         else:
             self._ask(d, out)
+        return True
 
     def _ask(self, d: _Download, out: list[Action]) -> None:
-        """Subscribe to the next chunks missing, up to ``window`` outstanding."""
-        assert d.info is not None
+        """Ask for the next chunks missing, up to ``window`` outstanding: subscribe to their
+        topics, or fetch them from the bundle's URL (range requests)."""
+        info = d.info
+        assert info is not None
+        if not self.connected and not d.http:
+            return
         outstanding = len(d.asked - d.held)
         new = []
-        for i in range(len(d.info.chunks)):
+        for i in range(len(info.chunks)):
             if outstanding >= self.window:
                 break
             if i not in d.held and i not in d.asked:
                 d.asked.add(i)
-                new.append(self.topics.chunk(d.info.sha256, i))
+                new.append(i)
                 outstanding += 1
-        if new and self.connected:
-            out.append(Subscribe(new))
+        if not new:
+            return
+        if d.http:
+            out += [Fetch(d.ref.url, info.sha256, i, i * info.chunk_size, info.chunk_length(i)) for i in new]
+        else:
+            d.subscribed.update(new)
+            out.append(Subscribe([self.topics.chunk(info.sha256, i) for i in new]))
 
     def _stop_download(self, out: list[Action], drop: bool) -> None:
         d = self.download
         if d is None:
             return
-        topics = [self.topics.info(d.ref.sha256)] + [self.topics.chunk(d.ref.sha256, i) for i in sorted(d.asked)]
+        topics = [self.topics.info(d.ref.sha256)] + [self.topics.chunk(d.ref.sha256, i) for i in sorted(d.subscribed)]
         out.append(Unsubscribe(topics))
         if drop:
             self.storage.discard(d.ref.sha256)
@@ -601,12 +663,11 @@ class Agent:
                 self._stop_download(out, drop=False)
                 self.download = _Download(ref)
             d = self.download
-            if self.connected:
-                if d.info is None and not d.info_asked:
-                    d.info_asked = True
-                    out.append(Subscribe([self.topics.info(ref.sha256)]))
-                elif d.info is not None:
-                    self._ask(d, out)
+            if d.info is not None:
+                self._ask(d, out)
+            elif self.connected and not d.info_asked:
+                d.info_asked = True
+                out.append(Subscribe([self.topics.info(ref.sha256)]))
             return
         # 2. install
         for ref in doc.bundles:

@@ -11,9 +11,12 @@ kernel's ``Reload``, and records in the security service's audit log.  Without a
 
 from __future__ import annotations
 
+import http.client
 import os
 import ssl
 import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ from ._agent import (
     Disconnected,
     Done,
     Event,
+    Fetch,
+    Fetched,
     Health,
     Install,
     Models,
@@ -186,6 +191,18 @@ class FleetService(Service):
                         self.log.warning("fleet_audit_failed", kind=kind, error=str(exc))
                 case Install() | Activate() | ApplyConfig():
                     self.tg.start_soon(self._carry_out, action)
+                case Fetch():
+                    self.tg.start_soon(self._fetch, action)
+
+    async def _fetch(self, f: Fetch) -> None:
+        """A chunk by an HTTP(S) range request (in a worker thread), back to the agent."""
+        s: FleetSettings = self.settings
+        try:
+            data = await anyio.to_thread.run_sync(_range_get, f.url, f.start, f.length, s.http_ca, s.http_timeout)
+            event = Fetched(f.sha256, f.index, data)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            event = Fetched(f.sha256, f.index, error=str(exc) or type(exc).__name__)
+        await self.events.send(event)
 
     async def _carry_out(self, action: Install | Activate | ApplyConfig) -> None:
         """One of the agent's steps through the bus (in its own task: an install takes a while);
@@ -333,6 +350,22 @@ class FleetService(Service):
         except BusError as exc:
             self.log.warning("fleet_attestation_unavailable", error=str(exc))
             return None
+
+
+def _range_get(url: str, start: int, length: int, cafile: Path | None, timeout: float) -> bytes:
+    """Bytes ``start`` to ``start + length - 1`` of ``url`` (http or https), exactly; reading
+    no more than ``length`` + 1 bytes of the answer."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + length - 1}"})
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:
+        if answer.status != 206:
+            raise ValueError(f"the server answered {answer.status}, not 206: it does not serve byte ranges")
+        data = answer.read(length + 1)
+    if len(data) != length:
+        raise ValueError(f"{len(data)} bytes for a range of {length}")
+    return data
 
 
 def main() -> None:

@@ -55,6 +55,10 @@ class FleetSettings(Settings):
     window: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     #: seconds between health refreshes (a report is published when something changed)
     report_interval: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: CA bundle for bundles fetched by HTTPS (a deployment's ``url``); absent: the system's
+    http_ca: Path | None = None
+    #: seconds an HTTP(S) range request may take
+    http_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     #: the configuration file the kernel runs from, into which config fragments are merged
     #: (then the kernel reloads it); absent: a deployment with a config fragment fails
     config_file: Path | None = None
