@@ -83,7 +83,8 @@ FLEET_PUB = FLEET_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 OTHER_RAW = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
-def device_config(broker: Mosquitto, device: str, groups: list[str], extra: str = "", settings: str = "") -> str:
+def device_config(broker: Mosquitto, device: str, groups: list[str], extra: str = "", settings: str = "",
+                  store: str = "") -> str:
     b = broker.client_settings(device)
     return f"""
 [services.security]
@@ -103,6 +104,7 @@ command = ["{{python}}", "-m", "services.modelstore"]
 requires = ["security"]
 capabilities = ["call:security.VerifySignature", "call:security.Seal", "call:security.Unseal",
                 "call:security.AuditAppend", "publish:modelstore.*"]
+settings = {{ {store} }}
 
 [services.fleet]
 command = ["{{python}}", "-m", "services.fleet"]
@@ -602,4 +604,28 @@ async def test_a_bundle_with_a_url_is_fetched_by_range_requests_and_from_the_bro
         assert any(a.startswith("fleet-http-failed demo 1.1.0") for a in await _audit(system))
     finally:
         server.close()
+        op.close()
+
+
+@pytest.mark.anyio
+async def test_a_trial_the_model_store_rolls_back_is_reported_rolled_back(tls_broker: Mosquitto, make_system) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev5": ["canary"]}, operator="operator"))
+    op = Operator(tls_broker)
+    try:  # no traffic: the trial stays undecided and is rolled back at trial_max_s
+        system = make_system(device_config(tls_broker, "dev5", ["canary"],
+                                           store="trial_window_s = 0.5, trial_max_s = 3.0"), sub="dev5")
+        await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+        op.wait_report("dev5", lambda r: r.current is None, "the device's first report")
+        refs = []
+        for version in ("1.0.0", "1.1.0"):
+            info = op.artifact(bundle(version, KEY), 4096)
+            refs.append(fleet.ArtifactRef(name="demo", version=version, sha256=info.sha256, size=info.size))
+        op.deploy(op.t.group_desired("canary"), 1, "group:canary", refs[:1])
+        op.wait_report("dev5", lambda r: r.current is not None and r.current.outcome == "succeeded", "1.0.0 active")
+        op.deploy(op.t.group_desired("canary"), 2, "group:canary", refs[1:])
+        report = op.wait_report("dev5", lambda r: r.current.version == 2 and r.current.outcome == "rolled-back",
+                                "the trial rolled back")
+        assert _model(report, "demo").active == "1.0.0" and "1.1.0 is no longer active" in report.current.reason
+        assert any(a.startswith("fleet-rolled-back dep-2 v2") for a in await _audit(system))
+    finally:
         op.close()
