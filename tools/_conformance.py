@@ -426,6 +426,8 @@ class Suite:
         self.run_dir = workdir / "run"
         self.operator: Link | None = None
         self.boot_failure = ""
+        #: set when the peer, running, never answered: later scenarios fail at once with it
+        self.unresponsive: dict[str, str] = {}
         self.scripted: ScriptedKernel | None = None
         #: where the peer is connected: "kernel", "scripted" or ""
         self.peer_on = ""
@@ -486,9 +488,16 @@ class Suite:
         op = self.boot()
         if self.peer_on == "kernel" and self.peer.running():
             return op
+        if self.unresponsive.get("kernel"):
+            raise Check(self.unresponsive["kernel"])
         self.peer.start(self.endpoint, self.run_dir, self.run_dir / "credentials" / contract.SERVICE)
         self.peer_on = "kernel"
-        self.wait_serving(timeout)
+        try:
+            self.wait_serving(timeout)
+        except Check as exc:
+            if self.peer.running():  # (a peer that hangs is not waited for again by every scenario)
+                self.unresponsive["kernel"] = f"{exc} (and it still runs)"
+            raise
         return op
 
     def wait_serving(self, timeout: float) -> None:
@@ -513,17 +522,30 @@ class Suite:
             self.scripted = ScriptedKernel(self.pump, self.ctx, self.work / "scripted")
         return self.scripted
 
-    def peer_on_script(self, fresh: bool = False) -> ScriptedKernel:
-        """The peer in a session with the scripted kernel (started, welcomed, Ready), or a new one."""
+    def start_on_script(self) -> tuple[bytes, Message]:
+        """The peer started (again) against the scripted kernel: its connection and first message."""
         sk = self.script()
-        if self.peer_on == "scripted" and self.peer.running() and not fresh and sk.peer is not None:
-            return sk
+        if self.unresponsive.get("scripted"):
+            raise Check(self.unresponsive["scripted"])
         self.peer.stop()
         sk.peer, sk.beating = None, False
         sk.inbox.clear()
         self.peer.start(sk.endpoint, sk.dir, sk.credential_file)
         self.peer_on = "scripted"
-        identity, _, hello = sk.next(20.0, "Hello")
+        try:
+            identity, _, first = sk.next(20.0, "Hello")
+        except Check as exc:
+            if self.peer.running():
+                self.unresponsive["scripted"] = f"{exc} (and it still runs)"
+            raise
+        return identity, first
+
+    def peer_on_script(self, fresh: bool = False) -> ScriptedKernel:
+        """The peer in a session with the scripted kernel (started, welcomed, Ready), or a new one."""
+        sk = self.script()
+        if self.peer_on == "scripted" and self.peer.running() and not fresh and sk.peer is not None:
+            return sk
+        identity, hello = self.start_on_script()
         sk.peer = identity
         sk.welcome(hello.header.id)
         sk.expect(lambda m: m.header.kind == Kind.CONTROL and m.header.type == "Ready", 15.0, "Ready after the Welcome")

@@ -306,13 +306,7 @@ def hello(suite: Suite) -> str:
     """The peer's first message, byte for byte: the signature, a Hello with an id, its name,
     the credential of its file, the contract's types; Ready after the Welcome."""
     sk = suite.script()
-    suite.peer.stop()
-    suite.peer_on = ""
-    sk.peer, sk.beating = None, False
-    sk.inbox.clear()
-    suite.peer.start(sk.endpoint, sk.dir, sk.credential_file)
-    suite.peer_on = "scripted"
-    identity, _, msg = sk.next(20.0, "Hello")
+    identity, msg = suite.start_on_script()
     h = msg.header
     check(h.kind == Kind.CONTROL and h.type == "Hello", f"the first message was {msg.describe()}, not Hello (5.2)")
     check(h.id != 0, "the Hello has id 0 (5.2: an id ≠ 0)")
@@ -448,11 +442,7 @@ def bye(suite: Suite) -> str:
     check(code == 0, f"the peer exited with status {code} after SIGTERM, not 0 (17)")
     suite.peer_on = ""
     sk.rotate()  # started again, the peer reads the credential the "kernel" wrote since
-    sk.peer, sk.beating = None, False
-    sk.inbox.clear()
-    suite.peer.start(sk.endpoint, sk.dir, sk.credential_file)
-    suite.peer_on = "scripted"
-    identity, _, msg = sk.next(20.0, "Hello from the peer started again")
+    identity, msg = suite.start_on_script()
     check(msg.header.type == "Hello", f"the restarted peer's first message was {msg.describe()}")
     check(msg.decode(Hello).credential == sk.credential,
           "the restarted peer said Hello with the old credential, not the one now in its file (5.1)")
