@@ -496,27 +496,6 @@ def _resize_to(op: str, batch: np.ndarray, out: np.ndarray, top: int, left: int,
         numba.set_num_threads(before)
 
 
-@numba.njit(cache=True, nogil=True)
-def _resize_into(src, dst):
-    """Resize one HWC image into ``dst`` (any HWC view: a letterbox canvas's middle, a
-    padded batch row's left part); the taps computed here, for kernels that call it with
-    sizes they find as they run."""
-    h, w, c = dst.shape
-    if src.shape[1] == 1:
-        wide = np.empty((src.shape[0], 2, src.shape[2]), np.uint8)
-        wide[:, 0] = src[:, 0]
-        wide[:, 1] = src[:, 0]
-        src = wide
-    else:
-        src = np.ascontiguousarray(src)
-    y0, y1, b0, b1 = _row_taps(src.shape[0], h)
-    xo, a1 = _column_taps(src.shape[1], w, c)
-    path = _path(src.shape[0], src.shape[1], h, w, c, _rows_used(y0, y1), xo, a1)
-    tmp = np.empty((h, w, c), np.uint8)
-    _resize_rows(src, y0, y1, b0, b1, xo, a1, path, tmp.reshape(-1), 0, w * c, 0, h)
-    dst[:] = tmp
-
-
 def resize(img: np.ndarray, height: int, width: int, *, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize of HWC or NHWC uint8 image(s) to ``height`` x ``width``, as
     cv2.INTER_LINEAR (within 1 of it).  ``threads`` > 1 cuts each image's rows among that
