@@ -364,6 +364,8 @@ tick_interval = 60.0
         assert text.startswith("# Written by the edgebus fleet service") and 'tick_interval = 60.0' in text
         assert (system.run_dir / "state" / "fleet" / "config.base.toml").read_text() == config
         assert any(a.startswith("fleet-config-applied") for a in await _audit(system))
+        assert system.stop() == 0  # SIGTERM: the fleet service leaves its MQTT session cleanly
+        assert '"fleet_disconnected"' not in system.log() and "Traceback" not in system.log()
     finally:
         op.close()
 

@@ -108,10 +108,12 @@ class FleetService(Service):
                 async for event in receive:
                     await self._handle(event)
             finally:
-                self._stop_mqtt()
+                receive.close()  # paho's thread, if waiting to deliver, gives up
+                with anyio.CancelScope(shield=True):
+                    await self._stop_mqtt()
 
     async def teardown(self) -> None:
-        self._stop_mqtt()
+        await self._stop_mqtt()
 
     # -- MQTT --------------------------------------------------------------------------------
 
@@ -158,12 +160,13 @@ class FleetService(Service):
         client.connect_async(b.host, b.port, b.keepalive)
         client.loop_start()  # paho's thread: connects, and reconnects with its back-off
 
-    def _stop_mqtt(self) -> None:
+    async def _stop_mqtt(self) -> None:
         client, self.client = self.client, None
         if client is not None:
             self._closing.set()
             client.disconnect()
-            client.loop_stop()
+            # joined from a worker thread: paho's may be handing an event to this loop
+            await anyio.to_thread.run_sync(client.loop_stop)
 
     # -- events and actions ------------------------------------------------------------------
 
