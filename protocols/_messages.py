@@ -451,10 +451,14 @@ class Tensor(msgspec.Struct, omit_defaults=True, array_like=False):
 
     ``frame`` indexes the raw frames that follow the body (0 is the first after the body).
     ``name`` is the model's name for the tensor (an input or output of its contract);
-    unnamed tensors are taken in the contract's order.
+    unnamed tensors are taken in the contract's order.  With ``region``, the bytes are in
+    that shared-memory region of the sender's, from byte ``offset``, and ``frame`` is not
+    used (``protocols.shm``, PROTOCOL.md 3.6).
     """
 
     dtype: str
     shape: list[int]
     frame: int = 0
     name: str = ""
+    region: str = ""
+    offset: int = 0

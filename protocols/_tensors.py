@@ -65,6 +65,9 @@ def unpack_tensor(desc: Tensor, raw: Sequence[Any]) -> Any:
     """A read-only numpy view over the frame ``desc`` points at (no copy)."""
     import numpy as np
 
+    if desc.region:
+        raise DecodeError("tensor", f"is in shared-memory region {desc.region!r}; map regions with the scheduler "
+                                    "(MapRegion), which alone reads them")
     if not 0 <= desc.frame < len(raw):
         raise DecodeError("tensor", f"frame {desc.frame} does not exist ({len(raw)} raw frames)")
     if desc.dtype not in DTYPES:

@@ -29,6 +29,14 @@ class Run(msgspec.Struct, tag=True, omit_defaults=True):
     features: bool = False
     #: the outputs to send back, by name (the model's or its post chains'); empty: all
     outputs: list[str] = []
+    #: the shared-memory regions the inputs name (``Tensor.region``), each with the inode of
+    #: the file the scheduler mapped (a file created again under the name is refused)
+    regions: dict[str, int] = {}
+    #: write the outputs into this region (one of ``regions``) between these offsets; those
+    #: that do not fit come as frames
+    out_region: str = ""
+    out_offset: int = 0
+    out_end: int = 0
 
 
 class Load(msgspec.Struct, tag=True, omit_defaults=True):

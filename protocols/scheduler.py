@@ -6,7 +6,8 @@ import msgspec
 
 from ._messages import Tensor
 
-__all__ = ["Infer", "GetSchedule", "OpenStream", "CloseStream", "Request", "InferResult", "StageTime",
+__all__ = ["Infer", "GetSchedule", "MapRegion", "UnmapRegion", "RegionMapped", "RegionUnmapped", "OpenStream",
+           "CloseStream", "Request", "InferResult", "StageTime",
            "StreamOpened", "StreamClosed", "ModelQueue", "DriverState", "Schedule", "Reply",
            "Degradation", "Detection", "PipelineResult", "Alert", "StreamResult", "StreamReset", "STREAM_EVENTS"]
 
@@ -32,6 +33,36 @@ class Infer(msgspec.Struct, tag=True, omit_defaults=True):
     #: a stream opened with OpenStream: ``tensors`` are this chunk's inputs alone; the
     #: stream's state and parameters are the scheduler's (``model`` is the stream's)
     stream: str = ""
+    #: write the outputs into this shared-memory region of the sender's (mapped with
+    #: MapRegion), from byte ``out_offset``; the result's tensors then name it (those that do
+    #: not fit come as frames)
+    out_region: str = ""
+    out_offset: int = 0
+
+
+class MapRegion(msgspec.Struct, tag=True):
+    """Map the sender's shared-memory region ``/dev/shm/<name>`` of ``size`` bytes for its
+    tensors (``Tensor.region``; ``protocols.shm``).  Bounded per sender (regions, bytes)."""
+
+    name: str
+    size: int
+
+
+class UnmapRegion(msgspec.Struct, tag=True):
+    name: str
+
+
+class RegionMapped(msgspec.Struct, tag=True):
+    name: str
+    size: int
+    #: regions (and bytes) the sender has mapped now, and at most
+    regions: int
+    max_regions: int
+    max_bytes: int
+
+
+class RegionUnmapped(msgspec.Struct, tag=True):
+    name: str
 
 
 class GetSchedule(msgspec.Struct, tag=True):
@@ -60,7 +91,7 @@ class CloseStream(msgspec.Struct, tag=True):
     stream: str
 
 
-Request = Infer | GetSchedule | OpenStream | CloseStream
+Request = Infer | GetSchedule | OpenStream | CloseStream | MapRegion | UnmapRegion
 
 
 class InferResult(msgspec.Struct, tag=True, omit_defaults=True):
@@ -125,6 +156,8 @@ class ModelQueue(msgspec.Struct, tag=True, omit_defaults=True):
     mean_batch: float = 0.0
     #: its batching policy and what it measured, e.g. "auto: up to 16 (per row alone 0.210 ms, batched 0.051 ms)"
     batching: str = ""
+    #: its runs go to no driver: the scheduler runs it in its own process (its inline lane)
+    inline: bool = False
 
 
 class DriverState(msgspec.Struct, tag=True, omit_defaults=True):
@@ -142,7 +175,7 @@ class Schedule(msgspec.Struct, tag=True, omit_defaults=True):
     drivers: list[DriverState] = []
 
 
-Reply = InferResult | Schedule | StreamOpened | StreamClosed
+Reply = InferResult | Schedule | StreamOpened | StreamClosed | RegionMapped | RegionUnmapped
 
 
 class Degradation(msgspec.Struct, tag=True, omit_defaults=True):

@@ -24,6 +24,7 @@ from ._files import atomic_write
 from ._settings import Settings, config_dir, decode_settings, service_class
 from protocols.runtime import EXIT_BUS, EXIT_CONFIG, configure_logging, get_logger
 from ._service import Context, Service, run, serve
+from ._shm import SharedRegion
 
 __all__ = [
     "BusClient", "Incoming", "Subscription", "connect", "endpoint_for_run_dir", "read_credential",
@@ -32,5 +33,5 @@ __all__ = [
     "Overloaded", "Rejected", "InternalError", "error_from_wire",
     "configure_logging", "get_logger", "SettingsError", "Settings", "config_dir", "decode_settings",
     "service_class", "atomic_write",
-    "Service", "Context", "run", "serve", "EXIT_BUS", "EXIT_CONFIG",
+    "Service", "Context", "run", "serve", "EXIT_BUS", "EXIT_CONFIG", "SharedRegion",
 ]

@@ -57,8 +57,10 @@ def mm_bundle() -> bytes:
     return b.to_bytes()
 
 
-def config(drivers: int = 1, extra: str = "", health: Sequence[str] = ()) -> str:
-    """``health``: each driver's health source (default: the one health driver)."""
+def config(drivers: int = 1, extra: str = "", health: Sequence[str] = (), inline: str = "off",
+           settings: str = "") -> str:
+    """``health``: each driver's health source (default: the one health driver).  The tests
+    of placement keep every model on the drivers (``inline``: the scheduler's own lane)."""
     names = ", ".join(f'{{ name = "accel-{i}"' + (f', health = "{health[i]}"' if health else "") + " }"
                       for i in range(drivers))
     accel = "".join(f"""
@@ -81,12 +83,12 @@ command = ["{{python}}", "-m", "services.scheduler"]
 requires = ["modelstore"]
 capabilities = ["call:modelstore.*", "call:accel-*", "subscribe:modelstore.*", "subscribe:health.*",
                 "subscribe:sensor.*", "publish:scheduler.*", "publish:alerts.*", "publish:results.*"]
-settings = {{ drivers = [{names}], step_s = 0.2, max_delay_ms = 5, health_report_s = 60 }}
+settings = {{ drivers = [{names}], step_s = 0.2, max_delay_ms = 5, health_report_s = 60, inline = "{inline}"{settings} }}
 {extra}"""
 
 
-async def boot(make_system, drivers: int = 1) -> System:
-    system: System = make_system(config(drivers))
+async def boot(make_system, drivers: int = 1, inline: str = "off") -> System:
+    system: System = make_system(config(drivers, inline=inline))
     names = ["security", "modelstore", "scheduler", "health", *(f"accel-{i}" for i in range(drivers))]
     await system.wait_ready(*names)
     async with system.client() as bus:
@@ -339,3 +341,54 @@ def test_sensor_settings_are_a_tagged_union_on_kind(tmp_path: Path) -> None:
         with pytest.raises(SettingsError) as info:
             decode_settings(raw, SensorSettings, base=tmp_path, service="cam")
         assert info.value.key == key, (raw, info.value)
+
+
+# -- the inline lane: models of microseconds run in the scheduler's own process ----------------------
+
+async def test_a_tiny_model_moves_inline_and_answers_the_same_bits(make_system) -> None:
+    """auto: after a few runs measured on the (CPU) driver, the 4x4 MatMul runs in the
+    scheduler; its answers are bit-equal to the driver's and to direct ONNX Runtime, and it
+    goes on answering while its driver is stopped."""
+    system = await boot(make_system, inline="auto")
+    session = ort.InferenceSession(matmul(W_FULL), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).random((1, 4), dtype=np.float32)
+    expected = session.run(None, {"x": x})[0]
+    async with system.client() as bus:
+        where = []
+        with anyio.fail_after(60):
+            while not where or where[-1] != "scheduler":
+                result, y = await infer(bus, x)
+                where.append(result.driver)
+                assert np.array_equal(y, expected), result.driver
+        assert where[0] == "accel-0"  # measured there first
+        schedule = await bus.call("scheduler", GetSchedule(), Schedule)
+        assert schedule.models[0].inline
+        system.busctl("stop", "accel-0", check=True)
+        for _ in range(5):
+            result, y = await infer(bus, x)
+            assert result.driver == "scheduler" and np.array_equal(y, expected)
+        with pytest.raises(BadMessage, match="float32"):  # the contract still checks first
+            await infer(bus, np.zeros((1, 4), dtype=np.float64))
+
+
+async def test_inline_off_for_one_model_keeps_it_on_its_driver(make_system) -> None:
+    system: System = make_system(config(1, inline="on", settings=', models = { mm = { inline = "off" } }'))
+    await system.wait_ready("security", "modelstore", "scheduler", "health", "accel-0")
+    async with system.client() as bus:
+        await bus.request("modelstore", Install(), frames=[mm_bundle()], timeout=60)
+        await bus.call("modelstore", Activate(name="mm", version="1.0.0"), ModelState)
+        drivers = {(await infer(bus, np.ones((1, 4), dtype=np.float32)))[0].driver for _ in range(40)}
+    assert drivers == {"accel-0"}
+
+
+def test_the_inline_decision() -> None:
+    from services.scheduler import decide_inline
+
+    assert decide_inline("off", 1e-5, 0.3, True, False) is False
+    assert decide_inline("on", None, 0.3, False, False) is True  # on: whatever was measured
+    assert decide_inline("auto", None, 0.3, True, False) is False  # not measured yet
+    assert decide_inline("auto", 1e-4, 0.3, False, False) is False  # a GPU driver keeps its models
+    assert decide_inline("auto", 2e-4, 0.3, True, False) is True
+    assert decide_inline("auto", 4e-4, 0.3, True, False) is False  # too slow to go inline...
+    assert decide_inline("auto", 4e-4, 0.3, True, True) is True  # ...but not to leave it (hysteresis)
+    assert decide_inline("auto", 7e-4, 0.3, True, True) is False

@@ -268,8 +268,8 @@ def test_a_microphone_replayed_from_a_wav_feeds_a_stream_pipeline(vad_path: Path
 command = ["{{python}}", "-m", "drivers.sensors"]
 capabilities = ["publish:sensor.*"]
 settings = {{ kind = "replay", file = "{tmp_path / 'mic.wav'}", frame = {CHUNK}, loop = true }}
-""").replace("health_report_s = 60 }", 'health_report_s = 60, pipelines = [{ source = "sensor.mic", model = "vad", '
-             'stream = true, parameters = { sr = 16000 }, rate = 100, on = 0.5, off = 0.3 }] }')
+""", settings=', pipelines = [{ source = "sensor.mic", model = "vad", stream = true, parameters = { sr = 16000 }, '
+              'rate = 100, on = 0.5, off = 0.3 }]')
     assert "sensor.mic" in text
     s = System(tmp_path, text)
     try:

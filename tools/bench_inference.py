@@ -26,13 +26,13 @@ import anyio
 import numpy as np
 
 from protocols import pack_tensors
-from services import connect
+from services import SharedRegion, connect
 from services.scheduler import Infer
 from tools._benchkit import boot, client, inference_config, install, matmul_onnx, stop, write_results
 
 
-def _config(pub: str, max_batch: int) -> str:
-    return inference_config(pub, f"max_batch = {max_batch}\nmax_delay_ms = 0\nmax_queue = 4096")
+def _config(pub: str, max_batch: int, inline: str = "auto") -> str:
+    return inference_config(pub, f"max_batch = {max_batch}\nmax_delay_ms = 0\nmax_queue = 4096\ninline = \"{inline}\"")
 
 
 def _channel_mean_onnx() -> bytes:
@@ -72,6 +72,23 @@ async def _latency(tmp: Path, model: str, x: np.ndarray, n: int) -> list[float]:
             t0 = time.perf_counter()
             await bus.request("scheduler", Infer(model=model, tensors=descs), frames=frames)
             times.append(time.perf_counter() - t0)
+    return times
+
+
+async def _latency_shm(tmp: Path, model: str, x: np.ndarray, n: int) -> list[float]:
+    """As _latency, the input written once into a shared-memory region of the client's (as a
+    camera writing there would) and the outputs written into it: no megabytes on the bus."""
+    async with client(tmp) as bus:
+        async with SharedRegion(bus, 2 * x.nbytes + (1 << 20)) as region:
+            descs = region.put({"x": x})
+            infer = Infer(model=model, tensors=descs, out_region=region.name, out_offset=x.nbytes + 4096)
+            for _ in range(min(200, n)):
+                await bus.request("scheduler", infer)
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await bus.request("scheduler", infer)
+                times.append(time.perf_counter() - t0)
     return times
 
 
@@ -115,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--throughput-n", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--inline", choices=("auto", "on", "off"), default="auto",
+                        help="the scheduler's inline lane (auto: small models run in the scheduler)")
     parser.add_argument("--out", default="bench-results/inference.json")
     args = parser.parse_args(argv)
     key = Ed25519PrivateKey.generate()
@@ -135,17 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     sessions = {name: ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
                 for name, (model, _, _) in cases.items()}
 
-    results: dict = {"latency": {name: {"direct": [], "bus": []} for name in cases},
+    results: dict = {"latency": {name: {"direct": [], "bus": []} for name in (*cases, "image-shm")},
                      "throughput": {"batched": [], "unbatched": []}}
     for run in range(args.runs):
         for mode in (("batched", "unbatched") if run % 2 == 0 else ("unbatched", "batched")):
-            proc, tmp = boot(_config(pub, 16 if mode == "batched" else 1))
+            proc, tmp = boot(_config(pub, 16 if mode == "batched" else 1, args.inline))
             try:
                 anyio.run(install, tmp, bundles)
                 if mode == "batched":  # direct and through the bus, one after the other per model
                     for name, (_, x, n) in cases.items():
                         results["latency"][name]["direct"].extend(_direct(sessions[name], x, n))
                         results["latency"][name]["bus"].extend(anyio.run(_latency, tmp, name, x, n))
+                        if name == "image":  # the same model, its tensors in shared memory
+                            results["latency"]["image-shm"]["direct"].extend(_direct(sessions[name], x, n))
+                            results["latency"]["image-shm"]["bus"].extend(anyio.run(_latency_shm, tmp, name, x, n))
                 results["throughput"][mode].append(anyio.run(_throughput, tmp, x_wide, args.throughput_n))
             finally:
                 stop(proc)
@@ -187,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stop(proc)
 
-    targets = {"small": (0.4, 0.8), "mid": (None, None), "image": (1.0, None)}
+    targets = {"small": (0.4, 0.8), "mid": (None, None), "image": (1.0, None), "image-shm": (1.0, None)}
     labels = {"small": "tiny model (4x4 MatMul, 16 B in)", "mid": "1 ms model (48x1024 @ 1024x1024, 192 KiB in/out)",
-              "image": "MB tensors (1.2 MB in / 0.4 MB out)"}
+              "image": "MB tensors (1.2 MB in / 0.4 MB out)",
+              "image-shm": "MB tensors in shared memory (services.SharedRegion)"}
     print(f"{'model':50} {'direct p50':>10} {'bus p50':>9} {'added p50':>10} {'added p99':>10} {'bus/direct':>10}")
     for name, row in added.items():
         t50, t99 = targets[name]

@@ -26,35 +26,17 @@ from typing import Any
 
 import anyio
 
-from protocols import pack_tensors
-from services import BadMessage, Context, InternalError, RemoteError, Service, run
+from protocols import DecodeError, pack_tensors
+from protocols.shm import RegionCache, RegionError, place_tensors, region_view
+from drivers.ops import ModelRunner, RunFailed, RunInputError
+from services import BadMessage, Context, InternalError, Service, run
 
 from ._settings import AccelSettings
 from protocols.modelstore import AssetBytes, GetAsset, GetModel, Manifest, ModelBytes
 
-from protocols.accel import FEATURES, Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
+from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
 
 __all__ = ["AcceleratorDriver"]
-
-
-class _Model:
-    def __init__(self, session: Any, manifest: Manifest, providers: list[str], assets: dict[str, bytes]) -> None:
-        self.session = session
-        self.manifest = manifest
-        self.providers = providers
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
-        #: its last run took under 0.5 ms: run it on the event loop, not in a worker thread
-        self.quick = False
-        #: the manifest's pre and post chains, ops and parameters checked once, here, at load
-        self.chains: Any = None
-        #: what a failing op raises (empty when the model has no ops: numba stays unimported)
-        self.op_errors: tuple[type[Exception], ...] = ()
-        if manifest.pre or manifest.post:
-            from drivers.ops import OpsError, build_chains
-
-            self.chains = build_chains(manifest, assets)
-            self.op_errors = (OpsError,)
 
 
 class AcceleratorDriver(Service):
@@ -75,8 +57,10 @@ class AcceleratorDriver(Service):
             self.log.warning("providers_unavailable", wanted=missing, available=available)
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
-        self.models: dict[tuple[str, str, str], _Model] = {}
+        self.models: dict[tuple[str, str, str], ModelRunner] = {}
         self._loading: dict[tuple[str, str, str], anyio.Event] = {}
+        #: clients' shared-memory regions the scheduler named, open (bounded: least recent closed)
+        self.shm = RegionCache(int(self.settings.max_region_mb * 2**20), int(self.settings.max_region_mb * 2**20))
         if self.settings.warm_ops:
             await self._warm_ops()
         self.log.info("accelerator_ready", providers=self.providers, threads=self.threads)
@@ -108,7 +92,7 @@ class AcceleratorDriver(Service):
             case Run():
                 return await self._run(req, ctx)
 
-    async def _model(self, name: str, version: str, variant: str) -> _Model:
+    async def _model(self, name: str, version: str, variant: str) -> ModelRunner:
         key = (name, version, variant)
         while key not in self.models:
             if key in self._loading:  # someone is loading it: wait for that
@@ -144,69 +128,57 @@ class AcceleratorDriver(Service):
             found[name] = bytes(incoming.frames[0].buffer)
         return found
 
-    def _session(self, data: bytes, manifest: Manifest, assets: dict[str, bytes]) -> _Model:
-        ort = self.ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(data, opts, providers=self.providers)
-        used = session.get_providers()
-        fell = [p for p in self.providers if p not in used]
+    def _session(self, data: bytes, manifest: Manifest, assets: dict[str, bytes]) -> ModelRunner:
+        runner = ModelRunner(data, manifest, assets, self.providers, self.threads)
+        fell = [p for p in self.providers if p not in runner.providers]
         if fell:
-            self.log.warning("provider_fallback", requested=self.providers, used=used,
-                             detail="ONNX Runtime silently fell back; this session runs on " + ", ".join(used))
-        return _Model(session, manifest, used, assets)
+            self.log.warning("provider_fallback", requested=self.providers, used=runner.providers,
+                             detail="ONNX Runtime silently fell back; this session runs on " + ", ".join(runner.providers))
+        return runner
 
     async def _run(self, req: Run, ctx: Context) -> tuple[RunResult, list]:
         m = await self._model(req.model, req.version, req.variant)
-        # named as the scheduler checked them against the model's contract
-        inputs = {t.name: ctx.tensor(t) for t in req.inputs}  # a malformed descriptor answers bad-message
-        ops = m.chains is not None and not req.raw
+        # named as the scheduler checked them against the model's contract; a tensor in a
+        # client's shared-memory region is read where the client wrote it
+        inputs = {t.name: self._region_view(t, req.regions) if t.region else ctx.tensor(t) for t in req.inputs}
 
-        def compute() -> tuple[dict[str, Any], float, float, float]:
-            t0 = time.perf_counter()
-            feed = inputs
-            if ops:
-                try:
-                    feed = m.chains.pre(inputs)
-                except m.op_errors as exc:
-                    raise BadMessage(f"{req.model}: an input does not fit its pre ops: {exc}") from exc
-            t1 = time.perf_counter()
-            outputs = dict(zip(m.output_names, m.session.run(None, feed)))
-            t2 = time.perf_counter()
-            if ops:
-                try:
-                    outputs = m.chains.post(outputs)
-                except m.op_errors as exc:
-                    raise BadMessage(f"{req.model}: its post ops cannot take what the model gave: {exc}") from exc
-            if req.features:
-                outputs[FEATURES] = feed[m.input_names[0]]
-            t3 = time.perf_counter()
-            return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        def compute() -> tuple[dict[str, Any], tuple[float, float, float]]:
+            return m.run(inputs, raw=req.raw, features=req.features, outputs=req.outputs)
 
         try:
             if m.quick:  # microseconds of work: a thread hand-off would cost more than it
-                outputs, pre_ms, run_ms, post_ms = compute()
+                outputs, (pre_ms, run_ms, post_ms) = compute()
             else:
-                outputs, pre_ms, run_ms, post_ms = await anyio.to_thread.run_sync(compute)
-            m.quick = (pre_ms + run_ms + post_ms) < 0.5
-        except RemoteError:  # bad-message from the ops, said as the client should read it
-            raise
-        except Exception as exc:  # ORT's errors: wrong dtype/shape, NaN checks...
-            message = str(exc).splitlines()[0][:400]
-            if "INVALID_ARGUMENT" in str(exc) or "Unexpected input" in str(exc) or "data type" in str(exc):
-                raise BadMessage(f"{req.model}: {message}") from exc
-            raise InternalError(f"{req.model}: {message}") from exc
-        if req.outputs:  # only what the scheduler's callers asked for travels back
-            unknown = [n for n in req.outputs if n not in outputs]
-            if unknown:
-                raise BadMessage(f"{req.model} gives no output {', '.join(map(repr, unknown))}; it gives "
-                                 f"{', '.join(map(repr, outputs))}")
-            outputs = {n: outputs[n] for n in (*req.outputs, *([FEATURES] if req.features else []))}
-        descs, frames = pack_tensors(outputs, zero_copy=True)  # ours (ORT's or the ops' new arrays), never written again
+                outputs, (pre_ms, run_ms, post_ms) = await anyio.to_thread.run_sync(compute)
+        except RunInputError as exc:  # said as the client should read it
+            raise BadMessage(str(exc)) from exc
+        except RunFailed as exc:
+            raise InternalError(str(exc)) from exc
+        except Exception as exc:  # an op's kernel failing some other way: a bug, said as one
+            raise InternalError(f"{req.model}: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        placed = None
+        if req.out_region:  # into the client's region, when they fit (else as frames)
+            placed = place_tensors(outputs, req.out_region, self._region(req.out_region, req.regions),
+                                   req.out_offset, req.out_end)
+        if placed is not None:
+            descs, frames = placed, []
+        else:
+            descs, frames = pack_tensors(outputs, zero_copy=True)  # ours (ORT's or the ops' new arrays), never written again
         return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
+
+    def _region(self, name: str, regions: dict[str, int]) -> Any:
+        if name not in regions:
+            raise BadMessage(f"region {name!r} is not among the run's regions")
+        try:
+            return self.shm.get(name, regions[name])
+        except RegionError as exc:
+            raise BadMessage(str(exc)) from None
+
+    def _region_view(self, desc: Any, regions: dict[str, int]) -> Any:
+        try:
+            return region_view(desc, self._region(desc.region, regions))
+        except DecodeError as exc:
+            raise BadMessage(str(exc)) from None
 
     def _describe(self) -> Device:
         from drivers.health import read_cpu_load, read_memory, read_temperature

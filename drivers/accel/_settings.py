@@ -20,3 +20,5 @@ class AccelSettings(Settings):
     #: run every pre/post op once before serving, so that numba's compilation (seconds per
     #: op with a cold cache) is not paid by the first requests
     warm_ops: bool = True
+    #: clients' shared-memory regions kept open at once, in MiB (least recently used closed)
+    max_region_mb: Annotated[float, msgspec.Meta(gt=0)] = 512.0

@@ -33,7 +33,7 @@ class Job:
     """One request waiting for its batch; ``done`` is set with ``result`` or ``error``."""
 
     __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "result", "error",
-                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin", "want")
+                 "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin", "want", "owner", "out")
 
     def __init__(self, model: str, version: str, inputs: dict[str, np.ndarray], priority: int, deadline: float,
                  plan: Plan, variant: str = "") -> None:
@@ -46,6 +46,10 @@ class Job:
         self.pin: str | None = None
         #: the outputs its caller wants (None: all); the batch brings back the union of its jobs'
         self.want: frozenset[str] | None = None
+        #: its caller (whose shared-memory regions its tensors may name), and the region and
+        #: offset its outputs go to (None: frames)
+        self.owner = ""
+        self.out: tuple[str, int] | None = None
         #: deadline: wall-clock seconds (the bus header's), 0 for none
         self.priority, self.deadline, self.seq = priority, deadline, next(_seq)
         self.done = anyio.Event()

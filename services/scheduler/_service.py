@@ -44,13 +44,17 @@ from protocols.scheduler import (
     GetSchedule,
     Infer,
     InferResult,
+    MapRegion,
     ModelQueue as QueueState,
     OpenStream,
+    RegionUnmapped,
+    UnmapRegion,
     Reply,
     Request,
     Schedule,
 )
 from protocols.sensors import SensorFrame
+from protocols.shm import place_tensors
 from protocols.telemetry import FeatureSamples
 from services import (
     BadMessage,
@@ -71,9 +75,11 @@ from ._batching import form_batch, misfit, split, stack, undefined, wanted_outpu
 from ._contract import Plan
 from ._ladder import Ladder, fallback, variant_for
 from ._graphs import Graphs
+from ._inline import InlineLane, decide_inline
 from ._pipelines import Pipeline
 from ._placement import Driver, apply_health, run_pinned, run_with_failover, thermal_pressure
 from ._queueing import Job, ModelQueue, check_priority
+from ._regions import Regions
 from ._streaming import Streaming
 from ._streams import Streams
 from ._tuning import BatchTuner
@@ -118,6 +124,8 @@ class Scheduler(Service):
         self.tuners: dict[str, BatchTuner] = {}
         self.models: dict[str, ModelState] = {}
         self.streaming = Streaming(self, Streams(s.max_streams, s.stream_idle_s))
+        self.inline = InlineLane(self.bus, self.log, [d.name for d in self.drivers])
+        self.regions = Regions(s.max_regions, int(s.max_region_mb * 2**20))
         self.served: dict[tuple[str, str, str], _Served] = {}
         m = self.metrics
         self.m_queue = m.histogram("edgebus_inference_queue_seconds", "Time queued before its batch left",
@@ -175,22 +183,33 @@ class Scheduler(Service):
             case GetSchedule():
                 return self._schedule()
             case Infer(stream=""):
-                arrays = [ctx.tensor(t) for t in req.tensors]
+                arrays = [self.regions.view(ctx.sender, t) if t.region else ctx.tensor(t) for t in req.tensors]
+                out = None
+                if req.out_region:
+                    self.regions.get(ctx.sender, req.out_region)  # (mapped: else bad-message now)
+                    out = (req.out_region, req.out_offset)
                 return await self.infer(req.model, arrays, req.version, req.priority, req.key,
                                         ctx.deadline or time.time() + self.settings.default_timeout,
-                                        req.tensors, req.variant, req.outputs)
+                                        req.tensors, req.variant, req.outputs, ctx.sender, out)
             case Infer():
                 return await self.streaming.chunk(req, ctx)
             case OpenStream():
                 return await self.streaming.open(req, ctx)
             case CloseStream(stream=stream_id):
                 return self.streaming.close(stream_id, ctx.sender)
+            case MapRegion(name=name, size=size):
+                return self.regions.map(ctx.sender, name, size)
+            case UnmapRegion(name=name):
+                self.regions.unmap(ctx.sender, name)
+                return RegionUnmapped(name=name)
 
     async def infer(self, model: str, arrays: list[np.ndarray], version: str, priority: int, key: str,
                     deadline: float, descs: Sequence[Tensor] = (), variant: str = "",
-                    outputs: Sequence[str] = ()) -> tuple[InferResult, list]:
+                    outputs: Sequence[str] = (), owner: str = "",
+                    out: tuple[str, int] | None = None) -> tuple[InferResult, list]:
         """Run ``model`` on ``arrays`` (described by ``descs``: named, or unnamed in the
-        contract's order) and answer with its outputs (only those named in ``outputs``)."""
+        contract's order) and answer with its outputs (only those named in ``outputs``): in
+        the region ``out`` names (region, offset) of ``owner``'s, or as frames."""
         if model in self.graphs:  # a pipeline: its stages, each through here (_graphs)
             return await self.graphs.infer(model, arrays, version, priority, key, deadline, descs, variant, outputs)
         version, manifest, plan, variant = await self._prepare(model, version, key, variant)
@@ -199,10 +218,18 @@ class Scheduler(Service):
         check_priority(priority)
         job = Job(model, version, inputs, priority, deadline, plan, variant)
         job.want = frozenset(wanted) if wanted else None
+        job.owner, job.out = owner, out
         await self._run(job, manifest)
         assert job.result is not None
         given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
-        out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
+        placed = None
+        if out is not None:  # where the client asked (the driver may have written them there already)
+            region = self.regions.get(owner, out[0])
+            placed = place_tensors(given, region.name, region.buf, out[1], region.size)
+        if placed is not None:
+            out_descs, frames = placed, []
+        else:  # (when they do not fit the client's region: as frames, which it reads as any)
+            out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
         job.result.outputs = out_descs
         return job.result, frames
 
@@ -380,31 +407,76 @@ class Scheduler(Service):
             return dict(zip([s.name for s in manifest.outputs], fallback(manifest, x))), "scheduler", 0.0
         # the input features, for drift detection (not for the clients)
         features = bool(manifest.pre and manifest.reference)
-        descs, frames = pack_tensors(inputs, zero_copy=True)  # the clients' frames, or their stack
+        run = self._shared(batch[0], inputs) if len(batch) == 1 and batch[0].owner else None
+        if run is None:
+            descs, frames = pack_tensors(inputs, zero_copy=True)  # the clients' frames, or their stack
+            run = Run(model=model, version=version, inputs=descs)
+        else:  # the client's regions, named: the driver reads (and writes) them where they are
+            frames = []
+        run.variant, run.features, run.outputs = variant, features, wanted_outputs(batch) or []
 
         async def send(driver: Driver) -> Any:
-            return await self.bus.request(driver.name, Run(model=model, version=version, variant=variant,
-                                                           inputs=descs, features=features,
-                                                           outputs=wanted_outputs(batch) or []),
-                                          frames=frames, deadline=deadline)
+            return await self.bus.request(driver.name, run, frames=frames, deadline=deadline)
 
         def failed(driver: Driver, exc: Exception) -> None:
             self.log.warning("driver_failed", driver=driver.name, model=model, error=str(exc))
 
         deadline = max(j.deadline for j in batch)
         pin = batch[0].pin
-        if pin is None:
-            incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
-        else:  # a stream's chunks run where the stream is pinned, or fail (and it is reset there)
-            incoming, driver = await run_pinned(self.drivers, pin, send, failed)
-        result = incoming.decode(RunResult)
-        outputs = {t.name: incoming.tensor(t) for t in result.outputs}
+        runner = self._inline_runner(model, version, variant) if pin is None else None
+        if runner is not None:  # a model of microseconds: here, sparing the hops to a driver
+            outputs, took_ms = await self.inline.run(runner, inputs, features, wanted_outputs(batch) or [])
+            where = "scheduler"
+        else:
+            if pin is None:
+                incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send,
+                                                           failed)
+            else:  # a stream's chunks run where the stream is pinned, or fail (and it is reset there)
+                incoming, driver = await run_pinned(self.drivers, pin, send, failed)
+            result = incoming.decode(RunResult)
+            outputs = {t.name: self.regions.view(batch[0].owner, t) if t.region else incoming.tensor(t)
+                       for t in result.outputs}
+            # the driver's whole work on the batch: its pre ops, the model, its post ops
+            where, took_ms = driver.name, result.pre_ms + result.compute_ms + result.post_ms
         if features:
             fdescs, fframes = pack_tensors([outputs.pop(FEATURES)])
             await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
                                                                       tensor=fdescs[0]), frames=fframes)
-        # the driver's whole work on the batch: its pre ops, the model, its post ops
-        return outputs, driver.name, result.pre_ms + result.compute_ms + result.post_ms
+        return outputs, where, took_ms
+
+    def _shared(self, job: Job, inputs: dict[str, np.ndarray]) -> Run | None:
+        """A Run naming the client's regions for a job whose inputs all lie in them (None:
+        some do not, they go as frames), with its outputs' region when it asked for one."""
+        descs, regions = [], {}
+        for name, array in inputs.items():
+            found = self.regions.locate(job.owner, array)
+            if found is None:
+                return None
+            mapped, offset = found
+            regions[mapped.name] = mapped.inode
+            descs.append(Tensor(dtype=array.dtype.name, shape=list(array.shape), name=name, region=mapped.name,
+                                offset=offset))
+        run = Run(model=job.model, version=job.version, inputs=descs, regions=regions)
+        if job.out is not None:
+            mapped = self.regions.get(job.owner, job.out[0])
+            regions[mapped.name] = mapped.inode
+            run.out_region, run.out_offset, run.out_end = mapped.name, job.out[1], mapped.size
+        return run
+
+    def _inline_runner(self, model: str, version: str, variant: str) -> Any:
+        """The scheduler's own runner of this model when it runs inline (_inline), else None."""
+        mode = self.settings.inline_of(model)
+        if mode == "off":
+            return None
+        lane = self.inline
+        go = decide_inline(mode, self.tuners[model].alone, self.settings.inline_max_ms,
+                           mode == "on" or lane.cpu(self._tg), model in lane.inline)
+        runner = lane.runner((model, version, variant), self._tg) if go else None
+        if runner is None:
+            lane.inline.discard(model)
+        else:
+            lane.inline.add(model)
+        return runner
 
     # -- the ladder --------------------------------------------------------------------------------
 
@@ -538,7 +610,8 @@ class Scheduler(Service):
             models=[QueueState(model=m, depth=len(q), served=q.served, expired=q.expired, failed=q.failed,
                                late=q.late, batches=q.batches,
                                mean_batch=round(q.batched / q.batches, 2) if q.batches else 0.0,
-                               batching=self.tuners[m].describe() if m in self.tuners else "")
+                               batching=self.tuners[m].describe() if m in self.tuners else "",
+                               inline=m in self.inline.inline)
                     for m, q in sorted(self.queues.items())],
             drivers=[d.state(now) for d in self.drivers])
 

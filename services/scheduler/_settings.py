@@ -78,16 +78,21 @@ class PipelineSettings(Settings):
 
 
 Batching = Literal["auto", "on", "off"]
+#: where a model runs: "auto" in the scheduler's own process once measured to take at most
+#: inline_max_ms on a CPU driver (see _inline), "on" there always, "off" on the drivers only
+Inline = Literal["auto", "on", "off"]
 
 
 class ModelSettings(Settings):
-    """One model's batching, over the scheduler's defaults (``[services.scheduler.settings.models.NAME]``)."""
+    """One model's batching and lane, over the scheduler's defaults (``[services.scheduler.settings.models.NAME]``)."""
 
     #: "auto": batch while it costs less per row than a run of one, measured on this device;
     #: "on": always up to max_batch; "off": one request per run
     batching: Batching | None = None
     max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_delay_ms: NonNegative | None = None
+    #: run it in the scheduler's own process (inline lane): "auto", "on", "off"
+    inline: Inline | None = None
 
 
 class StageSettings(Settings):
@@ -149,6 +154,14 @@ class SchedulerSettings(Settings):
     step_s: Positive = 1.0
     #: seconds between serving-health reports to the model store (its trial gates)
     health_report_s: Positive = 5.0
+    #: models of microseconds run in the scheduler's own process, sparing the two bus hops to
+    #: a driver and back: "auto" once a model's run of one measured at most inline_max_ms on
+    #: CPU drivers, "on" every model (on the CPU), "off" none (see services/scheduler/_inline.py)
+    inline: Inline = "auto"
+    inline_max_ms: NonNegative = 0.3
+    #: shared-memory regions (protocols.shm) a client may map at once, and their bytes in all
+    max_regions: Annotated[int, msgspec.Meta(ge=0)] = 8
+    max_region_mb: NonNegative = 256.0
     #: at least one; a batch goes to one of them
     drivers: Annotated[list[DriverSettings], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=_default_drivers)
@@ -168,6 +181,11 @@ class SchedulerSettings(Settings):
         own = self.models.get(model) or ModelSettings()
         return (own.batching or self.batching, own.max_batch or self.max_batch,
                 (self.max_delay_ms if own.max_delay_ms is None else own.max_delay_ms) / 1000)
+
+    def inline_of(self, model: str) -> Inline:
+        """``model``'s inline mode."""
+        own = self.models.get(model)
+        return (own.inline if own is not None else None) or self.inline
 
     def __post_init__(self) -> None:
         if self.cool_c > self.hot_c:
