@@ -31,7 +31,7 @@ from protocols import (
 
 from ._boundary import PeerGone, PeerReady
 from ._config import SERVICE_NAME
-from ._core import ERROR, KERNEL, SECURITY, RouterCore, log
+from ._core import CONTROL, ERROR, KERNEL, SECURITY, RouterCore, log
 from ._peers import Peer
 
 _CONTROL_TYPES = frozenset(t.__struct_config__.tag for t in typing.get_args(Control))
@@ -128,9 +128,15 @@ class Sessions(RouterCore):
     def _sessionless(self, identity: bytes, hdr: Header) -> None:
         """A message other than Hello on a connection without a session.  If the kernel
         ended one there lately, it answers ``unauthenticated`` saying why (the peer learns
-        that its session is over and may say Hello again); else ``bad-message``.  Either is
+        that its session is over and may say Hello again), as it does to a Heartbeat on a
+        connection it never knew (a kernel started again); else ``bad-message``.  Either is
         logged at the 1st, 10th, 100th... of the connection (see Summary)."""
         why = self._ended.get(identity)
+        if why is None and hdr.type == "Heartbeat" and hdr.kind == CONTROL:
+            # only a peer that had a session beats: this kernel does not know it, so it
+            # started after that session began (a restart, with new credentials: 5.1)
+            self.answer(identity, hdr, _ended("this kernel has no session on this connection (it started again)"))
+            return
         if why is None:
             self._malformed += 1
             self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,

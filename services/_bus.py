@@ -283,11 +283,14 @@ class BusClient:
         curve: tuple[bytes, bytes, bytes] | None = None,
         reconnect: bool = True,
         connect_timeout: float = 10.0,
+        credential_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
         self._hello = hello or Hello(service=service)
         self._hello.credential = credential
+        #: re-read at every new session (the kernel writes fresh credentials at each start)
+        self._credential_file = Path(credential_file) if credential_file else None
         self._hello.pid = os.getpid()
         self._hello.minor = PROTOCOL_MINOR
         self._on_request = on_request
@@ -704,11 +707,18 @@ class BusClient:
         scope.cancel()
 
     async def _reconnect(self, reason: str) -> None:
-        """A new socket and Hello (the same credential), with back-off, until Welcome; a
-        Hello the kernel refuses ends the client with ConnectionLost."""
+        """A new socket and Hello, with back-off, until Welcome; a Hello the kernel refuses
+        ends the client with ConnectionLost.  The credential is the file's again when it came
+        from one (PROTOCOL.md 5.1: a kernel started again wrote a fresh one), else the same."""
         delay = RECONNECT_FIRST
         while True:
             await anyio.sleep(delay)
+            if self._credential_file is not None:
+                try:
+                    self._hello.credential = self._credential_file.read_text().strip()
+                except OSError:  # not written yet by a kernel starting again: the next attempt
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
             self._asock.close()
             self._asock = self._socket()
             self._asock.sock.connect(self.endpoint)
@@ -1010,17 +1020,20 @@ async def connect(
     connect_timeout: float = 10.0,
     curve: tuple[bytes, bytes, bytes] | None = None,
     reconnect: bool = True,
+    credential_file: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> AsyncIterator[BusClient]:
     """Join the bus, say Hello, and keep the connection alive for the ``async with`` body.
 
     The endpoint comes from ``endpoint``, else ``run_dir``, else EDGEBUS_BUS, else
-    EDGEBUS_RUN_DIR; the credential from ``credential`` or :func:`read_credential`.
+    EDGEBUS_RUN_DIR; the credential from ``credential``, else ``credential_file``, else
+    :func:`read_credential` (EDGEBUS_CREDENTIAL_FD or EDGEBUS_CREDENTIAL_FILE).  A credential
+    from a file is read again from it for every new session.
     Over tcp, ``curve`` is (server public key, own public key, own secret key), Z85: the
     kernel knows the peer by its enrolled public key, and no credential is needed.
 
     When the kernel ends the session (it says why) or goes silent for liveness x interval,
-    the client starts a new one with the same credential, after 0.1 s doubling up to 5 s
+    the client starts a new one (the credential read again when it came from a file), after 0.1 s doubling up to 5 s
     between attempts, and subscribes again; calls out at that moment fail with
     ConnectionLost naming the reason, later ones wait for the new session.  With
     ``reconnect=False`` (what a service does) the loss ends the ``async with`` with
@@ -1038,9 +1051,14 @@ async def connect(
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
         raise ConnectError(endpoint, "the bus socket does not exist; is edgebus running with that run directory?")
     if credential is None:
-        credential = read_credential()
+        if credential_file is None and not os.environ.get(ENV_CREDENTIAL_FD):
+            credential_file = os.environ.get(ENV_CREDENTIAL_FILE) or None
+        credential = Path(credential_file).read_text().strip() if credential_file else read_credential()
+    else:
+        credential_file = None  # (given as a string: the same at every session)
     client = BusClient(service, endpoint, credential, hello=hello, on_request=on_request, curve=curve,
-                       reconnect=reconnect, connect_timeout=connect_timeout, **options)
+                       reconnect=reconnect, connect_timeout=connect_timeout, credential_file=credential_file,
+                       **options)
     try:
         client._asock.sock.connect(endpoint)
         await client._handshake(connect_timeout)

@@ -175,6 +175,35 @@ async def test_a_client_whose_session_was_ended_reconnects_and_resubscribes(make
             await _mark_arrives(operator, sub, "after")
 
 
+async def test_a_client_reads_its_credential_file_again_when_the_kernel_starts_again(make_system) -> None:
+    """PROTOCOL.md 5.1: a kernel started again writes fresh credentials; a client whose
+    credential came from a file says Hello with the new one and goes on."""
+    from services import connect
+
+    system: System = make_system(_SESSIONS)
+    await system.wait_ready("greeter")
+    path = system.run_dir / "credentials" / "client"
+    async with connect("client", endpoint=system.endpoint, credential_file=path) as bus:
+        assert (await bus.call("greeter", Add(a=1, b=2), Sum, timeout=5)).value == 3
+        old = path.read_text()
+        system.stop()
+        again = System(system.tmp, _SESSIONS)  # the same run directory, a new kernel
+        try:
+            again.wait_bus()
+            await again.wait_ready("greeter")
+            assert path.read_text() != old
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        assert (await bus.call("greeter", Add(a=2, b=2), Sum, timeout=5)).value == 4
+                        break
+                    except ConnectionLost:  # (the session the old kernel's end cut)
+                        continue
+            assert bus.sessions >= 2
+        finally:
+            again.kill()
+
+
 async def test_connect_without_reconnect_ends_with_the_reason(make_system) -> None:
     system: System = make_system(_SESSIONS)
     await system.wait_ready("greeter")
