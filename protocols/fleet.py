@@ -223,6 +223,8 @@ class ModelReport(msgspec.Struct, tag=True, omit_defaults=True):
     active: str = ""
     #: the version in trial (also the active one) until the store's health gates commit it
     trial: str = ""
+    #: the version a rollback returns to (the model store's ``previous``)
+    previous: str = ""
     requests: int = 0
     errors: int = 0
     p95_ms: float = 0.0

@@ -24,6 +24,7 @@ from conftest import System, wait_for
 from services import BusError
 from services.examples.greeter import Greet, Greeting
 from services.fleet import Activate as AgentActivate
+from services.fleet import Rollback as AgentRollback
 from services.fleet import (Agent, Audit, Connected, DiskStorage, Done, Install, MemoryStorage, Models, Publish, Received,
                             Serving, Subscribe)
 from services.security._trust import TrustStore
@@ -111,7 +112,7 @@ command = ["{{python}}", "-m", "services.fleet"]
 requires = ["modelstore"]
 capabilities = [
   "call:security.DeviceKey", "call:security.Attest", "call:security.TrustList", "call:security.AuditAppend",
-  "call:modelstore.ListModels", "call:modelstore.Install", "call:modelstore.Activate", "subscribe:modelstore.*",
+  "call:modelstore.ListModels", "call:modelstore.Install", "call:modelstore.Activate", "call:modelstore.Rollback", "subscribe:modelstore.*",
   "call:kernel.ListServices", "call:kernel.Reload", "subscribe:metrics.scheduler", "subscribe:telemetry.drift",
 ]
 backoff_initial = 0.05
@@ -269,6 +270,13 @@ async def test_a_device_receives_a_signed_deployment_resumes_after_kill_9_and_re
         op.deploy(op.t.device_desired("dev1"), 11, "device:dev1", [ref], expires_in=-10, deployment="stale")
         report = op.wait_report("dev1", lambda r: r.refused.reason == "expired", "an expired document refused")
         assert report.current.version == 2 and report.applied_version == 2 and _model(report, "demo").active == "1.1.0"
+
+        # back to 1.0.0 (a newer document naming it): the store's Rollback, no trial, nothing fetched
+        op.deploy(op.t.device_desired("dev1"), 12, "device:dev1", [ref], deployment="back")
+        report = op.wait_report("dev1", lambda r: r.current.version == 12 and r.current.outcome == "succeeded",
+                                "the rollback to 1.0.0")
+        m = _model(report, "demo")
+        assert (m.active, m.trial) == ("1.0.0", "")
         audit = await _audit(system)
         for reason in ("replay", "unknown-key", "expired"):
             assert any(a.startswith("fleet-refused") and f" {reason}: " in a for a in audit), (reason, audit)
@@ -406,7 +414,11 @@ class Harness:
                     case AgentActivate(name=name, version=version):
                         m = self.store[name]
                         m.trial = version if m.active else ""
-                        m.active = version
+                        m.previous, m.active = m.active or m.previous, version
+                        queue += [Models(list(self.store.values())), Done(action, True)]
+                    case AgentRollback(name=name):
+                        m = self.store[name]
+                        m.active, m.previous, m.trial = m.previous, "", ""
                         queue += [Models(list(self.store.values())), Done(action, True)]
                     case Audit():
                         self.audit.append(action)

@@ -27,6 +27,7 @@ from ._agent import (
     Models,
     Publish,
     Received,
+    Rollback,
     Serving,
     Storage,
     StorageFull,
@@ -42,7 +43,7 @@ from ._settings import BrokerSettings, FleetSettings
 __all__ = [
     "Agent", "AgentState", "Storage", "DiskStorage", "MemoryStorage", "StorageFull",
     "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
-    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "ApplyConfig", "Audit",
+    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "Rollback", "ApplyConfig", "Audit",
     "FleetSettings", "BrokerSettings", "ConfigFragmentError", "merge_fragment", "dumps", "FleetService",
 ]
 

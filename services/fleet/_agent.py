@@ -68,7 +68,7 @@ from protocols.security import SignedReport
 __all__ = [
     "AgentState", "Storage", "MemoryStorage", "DiskStorage", "Agent", "StorageFull",
     "Event", "Connected", "Disconnected", "Received", "Models", "Done", "Health", "Serving", "Tick", "TrustChanged",
-    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "ApplyConfig", "Audit",
+    "Action", "Subscribe", "Unsubscribe", "Publish", "Fetch", "Fetched", "Install", "Activate", "Rollback", "ApplyConfig", "Audit",
 ]
 
 
@@ -384,6 +384,14 @@ class Activate(msgspec.Struct):
     version: str
 
 
+class Rollback(msgspec.Struct):
+    """Return ``name`` to its previous version (the model store's Rollback: no trial), for a
+    document that names the version before the active one."""
+
+    name: str
+    version: str
+
+
 class ApplyConfig(msgspec.Struct):
     fragment: ConfigFragment
 
@@ -394,7 +402,7 @@ class Audit(msgspec.Struct, omit_defaults=True):
     detail: str = ""
 
 
-Action = Subscribe | Unsubscribe | Publish | Fetch | Install | Activate | ApplyConfig | Audit
+Action = Subscribe | Unsubscribe | Publish | Fetch | Install | Activate | Rollback | ApplyConfig | Audit
 
 
 class _Download:
@@ -442,7 +450,7 @@ class Agent:
         self.attestation: SignedReport | None = None
         self.download: _Download | None = None
         #: the action in flight (one at a time), awaiting its Done
-        self.pending: Install | Activate | ApplyConfig | None = None
+        self.pending: Install | Activate | Rollback | ApplyConfig | None = None
         self._seen: set[str] = set()  # digests of documents already judged (not to re-audit)
         self._reported: bytes = b""
         self._dirty = False
@@ -691,7 +699,10 @@ class Agent:
                 self._dirty = True
                 continue
             self._set_status("installing")
-            self.pending = Activate(ref.name, ref.version)
+            if m is not None and m.previous == ref.version:
+                self.pending = Rollback(ref.name, ref.version)  # back to the version before: no trial
+            else:
+                self.pending = Activate(ref.name, ref.version)
             out.append(self.pending)
             return
         # 4. config
@@ -739,13 +750,14 @@ class Agent:
                         if ref.version not in m.versions:
                             m.versions = [*m.versions, ref.version]
                     out.append(Audit("fleet-installed", f"{ref.name} {ref.version}", f"sha256 {ref.sha256}"))
-            case Activate(name=name, version=version):
+            case Activate(name=name, version=version) | Rollback(name=name, version=version):
                 if not ok:
                     self._fail(f"the model store did not activate {name} {version}: {reason}", out)
                 else:
                     self.state.activated.append(f"{name}@{version}")
                     self._dirty = True
-                    out.append(Audit("fleet-activated", f"{name} {version}"))
+                    out.append(Audit("fleet-activated", f"{name} {version}",
+                                     "rolled back to it" if isinstance(action, Rollback) else ""))
             case ApplyConfig(fragment=fragment):
                 if not ok:
                     self._fail(f"the config fragment was not applied: {reason}", out)

@@ -29,6 +29,7 @@ from protocols import ListServices, Reload, Reloaded, ServiceList
 from protocols.fleet import HealthSummary, ModelReport
 from protocols.modelstore import Activate as StoreActivate
 from protocols.modelstore import Install as StoreInstall
+from protocols.modelstore import Rollback as StoreRollback
 from protocols.modelstore import Installed, ListModels, ModelList, ModelState
 from protocols.runtime import ENV_STATE_DIR
 from protocols.security import Attest, AuditAppend, DeviceKey, PublicKey, SignedReport, TrustedKeys, TrustList
@@ -53,6 +54,7 @@ from ._agent import (
     Models,
     Publish,
     Received,
+    Rollback,
     Serving,
     Subscribe,
     Tick,
@@ -192,7 +194,7 @@ class FleetService(Service):
                                             timeout=10)
                     except BusError as exc:
                         self.log.warning("fleet_audit_failed", kind=kind, error=str(exc))
-                case Install() | Activate() | ApplyConfig():
+                case Install() | Activate() | Rollback() | ApplyConfig():
                     self.tg.start_soon(self._carry_out, action)
                 case Fetch():
                     self.tg.start_soon(self._fetch, action)
@@ -207,7 +209,7 @@ class FleetService(Service):
             event = Fetched(f.sha256, f.index, error=str(exc) or type(exc).__name__)
         await self.events.send(event)
 
-    async def _carry_out(self, action: Install | Activate | ApplyConfig) -> None:
+    async def _carry_out(self, action: Install | Activate | Rollback | ApplyConfig) -> None:
         """One of the agent's steps through the bus (in its own task: an install takes a while);
         its outcome goes back to the agent as Done, after the model store's state."""
         agent = self.agent
@@ -223,6 +225,10 @@ class FleetService(Service):
                                              f"{ref.name} {ref.version}")
                 case Activate(name=name, version=version):
                     await self.bus.call("modelstore", StoreActivate(name=name, version=version), ModelState, timeout=30)
+                case Rollback(name=name, version=version):
+                    state = await self.bus.call("modelstore", StoreRollback(name=name), ModelState, timeout=30)
+                    if state.active != version:
+                        ok, reason = False, f"a rollback of {name} made {state.active or 'none'} active, not {version}"
                 case ApplyConfig(fragment=fragment):
                     ok, reason = await self._apply_config(fragment.toml)
         except BusError as exc:
@@ -256,7 +262,8 @@ class FleetService(Service):
 
     async def _models(self) -> list[ModelReport]:
         listing = await self.bus.call("modelstore", ListModels(), ModelList, timeout=20)
-        return [ModelReport(name=m.name, versions=m.versions, active=m.active, trial=m.trial) for m in listing.models]
+        return [ModelReport(name=m.name, versions=m.versions, active=m.active, trial=m.trial, previous=m.previous)
+                for m in listing.models]
 
     async def _watch_models(self, send: MemoryObjectSendStream[Event]) -> None:
         """The model store's events (installs, activations, commits, rollbacks by its health
