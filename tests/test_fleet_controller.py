@@ -317,3 +317,196 @@ def test_a_closed_pipe_is_quiet(tmp_path) -> None:
     r = subprocess.run(f"{BIN / 'edgebus'} fleet --state {tmp_path / 'f.sqlite'} acl | head -c 10 >/dev/null",
                        shell=True, capture_output=True, text=True, timeout=60)
     assert r.stderr == ""
+
+
+# -- the controller against a real mosquitto, with simulated devices (the real agent core) ------------
+
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+
+from protocols import fleet  # noqa: E402
+from protocols.fleet import Topics  # noqa: E402
+from tools._fleet_broker import BrokerOptions, Link  # noqa: E402
+from tools._fleet_controller import Controller  # noqa: E402
+from tools._fleet_sim import Fleet, SimStore  # noqa: E402
+
+from conftest import wait_for  # noqa: E402
+from helpers.mosquitto import Mosquitto, mqtt_client, plain_broker  # noqa: E402,F401  (a fixture)
+
+SIGNING = Ed25519PrivateKey.generate()
+SIGNING_PUB = SIGNING.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+class Sim:
+    """Simulated devices stepped in a thread of their own; ``call`` runs a function there."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.fleet = Fleet(broker.host, broker.port)
+        self.calls: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.fleet.step(0.02)
+                while not self.calls.empty():
+                    fn, done, out = self.calls.get()
+                    out.append(fn())
+                    done.set()
+        except BaseException as exc:  # reported by call/close in the test's thread
+            self.failure = exc
+
+    def call(self, fn):
+        done, out = threading.Event(), []
+        self.calls.put((fn, done, out))
+        assert done.wait(30), f"the simulation did not run the call: {self.failure!r}"
+        return out[0]
+
+    def add(self, device: str, groups: list[str], *, failing: tuple[str, ...] = (), online: bool = True) -> None:
+        def make() -> None:
+            d = self.fleet.add(device, groups, SimStore({"m": "1.0.0"}, trial_s=0.2, failing=failing),
+                               trusted={fleet.key_id(SIGNING_PUB): SIGNING_PUB}, public_key="00" * 32)
+            if online:
+                self.fleet.connect(d)
+        self.call(make)
+
+    def online(self, device: str, up: bool) -> None:
+        d = self.fleet.devices[device]
+        self.call(lambda: self.fleet.connect(d) if up else self.fleet.disconnect(d))
+
+    def models(self, device: str) -> tuple[str, list[str]]:
+        return self.call(lambda: (self.fleet.devices[device].store.models["m"].active,
+                                  sorted(self.fleet.devices[device].store.models["m"].versions)))
+
+    def close(self) -> None:
+        try:
+            self.call(lambda: (self.fleet.close(), self.stopping.set()))
+        finally:
+            self.stopping.set()
+            self.thread.join(30)
+        assert self.failure is None, self.failure
+
+
+@pytest.fixture
+def sim(plain_broker: Mosquitto):
+    s = Sim(plain_broker)
+    yield s
+    s.close()
+
+
+def controller(tmp_path, broker: Mosquitto, clock=time.time) -> Controller:
+    link = Link(BrokerOptions(host=broker.host, port=broker.port)).connect()
+    return Controller(State(tmp_path / "fleet.sqlite"), link, Topics(), private_key=SIGNING.private_bytes_raw(),
+                      fleet_id="test", clock=clock)
+
+
+def enrolled(c: Controller, devices: list[str]) -> None:
+    wait_for(lambda: c.refresh(quiet=0.2) >= 0 and set(devices) <= set(c.reports), 30, "the devices' reports")
+
+
+def test_offline_devices_do_not_block_a_quorum_and_converge_when_they_reconnect(tmp_path, plain_broker, sim) -> None:
+    devices = [f"d{i}" for i in range(10)]
+    for d in devices:
+        sim.add(d, ["g"])
+    c = controller(tmp_path, plain_broker)
+    try:
+        enrolled(c, devices)
+        c.state.create_group("g", 0.0)
+        c.state.add_members("g", devices)
+        sha, sent = c.push(b"x" * 200_000, "m@2.0.0", chunk_size=16384)
+        assert sent and c.push(b"x" * 200_000, "m@2.0.0") == (sha, False)  # once per content hash
+        dep = c.create("g", sha, "", Policy(canary_pct=30, waves=2, soak_s=0.2, gates=(Gate("trial"),), quorum=0.6))
+        plan = c.state.deployment(dep).waves
+        away = [plan[0][0], plan[1][0]]  # one device of each wave is offline throughout
+        for d in away:
+            sim.online(d, False)
+        c.run(tick=0.1, until=lambda: c.state.deployment(dep).state != "running",
+              stop=lambda: time.time() - c.state.deployment(dep).created_at > 60)
+        d = c.state.deployment(dep)
+        assert d.state == "complete", d.reason
+        status = {p.device: p.state for p in c.state.progress(dep)}
+        assert all(status[x] == "succeeded" for x in devices if x not in away), status
+        assert [sim.models(x) for x in away] == [("1.0.0", ["1.0.0"])] * 2
+        for x in away:
+            sim.online(x, True)
+        wait_for(lambda: all(sim.models(x) == ("2.0.0", ["1.0.0", "2.0.0"]) for x in devices), 30,
+                 "the offline devices to converge on reconnecting")
+        # the wave documents were cleared: the broker holds the group's document only
+        held = c.link.retained([f"{c.topics.prefix}/devices/+/desired", f"{c.topics.prefix}/groups/+/desired"])
+        assert list(held) == [c.topics.group_desired("g")]
+    finally:
+        c.link.close()
+
+
+def test_a_later_wave_failing_rolls_every_touched_device_back_to_what_it_ran(tmp_path, plain_broker, sim) -> None:
+    devices = [f"d{i}" for i in range(4)]
+    plan = plan_waves(devices, Policy(canary_count=1, waves=2), salt="1")  # deployment 1's waves
+    bad = plan[1][0]
+    for d in devices:
+        sim.add(d, ["g"], failing=("m@2.0.0",) if d == bad else ())
+    c = controller(tmp_path, plain_broker)
+    try:
+        enrolled(c, devices)
+        c.state.create_group("g", 0.0)
+        c.state.add_members("g", devices)
+        sha, _ = c.push(b"y" * 50_000, "m@2.0.0")
+        dep = c.create("g", sha, "", Policy(canary_count=1, waves=2, soak_s=0.2, gates=(Gate("trial"),)))
+        assert dep == 1 and c.state.deployment(dep).waves == plan
+        c.run(tick=0.1, until=lambda: c.state.deployment(dep).state != "running",
+              stop=lambda: time.time() - c.state.deployment(dep).created_at > 60)
+        d = c.state.deployment(dep)
+        assert d.state == "rolled_back" and f"{bad}: rolled-back" in d.reason, d.reason
+        # every touched device gets a document naming 1.0.0, the version it ran (it was never
+        # pushed from this state: the device holds it and fetches nothing)
+        touched = c.touched(d)
+        assert sorted(touched) == sorted(plan[0] + plan[1])
+
+        def settled() -> bool:
+            c.refresh(quiet=0.2)
+            return all(c.reports[x].current.version == touched[x] and c.reports[x].current.outcome == "succeeded"
+                       for x in touched)
+
+        wait_for(settled, 30, "every touched device to apply its rollback document")
+        assert all(sim.models(x)[0] == "1.0.0" for x in devices)
+        assert sim.models(plan[0][0]) == ("1.0.0", ["1.0.0", "2.0.0"])  # the canary had committed 2.0.0
+    finally:
+        c.link.close()
+
+
+def test_a_broker_that_lost_its_retained_messages_is_given_them_again(tmp_path, plain_broker, sim) -> None:
+    sim.add("d0", ["g"])
+    c = controller(tmp_path, plain_broker)
+    try:
+        enrolled(c, ["d0"])
+        c.state.create_group("g", 0.0)
+        c.state.add_members("g", ["d0"])
+        sha, _ = c.push(b"z" * 40_000, "m@2.0.0", chunk_size=8192)
+        dep = c.create("g", sha, "", Policy(canary_count=1, waves=1, soak_s=0.0))
+        c.run(tick=0.1, until=lambda: c.state.deployment(dep).state != "running")
+        c.link.close()
+        plain_broker.stop()
+        for f in plain_broker.dir.glob("*.db"):
+            f.unlink()  # the retained messages are lost
+        plain_broker.start()
+        c = controller(tmp_path, plain_broker)
+        assert c.reconcile(quiet=0.3) == 2  # the group's document and the artifact
+        held = c.link.retained([f"{c.topics.prefix}/#"], quiet=0.3)
+        assert held[c.topics.group_desired("g")] == c.state.documents()[c.topics.group_desired("g")][2]
+        assert sum(1 for t in held if "/chunks/" in t) == 5 and c.topics.info(sha) in held
+        assert c.reconcile(quiet=0.3) == 0  # nothing missing any more
+
+        # documents near their expiry are issued again with a higher version
+        later = Controller(c.state, c.link, c.topics, private_key=SIGNING.private_bytes_raw(), fleet_id="test",
+                           clock=lambda: time.time() + 29 * 86400)
+        before = c.state.documents()[c.topics.group_desired("g")][0]
+        assert later.renew() == 1 and c.state.documents()[c.topics.group_desired("g")][0] > before
+        assert later.renew() == 0
+    finally:
+        c.link.close()

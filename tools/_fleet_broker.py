@@ -174,9 +174,10 @@ class Link:
             return out
 
     def retained(self, topics: Iterable[str], *, quiet: float = 0.4, timeout: float = 30.0) -> dict[str, bytes]:
-        """The retained messages of ``topics`` (wildcards allowed): subscribe, then gather until
+        """The current messages of ``topics`` (wildcards allowed): subscribe, then gather until
         nothing has come for ``quiet`` seconds (mosquitto sends a subscription's retained
-        messages right after its SUBACK).  Other messages arriving meanwhile stay queued."""
+        messages right after its SUBACK; on a subscription held already, what is queued and
+        arrives live).  Other messages arriving meanwhile stay queued."""
         topics = list(topics)
         fresh = [t for t in topics if t not in self._subscriptions]
         self.subscribe(topics)
@@ -188,7 +189,7 @@ class Link:
             if not batch:
                 break
             for topic, payload, retain in batch:
-                if retain and any(_matches(t, topic) for t in topics):
+                if any(_matches(t, topic) for t in topics):  # retained, or live (newer still)
                     if payload:
                         got[topic] = payload
                     else:

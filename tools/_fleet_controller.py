@@ -386,14 +386,20 @@ class Controller:
 
     def _clear_device_documents(self, d: Deployment) -> None:
         """The group's document (a higher version) now carries what the wave documents did:
-        clear them, so the broker's retained state stays one document per group."""
+        clear them, and any older document of a member (a device applies the highest version it
+        can read, so a lower one is dead), so the broker's retained state stays about one
+        document per group."""
         link = self._need_link()
         infos = []
         documents = self.state.documents()
-        for device in self.touched(d):
+        group = documents.get(self.topics.group_desired(d.group))
+        if group is None:
+            return
+        members = set(self.state.groups().get(d.group, [])) | set(self.touched(d))
+        for device in sorted(members):
             topic = self.topics.device_desired(device)
             held = documents.get(topic)
-            if held is not None and held[1] == d.id:
+            if held is not None and held[0] < group[0]:
                 self.state.forget_document(topic)
                 infos.append(link.publish(topic, b""))
         link.flush(infos)
@@ -444,6 +450,34 @@ class Controller:
             raise FleetError(f"no deployment {deployment} (`edgebus fleet status` lists them)", 4)
         return d
 
+    def renew(self, share: float = 0.25) -> int:
+        """Issue again (same content, a new version) every document with less than ``share``
+        of its validity left: a device reading it after a restart would refuse it as expired
+        (TUF's freeze attack is what expiry stops; a live controller keeps its documents
+        fresh).  Returns how many were renewed."""
+        now = self.clock()
+        issued = []
+        with self.state.transaction():
+            documents = self.state.documents()
+            for topic, (version, deployment, payload) in documents.items():
+                doc = fleet.decode(fleet.decode(payload, SignedDocument).payload, Document)  # type: ignore[union-attr]
+                assert isinstance(doc, Document)
+                if doc.expires - now > share * (doc.expires - doc.issued):
+                    continue
+                if doc.target.startswith("device:"):
+                    groups = self.state.groups_of(doc.target[7:])
+                    if any(documents.get(self.topics.group_desired(g), (0,))[0] > version for g in groups):
+                        continue  # dead: a group's document is newer (not renewed above it)
+                kind, _, name = doc.target.partition(":")
+                issued.append(self.issue(kind, name, deployment, doc.bundles, doc.config, doc.expires - doc.issued))
+                if kind == "device" and deployment is not None:
+                    self.state.set_progress(deployment, name, now, state="sent", reason=f"renewed as v{issued[-1][1]}",
+                                            version=issued[-1][1])
+        self.send(issued)
+        if issued:
+            self.log(f"renewed {len(issued)} documents before they expire")
+        return len(issued)
+
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, *, tick: float = 0.5, until: Callable[[], bool] | None = None,
@@ -453,6 +487,7 @@ class Controller:
         link = self._need_link()
         p = self.topics.prefix
         link.subscribe([f"{p}/devices/+/enrol", f"{p}/devices/+/reported"])
+        renewed_at = 0.0
         while not (stop and stop()):
             if link.connections != self._reconciled and link.connected:
                 self._reconciled = link.connections
@@ -466,6 +501,9 @@ class Controller:
                 continue  # decisions wait for the reports a reconnection brings
             try:
                 self.step()
+                if time.monotonic() - renewed_at > 60:
+                    renewed_at = time.monotonic()
+                    self.renew()
             except BrokerError as exc:  # the connection dropped mid-step: the state says what was sent
                 self.log(f"step: {exc}")
                 continue
