@@ -484,6 +484,8 @@ class Agent:
             case Serving(models=models):
                 self.serving = {m.name: m for m in models}
             case TrustChanged(keys=keys):
+                if keys != self.trusted:
+                    self._seen.clear()  # a document refused for its key may pass now: judged again
                 self.trusted = dict(keys)
             case Fetched(sha256=sha, index=index, data=data, error=error):
                 self._fetched(sha, index, data, error, out)
@@ -517,6 +519,8 @@ class Agent:
         digest = hashlib.sha256(payload).hexdigest()
         if digest == self.state.doc_digest or digest in self._seen:
             return  # delivered again (retained, on each connection): judged already
+        if len(self._seen) > 1000:
+            self._seen.clear()
         self._seen.add(digest)
         try:
             doc = fleet.check_document(payload, trusted=self.trusted, device=self.device, groups=self.groups,

@@ -35,7 +35,8 @@ from protocols.runtime import ENV_STATE_DIR
 from protocols.security import Attest, AuditAppend, DeviceKey, PublicKey, SignedReport, TrustedKeys, TrustList
 from protocols import ProtocolError
 from protocols.telemetry import DriftEvent, MetricsSnapshot
-from services import BusError, Forbidden, Service, run
+from services import (BusError, ConnectionLost, DeadlineExceeded, Forbidden, Overloaded, Service, Unavailable,
+                      UnknownDestination, run)
 
 from ._agent import (
     Activate,
@@ -68,6 +69,9 @@ __all__ = ["FleetService", "main"]
 
 #: the trust store's role of the keys that sign deployment documents
 FLEET_ROLE = "fleet"
+#: how a step's reason starts when its failure may pass (the service it needs restarting):
+#: the step is tried again a few times before the deployment fails
+_TRANSIENT = "unavailable for now: "
 
 
 class FleetService(Service):
@@ -214,10 +218,28 @@ class FleetService(Service):
         its outcome goes back to the agent as Done, after the model store's state."""
         agent = self.agent
         assert agent is not None
+        for delay in (1.0, 2.0, 4.0, 8.0, 0.0):
+            ok, reason = await self._step(action)
+            if ok or not reason.startswith(_TRANSIENT) or not delay:
+                break
+            self.log.info("fleet_step_retry", step=type(action).__name__, reason=reason, retry_in=delay)
+            await anyio.sleep(delay)  # the model store or the kernel restarting: try again
+        reason = reason.removeprefix(_TRANSIENT)
+        try:
+            await self.events.send(Models(await self._models()))
+        except BusError as exc:
+            self.log.warning("fleet_models_unavailable", error=str(exc))
+        await self.events.send(Done(action, ok, reason))
+
+    async def _step(self, action: Install | Activate | Rollback | ApplyConfig) -> tuple[bool, str]:
+        agent = self.agent
+        assert agent is not None
         ok, reason = True, ""
         try:
             match action:
                 case Install(ref=ref):
+                    if any(m.name == ref.name and ref.version in m.versions for m in await self._models()):
+                        return True, ""  # installed by an attempt whose answer was lost
                     data = await anyio.to_thread.run_sync(agent.storage.read_blob, ref.sha256)
                     reply = await self.bus.call("modelstore", StoreInstall(), Installed, frames=[data], timeout=300)
                     if (reply.name, reply.version) != (ref.name, ref.version):
@@ -231,15 +253,13 @@ class FleetService(Service):
                         ok, reason = False, f"a rollback of {name} made {state.active or 'none'} active, not {version}"
                 case ApplyConfig(fragment=fragment):
                     ok, reason = await self._apply_config(fragment.toml)
+        except (Unavailable, DeadlineExceeded, UnknownDestination, Overloaded, ConnectionLost) as exc:
+            ok, reason = False, f"{_TRANSIENT}{exc}"
         except BusError as exc:
             ok, reason = False, str(exc)
         except OSError as exc:
             ok, reason = False, f"cannot read the downloaded bundle: {exc}"
-        try:
-            await self.events.send(Models(await self._models()))
-        except BusError as exc:
-            self.log.warning("fleet_models_unavailable", error=str(exc))
-        await self.events.send(Done(action, ok, reason))
+        return ok, reason
 
     async def _apply_config(self, toml: str) -> tuple[bool, str]:
         s: FleetSettings = self.settings
