@@ -20,24 +20,13 @@ from services import BadMessage, Overloaded, SharedRegion
 from services.modelstore import Bundle, Manifest
 
 from conftest import System
+from tools._benchkit import channel_mean_onnx
 from test_inference import config
 from test_modelstore import KEY
 
 pytestmark = pytest.mark.anyio
 
 OUT = 4 << 20  # outputs from 4 MiB on
-
-
-def _mean_onnx() -> bytes:
-    """y = mean over the channels of an NCHW image x (megabytes in, a third of that out)."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)], "mean",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, None, None])])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def _bundle() -> bytes:
@@ -47,7 +36,7 @@ def _bundle() -> bytes:
         "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 1, None, None]}],
         "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0}},
     }, Manifest)
-    b = Bundle.create(manifest, {"full.onnx": _mean_onnx()})
+    b = Bundle.create(manifest, {"full.onnx": channel_mean_onnx()})
     b.sign(KEY)
     return b.to_bytes()
 
@@ -78,7 +67,7 @@ async def test_an_image_in_a_region_gives_the_same_bits_as_frames(make_system, i
     reads it; either way the outputs land in the client's region, equal to the socket path
     and to direct ONNX Runtime."""
     system = await _system(make_system, inline)
-    session = ort.InferenceSession(_mean_onnx(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(channel_mean_onnx(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     image = rng.random((1, 3, 320, 320), dtype=np.float32)
     expected = session.run(None, {"x": image})[0]

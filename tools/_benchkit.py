@@ -124,6 +124,18 @@ def matmul_onnx(n: int, seed: int = 0) -> bytes:
     return m.SerializeToString()
 
 
+def channel_mean_onnx() -> bytes:
+    """y = mean over the channels of an NCHW float32 image x (megabytes in, a third of that out)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)], "mean",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, None, None])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
 def write_results(path: str | Path, results: dict) -> None:
     """The run's figures as indented JSON at ``path`` (its directory created)."""
     out = Path(path)

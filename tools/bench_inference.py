@@ -28,23 +28,12 @@ import numpy as np
 from protocols import pack_tensors
 from services import SharedRegion, connect
 from services.scheduler import Infer
-from tools._benchkit import boot, client, inference_config, install, matmul_onnx, stop, write_results
+from tools._benchkit import (boot, channel_mean_onnx, client, inference_config, install, matmul_onnx, stop,
+                             write_results)
 
 
 def _config(pub: str, max_batch: int, inline: str = "auto") -> str:
     return inference_config(pub, f"max_batch = {max_batch}\nmax_delay_ms = 0\nmax_queue = 4096\ninline = \"{inline}\"")
-
-
-def _channel_mean_onnx() -> bytes:
-    """y = mean over the channels of an NCHW image x (megabytes in, a third of that out)."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)], "mean",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, None, None])])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def _bundle(name: str, model: bytes, n: int | None, key, in_shape: list | None = None,
@@ -138,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    small, wide, mid, image = matmul_onnx(4), matmul_onnx(256, 1), matmul_onnx(1024, 3), _channel_mean_onnx()
+    small, wide, mid, image = matmul_onnx(4), matmul_onnx(256, 1), matmul_onnx(1024, 3), channel_mean_onnx()
     bundles = {"small": _bundle("small", small, 4, key), "wide": _bundle("wide", wide, 256, key),
                "mid": _bundle("mid", mid, 1024, key),
                "image": _bundle("image", image, None, key, [None, 3, None, None], [None, 1, None, None])}

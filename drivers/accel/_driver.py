@@ -28,11 +28,11 @@ import anyio
 
 from protocols import DecodeError, pack_tensors
 from protocols.shm import RegionCache, RegionError, place_tensors, region_view
-from drivers.ops import ModelRunner, RunFailed, RunInputError
+from drivers.ops import ModelRunner, RunFailed, RunInputError, fetch_model
 from services import BadMessage, Context, InternalError, Service, run
 
 from ._settings import AccelSettings
-from protocols.modelstore import AssetBytes, GetAsset, GetModel, Manifest, ModelBytes
+from protocols.modelstore import Manifest
 
 from protocols.accel import Describe, Device, Load, Loaded, Request, Reply, Run, RunResult
 
@@ -100,33 +100,14 @@ class AcceleratorDriver(Service):
                 continue
             self._loading[key] = done = anyio.Event()
             try:
-                incoming = await self.bus.request("modelstore", GetModel(name=name, version=version, variant=variant),
-                                                  timeout=60)
-                meta = incoming.decode(ModelBytes)
-                data = bytes(incoming.frames[0].buffer)
-                assets = await self._assets(meta.manifest)
-                self.models[key] = await anyio.to_thread.run_sync(self._session, data, meta.manifest, assets)
+                data, manifest, assets = await fetch_model(self.bus.request, name, version, variant)
+                self.models[key] = await anyio.to_thread.run_sync(self._session, data, manifest, assets)
                 self.log.info("model_loaded", model=name, version=version, variant=variant,
                               providers=self.models[key].providers)
             finally:
                 del self._loading[key]
                 done.set()
         return self.models[key]
-
-    async def _assets(self, manifest: Manifest) -> dict[str, bytes]:
-        """The bundle's assets its ops read ("asset:NAME" parameters), from the model store."""
-        if not (manifest.pre or manifest.post):
-            return {}
-        from drivers.ops import check_chains
-
-        names = check_chains(manifest).assets
-        found: dict[str, bytes] = {}
-        for name in names:
-            incoming = await self.bus.request("modelstore", GetAsset(name=manifest.name, asset=name,
-                                                                     version=manifest.version), timeout=60)
-            incoming.decode(AssetBytes)
-            found[name] = bytes(incoming.frames[0].buffer)
-        return found
 
     def _session(self, data: bytes, manifest: Manifest, assets: dict[str, bytes]) -> ModelRunner:
         runner = ModelRunner(data, manifest, assets, self.providers, self.threads)

@@ -40,13 +40,13 @@ from ._catalog import OPS, vocabulary
 from ._chain import Chain, ChainError, Chains, Contract, Step, build_chains, check_chains, texts
 from ._exceptions import OpInputError, OpParamsError, OpsError, PipelineError, UnknownOp
 from ._registry import Op, Pipeline, TensorType, bands, boolean, choice, integer, number, numbers, resource
-from ._runner import ModelRunner, RunFailed, RunInputError
+from ._runner import ModelRunner, RunFailed, RunInputError, fetch_model
 
 __all__ = [
     "image", "post", "signal", "audio", "detect", "text",
     "OPS", "Op", "Pipeline", "pipeline", "run_pipeline", "TensorType",
     "check_chains", "build_chains", "Contract", "Chains", "Chain", "Step", "texts", "vocabulary",
-    "ModelRunner", "RunInputError", "RunFailed",
+    "ModelRunner", "RunInputError", "RunFailed", "fetch_model",
     "OpsError", "UnknownOp", "OpParamsError", "PipelineError", "OpInputError", "ChainError",
     "resize", "letterbox", "letterbox_geometry", "normalize", "to_model", "bgr_to_rgb", "rgb_to_gray", "bgr_to_gray",
     "frame", "rms", "kurtosis", "crest_factor", "band_energies", "vibration_features",

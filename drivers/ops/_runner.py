@@ -10,15 +10,15 @@ ops) are imported when the first runner is built, never by importing this module
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from protocols.accel import FEATURES
-from protocols.modelstore import Manifest
+from protocols.modelstore import AssetBytes, GetAsset, GetModel, Manifest, ModelBytes
 
 from ._chain import build_chains
 from ._exceptions import OpsError
 
-__all__ = ["ModelRunner", "RunInputError", "RunFailed", "Timings"]
+__all__ = ["ModelRunner", "RunInputError", "RunFailed", "Timings", "fetch_model"]
 
 
 class RunInputError(ValueError):
@@ -30,6 +30,25 @@ class RunFailed(RuntimeError):
 
 
 Timings = tuple[float, float, float]  # pre ops, model, post ops (milliseconds)
+
+
+async def fetch_model(request: Callable[..., Awaitable[Any]], name: str, version: str,
+                      variant: str) -> tuple[bytes, Manifest, dict[str, bytes]]:
+    """A model's bytes (decrypted by the model store, kept in memory only), its manifest and
+    the assets its ops read ("asset:NAME" parameters), through ``request`` (a bus client's
+    ``request``: the model store's GetModel and GetAsset)."""
+    incoming = await request("modelstore", GetModel(name=name, version=version, variant=variant), timeout=60)
+    manifest = incoming.decode(ModelBytes).manifest
+    data = bytes(incoming.frames[0].buffer)
+    assets: dict[str, bytes] = {}
+    if manifest.pre or manifest.post:
+        from ._chain import check_chains
+
+        for asset in check_chains(manifest).assets:
+            got = await request("modelstore", GetAsset(name=name, asset=asset, version=manifest.version), timeout=60)
+            got.decode(AssetBytes)
+            assets[asset] = bytes(got.frames[0].buffer)
+    return data, manifest, assets
 
 
 class ModelRunner:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from protocols.accel import Describe, Device
-from protocols.modelstore import AssetBytes, GetAsset, GetModel, Manifest, ModelBytes
+from protocols.modelstore import Manifest
 from services import BadMessage, BusError, InternalError
 
 if TYPE_CHECKING:
@@ -111,12 +111,10 @@ class InlineLane:
     async def _load(self, key: Key) -> None:
         model, version, variant = key
         try:
-            incoming = await self._bus.request("modelstore", GetModel(name=model, version=version, variant=variant),
-                                               timeout=60)
-            meta = incoming.decode(ModelBytes)
-            data = bytes(incoming.frames[0].buffer)
-            assets = await self._assets(meta.manifest)
-            runner = await anyio.to_thread.run_sync(_build, data, meta.manifest, assets)
+            from drivers.ops import fetch_model
+
+            data, manifest, assets = await fetch_model(self._bus.request, model, version, variant)
+            runner = await anyio.to_thread.run_sync(_build, data, manifest, assets)
         except Exception as exc:  # it runs on the drivers, as before; said once
             self._refused.add(key)
             self._log.warning("inline_load_failed", model=model, version=version, variant=variant,
@@ -128,19 +126,6 @@ class InlineLane:
         while len(self._runners) > MAX_RUNNERS:
             self._runners.popitem(last=False)
         self._log.info("inline_loaded", model=model, version=version, variant=variant)
-
-    async def _assets(self, manifest: Manifest) -> dict[str, bytes]:
-        if not (manifest.pre or manifest.post):
-            return {}
-        from drivers.ops import check_chains
-
-        found: dict[str, bytes] = {}
-        for name in check_chains(manifest).assets:
-            incoming = await self._bus.request("modelstore", GetAsset(name=manifest.name, asset=name,
-                                                                      version=manifest.version), timeout=60)
-            incoming.decode(AssetBytes)
-            found[name] = bytes(incoming.frames[0].buffer)
-        return found
 
     async def run(self, runner: ModelRunner, inputs: dict[str, Any], features: bool,
                   outputs: list[str]) -> tuple[dict[str, Any], float]:
