@@ -277,6 +277,15 @@ async def test_a_device_receives_a_signed_deployment_resumes_after_kill_9_and_re
                                 "the rollback to 1.0.0")
         m = _model(report, "demo")
         assert (m.active, m.trial) == ("1.0.0", "")
+
+        # the other key, trusted at run time with role fleet, now signs documents the device applies
+        other_pub = Ed25519PrivateKey.from_private_bytes(OTHER_RAW).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        system.busctl("trust", "add", other_pub.hex(), "--label", "second fleet key", "--role", "fleet", check=True)
+        listing = system.busctl("trust", "list", check=True).stdout
+        assert any(fleet.key_id(other_pub) in line and " fleet " in line for line in listing.splitlines()), listing
+        op.deploy(op.t.device_desired("dev1"), 13, "device:dev1", [ref], key=OTHER_RAW, deployment="second-key")
+        op.wait_report("dev1", lambda r: r.current.version == 13 and r.current.outcome == "succeeded",
+                       "a document signed by the key added at run time")
         audit = await _audit(system)
         for reason in ("replay", "unknown-key", "expired"):
             assert any(a.startswith("fleet-refused") and f" {reason}: " in a for a in audit), (reason, audit)

@@ -292,8 +292,8 @@ async def cmd_trust(bus: BusClient, args: argparse.Namespace, out: Output) -> in
 
     if args.action == "add":
         if not args.key:
-            raise UsageError("usage: busctl trust add PUBLIC_KEY_HEX [--label L]")
-        msg: msgspec.Struct = TrustAdd(public_key=args.key, label=args.label or "")
+            raise UsageError("usage: busctl trust add PUBLIC_KEY_HEX [--label L] [--role model|fleet]")
+        msg: msgspec.Struct = TrustAdd(public_key=args.key, label=args.label or "", role=args.role)
     elif args.action == "remove":
         if not args.key:
             raise UsageError("usage: busctl trust remove KEY_ID")
@@ -304,8 +304,8 @@ async def cmd_trust(bus: BusClient, args: argparse.Namespace, out: Output) -> in
     if out.json:
         out.emit(keys)
     elif args.action == "list":
-        out.line(out.table([(k.key_id, k.label, k.source, k.public_key) for k in keys],
-                           ("KEY ID", "LABEL", "SOURCE", "PUBLIC KEY")))
+        out.line(out.table([(k.key_id, k.label, k.role, k.source, k.public_key) for k in keys],
+                           ("KEY ID", "LABEL", "ROLE", "SOURCE", "PUBLIC KEY")))
     else:
         out.line(f"{args.action}{'ed' if args.action == 'add' else 'd'} {keys[0].key_id} {keys[0].label}".rstrip())
     return 0

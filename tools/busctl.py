@@ -326,10 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("audit", cmd_audit, "the audit log: tail, verify")
     p.add_argument("action", choices=["tail", "verify"], help="tail: the last records; verify: check the hash chain")
     p.add_argument("-n", type=int, default=20, metavar="N", help="with tail: how many records (default 20)")
-    p = verb("trust", cmd_trust, "model-signing keys: add, remove, list")
+    p = verb("trust", cmd_trust, "trusted signing keys (model bundles, fleet documents): add, remove, list")
     p.add_argument("action", choices=["add", "remove", "list"], help="what to do with the trust store")
     p.add_argument("key", nargs="?", help="add: an ed25519 public key (hex); remove: a key id")
     p.add_argument("--label", help="with add: a name for the key")
+    p.add_argument("--role", choices=["model", "fleet"], default="model",
+                   help="with add: what the key may sign: model bundles (default) or fleet deployment documents")
     p = verb("attest", cmd_attest, "a signed attestation report (JSON)")
     p.add_argument("--nonce", help="a verifier's challenge to include in the report")
     p = verb("security", cmd_security, "CURVE keys of tcp peers: security list [NAME] | enroll NAME KEY "
