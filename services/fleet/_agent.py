@@ -196,6 +196,9 @@ class DiskStorage:
         for d in (directory, self.blobs, self.partials):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
+        for journal in self.partials.glob("*.journal"):  # its artifact finished as a kill struck
+            if not journal.with_suffix(".part").exists():
+                journal.unlink(missing_ok=True)
 
     def load_state(self) -> bytes | None:
         path = self.dir / "state.json"
