@@ -425,7 +425,17 @@ def _status_of(ctx: Ctx, controller: Controller, dep: int) -> dict[str, Any]:
     devices = []
     for p in ctx.state.progress(dep):
         view = view_of(p.device, controller.reports.get(p.device), names)
-        if p.version:
+        if p.version and p.state == "rolling-back":  # sent the rollback document, p.version
+            acted = view.version == p.version
+            state = ("rolled-back" if view.outcome == "succeeded" else f"rolling-back ({view.outcome})") if acted \
+                else "rolling-back"
+            reason = p.reason if acted and view.outcome == "succeeded" else \
+                check_device(view, p.version, (), p.device).reason
+        elif p.version and view.version > p.version and view.deployment == str(d.id):
+            # a later document of this deployment: the group's, or the rollback
+            which = "the group's document" if view.version == d.group_version else "a later document"
+            state, reason = view.outcome, f"{which} v{view.version}" + (f": {view.reason}" if view.reason else "")
+        elif p.version:
             check = check_device(view, p.version, d.policy.gates if d.state == "running" else (), p.device)
             state = view.outcome if view.version == p.version else check.state
             reason = check.reason if check.state != "passed" else (view.reason or "")

@@ -57,11 +57,12 @@ def view_of(device: str, report: ReportedState | None, bundle_names: Iterable[st
     cur, refused = report.current, report.refused
     if refused is not None and (cur is None or refused.version > cur.version):
         version, outcome, reason = refused.version, "refused", refused.reason + (f": {refused.detail}" if refused.detail else "")
+        deployment = refused.deployment
     elif cur is not None:
-        version, outcome = cur.version, cur.outcome
+        version, outcome, deployment = cur.version, cur.outcome, cur.deployment
         reason = cur.reason + (f": {cur.detail}" if cur.detail and cur.reason else cur.detail)
     else:
-        version, outcome, reason = report.applied_version, "pending", ""
+        version, outcome, reason, deployment = report.applied_version, "pending", "", ""
     names = set(bundle_names)
     models = [m for m in report.models if not names or m.name in names]
     requests = sum(m.requests for m in models)
@@ -71,7 +72,7 @@ def view_of(device: str, report: ReportedState | None, bundle_names: Iterable[st
     drift = max((d for d in drifts if d is not None), default=None)
     return DeviceView(device, version=version, outcome=outcome, reason=reason,
                       error_rate=errors / requests if requests else None, p95_ms=p95, drift=drift,
-                      online=report.online, seen_at=report.time)
+                      online=report.online, seen_at=report.time, deployment=deployment)
 
 
 class Controller:

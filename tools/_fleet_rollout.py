@@ -162,6 +162,8 @@ class DeviceView(msgspec.Struct, frozen=True):
     drift: float | None = None
     online: bool = True
     seen_at: float = 0.0
+    #: the deployment id of that document
+    deployment: str = ""
 
 
 class Check(msgspec.Struct, frozen=True):
