@@ -363,6 +363,8 @@ async def test_a_tiny_model_moves_inline_and_answers_the_same_bits(make_system) 
         assert where[0] == "accel-0"  # measured there first
         schedule = await bus.call("scheduler", GetSchedule(), Schedule)
         assert schedule.models[0].inline
+        row = next(line for line in system.busctl("sched", check=True).stdout.splitlines() if line.startswith("mm"))
+        assert " inline " in row, row
         system.busctl("stop", "accel-0", check=True)
         for _ in range(5):
             result, y = await infer(bus, x)

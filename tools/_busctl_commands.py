@@ -786,9 +786,10 @@ async def cmd_sched(bus: BusClient, args: argparse.Namespace, out: Output) -> in
         return 0
     names = {0: "full", 1: "smaller variant", 2: "rule-based fallback"}
     out.line(f"degradation level {s.level} ({names.get(s.level, '?')})" + (f": {s.pressure}" if s.pressure else ""))
-    out.line(out.table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch, m.batching)
-                        for m in s.models],
-                       ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH", "BATCHING")))
+    out.line(out.table([(m.model, m.depth, m.served, m.expired, m.failed, m.batches, m.mean_batch,
+                         "inline" if m.inline else "drivers", m.batching) for m in s.models],
+                       ("MODEL", "QUEUED", "SERVED", "EXPIRED", "FAILED", "BATCHES", "MEAN BATCH", "RUNS ON",
+                        "BATCHING")))
     out.line(out.table([(d.name, "up" if d.up else "down", d.in_flight, d.batches,
                          "" if d.temperature_c is None else f"{d.temperature_c:.0f} C") for d in s.drivers],
                        ("DRIVER", "STATE", "IN FLIGHT", "BATCHES", "TEMPERATURE")))
