@@ -652,3 +652,15 @@ async def test_a_trial_the_model_store_rolls_back_is_reported_rolled_back(tls_br
         assert any(a.startswith("fleet-rolled-back dep-2 v2") for a in await _audit(system))
     finally:
         op.close()
+
+
+@pytest.mark.anyio
+async def test_unusable_tls_files_are_said_once_and_the_service_stays_up(tls_broker: Mosquitto, make_system,
+                                                                       tmp_path: Path) -> None:
+    config = device_config(tls_broker, "dev6", []).replace(str(tls_broker.pki.ca), str(tmp_path / "missing-ca.pem"))
+    system = make_system(config, sub="dev6")
+    await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+    wait_for(lambda: '"fleet_tls_invalid"' in system.log(), 30, "the TLS files refused")
+    line = next(x for x in system.log().splitlines() if '"fleet_tls_invalid"' in x)
+    assert "missing-ca.pem" in line and "fix them" in line and "Traceback" not in system.log()
+    assert (await system.services())["fleet"].restarts == 0

@@ -109,7 +109,11 @@ class FleetService(Service):
             tg.start_soon(self._ticker, send)
             tg.start_soon(self._watch_latency)
             tg.start_soon(self._watch_drift)
-            self._start_mqtt(send, anyio.lowlevel.current_token())
+            try:
+                self._start_mqtt(send, anyio.lowlevel.current_token())
+            except TlsFilesError as exc:
+                self.log.error("fleet_tls_invalid", detail=str(exc))
+                await anyio.sleep_forever()  # not a crash loop: nothing changes until the files do
             try:
                 async for event in receive:
                     await self._handle(event)
@@ -132,8 +136,13 @@ class FleetService(Service):
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgebus-fleet-{s.device_id}",
                              clean_session=True)
         if b.tls_ca is not None:
-            client.tls_set(ca_certs=str(b.tls_ca), certfile=str(b.tls_cert) if b.tls_cert else None,
-                           keyfile=str(b.tls_key) if b.tls_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                client.tls_set(ca_certs=str(b.tls_ca), certfile=str(b.tls_cert) if b.tls_cert else None,
+                               keyfile=str(b.tls_key) if b.tls_key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsFilesError(f"cannot use the TLS files of [services.fleet.settings.broker] (tls_ca {b.tls_ca}, "
+                                    f"tls_cert {b.tls_cert}, tls_key {b.tls_key}): {exc}; fix them and restart "
+                                    "the fleet service") from None
         client.reconnect_delay_set(max(1, int(b.backoff_initial)), max(1, int(b.backoff_max)))
         log = self.log
         closing = threading.Event()
@@ -380,6 +389,10 @@ class FleetService(Service):
         except BusError as exc:
             self.log.warning("fleet_attestation_unavailable", error=str(exc))
             return None
+
+
+class TlsFilesError(Exception):
+    pass
 
 
 def _range_get(url: str, start: int, length: int, cafile: Path | None, timeout: float) -> bytes:
