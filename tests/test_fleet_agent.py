@@ -5,6 +5,7 @@ signed deployments of bundles published as retained chunks."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from protocols.modelstore import ListModels, ModelList
 from protocols.security import AuditRecords, AuditTail
 
 from conftest import System, wait_for
+from kernel import default_config_text
 from services import BusError
 from services.examples.greeter import Greet, Greeting
 from services.fleet import Activate as AgentActivate
@@ -664,3 +666,28 @@ async def test_unusable_tls_files_are_said_once_and_the_service_stays_up(tls_bro
     line = next(x for x in system.log().splitlines() if '"fleet_tls_invalid"' in x)
     assert "missing-ca.pem" in line and "fix them" in line and "Traceback" not in system.log()
     assert (await system.services())["fleet"].restarts == 0
+
+
+@pytest.mark.anyio
+async def test_without_a_broker_the_fleet_service_is_idle(make_system) -> None:
+    text = device_config_without_broker()
+    system = make_system(text, sub="idle")
+    await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+    wait_for(lambda: '"fleet_off"' in system.log(), 30, "the fleet service to say it is off")
+    assert not (system.run_dir / "state" / "fleet").exists()
+    assert re.search(r"fleet_(connected|disconnected|tls_invalid)", system.log()) is None
+
+
+def device_config_without_broker() -> str:
+    """The default config's fleet section as it ships (no broker), with what it requires."""
+    text = default_config_text()
+    keep = ("[services.security]", "[services.security.settings]", "[[services.security.settings.trusted_keys]]",
+            "[services.modelstore]", "[services.modelstore.settings]", "[services.fleet]",
+            "[services.fleet.settings]")
+    out, on = [], True
+    for line in text.splitlines():
+        if line.startswith("["):
+            on = line.strip() in keep or not line.startswith("[services")
+        if on:
+            out.append(line)
+    return "\n".join(out).replace("preload_demo = true", "preload_demo = false")
