@@ -19,7 +19,8 @@ versions, the blobs it holds, the config digest) and takes the next step, one at
    chunk is in, the whole file's sha256 is checked and only then does it become a blob;
 2. install each bundle the store does not hold (``Install``; the store checks its signature);
 3. activate each bundle not active (``Activate``; the store runs its trial when it replaces
-   a version) — all bundles are installed before any is activated;
+   a version; ``Rollback`` instead when the bundle is the model's previous version, so that
+   returning to it is no trial) — all bundles are installed before any is activated;
 4. apply the config fragment when its digest differs from the last applied (``ApplyConfig``);
 5. wait for the trials: ``succeeded`` once no bundle is in trial, ``rolled-back`` if the
    store rolled one back.
@@ -840,7 +841,15 @@ class Agent:
         self._reported = key
         self.state.report_seq += 1
         self._save()
-        out.append(Publish(self.topics.reported(self.device), fleet.encode(self.reported()), retain=True))
+        report = self.reported()
+        payload = fleet.encode(report)
+        if len(payload) > fleet.MAX_REPORT:  # a reader refuses it: the attestation goes first, then the versions
+            report.attestation = None
+            payload = fleet.encode(report)
+            if len(payload) > fleet.MAX_REPORT:
+                report.models = [msgspec.structs.replace(m, versions=[]) for m in report.models]
+                payload = fleet.encode(report)
+        out.append(Publish(self.topics.reported(self.device), payload, retain=True))
 
     def _save(self) -> None:
         self.storage.save_state(_json.encode(self.state))
