@@ -4,8 +4,9 @@ The controller against a real broker and devices: tests/test_fleet_rollout.py.""
 
 from __future__ import annotations
 
+import json
 import subprocess
-import sys
+from typing import Any
 
 import pytest
 
@@ -508,5 +509,45 @@ def test_a_broker_that_lost_its_retained_messages_is_given_them_again(tmp_path, 
         before = c.state.documents()[c.topics.group_desired("g")][0]
         assert later.renew() == 1 and c.state.documents()[c.topics.group_desired("g")][0] > before
         assert later.renew() == 0
+    finally:
+        c.link.close()
+
+
+def test_halt_stops_a_rollout_where_it_is_and_rollback_returns_the_touched_devices(tmp_path, plain_broker, sim) -> None:
+    devices = ["d0", "d1", "d2"]
+    for d in devices:
+        sim.add(d, ["g"])
+    c = controller(tmp_path, plain_broker)
+    (tmp_path / "fleet.signing-key").write_text(SIGNING.private_bytes_raw().hex() + "\n")
+    cli = ["--state", str(tmp_path / "fleet.sqlite"), "--broker", f"{plain_broker.host}:{plain_broker.port}"]
+    try:
+        enrolled(c, devices)
+        c.state.create_group("g", 0.0)
+        c.state.add_members("g", devices)
+        sha, _ = c.push(b"w" * 30_000, "m@2.0.0")
+        dep = c.create("g", sha, "", Policy(canary_count=1, waves=2, soak_s=3600))
+        c.step()
+        canary = c.state.deployment(dep).waves[0][0]
+        wait_for(lambda: sim.models(canary) == ("2.0.0", ["1.0.0", "2.0.0"]), 30, "the canary on 2.0.0")
+        r = fleet_cli(tmp_path, *cli, "halt", str(dep), "--reason", "night freeze")
+        assert r.returncode == 0, r.stderr
+        again = fleet_cli(tmp_path, *cli, "halt", str(dep))
+        assert again.returncode == 1 and f"deployment {dep} is halted, not running" in again.stderr
+        assert c.step() == [] and c.state.deployment(dep).reason == "night freeze"
+        r = fleet_cli(tmp_path, *cli, "rollback", str(dep))
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: sim.models(canary) == ("1.0.0", ["1.0.0", "2.0.0"]), 30, "the canary back on 1.0.0")
+        others = [d for d in devices if d != canary]
+        assert all(sim.models(d) == ("1.0.0", ["1.0.0"]) for d in others)
+        assert fleet_cli(tmp_path, *cli, "rollback", str(dep)).returncode == 1
+
+        def rolled_back() -> Any:
+            s = json.loads(fleet_cli(tmp_path, *cli, "-o", "json", "status", str(dep)).stdout)
+            return s if [x["state"] for x in s["devices"] if x["device"] == canary] == ["rolled-back"] else None
+
+        status = wait_for(rolled_back, 30, "status to show the canary rolled back", interval=0.3)
+        assert status["state"] == "rolled_back"
+        assert {x["device"]: x["state"] for x in status["devices"] if x["device"] != canary} == dict.fromkeys(
+            others, "planned")
     finally:
         c.link.close()

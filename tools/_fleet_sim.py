@@ -9,10 +9,11 @@ devices, and hide that cost).  The clients are paho clients driven from one ``se
 loop (``loop_read``/``loop_write``/``loop_misc``), not a thread each: 500 of them are one
 thread and 500 sockets.
 
-The model store is a few dictionaries: ``Install`` records the version (the blob is not
-kept), ``Activate`` switches the active version and starts a trial against the previous one
-that commits after ``trial_s`` seconds, or rolls back when the version is in ``failing``
-(what a device whose health gates fail does).
+The model store is a few dictionaries: ``Install`` records the version (the storage keeps no
+bytes: ``MemoryStorage(keep_data=False)``, each chunk verified as it arrives), ``Activate``
+switches the active version and starts a trial against the previous one that commits after
+``trial_s`` seconds, or rolls back when the version is in ``failing`` (what a device whose
+health gates fail does); ``Rollback`` returns to the previous version without a trial.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from services.fleet import (
     Connected,
     Disconnected,
     Done,
+    Fetch,
+    Fetched,
     Install,
     MemoryStorage,
     Models,
     Publish,
     Received,
+    Rollback,
     Subscribe,
     Tick,
     Unsubscribe,
@@ -67,9 +71,19 @@ class SimStore:
             return True, ""
         previous = m.active
         m.active = version
+        m.previous = previous
         if previous:
             m.trial = version
             self.trials[name] = (now, previous)
+        return True, ""
+
+    def rollback(self, name: str, version: str) -> tuple[bool, str]:
+        """Back to the previous version, no trial (the model store's Rollback)."""
+        m = self.models.get(name)
+        if m is None or not m.previous or m.previous != version:
+            return False, f"{name} has no previous version {version}"
+        m.active, m.previous, m.trial = m.previous, "", ""
+        self.trials.pop(name, None)
         return True, ""
 
     def tick(self, now: float) -> bool:
@@ -80,15 +94,15 @@ class SimStore:
                 continue
             m = self.models[name]
             if f"{name}@{m.active}" in self.failing:
-                m.active = previous
+                m.active, m.previous = previous, ""
             m.trial = ""
             del self.trials[name]
             changed = True
         return changed
 
     def report(self) -> list[ModelReport]:
-        return [ModelReport(name=m.name, versions=list(m.versions), active=m.active, trial=m.trial)
-                for m in self.models.values()]
+        return [ModelReport(name=m.name, versions=list(m.versions), active=m.active, trial=m.trial,
+                            previous=m.previous) for m in self.models.values()]
 
 
 class SimDevice:
@@ -98,7 +112,7 @@ class SimDevice:
         self.fleet = fleet
         self.device = device
         self.store = store
-        self.agent = Agent(device, groups, MemoryStorage(), **agent)
+        self.agent = Agent(device, groups, MemoryStorage(keep_data=False), **agent)
         self.queue: deque[Any] = deque([Models(store.report())])
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{device}", clean_session=True)
         self.client.max_inflight_messages_set(0)
@@ -160,10 +174,16 @@ class SimDevice:
                 ok, reason = self.store.activate(name, version, now)
                 self.queue.append(Models(self.store.report()))
                 self.queue.append(Done(action, ok, reason))
+            case Rollback(name=name, version=version):
+                ok, reason = self.store.rollback(name, version)
+                self.queue.append(Models(self.store.report()))
+                self.queue.append(Done(action, ok, reason))
             case ApplyConfig():
                 self.queue.append(Done(action, True))
             case Audit():
                 self.fleet.audits += 1
+            case Fetch(sha256=sha, index=index):  # a url: the simulation has no HTTP (the broker's chunks serve)
+                self.queue.append(Fetched(sha, index, error="the simulation fetches no URLs"))
 
 
 class Fleet:
