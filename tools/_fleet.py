@@ -59,6 +59,8 @@ class Ctx:
         self.json = args.output in ("json", "json-pretty")
         self.pretty = args.output == "json-pretty"
         self.state = State(args.state)
+        if args.prefix is not None and (not args.prefix.strip("/") or any(c in args.prefix for c in "+#")):
+            raise FleetError(f"--prefix {args.prefix!r}: topic levels without + or #, e.g. edgebus/fleet", EXIT_USAGE)
         self.topics = Topics(args.prefix or self.state.meta("prefix", fleet.DEFAULT_PREFIX))
         if args.prefix:
             self.state.set_meta("prefix", args.prefix)
@@ -362,6 +364,8 @@ def cmd_deploy(ctx: Ctx) -> int:
     assert d is not None
     ctx.log(f"deployment {dep} to {a.group}: {len(d.waves)} waves of "
             f"{'/'.join(str(len(w)) for w in d.waves)} devices; {d.reason}")
+    if not ctx.json:
+        print(dep, flush=True)
     if a.follow:
         code = _follow(ctx, controller, dep)
         if ctx.json:
@@ -369,8 +373,6 @@ def cmd_deploy(ctx: Ctx) -> int:
         return code
     if ctx.json:
         ctx.emit({"deployment": dep, "waves": d.waves, "state": d.state})
-    else:
-        print(dep)
     return 0
 
 
@@ -626,6 +628,9 @@ def main(args: argparse.Namespace) -> int:
     except StateError as exc:
         print(f"edgebus fleet: {exc}", file=sys.stderr)
         return EXIT_STATE
+    except FleetError as exc:
+        print(f"edgebus fleet: {exc}", file=sys.stderr)
+        return exc.code
     try:
         return args.fleet_func(ctx)
     except FleetError as exc:
