@@ -394,3 +394,41 @@ def test_the_inline_decision() -> None:
     assert decide_inline("auto", 4e-4, 0.3, True, False) is False  # too slow to go inline...
     assert decide_inline("auto", 4e-4, 0.3, True, True) is True  # ...but not to leave it (hysteresis)
     assert decide_inline("auto", 7e-4, 0.3, True, True) is False
+
+
+async def test_a_run_that_gives_nan_counts_as_an_error_in_the_metrics(make_system) -> None:
+    """The scheduler counts requests its model's run failed (here: NaN out of log(-1)) in
+    edgebus_inference_errors_total, which a fleet device reports (ModelReport.errors)."""
+    from onnx import TensorProto, helper
+
+    from protocols.telemetry import MetricsSnapshot
+
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    manifest = msgspec.convert({"name": "log", "version": "1.0.0", "created": 1.0,
+                                "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}],
+                                "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 4]}],
+                                "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0}}}, Manifest)
+    bundle = Bundle.create(manifest, {"full.onnx": m.SerializeToString()})
+    bundle.sign(KEY)
+    system: System = make_system(config(1), env={"EDGEBUS_METRICS_INTERVAL": "0.2"})
+    await system.wait_ready("security", "modelstore", "scheduler", "health", "accel-0")
+    async with system.client() as bus:
+        await bus.request("modelstore", Install(), frames=[bundle.to_bytes()], timeout=60)
+        await bus.call("modelstore", Activate(name="log", version="1.0.0"), ModelState)
+        async with bus.subscribe("metrics.scheduler") as sub:
+            await infer(bus, np.ones((1, 4), dtype=np.float32), model="log")
+            for _ in range(2):
+                with pytest.raises(BadMessage, match="NaN|undefined"):
+                    await infer(bus, -np.ones((1, 4), dtype=np.float32), model="log")
+            with anyio.fail_after(20):
+                while True:
+                    snap = (await sub.receive()).decode(MetricsSnapshot)
+                    errors = [x.value for f in snap.families if f.name == "edgebus_inference_errors_total"
+                              for x in f.samples if x.labels.get("model") == "log"]
+                    if errors:
+                        break
+    assert errors == [2.0]

@@ -84,6 +84,9 @@ class FleetService(Service):
         #: by model: the scheduler's latency histogram (count, {le: cumulative}) summed over its
         #: versions, as last published, and as at the previous Serving
         self._latency: dict[str, tuple[float, dict[float, float]]] = {}
+        #: per model, the scheduler's edgebus_inference_errors_total (all versions), now and at the last report
+        self._errors: dict[str, float] = {}
+        self._errors_then: dict[str, float] = {}
         self._latency_then: dict[str, tuple[float, dict[float, float]]] = {}
         #: by model: the drift level of its latest telemetry.drift event
         self._drift: dict[str, str] = {}
@@ -320,13 +323,15 @@ class FleetService(Service):
             await anyio.sleep(s.report_interval)
 
     def _serving(self) -> Serving:
-        """Requests and p95 latency of each model since the previous call (from the scheduler's
-        ``edgebus_inference_total_seconds``), and its drift level."""
+        """Requests, errors and p95 latency of each model since the previous call (from the
+        scheduler's ``edgebus_inference_total_seconds`` and ``edgebus_inference_errors_total``),
+        and its drift level."""
         out = []
         for model in sorted(self._latency.keys() | self._drift.keys()):
             count, cum = self._latency.get(model, (0.0, {}))
             count0, cum0 = self._latency_then.get(model, (0.0, {}))
             requests = max(0, int(count - count0))
+            errors = max(0, int(self._errors.get(model, 0.0) - self._errors_then.get(model, 0.0)))
             p95 = 0.0
             if requests:
                 finite = [le for le in sorted(cum) if le != float("inf")]
@@ -334,8 +339,10 @@ class FleetService(Service):
                     if cum[le] - cum0.get(le, 0.0) >= 0.95 * requests:
                         p95 = 1000.0 * (le if le != float("inf") else (finite[-1] if finite else 0.0))
                         break
-            out.append(ModelReport(name=model, requests=requests, p95_ms=round(p95, 3), drift=self._drift.get(model, "")))
+            out.append(ModelReport(name=model, requests=requests, errors=errors, p95_ms=round(p95, 3),
+                                   drift=self._drift.get(model, "")))
         self._latency_then = dict(self._latency)
+        self._errors_then = dict(self._errors)
         return Serving(out)
 
     async def _watch_latency(self) -> None:
@@ -347,7 +354,13 @@ class FleetService(Service):
                     except ProtocolError:
                         continue
                     latency: dict[str, tuple[float, dict[float, float]]] = {}
+                    errors: dict[str, float] = {}
                     for f in snap.families:
+                        if f.name == "edgebus_inference_errors_total":
+                            for x in f.samples:
+                                model = x.labels.get("model", "")
+                                errors[model] = errors.get(model, 0.0) + x.value
+                            continue
                         if f.name != "edgebus_inference_total_seconds":
                             continue
                         for x in f.samples:
@@ -359,6 +372,7 @@ class FleetService(Service):
                                 le = float(x.labels.get("le", "inf").replace("+Inf", "inf"))
                                 cum[le] = cum.get(le, 0.0) + x.value
                     self._latency = latency
+                    self._errors = errors
         except Forbidden as exc:
             self.log.info("fleet_no_latency", detail=f"{exc}: the reports carry no request counts or latency")
 

@@ -137,6 +137,8 @@ class Scheduler(Service):
         self.m_batch = m.histogram("edgebus_inference_batch_size", "Requests per batch", ("model",),
                                    buckets=(1, 2, 4, 8, 16, 32, 64))
         self.m_depth = m.gauge("edgebus_inference_queue_depth", "Requests waiting", ("model",))
+        self.m_errors = m.counter("edgebus_inference_errors_total", "Requests answered with an error by the model's run",
+                                  ("model", "version"))
         self.m_level = m.gauge("edgebus_degradation_level", "0 full, 1 smaller variant, 2 rule-based fallback")
         self.m_level.set(0)
         await self._refresh_models()
@@ -588,6 +590,8 @@ class Scheduler(Service):
         entry = self.served.setdefault((model, version, variant), _Served())
         entry.requests += n
         entry.errors += errors
+        if errors:
+            self.m_errors.inc(model, version, value=errors)
         entry.latencies_ms.extend([seconds * 1e3] * n)
 
     async def _report_health(self) -> None:
