@@ -336,7 +336,7 @@ from tools._fleet_controller import Controller  # noqa: E402
 from tools._fleet_sim import Fleet, SimStore  # noqa: E402
 
 from conftest import wait_for  # noqa: E402
-from helpers.mosquitto import Mosquitto, mqtt_client, plain_broker  # noqa: E402,F401  (a fixture)
+from helpers.mosquitto import Mosquitto, plain_broker  # noqa: E402,F401  (a fixture)
 
 SIGNING = Ed25519PrivateKey.generate()
 SIGNING_PUB = SIGNING.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

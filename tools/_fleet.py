@@ -22,7 +22,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgspec
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-import msgspec
 
 from protocols import fleet
 from protocols.fleet import (
@@ -89,7 +88,6 @@ class Controller:
         self.log = log or (lambda line: None)
         #: the last report of each device (the highest seq), decoded
         self.reports: dict[str, ReportedState] = {}
-        self._report_decoder = msgspec.msgpack.Decoder(ReportedState)
         self._reconciled = 0
         for row in state.devices():
             if row.reported:

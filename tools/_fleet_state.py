@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS progress (
 
 _SCHEMA_VERSION = "1"
 
+_msgpack = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
+_policy = msgspec.msgpack.Decoder(Policy)
+_waves = msgspec.msgpack.Decoder(list[list[str]])
+_baseline = msgspec.json.Decoder(dict[str, str])
+
 
 class StateError(Exception):
     """The state file cannot be used (not a fleet state, locked too long)."""
@@ -284,14 +290,14 @@ class State:
             cur = db.execute(
                 "INSERT INTO deployments (grp, artifact, config, policy, state, created_at, updated_at, waves, "
                 "previous_artifact, previous_config) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
-                (group, artifact, config, msgspec.msgpack.encode(policy), now, now, msgspec.msgpack.encode([]),
+                (group, artifact, config, _msgpack.encode(policy), now, now, _msgpack.encode([]),
                  previous_artifact, previous_config))
             return int(cur.lastrowid or 0)
 
     def set_plan(self, deployment: int, waves: list[list[str]], now: float) -> None:
         with self.transaction() as db:
             db.execute("UPDATE deployments SET waves=?, updated_at=? WHERE id=?",
-                       (msgspec.msgpack.encode(waves), now, deployment))
+                       (_msgpack.encode(waves), now, deployment))
             for i, wave in enumerate(waves):
                 for device in wave:
                     db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, 0, 'planned', '', ?, '{}')",
@@ -314,14 +320,14 @@ class State:
             db.execute(f"UPDATE deployments SET {sets}, updated_at=? WHERE id=?", (*fields.values(), now, deployment))
 
     def progress(self, deployment: int) -> list[Progress]:
-        return [Progress(*row[:-1], baseline=msgspec.json.decode(row[-1])) for row in self.db.execute(
+        return [Progress(*row[:-1], baseline=_baseline.decode(row[-1])) for row in self.db.execute(
             "SELECT device, wave, version, state, reason, updated_at, baseline FROM progress WHERE deployment=? "
             "ORDER BY wave, device", (deployment,))]
 
     def set_baseline(self, deployment: int, device: str, baseline: dict[str, str]) -> None:
         with self.transaction() as db:
             db.execute("UPDATE progress SET baseline=? WHERE deployment=? AND device=?",
-                       (msgspec.json.encode(baseline).decode(), deployment, device))
+                       (_json.encode(baseline).decode(), deployment, device))
 
     def set_progress(self, deployment: int, device: str, now: float, *, state: str, reason: str = "",
                      version: int | None = None, wave: int | None = None) -> None:
@@ -339,6 +345,6 @@ class State:
 def _deployment(row: tuple[Any, ...]) -> Deployment:
     (id_, grp, artifact, config, policy, state, reason, created, updated, wave, wave_at, waves, prev_a, prev_c,
      group_version) = row
-    return Deployment(id_, grp, artifact, config, msgspec.msgpack.decode(policy, type=Policy), state, reason,
-                      created, updated, wave, wave_at, msgspec.msgpack.decode(waves, type=list[list[str]]),
+    return Deployment(id_, grp, artifact, config, _policy.decode(policy), state, reason,
+                      created, updated, wave, wave_at, _waves.decode(waves),
                       prev_a, prev_c, group_version)
