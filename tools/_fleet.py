@@ -205,7 +205,8 @@ def _device_rows(ctx: Ctx) -> list[dict[str, Any]]:
                                 "attestation": attested, "last_seen": row.last_seen,
                                 "last_seen_ago": _ago(row.last_seen, now)}
         if isinstance(report, ReportedState):
-            item.update(online=report.online, applied_version=report.applied_version,
+            item.update(online=report.online, reported=report.time, reported_ago=_ago(report.time, now),
+                        applied_version=report.applied_version,
                         models={m.name: m.active for m in report.models},
                         deployment=(msgspec.to_builtins(report.current) if report.current else None),
                         refused=(msgspec.to_builtins(report.refused) if report.refused else None),
@@ -245,14 +246,14 @@ def cmd_devices(ctx: Ctx) -> int:
     shown = []
     for r in rows:
         dep = r.get("deployment") or {}
-        state = "offline" if r.get("online") is False else ("online" if "online" in r else "unknown")
         shown.append([r["device"], ",".join(r["groups"]) or (f"(asks {','.join(r['requested_groups'])})"
                                                              if r["requested_groups"] else ""),
-                      state, r["last_seen_ago"], r.get("applied_version", ""),
+                      r.get("reported_ago", "never") + (" (offline)" if r.get("online") is False else ""),
+                      r.get("applied_version", ""),
                       f"{dep.get('deployment', '')} {dep.get('outcome', '')}".strip(),
                       " ".join(f"{k}@{v}" for k, v in (r.get("models") or {}).items()),
                       _health(r.get("health"))])
-    print(table(shown, ["DEVICE", "GROUPS", "STATE", "LAST SEEN", "VERSION", "DEPLOYMENT", "MODELS", "HEALTH"]))
+    print(table(shown, ["DEVICE", "GROUPS", "LAST REPORT", "VERSION", "DEPLOYMENT", "MODELS", "HEALTH"]))
     return 0
 
 

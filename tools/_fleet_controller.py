@@ -119,8 +119,9 @@ class Controller:
                             self.log(f"ignored a report on {topic}: it names device {report.device!r}")
                             continue
                         old = self.reports.get(device)
-                        if old is not None and report.seq < old.seq:
-                            continue  # a stale one (redelivered after a newer)
+                        if old is not None and report.seq <= old.seq and report.time <= old.time:
+                            continue  # seen already (retained, read again), or stale; a device whose
+                            # state was wiped counts from 1 again, with a later time: taken
                         self.reports[device] = report
                         self.state.saw_report(device, payload, now)
                         changed += 1

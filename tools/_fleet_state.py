@@ -192,7 +192,8 @@ class State:
         with self.transaction() as db:
             db.execute("INSERT INTO devices (id, pubkey, enrolled_at, last_seen, enrol) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT(id) DO UPDATE SET pubkey=excluded.pubkey, enrol=excluded.enrol, "
-                       "last_seen=max(coalesce(last_seen, 0), excluded.last_seen)",
+                       "enrolled_at=coalesce(enrolled_at, excluded.enrolled_at), "
+                       "last_seen=CASE WHEN enrol IS excluded.enrol THEN last_seen ELSE excluded.last_seen END",
                        (device, pubkey, now, now, payload))
 
     def saw_report(self, device: str, payload: bytes, now: float) -> None:
