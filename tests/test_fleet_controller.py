@@ -551,3 +551,22 @@ def test_halt_stops_a_rollout_where_it_is_and_rollback_returns_the_touched_devic
             others, "planned")
     finally:
         c.link.close()
+
+
+@pytest.mark.parametrize(("reports", "kept"), [
+    ([(1, 10.0), (2, 11.0)], (2, 11.0)),
+    ([(2, 11.0), (1, 10.0)], (2, 11.0)),  # a stale one delivered late
+    ([(5, 50.0), (5, 50.0)], (5, 50.0)),  # the retained one read again
+    ([(40, 50.0), (1, 60.0)], (1, 60.0)),  # a device whose state was wiped counts from 1 again, later
+])
+def test_the_controller_keeps_each_devices_latest_report(tmp_path, reports, kept) -> None:
+    c = Controller(State(tmp_path / "f.sqlite"), None, Topics())
+    topic = c.topics.reported("d")
+    for seq, t in reports:
+        c.ingest([(topic, fleet.encode(ReportedState(device="d", seq=seq, time=t)), True)])
+    assert (c.reports["d"].seq, c.reports["d"].time) == kept
+    # a report on another device's topic, or one that does not decode, is ignored
+    c.ingest([(c.topics.reported("e"), fleet.encode(ReportedState(device="d", seq=99, time=99.0)), True),
+              (topic, b"\x93garbage", True)])
+    assert "e" not in c.reports and c.reports["d"].seq == kept[0]
+    assert [d.id for d in c.state.devices()] == ["d"]
