@@ -249,12 +249,12 @@ class Controller:
     def bundles_of(self, sha256: str | None) -> list[ArtifactRef]:
         if sha256 is None:
             return []
-        found = self.state.artifact(sha256)
+        found = self.state.artifact_meta(sha256)
         if found is None:
             raise FleetError(f"artifact {sha256[:16]} was never pushed from this state; `edgebus fleet push` it", 4)
-        name, _chunk, info_bytes, data = found
+        name, size = found
         model, _, version = name.partition("@")
-        return [ArtifactRef(name=model, version=version, sha256=sha256, size=len(data))]
+        return [ArtifactRef(name=model, version=version, sha256=sha256, size=size)]
 
     def create(self, group: str, artifact: str | None, config: str, policy: Policy) -> int:
         """Record a deployment of ``artifact`` and/or ``config`` to ``group`` and plan its
@@ -301,7 +301,7 @@ class Controller:
                 out.append(known)
                 continue
             sha = self.state.artifact_named(f"{new.name}@{version}")
-            size = len(self.state.artifact(sha)[3]) if sha else 0  # type: ignore[index]
+            size = self.state.artifact_meta(sha)[1] if sha else 0  # type: ignore[index]
             out.append(ArtifactRef(name=new.name, version=version, sha256=sha or "0" * 64, size=size))
         if not d.artifact:
             out = list(before.values())

@@ -258,6 +258,11 @@ class State:
                               (name,)).fetchone()
         return row[0] if row else None
 
+    def artifact_meta(self, sha256: str) -> tuple[str, int] | None:
+        """(name, size) without reading the bytes."""
+        row = self.db.execute("SELECT name, size FROM artifacts WHERE sha256=?", (sha256,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def artifact(self, sha256: str) -> tuple[str, int, bytes, bytes] | None:
         """(name, chunk_size, info, data) or None."""
         row = self.db.execute("SELECT name, chunk_size, info, data FROM artifacts WHERE sha256=?", (sha256,)).fetchone()
