@@ -248,6 +248,8 @@ def test_the_broker_stopped_mid_rollout_devices_end_on_old_or_new_and_converge(s
         s = shop.json("status", "--cached", str(dep))
         return s if any(x["wave"] == 1 and x["state"] == "succeeded" for x in s["devices"]) else None
 
+    second = shop.fleet("run", check=False)  # one controller loop per state
+    assert second.returncode == 1 and "another controller" in second.stderr, second.stderr
     status = wait_for(canary_done, 90, "the canary on other 1.0.0", interval=0.3)
     assert status["state"] == "running"  # (wave 1 still soaking, unless the machine was very slow)
     shop.broker.stop()

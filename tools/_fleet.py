@@ -360,7 +360,9 @@ def cmd_deploy(ctx: Ctx) -> int:
     controller = ctx.controller(signing=True)
     artifact = _push(ctx, controller, a.bundle) if a.bundle else a.artifact
     dep = controller.create(a.group, artifact, config, policy)
-    controller.step()  # the canary's documents go now
+    locked = _loop_lock(ctx) is not None
+    if locked:
+        controller.step()  # the canary's documents go now (else the running controller sends them)
     d = ctx.state.deployment(dep)
     assert d is not None
     ctx.log(f"deployment {dep} to {a.group}: {len(d.waves)} waves of "
@@ -368,7 +370,7 @@ def cmd_deploy(ctx: Ctx) -> int:
     if not ctx.json:
         print(dep, flush=True)
     if a.follow:
-        code = _follow(ctx, controller, dep)
+        code = _follow(ctx, controller, dep, locked)
         if ctx.json:
             ctx.emit(_status_of(ctx, controller, dep))
         return code
@@ -377,14 +379,33 @@ def cmd_deploy(ctx: Ctx) -> int:
     return 0
 
 
-def _follow(ctx: Ctx, controller: Controller, dep: int) -> int:
+def _loop_lock(ctx: Ctx) -> int | None:
+    """One controller loop advances the rollouts of a state at a time: the lock on
+    STATE.lock (held until the process ends), or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(f"{ctx.args.state}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _follow(ctx: Ctx, controller: Controller, dep: int, locked: bool) -> int:
     deadline = time.monotonic() + ctx.args.follow_timeout if ctx.args.follow_timeout else None
 
     def ended() -> bool:
         d = ctx.state.deployment(dep)
         return d is None or d.state != "running" or (deadline is not None and time.monotonic() > deadline)
 
-    _run_loop(ctx, controller, until=ended)
+    if locked:
+        _run_loop(ctx, controller, until=ended)
+    else:  # another controller (edgebus fleet run) advances it: watch the state
+        ctx.log("another controller advances the rollouts of this state: following it")
+        while not ended():
+            time.sleep(ctx.args.tick)
     d = ctx.state.deployment(dep)
     assert d is not None
     ctx.log(f"deployment {dep}: {d.state}: {d.reason}")
@@ -408,6 +429,9 @@ def _run_loop(ctx: Ctx, controller: Controller, until: Any = None) -> None:
 
 
 def cmd_run(ctx: Ctx) -> int:
+    if _loop_lock(ctx) is None:
+        raise FleetError(f"another controller (edgebus fleet run, or deploy --follow) advances the rollouts of "
+                         f"{ctx.args.state}; one at a time", EXIT_FAILED)
     controller = ctx.controller(signing=True)
     ctx.log(f"controller on {ctx.options().describe()}, prefix {ctx.topics.prefix}, state {ctx.args.state}")
     if ctx.args.once:

@@ -346,42 +346,52 @@ class Controller:
                 self.state.set_progress(d.id, device, now, state=state, reason=check.reason)
 
     def _act(self, d: Deployment, decision: Decision) -> None:
+        """Record what was decided (one transaction, in which the deployment is read again: an
+        operator's halt or rollback, or another controller, may have acted since ``d`` was
+        read), then publish it."""
         now = self.clock()
-        match decision.action:
-            case "wait":
-                if decision.reason != d.reason:
-                    self.state.update_deployment(d.id, now, reason=decision.reason)
-            case "advance":
-                bundles, config = self._content(d)
-                wave = decision.wave
-                issued = []
-                with self.state.transaction():
+        issued: list[tuple[str, int, bytes]] = []
+        with self.state.transaction():
+            current = self.state.deployment(d.id)
+            if current is None or (current.state, current.wave) != ("running", d.wave):
+                return
+            match decision.action:
+                case "wait":
+                    if decision.reason != d.reason:
+                        self.state.update_deployment(d.id, now, reason=decision.reason)
+                case "advance":
+                    bundles, config = self._content(d)
                     names = [b.name for b in bundles]
-                    for device in d.waves[wave]:
+                    for device in d.waves[decision.wave]:
                         issued.append(self.issue("device", device, d.id, bundles, config, d.policy.validity_s))
                         self.state.set_progress(d.id, device, now, state="sent", reason=f"document v{issued[-1][1]}",
-                                                version=issued[-1][1], wave=wave)
+                                                version=issued[-1][1], wave=decision.wave)
                         self.state.set_baseline(d.id, device, self.baseline(device, names))
-                    self.state.update_deployment(d.id, now, wave=wave, wave_started_at=now, reason=decision.reason)
+                    self.state.update_deployment(d.id, now, wave=decision.wave, wave_started_at=now,
+                                                 reason=decision.reason)
+                case "finish":
+                    bundles, config = self._content(d)
+                    issued.append(self.issue("group", d.group, d.id, bundles, config, d.policy.validity_s))
+                    self.state.update_deployment(d.id, now, state="complete", group_version=issued[0][1],
+                                                 reason=f"{decision.reason} (v{issued[0][1]})")
+                case "halt":
+                    self.state.update_deployment(d.id, now, state="halted", reason=f"gate failed: {decision.reason}")
+                case "stall":
+                    self.state.update_deployment(d.id, now, state="stalled", reason=decision.reason)
+        match decision.action:
+            case "advance":
                 self.send(issued)
-                self.log(f"deployment {d.id}: wave {wave + 1} of {len(d.waves)} sent to {len(d.waves[wave])} devices")
+                self.log(f"deployment {d.id}: wave {decision.wave + 1} of {len(d.waves)} sent to "
+                         f"{len(d.waves[decision.wave])} devices")
             case "finish":
-                bundles, config = self._content(d)
-                with self.state.transaction():
-                    issued = self.issue("group", d.group, d.id, bundles, config, d.policy.validity_s)
-                    version = issued[1]
-                    self.state.update_deployment(d.id, now, state="complete", group_version=version,
-                                                 reason=f"{decision.reason} (v{version})")
-                self.send([issued])
+                self.send(issued)
                 self._clear_device_documents(d)
-                self.log(f"deployment {d.id}: complete; group {d.group} document v{version}")
+                self.log(f"deployment {d.id}: complete; group {d.group} document v{issued[0][1]}")
             case "halt":
-                self.state.update_deployment(d.id, now, state="halted", reason=f"gate failed: {decision.reason}")
                 self.log(f"deployment {d.id}: halted: {decision.reason}")
                 if d.policy.rollback_on_failure:
                     self.rollback(d.id, f"gate failed: {decision.reason}")
             case "stall":
-                self.state.update_deployment(d.id, now, state="stalled", reason=decision.reason)
                 self.log(f"deployment {d.id}: stalled: {decision.reason}")
 
     def _clear_device_documents(self, d: Deployment) -> None:
@@ -405,10 +415,11 @@ class Controller:
         link.flush(infos)
 
     def halt(self, deployment: int, reason: str) -> Deployment:
-        d = self._get(deployment)
-        if d.state != "running":
-            raise FleetError(f"deployment {deployment} is {d.state}, not running", 1)
-        self.state.update_deployment(deployment, self.clock(), state="halted", reason=reason)
+        with self.state.transaction():
+            d = self._get(deployment)
+            if d.state != "running":
+                raise FleetError(f"deployment {deployment} is {d.state}, not running", 1)
+            self.state.update_deployment(deployment, self.clock(), state="halted", reason=reason)
         return self._get(deployment)
 
     def rollback(self, deployment: int, reason: str = "rolled back by the operator") -> int:
@@ -419,9 +430,12 @@ class Controller:
             raise FleetError(f"deployment {deployment} is rolled back already", 1)
         now = self.clock()
         issued = []
-        touched = {p.device: p for p in self.state.progress(d.id) if p.version > 0}
         targets = set()
         with self.state.transaction():
+            d = self._get(deployment)  # again, inside the transaction
+            if d.state == "rolled_back":
+                raise FleetError(f"deployment {deployment} is rolled back already", 1)
+            touched = {p.device: p for p in self.state.progress(d.id) if p.version > 0}
             if d.group_version:
                 held = self.state.documents().get(self.topics.group_desired(d.group))
                 if held is not None and held[1] == d.id:
