@@ -89,6 +89,8 @@ class Controller:
         #: the last report of each device (the highest seq), decoded
         self.reports: dict[str, ReportedState] = {}
         self._reconciled = 0
+        #: (deployment, device) -> the (version, state, reason) last written to its progress row
+        self._recorded: dict[tuple[int, str], tuple[int, str, str]] = {}
         for row in state.devices():
             if row.reported:
                 try:
@@ -316,7 +318,7 @@ class Controller:
 
     def touched(self, d: Deployment) -> dict[str, int]:
         """Devices this deployment sent a document, with its version."""
-        return {p.device: p.version for p in self.state.progress(d.id) if p.version > 0}
+        return self.state.touched(d.id)
 
     def views(self, d: Deployment, devices: Iterable[str]) -> dict[str, DeviceView]:
         names = [b.name for b in self.bundles_of(d.artifact)]
@@ -335,6 +337,7 @@ class Controller:
         return done
 
     def _record_checks(self, d: Deployment, touched: dict[str, int], views: dict[str, DeviceView]) -> None:
+        """Each touched device's standing into its progress row, when it changed."""
         now = self.clock()
         with self.state.transaction():
             for device, version in touched.items():
@@ -343,7 +346,10 @@ class Controller:
                 state = view.outcome if view is not None and view.version == version else check.state
                 if check.state == "failed":
                     state = "failed" if state not in ("refused", "rolled-back") else state
-                self.state.set_progress(d.id, device, now, state=state, reason=check.reason)
+                key = (d.id, device)
+                if self._recorded.get(key) != (version, state, check.reason):
+                    self._recorded[key] = (version, state, check.reason)
+                    self.state.set_progress(d.id, device, now, state=state, reason=check.reason)
 
     def _act(self, d: Deployment, decision: Decision) -> None:
         """Record what was decided (one transaction, in which the deployment is read again: an

@@ -330,6 +330,11 @@ class State:
             "SELECT device, wave, version, state, reason, updated_at, baseline FROM progress WHERE deployment=? "
             "ORDER BY wave, device", (deployment,))]
 
+    def touched(self, deployment: int) -> dict[str, int]:
+        """Devices sent a document by the deployment -> that document's version."""
+        return dict(self.db.execute("SELECT device, version FROM progress WHERE deployment=? AND version > 0",
+                                    (deployment,)))
+
     def set_baseline(self, deployment: int, device: str, baseline: dict[str, str]) -> None:
         with self.transaction() as db:
             db.execute("UPDATE progress SET baseline=? WHERE deployment=? AND device=?",
