@@ -432,3 +432,15 @@ async def test_a_run_that_gives_nan_counts_as_an_error_in_the_metrics(make_syste
                     if errors:
                         break
     assert errors == [2.0]
+
+
+def test_the_inline_lane_closes_runners_of_versions_removed() -> None:
+    from services.scheduler._inline import InlineLane
+
+    lane = InlineLane(None, None, [])
+    lane._runners.update({("a", "1.0.0", "full"): "runner a1", ("a", "2.0.0", "full"): "runner a2",
+                          ("b", "1.0.0", "full"): "runner b1"})
+    lane._refused = {("a", "1.0.0", "int8"), ("c", "1.0.0", "full")}
+    lane.retain({"a": ["2.0.0", "1.0.0"], "b": []})
+    assert list(lane._runners) == [("a", "1.0.0", "full"), ("a", "2.0.0", "full")]
+    assert lane._refused == {("a", "1.0.0", "int8")}

@@ -127,6 +127,13 @@ class InlineLane:
             self._runners.popitem(last=False)
         self._log.info("inline_loaded", model=model, version=version, variant=variant)
 
+    def retain(self, installed: dict[str, list[str]]) -> None:
+        """Close the runners of versions no longer installed (``installed``: model -> its
+        versions), and forget that they could not be loaded (a version installed again may)."""
+        for key in [k for k in self._runners if k[1] not in installed.get(k[0], ())]:
+            del self._runners[key]
+        self._refused = {k for k in self._refused if k[1] in installed.get(k[0], ())}
+
     async def run(self, runner: ModelRunner, inputs: dict[str, Any], features: bool,
                   outputs: list[str]) -> tuple[dict[str, Any], float]:
         """The outputs and the run's milliseconds (pre ops, model, post ops)."""

@@ -290,6 +290,7 @@ class Scheduler(Service):
             self.log.warning("modelstore_unreachable", error=str(exc))
             return
         self.models = {m.name: m for m in listing.models}
+        self.inline.retain({m.name: m.versions for m in listing.models})
 
     def _resolve(self, model: str, key: str, version: str = "") -> tuple[str, str]:
         """The version serving a request (``version`` when it names one, else the split's sticky
