@@ -570,3 +570,45 @@ def test_the_controller_keeps_each_devices_latest_report(tmp_path, reports, kept
               (topic, b"\x93garbage", True)])
     assert "e" not in c.reports and c.reports["d"].seq == kept[0]
     assert [d.id for d in c.state.devices()] == ["d"]
+
+
+def test_a_second_controller_loop_stands_by_and_takes_over_when_the_first_ends(tmp_path, plain_broker) -> None:
+    import signal as signals
+
+    from conftest import kill_and_wait
+
+    (tmp_path / "f.signing-key").write_text(SIGNING.private_bytes_raw().hex() + "\n")
+    argv = [str(BIN / "edgebus"), "fleet", "--state", str(tmp_path / "f.sqlite"), "--broker",
+            f"{plain_broker.host}:{plain_broker.port}", "run", "--tick", "0.2"]
+    procs: list[subprocess.Popen[str]] = []
+    lines: queue.Queue = queue.Queue()
+
+    def start() -> subprocess.Popen[str]:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        threading.Thread(target=lambda: [lines.put((p.pid, line)) for line in p.stderr], daemon=True).start()
+        return p
+
+    def line_from(p: subprocess.Popen[str], words: str) -> str:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                pid, line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if pid == p.pid and words in line:
+                return line
+        raise AssertionError(f"no line with {words!r} from pid {p.pid}")
+
+    try:
+        first = start()
+        line_from(first, "controller on")
+        second = start()
+        line_from(second, "standby: another controller advances the rollouts")
+        first.send_signal(signals.SIGTERM)
+        assert first.wait(30) == 0
+        line_from(second, "controller on")  # took over
+        second.send_signal(signals.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        kill_and_wait([p.pid for p in procs if p.poll() is None])

@@ -160,6 +160,23 @@ def _ensure_demo_1(shop: Shop) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _locked(path: Path) -> bool:
+    """Whether a controller loop holds the state's lock (probed without keeping it)."""
+    import fcntl
+    import os
+
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the probe's lock, if it got it)
+    return False
+
+
 def _enrolled(devices: dict[str, dict[str, Any]]) -> bool:
     return set(devices) >= {*GROUP, OUTSIDER} and all(d.get("applied_version") is not None for d in devices.values())
 
@@ -241,6 +258,7 @@ def test_the_broker_stopped_mid_rollout_devices_end_on_old_or_new_and_converge(s
     # a model new to the devices (no trial), a long soak: the broker goes down between the waves
     shop.runner = subprocess.Popen([*shop.base, "run", "--tick", "0.2"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: _locked(shop.tmp / "fleet.sqlite.lock"), 60, "the controller loop to start")
     dep = int(shop.fleet("deploy", "--group", "shop", "--bundle", shop.bundle("other", "1.0.0"), "--canary", "1",
                          "--waves", "2", "--soak", "8").stdout)
 
@@ -248,7 +266,7 @@ def test_the_broker_stopped_mid_rollout_devices_end_on_old_or_new_and_converge(s
         s = shop.json("status", "--cached", str(dep))
         return s if any(x["wave"] == 1 and x["state"] == "succeeded" for x in s["devices"]) else None
 
-    second = shop.fleet("run", check=False)  # one controller loop per state
+    second = shop.fleet("run", "--once", check=False)  # one controller loop per state
     assert second.returncode == 1 and "another controller" in second.stderr, second.stderr
     status = wait_for(canary_done, 90, "the canary on other 1.0.0", interval=0.3)
     assert status["state"] == "running"  # (wave 1 still soaking, unless the machine was very slow)

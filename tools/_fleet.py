@@ -415,32 +415,49 @@ def _follow(ctx: Ctx, controller: Controller, dep: int, locked: bool) -> int:
     return 0 if d.state == "complete" else EXIT_FAILED
 
 
+class _Term:
+    """SIGTERM asks the loop to end at its next pass (exit 0), as SIGINT does (130)."""
+
+    def __init__(self) -> None:
+        self.stopping: list[int] = []
+
+    def __enter__(self) -> "_Term":
+        self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.stopping.append(signum))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def __bool__(self) -> bool:
+        return bool(self.stopping)
+
+
 def _run_loop(ctx: Ctx, controller: Controller, until: Any = None) -> None:
-    stopping = []
-
-    def on_term(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        controller.run(tick=ctx.args.tick, until=until, stop=lambda: bool(stopping))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _Term() as term:
+        controller.run(tick=ctx.args.tick, until=until, stop=lambda: bool(term))
 
 
 def cmd_run(ctx: Ctx) -> int:
-    if _loop_lock(ctx) is None:
-        raise FleetError(f"another controller (edgebus fleet run, or deploy --follow) advances the rollouts of "
-                         f"{ctx.args.state}; one at a time", EXIT_FAILED)
-    controller = ctx.controller(signing=True)
-    ctx.log(f"controller on {ctx.options().describe()}, prefix {ctx.topics.prefix}, state {ctx.args.state}")
-    if ctx.args.once:
-        controller.reconcile()
-        controller.refresh()
-        for dep, decision in controller.step():
-            ctx.log(f"deployment {dep}: {decision.action}: {decision.reason}")
-        return 0
-    _run_loop(ctx, controller)
+    with _Term() as term:
+        if _loop_lock(ctx) is None:
+            if ctx.args.once:
+                raise FleetError(f"another controller (edgebus fleet run, or deploy --follow) advances the rollouts "
+                                 f"of {ctx.args.state}; one at a time", EXIT_FAILED)
+            ctx.log(f"standby: another controller advances the rollouts of {ctx.args.state}; this one takes over "
+                    "when it ends")
+            while _loop_lock(ctx) is None:  # polled: SIGTERM ends the wait
+                if term:
+                    return 0
+                time.sleep(0.5)
+        controller = ctx.controller(signing=True)
+        ctx.log(f"controller on {ctx.options().describe()}, prefix {ctx.topics.prefix}, state {ctx.args.state}")
+        if ctx.args.once:
+            controller.reconcile()
+            controller.refresh()
+            for dep, decision in controller.step():
+                ctx.log(f"deployment {dep}: {decision.action}: {decision.reason}")
+            return 0
+        controller.run(tick=ctx.args.tick, stop=lambda: bool(term))
     return 0
 
 
