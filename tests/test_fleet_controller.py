@@ -433,7 +433,11 @@ def test_offline_devices_do_not_block_a_quorum_and_converge_when_they_reconnect(
         d = c.state.deployment(dep)
         assert d.state == "complete", d.reason
         status = {p.device: p.state for p in c.state.progress(dep)}
-        assert all(status[x] == "succeeded" for x in devices if x not in away), status
+        # the quorum (60%) let it complete: an online device slower than that (a loaded
+        # machine) may still be on its way, none failed; all converge below
+        online = [x for x in devices if x not in away]
+        assert all(status[x] in ("succeeded", "pending") for x in online), status
+        assert sum(status[x] == "succeeded" for x in online) >= 0.6 * len(devices), status
         assert [sim.models(x) for x in away] == [("1.0.0", ["1.0.0"])] * 2
         for x in away:
             sim.online(x, True)
