@@ -12,7 +12,7 @@ broker restarted without its persistence file is given them again).
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 
 from protocols import fleet
@@ -111,14 +111,8 @@ class Controller:
                     continue
                 match kind:
                     case ("reported", device):
-                        try:
-                            report = fleet.decode(payload, ReportedState)
-                        except fleet.FleetError as exc:
-                            self.log(f"ignored a report on {topic}: {exc}")
-                            continue
-                        assert isinstance(report, ReportedState)
-                        if report.device != device:
-                            self.log(f"ignored a report on {topic}: it names device {report.device!r}")
+                        report = self._decoded(topic, payload, ReportedState, device, "a report")
+                        if report is None:
                             continue
                         old = self.reports.get(device)
                         if old is not None and report.seq <= old.seq and report.time <= old.time:
@@ -128,20 +122,27 @@ class Controller:
                         self.state.saw_report(device, payload, now)
                         changed += 1
                     case ("enrol", device):
-                        try:
-                            enrol = fleet.decode(payload, Enrolment)
-                        except fleet.FleetError as exc:
-                            self.log(f"ignored an enrolment on {topic}: {exc}")
-                            continue
-                        assert isinstance(enrol, Enrolment)
-                        if enrol.device != device:
-                            self.log(f"ignored an enrolment on {topic}: it names device {enrol.device!r}")
+                        enrol = self._decoded(topic, payload, Enrolment, device, "an enrolment")
+                        if enrol is None:
                             continue
                         self.state.saw_enrol(device, enrol.public_key, payload, now)
                         changed += 1
                     case _:
                         pass
         return changed
+
+    def _decoded(self, topic: str, payload: bytes, kind: Any, device: str, what: str) -> Any:
+        """``payload`` as a ``kind`` that names ``device`` (its topic's), or None (said in the log)."""
+        try:
+            message = fleet.decode(payload, kind)
+        except fleet.FleetError as exc:
+            self.log(f"ignored {what} on {topic}: {exc}")
+            return None
+        assert isinstance(message, kind)
+        if message.device != device:
+            self.log(f"ignored {what} on {topic}: it names device {message.device!r}")
+            return None
+        return message
 
     def refresh(self, quiet: float = 0.4) -> int:
         """Read the devices' retained enrolments and reports once (the commands that show)."""
