@@ -6,7 +6,8 @@ thread wake-ups a hop, 0.3-0.6 ms on a 2-core device, many times what a small mo
 (a 4x4 MatMul: 10 us; a voice-activity frame: 0.2 ms).  For such a model the scheduler
 loads it itself (``drivers.ops.ModelRunner``: the session and the manifest's ops, the code
 the driver runs, so the result is the same bits) and runs it where it is, on the CPU, one
-intra-op thread.
+intra-op thread: on its event loop when a run takes under ``ON_LOOP_S``, else in a worker
+thread (the loop goes on serving meanwhile).
 
 * ``auto`` (the default): a model goes inline once its driver's time for a run of one row
   (pre ops, model, post ops: the batch tuner's average) is at most ``inline_max_ms``, and
@@ -45,6 +46,9 @@ __all__ = ["InlineLane", "decide_inline", "MAX_RUNNERS"]
 
 #: models kept loaded in the scheduler at once
 MAX_RUNNERS = 16
+#: a run that took less than this (seconds) last time runs on the scheduler's event loop;
+#: longer ones in a worker thread, so the loop keeps serving other requests meanwhile
+ON_LOOP_S = 0.1e-3
 
 Key = tuple[str, str, str]  # model, version, variant
 
@@ -143,7 +147,8 @@ class InlineLane:
             return runner.run(inputs, features=features, outputs=outputs)
 
         try:
-            got, (pre, run, post) = compute() if runner.quick else await anyio.to_thread.run_sync(compute)
+            # (on the event loop only when it holds it for less than a thread hand-off would cost)
+            got, (pre, run, post) = compute() if runner.last_s < ON_LOOP_S else await anyio.to_thread.run_sync(compute)
         except RunInputError as exc:
             raise BadMessage(str(exc)) from exc
         except RunFailed as exc:

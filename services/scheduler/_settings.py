@@ -158,7 +158,7 @@ class SchedulerSettings(Settings):
     #: a driver and back: "auto" once a model's run of one measured at most inline_max_ms on
     #: CPU drivers, "on" every model (on the CPU), "off" none (see services/scheduler/_inline.py)
     inline: Inline = "auto"
-    inline_max_ms: NonNegative = 0.3
+    inline_max_ms: NonNegative = 0.5
     #: shared-memory regions (protocols.shm) a client may map at once, and their bytes in all
     max_regions: Annotated[int, msgspec.Meta(ge=0)] = 8
     max_region_mb: NonNegative = 256.0
