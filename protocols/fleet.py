@@ -11,13 +11,17 @@ topic                                 retained  QoS    payload
 ``<p>/groups/<group>/desired``        yes       1      ``SignedDocument`` (a ``Deployment``)
 ``<p>/devices/<device>/reported``     yes       1      ``ReportedState``
 ``<p>/devices/<device>/enrol``        yes       1      ``Enrolment``
+``<p>/devices/<device>/presence``     yes       1      ``Presence`` (also the device's MQTT will)
 ``<p>/artifacts/<sha256>/info``       yes       1      ``ArtifactInfo``
 ``<p>/artifacts/<sha256>/chunks/<i>`` yes       1      ``Chunk``
 ====================================  ========  =====  ====================================
 
 A device reads its own desired topic, its groups' desired topics and the artifacts; it
-writes only its own reported and enrol topics (``acl_lines`` writes the mosquitto ACL that
-holds it to that).  An empty retained message clears a topic (MQTT's rule) and is ignored.
+writes only its own reported, enrol and presence topics (``acl_lines`` writes the mosquitto
+ACL that holds it to that).  Presence is MQTT's last will: before every connection the device
+sets its will to ``Presence(online=False)`` (retained, QoS 1), and once connected publishes
+``Presence(online=True)``; a device that dies or loses its link is marked offline by the
+broker, one that stops cleanly publishes offline itself (a clean disconnect fires no will).  An empty retained message clears a topic (MQTT's rule) and is ignored.
 
 Deployment documents are TUF-like: a ``Deployment`` is encoded once (``SignedDocument.payload``
 is those exact bytes, never re-encoded for verification) and signed with ed25519 by a fleet
@@ -47,7 +51,7 @@ import msgspec
 from .security import SignedReport
 
 __all__ = [
-    "DEFAULT_PREFIX", "MAX_DOCUMENT", "MAX_REPORT", "MAX_ENROLMENT", "MAX_INFO", "MAX_CHUNK_SIZE",
+    "DEFAULT_PREFIX", "MAX_DOCUMENT", "MAX_REPORT", "MAX_ENROLMENT", "MAX_PRESENCE", "Presence", "presence", "MAX_INFO", "MAX_CHUNK_SIZE",
     "DEFAULT_CHUNK_SIZE", "ArtifactRef", "ConfigFragment", "Deployment", "SignedDocument", "ArtifactInfo",
     "Chunk", "Enrolment", "ModelReport", "HealthSummary", "DeploymentStatus", "ReportedState", "Message",
     "FleetError", "Refused", "Topics", "encode", "decode", "key_id", "sign_document", "check_document",
@@ -62,6 +66,8 @@ MAX_DOCUMENT = 64 * 1024
 MAX_REPORT = 64 * 1024
 #: an Enrolment's encoded size at most (the attestation report's measurement log is in it)
 MAX_ENROLMENT = 256 * 1024
+#: a Presence's encoded size at most
+MAX_PRESENCE = 1024
 #: an ArtifactInfo's encoded size at most (about 14,000 chunks)
 MAX_INFO = 1024 * 1024
 #: a chunk's data at most; a Chunk message may be this plus ``_CHUNK_OVERHEAD``
@@ -283,13 +289,34 @@ class ReportedState(msgspec.Struct, tag=True, omit_defaults=True):
     attestation: SignedReport | None = None
 
 
-Message = SignedDocument | Deployment | ArtifactInfo | Chunk | Enrolment | ReportedState
+class Presence(msgspec.Struct, tag=True, omit_defaults=True):
+    """On ``<p>/devices/<device>/presence`` (retained, QoS 1): whether the device is connected.
+    ``online=True`` is published by the device once connected; ``online=False`` is its MQTT
+    last will (published by the broker when the connection dies without a DISCONNECT: a
+    crash, kill -9, lost link, missed keepalives) or published by the device itself on a clean
+    stop.  ``time``: when the device wrote it (for a will: when the connection it outlives was
+    made, the broker publishes it later); a reader notes when it saw the change."""
+
+    device: str
+    online: bool
+    time: float
+    #: "connected", "will" (the broker published it), "stopped" (a clean stop)
+    cause: str = ""
+
+
+def presence(device: str, online: bool, cause: str = "", now: float | None = None) -> bytes:
+    """An encoded Presence of ``device`` (what goes on ``Topics.presence``, or in the will)."""
+    return encode(Presence(device=device, online=online, time=time.time() if now is None else now, cause=cause))
+
+
+Message = SignedDocument | Deployment | ArtifactInfo | Chunk | Enrolment | ReportedState | Presence
 
 _encoder = msgspec.msgpack.Encoder()
 _decoders: dict[type, msgspec.msgpack.Decoder] = {}
 _LIMITS: dict[type, int] = {
     SignedDocument: MAX_DOCUMENT, Deployment: MAX_DOCUMENT, ArtifactInfo: MAX_INFO,
     Chunk: MAX_CHUNK_SIZE + _CHUNK_OVERHEAD, Enrolment: MAX_ENROLMENT, ReportedState: MAX_REPORT,
+    Presence: MAX_PRESENCE,
 }
 
 
@@ -409,6 +436,9 @@ class Topics:
     def enrol(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/enrol"
 
+    def presence(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/presence"
+
     def info(self, sha256: str) -> str:
         return f"{self.prefix}/artifacts/{sha256}/info"
 
@@ -421,7 +451,7 @@ class Topics:
 
     def parse(self, topic: str) -> tuple[str, ...]:
         """("device-desired", device) | ("group-desired", group) | ("reported", device) |
-        ("enrol", device) | ("info", sha256) | ("chunk", sha256, index) | ("other",)."""
+        ("enrol", device) | ("presence", device) | ("info", sha256) | ("chunk", sha256, index) | ("other",)."""
         if not topic.startswith(self.prefix + "/"):
             return ("other",)
         parts = topic[len(self.prefix) + 1:].split("/")
@@ -434,6 +464,8 @@ class Topics:
                 return ("reported", device)
             case ["devices", device, "enrol"]:
                 return ("enrol", device)
+            case ["devices", device, "presence"]:
+                return ("presence", device)
             case ["artifacts", sha, "info"]:
                 return ("info", sha)
             case ["artifacts", sha, "chunks", index] if index.isdigit():
@@ -445,14 +477,15 @@ def acl_lines(devices: Mapping[str, Iterable[str]], prefix: str = DEFAULT_PREFIX
     """A mosquitto ACL file (``acl_file``) for a broker whose devices log in by certificate
     (``use_identity_as_username true``: the username is the certificate's CN, the device id):
     ``devices`` maps each device id to its groups.  Every device may read its own desired
-    topic, the artifacts and its groups' desired topics, and write only its own reported and
-    enrol topics; ``operator`` (a username) may read and write everything under the prefix.
+    topic, the artifacts and its groups' desired topics, and write only its own reported,
+    enrol and presence topics (the last also its will's); ``operator`` (a username) may read and write everything under the prefix.
     Anything not listed is denied (mosquitto's ACLs are default-deny)."""
     p = prefix.rstrip("/")
     lines = ["# edgebus fleet ACL: generated by protocols.fleet.acl_lines; default deny",
              f"pattern read {p}/devices/%u/desired",
              f"pattern readwrite {p}/devices/%u/reported",
              f"pattern readwrite {p}/devices/%u/enrol",
+             f"pattern readwrite {p}/devices/%u/presence",
              f"pattern read {p}/artifacts/#", ""]
     if operator:
         _check_name(operator, "operator")

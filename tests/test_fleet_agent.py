@@ -145,12 +145,15 @@ class Operator:
         self.t = Topics()
         self.reports: dict[str, fleet.ReportedState] = {}
         self.enrolments: dict[str, fleet.Enrolment] = {}
+        #: every presence message read, in order, per device
+        self.presence: dict[str, list[fleet.Presence]] = {}
         self.lock = threading.Lock()
         self.client = mqtt_client(broker, "operator")
         got, subscribed = threading.Event(), threading.Event()
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, codes, p=None: subscribed.set()
-        self.client.subscribe([(f"{self.t.prefix}/devices/+/reported", 1), (f"{self.t.prefix}/devices/+/enrol", 1)])
+        self.client.subscribe([(f"{self.t.prefix}/devices/+/reported", 1), (f"{self.t.prefix}/devices/+/enrol", 1),
+                               (f"{self.t.prefix}/devices/+/presence", 1)])
         assert subscribed.wait(10)
 
     def _on_message(self, c, u, m) -> None:
@@ -160,6 +163,8 @@ class Operator:
                 self.reports[kind[1]] = fleet.decode(m.payload, fleet.ReportedState)
             elif kind[0] == "enrol" and m.payload:
                 self.enrolments[kind[1]] = fleet.decode(m.payload, fleet.Enrolment)
+            elif kind[0] == "presence" and m.payload:
+                self.presence.setdefault(kind[1], []).append(fleet.decode(m.payload, fleet.Presence))
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(20)
@@ -190,6 +195,17 @@ class Operator:
             return wait_for(check, timeout, what)
         except AssertionError:
             raise AssertionError(f"{what}; the last report: {self.reports.get(device)}") from None
+
+    def wait_presence(self, device: str, online: bool, after: int, what: str, timeout: float = 60) -> int:
+        """The index of the first presence of ``device`` from ``after`` on that says ``online``."""
+        def check():
+            with self.lock:
+                seen = self.presence.get(device, [])[after:]
+            return next((after + i + 1 for i, p in enumerate(seen) if p.online == online), None)
+        try:
+            return wait_for(check, timeout, what)
+        except AssertionError:
+            raise AssertionError(f"{what}; presence read: {self.presence.get(device)}") from None
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -292,6 +308,38 @@ async def test_a_device_receives_a_signed_deployment_resumes_after_kill_9_and_re
         for reason in ("replay", "unknown-key", "expired"):
             assert any(a.startswith("fleet-refused") and f" {reason}: " in a for a in audit), (reason, audit)
         assert old  # (the replayed bytes were a genuine, once valid document)
+    finally:
+        op.close()
+
+
+@pytest.mark.anyio
+async def test_a_devices_presence_is_online_when_connected_its_will_when_killed_and_offline_when_stopped(
+        tls_broker: Mosquitto, make_system) -> None:
+    tls_broker.set_acl(fleet.acl_lines({"dev6": []}, operator="operator"))
+    op = Operator(tls_broker)
+    try:
+        system = make_system(device_config(tls_broker, "dev6", []), sub="dev6")
+        await system.wait_ready("security", "modelstore", "fleet", timeout=60)
+        at = op.wait_presence("dev6", True, 0, "online once connected")
+        # kill -9: no DISCONNECT, the broker publishes the device's will (retained)
+        pid = await _pid(system, "fleet")
+        os.kill(pid, signal.SIGKILL)
+        at = op.wait_presence("dev6", False, at, "offline (the will) after kill -9")
+        assert op.presence["dev6"][at - 1].cause == "will"
+        await system.wait_restarted("fleet", pid, timeout=60)
+        at = op.wait_presence("dev6", True, at, "online again once restarted")
+        # a clean stop says offline itself (a clean disconnect fires no will)
+        assert system.stop() == 0
+        at = op.wait_presence("dev6", False, at, "offline after a clean stop")
+        assert op.presence["dev6"][at - 1].cause == "stopped"
+        # retained: a reader that comes later reads it
+        late = mqtt_client(tls_broker, "operator")
+        try:
+            got, subscribed = _collect(late, [op.t.presence("dev6")])
+            wait_for(lambda: got.get(op.t.presence("dev6")), 30, "the retained presence")
+            assert fleet.decode(got[op.t.presence("dev6")], fleet.Presence).online is False
+        finally:
+            late.loop_stop(); late.disconnect()
     finally:
         op.close()
 

@@ -26,7 +26,8 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectSendStream
 
 from protocols import ListServices, Reload, Reloaded, ServiceList
-from protocols.fleet import HealthSummary, ModelReport
+from protocols import fleet as fleet_protocol
+from protocols.fleet import HealthSummary, ModelReport, Topics
 from protocols.modelstore import Activate as StoreActivate
 from protocols.modelstore import Install as StoreInstall
 from protocols.modelstore import Rollback as StoreRollback
@@ -149,6 +150,11 @@ class FleetService(Service):
         client.reconnect_delay_set(max(1, int(b.backoff_initial)), max(1, int(b.backoff_max)))
         log = self.log
         closing = threading.Event()
+        presence_topic = Topics(s.prefix).presence(s.device_id)
+
+        def set_will(*_: Any) -> None:
+            # before every (re)connection: the broker publishes it if this connection dies
+            client.will_set(presence_topic, fleet_protocol.presence(s.device_id, False, "will"), qos=1, retain=True)
 
         def deliver(event: Event) -> None:
             # paho's thread waits for room in the queue: TCP backpressure bounds what is in memory
@@ -164,6 +170,7 @@ class FleetService(Service):
                 log.warning("fleet_connect_refused", host=b.host, port=b.port, reason=str(rc))
                 return
             log.info("fleet_connected", host=b.host, port=b.port, device=s.device_id)
+            c.publish(presence_topic, fleet_protocol.presence(s.device_id, True, "connected"), qos=1, retain=True)
             deliver(Connected())
 
         def on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -171,6 +178,8 @@ class FleetService(Service):
                 log.info("fleet_disconnected", reason=str(rc))
             deliver(Disconnected())
 
+        set_will()
+        client.on_pre_connect = set_will
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_message = lambda c, u, m: deliver(Received(m.topic, bytes(m.payload)))
@@ -182,6 +191,14 @@ class FleetService(Service):
         client, self.client = self.client, None
         if client is not None:
             self._closing.set()
+            if client.is_connected():  # a clean disconnect fires no will: say offline first
+                s: FleetSettings = self.settings
+                info = client.publish(Topics(s.prefix).presence(s.device_id),
+                                      fleet_protocol.presence(s.device_id, False, "stopped"), qos=1, retain=True)
+                try:
+                    await anyio.to_thread.run_sync(info.wait_for_publish, 5.0)
+                except (ValueError, RuntimeError) as exc:
+                    self.log.warning("fleet_offline_not_sent", error=str(exc))
             client.disconnect()
             # joined from a worker thread: paho's may be handing an event to this loop
             await anyio.to_thread.run_sync(client.loop_stop)
