@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -107,6 +108,8 @@ def v(outcome: str, version: int = 10, **kw) -> DeviceView:
     (None, GATES, "pending", "no report"),
     (v("succeeded", version=9), GATES, "pending", "has not acted on document v10"),
     (v("succeeded", version=9, online=False), GATES, "pending", "(offline)"),
+    (v("downloading", online=False, offline_since=time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))), GATES, "pending",
+     "downloading (offline since 03:04:05)"),
     (v("succeeded", version=11), GATES, "superseded", "newer document v11"),
     (v("downloading"), GATES, "pending", "downloading"),
     (v("installing"), GATES, "pending", "installing"),
@@ -263,6 +266,31 @@ def test_deployments_waves_and_progress_round_trip(tmp_path) -> None:
     assert s.deployments(("running",)) == [] and s.deployment(dep).reason == "why"
 
 
+def test_a_state_of_schema_1_is_migrated_to_keep_presence(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                     "INSERT INTO meta VALUES ('schema', '1');"
+                     "CREATE TABLE devices (id TEXT PRIMARY KEY, pubkey TEXT NOT NULL DEFAULT '', enrolled_at REAL, "
+                     "last_seen REAL, enrol BLOB, reported BLOB, reported_at REAL);"
+                     "INSERT INTO devices (id, pubkey) VALUES ('a', 'k');")
+    db.commit()
+    db.close()
+    s = State(path)
+    assert s.meta("schema") == "2" and s.device("a").presence is None
+    offline = fleet.presence("a", False, "will", now=5.0)
+    s.saw_presence("a", offline, 10.0)
+    s.saw_presence("a", offline, 20.0)  # the same message read again keeps its time
+    row = s.device("a")
+    assert (row.pubkey, row.presence, row.presence_at) == ("k", offline, 10.0)
+    s.close()
+    assert State(path).meta("schema") == "2"
+    with pytest.raises(fleet.FleetError, match="over the limit"):
+        fleet.decode(b"x" * (fleet.MAX_PRESENCE + 1), fleet.Presence)
+
+
 def test_a_file_that_is_not_a_state_is_one_line_and_exit_5(tmp_path) -> None:
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"not sqlite at all" * 100)
@@ -381,6 +409,10 @@ class Sim:
     def online(self, device: str, up: bool) -> None:
         d = self.fleet.devices[device]
         self.call(lambda: self.fleet.connect(d) if up else self.fleet.disconnect(d))
+
+    def drop(self, device: str) -> None:
+        d = self.fleet.devices[device]
+        self.call(lambda: self.fleet.drop(d))
 
     def models(self, device: str) -> tuple[str, list[str]]:
         return self.call(lambda: (self.fleet.devices[device].store.models["m"].active,
@@ -616,3 +648,50 @@ def test_a_second_controller_loop_stands_by_and_takes_over_when_the_first_ends(t
         assert second.wait(30) == 0
     finally:
         kill_and_wait([p.pid for p in procs if p.poll() is None])
+
+
+def test_devices_show_the_presence_their_wills_and_clean_stops_publish(tmp_path, plain_broker, sim) -> None:
+    devices = ["p0", "p1", "p2"]
+    for d in devices:
+        sim.add(d, ["g"])
+    c = controller(tmp_path, plain_broker)
+    try:
+        enrolled(c, devices)
+        wait_for(lambda: c.refresh(quiet=0.2) >= 0 and all(c.presence.get(d, (None,))[0] is not None
+                                                            and c.presence[d][0].online for d in devices),
+                 30, "every device online")
+        sim.online("p0", False)  # a clean stop: the device says offline itself
+        sim.drop("p1")  # a lost link: the broker publishes its will
+        wait_for(lambda: c.refresh(quiet=0.2) >= 0 and not c.presence["p0"][0].online
+                 and not c.presence["p1"][0].online, 30, "p0 and p1 offline")
+        assert (c.presence["p0"][0].cause, c.presence["p1"][0].cause, c.presence["p2"][0].online) == \
+            ("stopped", "will", True)
+        assert view_of("p1", c.reports["p1"], (), c.presence["p1"]).offline_since > 0
+        cli = [str(BIN / "edgebus"), "fleet", "--state", str(tmp_path / "fleet.sqlite"),
+               "--broker", f"{plain_broker.host}:{plain_broker.port}"]
+        r = subprocess.run([*cli, "-o", "json", "devices"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert {x["device"]: x["online"] for x in json.loads(r.stdout)} == {"p0": False, "p1": False, "p2": True}
+        # a deployment reaching them: `fleet status` shows the offline ones waiting, and since when
+        c.state.create_group("g", 0.0)
+        c.state.add_members("g", devices)
+        sha, _ = c.push(b"y" * 1000, "m@2.0.0")
+        dep = c.create("g", sha, "", Policy(canary_count=3, waves=1, soak_s=0.0))
+        c.step()
+        r = subprocess.run([*cli, "-o", "json", "status", str(dep)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        rows = {x["device"]: x for x in json.loads(r.stdout)["devices"]}
+        for d in ("p0", "p1"):
+            assert rows[d]["state"] == "waiting" and "(offline since " in rows[d]["reason"], rows
+            assert rows[d]["online"] is False
+        assert rows["p2"]["online"] is True and rows["p2"]["state"] != "waiting", rows
+        sim.online("p1", True)  # back: online again
+        wait_for(lambda: c.refresh(quiet=0.2) >= 0 and c.presence["p1"][0].online, 30, "p1 online again")
+        r = subprocess.run([*cli, "devices"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        header, *lines = r.stdout.splitlines()
+        at = header.index("ONLINE")
+        rows = {line.split()[0]: line[at:].split()[0] for line in lines}
+        assert rows == {"p0": "no", "p1": "yes", "p2": "yes"}, r.stdout
+    finally:
+        c.link.close()

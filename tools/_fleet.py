@@ -204,8 +204,17 @@ def _device_rows(ctx: Ctx) -> list[dict[str, Any]]:
                                 "enrolled": row.enrolled_at is not None, "public_key": row.pubkey,
                                 "attestation": attested, "last_seen": row.last_seen,
                                 "last_seen_ago": _ago(row.last_seen, now)}
+        presence = None
+        if row.presence:
+            try:
+                presence = fleet.decode(row.presence, fleet.Presence)
+            except fleet.FleetError:
+                presence = None
+        # online: as its presence topic (its MQTT will) says; null: it never published one
+        item.update(online=presence.online if isinstance(presence, fleet.Presence) else None,
+                    presence_changed=row.presence_at if presence is not None else None)
         if isinstance(report, ReportedState):
-            item.update(online=report.online, reported=report.time, reported_ago=_ago(report.time, now),
+            item.update(reported=report.time, reported_ago=_ago(report.time, now),
                         applied_version=report.applied_version,
                         models={m.name: m.active for m in report.models},
                         deployment=(msgspec.to_builtins(report.current) if report.current else None),
@@ -248,12 +257,13 @@ def cmd_devices(ctx: Ctx) -> int:
         dep = r.get("deployment") or {}
         shown.append([r["device"], ",".join(r["groups"]) or (f"(asks {','.join(r['requested_groups'])})"
                                                              if r["requested_groups"] else ""),
-                      r.get("reported_ago", "never") + (" (offline)" if r.get("online") is False else ""),
+                      {True: "yes", False: "no"}.get(r.get("online"), "?"),
+                      r.get("reported_ago", "never"),
                       r.get("applied_version", ""),
                       f"{dep.get('deployment', '')} {dep.get('outcome', '')}".strip(),
                       " ".join(f"{k}@{v}" for k, v in (r.get("models") or {}).items()),
                       _health(r.get("health"))])
-    print(table(shown, ["DEVICE", "GROUPS", "LAST REPORT", "VERSION", "DEPLOYMENT", "MODELS", "HEALTH"]))
+    print(table(shown, ["DEVICE", "GROUPS", "ONLINE", "LAST REPORT", "VERSION", "DEPLOYMENT", "MODELS", "HEALTH"]))
     return 0
 
 
@@ -468,7 +478,7 @@ def _status_of(ctx: Ctx, controller: Controller, dep: int) -> dict[str, Any]:
     names = [b.name for b in controller.bundles_of(d.artifact)]
     devices = []
     for p in ctx.state.progress(dep):
-        view = view_of(p.device, controller.reports.get(p.device), names)
+        view = view_of(p.device, controller.reports.get(p.device), names, controller.presence.get(p.device))
         if p.version and p.state == "rolling-back":  # sent the rollback document, p.version
             acted = view.version == p.version
             state = ("rolled-back" if view.outcome == "succeeded" else f"rolling-back ({view.outcome})") if acted \
@@ -485,6 +495,8 @@ def _status_of(ctx: Ctx, controller: Controller, dep: int) -> dict[str, Any]:
             reason = check.reason if check.state != "passed" else (view.reason or "")
         else:
             state, reason = "planned", ""
+        if state == "pending" and not view.online:  # waiting for a device its presence says is away
+            state = "waiting"
         devices.append({"device": p.device, "wave": p.wave + 1, "document": p.version, "state": state,
                         "reason": reason, "online": view.online})
     bundle = controller.bundles_of(d.artifact)

@@ -1,7 +1,7 @@
 """The controller: carries out the rollout decisions (``tools._fleet_rollout``) over the
 broker, with its state in SQLite (``tools._fleet_state``).  It reaches devices only through
-retained topics: desired documents it signs and publishes, reported states and enrolments it
-reads.
+retained topics: desired documents it signs and publishes, reported states, enrolments and
+presence (the devices' MQTT wills) it reads.
 
 ``step`` is one pass over the running deployments (decide, then publish what was decided);
 ``run`` loops: take what the broker delivered, ``step``, and after each (re)connection make
@@ -22,6 +22,7 @@ from protocols.fleet import (
     ConfigFragment,
     Deployment as Document,
     Enrolment,
+    Presence,
     ReportedState,
     SignedDocument,
     Topics,
@@ -47,12 +48,17 @@ class FleetError(Exception):
         self.code = code
 
 
-def view_of(device: str, report: ReportedState | None, bundle_names: Iterable[str] = ()) -> DeviceView:
+def view_of(device: str, report: ReportedState | None, bundle_names: Iterable[str] = (),
+            presence: tuple[Presence, float] | None = None) -> DeviceView:
     """What the rollout rules see of a device's last report: the document it acted on last
     (or refused), its outcome, and the health of the deployed models (all its models when the
-    deployment carries no bundle)."""
+    deployment carries no bundle); online or not as its presence (with the time the controller
+    read it) says, when there is one."""
+    online, since = True, 0.0
+    if presence is not None:
+        online, since = presence[0].online, (0.0 if presence[0].online else presence[1])
     if report is None:
-        return DeviceView(device, online=False)
+        return DeviceView(device, online=presence is not None and online, offline_since=since)
     cur, refused = report.current, report.refused
     if refused is not None and (cur is None or refused.version > cur.version):
         version, outcome, reason = refused.version, "refused", refused.reason + (f": {refused.detail}" if refused.detail else "")
@@ -71,7 +77,8 @@ def view_of(device: str, report: ReportedState | None, bundle_names: Iterable[st
     drift = max((d for d in drifts if d is not None), default=None)
     return DeviceView(device, version=version, outcome=outcome, reason=reason,
                       error_rate=errors / requests if requests else None, p95_ms=p95, drift=drift,
-                      online=report.online, seen_at=report.time, deployment=deployment)
+                      online=online and report.online, seen_at=report.time, deployment=deployment,
+                      offline_since=since)
 
 
 class Controller:
@@ -88,6 +95,8 @@ class Controller:
         self.log = log or (lambda line: None)
         #: the last report of each device (the highest seq), decoded
         self.reports: dict[str, ReportedState] = {}
+        #: each device's last presence, with when the controller first read it
+        self.presence: dict[str, tuple[Presence, float]] = {}
         self._reconciled = 0
         #: (deployment, device) -> the (version, state, reason) last written to its progress row
         self._recorded: dict[tuple[int, str], tuple[int, str, str]] = {}
@@ -97,11 +106,19 @@ class Controller:
                     self.reports[row.id] = fleet.decode(row.reported, ReportedState)  # type: ignore[assignment]
                 except fleet.FleetError:
                     pass
+            if row.presence:
+                try:
+                    found = fleet.decode(row.presence, Presence)
+                    assert isinstance(found, Presence)
+                    self.presence[row.id] = (found, row.presence_at or 0.0)
+                except fleet.FleetError:
+                    pass
 
     # -- what the broker delivered ---------------------------------------------------------------
 
     def ingest(self, messages: Iterable[tuple[str, bytes, bool]]) -> int:
-        """Record enrolments and reports (in one transaction); returns how many were new."""
+        """Record enrolments, reports and presence (in one transaction); returns how many
+        were new."""
         now = self.clock()
         changed = 0
         with self.state.transaction():
@@ -127,6 +144,14 @@ class Controller:
                             continue
                         self.state.saw_enrol(device, enrol.public_key, payload, now)
                         changed += 1
+                    case ("presence", device):
+                        found = self._decoded(topic, payload, Presence, device, "a presence")
+                        old = self.presence.get(device)
+                        if found is None or (old is not None and old[0] == found):
+                            continue  # the same retained message read again: keeps its time
+                        self.presence[device] = (found, now)
+                        self.state.saw_presence(device, payload, now)
+                        changed += 1
                     case _:
                         pass
         return changed
@@ -145,9 +170,10 @@ class Controller:
         return message
 
     def refresh(self, quiet: float = 0.4) -> int:
-        """Read the devices' retained enrolments and reports once (the commands that show)."""
+        """Read the devices' retained enrolments, reports and presence once (the commands that show)."""
         link = self._need_link()
-        got = link.retained([f"{self.topics.prefix}/devices/+/enrol", f"{self.topics.prefix}/devices/+/reported"],
+        p = self.topics.prefix
+        got = link.retained([f"{p}/devices/+/enrol", f"{p}/devices/+/reported", f"{p}/devices/+/presence"],
                             quiet=quiet)
         return self.ingest((t, p, True) for t, p in got.items())
 
@@ -323,7 +349,7 @@ class Controller:
 
     def views(self, d: Deployment, devices: Iterable[str]) -> dict[str, DeviceView]:
         names = [b.name for b in self.bundles_of(d.artifact)]
-        return {dev: view_of(dev, self.reports.get(dev), names) for dev in devices}
+        return {dev: view_of(dev, self.reports.get(dev), names, self.presence.get(dev)) for dev in devices}
 
     def step(self) -> list[tuple[int, Decision]]:
         """One pass over the running deployments; returns what was decided for each."""
@@ -507,7 +533,7 @@ class Controller:
         Returns when ``until()`` holds after a step, or ``stop()`` holds."""
         link = self._need_link()
         p = self.topics.prefix
-        link.subscribe([f"{p}/devices/+/enrol", f"{p}/devices/+/reported"])
+        link.subscribe([f"{p}/devices/+/enrol", f"{p}/devices/+/reported", f"{p}/devices/+/presence"])
         renewed_at = 0.0
         while not (stop and stop()):
             if link.connections != self._reconciled and link.connected:

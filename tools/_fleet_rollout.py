@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from typing import Literal, Sequence
 
 import msgspec
@@ -162,6 +163,8 @@ class DeviceView(msgspec.Struct, frozen=True):
     drift: float | None = None
     online: bool = True
     seen_at: float = 0.0
+    #: when the controller read the device's offline presence (its will, or its clean stop); 0: unknown
+    offline_since: float = 0.0
     #: the deployment id of that document
     deployment: str = ""
 
@@ -180,7 +183,8 @@ def check_device(view: DeviceView | None, version: int, gates: Sequence[Gate], d
     name = view.device if view is not None else device
     if view is None:
         return Check(name, "pending", "no report from the device yet")
-    where = "" if view.online else " (offline)"
+    where = "" if view.online else (f" (offline since {time.strftime('%H:%M:%S', time.localtime(view.offline_since))})"
+                                    if view.offline_since else " (offline)")
     if view.version < version:
         return Check(name, "pending", f"has not acted on document v{version} yet (reports v{view.version}, "
                                       f"{view.outcome}){where}")

@@ -19,11 +19,13 @@ health gates fail does); ``Rollback`` returns to the previous version without a 
 from __future__ import annotations
 
 import selectors
+import socket
 import ssl
 import time
 from collections import deque
 from typing import Any, Callable, Iterable
 
+from protocols import fleet as fleet_protocol
 from protocols.fleet import ModelReport
 from services.fleet import (
     Activate,
@@ -130,8 +132,16 @@ class SimDevice:
         #: messages and payload bytes the broker sent this device, and it sent the broker
         self.rx = self.rx_bytes = self.tx = self.tx_bytes = 0
 
+    def presence(self, online: bool, cause: str) -> None:
+        """Publish this device's presence (retained), as the fleet service does."""
+        payload = fleet_protocol.presence(self.device, online, cause)
+        self.tx += 1
+        self.tx_bytes += len(payload)
+        self.client.publish(self.agent.topics.presence(self.device), payload, qos=1, retain=True)
+
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
         if not rc.is_failure:
+            self.presence(True, "connected")
             self.queue.append(Connected())
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -202,15 +212,20 @@ class Fleet:
         return d
 
     def connect(self, device: SimDevice) -> None:
+        # the device's last will, as the fleet service's: offline, retained, if the link dies
+        device.client.will_set(device.agent.topics.presence(device.device),
+                               fleet_protocol.presence(device.device, False, "will"), qos=1, retain=True)
         device.client.connect(self.host, self.port, keepalive=60)
         device.sock = device.client.socket()
         device.online = True
         self.sel.register(device.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
 
     def disconnect(self, device: SimDevice) -> None:
-        """Go offline (as a device losing its link: the session ends)."""
+        """Go offline (a clean stop: the device says so on its presence topic, then the
+        session ends)."""
         if not device.online:
             return
+        device.presence(False, "stopped")
         device.online = False
         try:
             self.sel.unregister(device.sock)
@@ -220,6 +235,12 @@ class Fleet:
         device.client.loop_write()  # sends DISCONNECT and closes
         device.sock = None
         device.queue.append(Disconnected())
+
+    def drop(self, device: SimDevice) -> None:
+        """Lose the link (no DISCONNECT: the broker publishes the device's will); ``step``
+        sees the connection closed."""
+        if device.sock is not None:
+            device.sock.shutdown(socket.SHUT_RDWR)
 
     def _want(self, device: SimDevice, write: bool) -> None:
         if device.sock is None or not device.online:

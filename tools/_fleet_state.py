@@ -27,7 +27,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, pubkey TEXT NOT NULL DEFAULT '', enrolled_at REAL, last_seen REAL,
-    enrol BLOB, reported BLOB, reported_at REAL);
+    enrol BLOB, reported BLOB, reported_at REAL, presence BLOB, presence_at REAL);
 CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
     grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE, device TEXT NOT NULL,
@@ -50,7 +50,12 @@ CREATE TABLE IF NOT EXISTS progress (
     updated_at REAL NOT NULL, baseline TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (deployment, device));
 """
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+#: schema -> the statements that bring a state file of it to the next schema
+_MIGRATIONS: dict[str, tuple[str, ...]] = {
+    # 2: the devices' presence (their MQTT will): the last Presence read, and when it changed
+    "1": ("ALTER TABLE devices ADD COLUMN presence BLOB", "ALTER TABLE devices ADD COLUMN presence_at REAL"),
+}
 
 _msgpack = msgspec.msgpack.Encoder()
 _json = msgspec.json.Encoder()
@@ -100,6 +105,9 @@ class DeviceRow(msgspec.Struct):
     enrol: bytes | None
     reported: bytes | None
     reported_at: float | None
+    #: the last Presence read (encoded), and when the controller first read it
+    presence: bytes | None = None
+    presence_at: float | None = None
     groups: list[str] = []
 
 
@@ -128,10 +136,16 @@ class State:
                     if statement.strip():
                         self.db.execute(statement)
                 row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                schema = row[0] if row is not None else None
+                while schema in _MIGRATIONS:  # an older edgebus's state: brought up to date
+                    for statement in _MIGRATIONS[schema]:
+                        self.db.execute(statement)
+                    schema = str(int(schema) + 1)
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (schema,))
                 if row is None:
                     self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
-                elif row[0] != _SCHEMA_VERSION:
-                    raise StateError(f"{self.path}: fleet state of schema {row[0]}, this edgebus reads "
+                elif schema != _SCHEMA_VERSION:
+                    raise StateError(f"{self.path}: fleet state of schema {schema}, this edgebus reads "
                                      f"{_SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path} is not a fleet state file ({exc}); name another with --state") from None
@@ -202,12 +216,22 @@ class State:
                        "ON CONFLICT(id) DO UPDATE SET reported=excluded.reported, reported_at=excluded.reported_at, "
                        "last_seen=excluded.last_seen", (device, now, payload, now))
 
+    def saw_presence(self, device: str, payload: bytes, now: float) -> None:
+        """Record a device's Presence; ``presence_at`` changes only with the payload (the same
+        retained message read again keeps the time it was first read)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO devices (id, presence, presence_at) VALUES (?, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET presence=excluded.presence, "
+                       "presence_at=CASE WHEN presence IS excluded.presence THEN presence_at "
+                       "ELSE excluded.presence_at END", (device, payload, now))
+
     def devices(self) -> list[DeviceRow]:
         groups: dict[str, list[str]] = {}
         for grp, device in self.db.execute("SELECT grp, device FROM members ORDER BY grp"):
             groups.setdefault(device, []).append(grp)
         return [DeviceRow(*row, groups=groups.get(row[0], [])) for row in self.db.execute(
-            "SELECT id, pubkey, enrolled_at, last_seen, enrol, reported, reported_at FROM devices ORDER BY id")]
+            "SELECT id, pubkey, enrolled_at, last_seen, enrol, reported, reported_at, presence, presence_at "
+            "FROM devices ORDER BY id")]
 
     def device(self, device: str) -> DeviceRow | None:
         for row in self.devices():

@@ -63,8 +63,8 @@ def worker(args: argparse.Namespace) -> int:
     for d in sim.devices.values():
         sim.connect(d)
         sim.step(0)
-    # enrolled and reported
-    sim.run_until(lambda: all(d.tx >= 2 for d in sim.devices.values()), 120)
+    # online (presence), enrolled and reported
+    sim.run_until(lambda: all(d.tx >= 3 for d in sim.devices.values()), 120)
     out = sys.stdout
 
     def say(**kw: Any) -> None:
