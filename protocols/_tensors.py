@@ -70,19 +70,28 @@ def unpack_tensor(desc: Tensor, raw: Sequence[Any]) -> Any:
                                     "(MapRegion), which alone reads them")
     if not 0 <= desc.frame < len(raw):
         raise DecodeError("tensor", f"frame {desc.frame} does not exist ({len(raw)} raw frames)")
-    if desc.dtype not in DTYPES:
-        raise DecodeError("tensor", f"dtype {desc.dtype!r} is not one of {', '.join(DTYPES)}")
-    dtype = np.dtype(desc.dtype)
-    if len(desc.shape) > 32 or any(d < 0 or d > 1 << 40 for d in desc.shape):
-        raise DecodeError("tensor", f"shape {desc.shape} is not a tensor shape (0..2^40 per dimension, 32 at most)")
+    dtype, count = checked_layout(desc)
     frame = raw[desc.frame]
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    expected = dtype.itemsize
-    for d in desc.shape:
-        expected *= d
+    expected = dtype.itemsize * count
     if len(buf) != expected:
         raise DecodeError(
             "tensor",
             f"frame {desc.frame} holds {len(buf)} bytes but {desc.dtype}{desc.shape} needs {expected}",
         )
-    return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(desc.shape)
+    return np.frombuffer(buf, dtype=dtype).reshape(desc.shape)
+
+
+def checked_layout(desc: Tensor) -> tuple[Any, int]:
+    """``desc``'s little-endian numpy dtype and element count; DecodeError for a dtype not
+    in DTYPES or a shape that is not a tensor's (PROTOCOL.md 3.4), wherever its bytes are."""
+    import numpy as np
+
+    if desc.dtype not in DTYPES:
+        raise DecodeError("tensor", f"dtype {desc.dtype!r} is not one of {', '.join(DTYPES)}")
+    if len(desc.shape) > 32 or any(d < 0 or d > 1 << 40 for d in desc.shape):
+        raise DecodeError("tensor", f"shape {desc.shape} is not a tensor shape (0..2^40 per dimension, 32 at most)")
+    count = 1
+    for d in desc.shape:
+        count *= d
+    return np.dtype(desc.dtype).newbyteorder("<"), count

@@ -113,16 +113,9 @@ def region_view(desc: Tensor, buf: Any, writable: bool = False) -> Any:
     ``writable``).  Raises DecodeError for a descriptor that does not fit the region."""
     import numpy as np
 
-    from ._tensors import DTYPES
+    from ._tensors import checked_layout
 
-    if desc.dtype not in DTYPES:
-        raise DecodeError("tensor", f"dtype {desc.dtype!r} is not one of {', '.join(DTYPES)}")
-    if len(desc.shape) > 32 or any(d < 0 or d > 1 << 40 for d in desc.shape):
-        raise DecodeError("tensor", f"shape {desc.shape} is not a tensor shape (0..2^40 per dimension, 32 at most)")
-    dtype = np.dtype(desc.dtype).newbyteorder("<")
-    count = 1
-    for d in desc.shape:
-        count *= d
+    dtype, count = checked_layout(desc)
     end = desc.offset + count * dtype.itemsize
     if desc.offset < 0 or end > len(buf):
         raise DecodeError("tensor", f"{desc.dtype}{desc.shape} at offset {desc.offset} of region {desc.region!r} "
