@@ -71,12 +71,15 @@ class ModelRunner:
         self.providers: list[str] = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        #: its last run took under 0.5 ms: callers may run it where they are, without a thread
-        self.quick = False
-        #: seconds its last run took (pre ops, model, post ops)
+        #: seconds its last run took (pre ops, model, post ops; 0 before the first)
         self.last_s = 0.0
         #: the manifest's chains (None without ops: numba stays unimported)
         self.chains: Any = build_chains(manifest, dict(assets)) if (manifest.pre or manifest.post) else None
+
+    @property
+    def quick(self) -> bool:
+        """Its last run took under 0.5 ms: callers may run it where they are, without a thread."""
+        return 0.0 < self.last_s < 0.5e-3
 
     def run(self, inputs: Mapping[str, Any], *, raw: bool = False, features: bool = False,
             outputs: Sequence[str] = ()) -> tuple[dict[str, Any], Timings]:
@@ -111,7 +114,6 @@ class ModelRunner:
             got[FEATURES] = feed[self.input_names[0]]
         t3 = time.perf_counter()
         self.last_s = t3 - t0
-        self.quick = self.last_s < 0.5e-3
         if outputs:
             unknown = [n for n in outputs if n not in got]
             if unknown:
