@@ -35,7 +35,7 @@ from ._exceptions import DecodeError
 from ._messages import Tensor
 
 __all__ = ["SHM_DIR", "ALIGN", "RegionError", "check_region_name", "create_region", "open_region",
-           "region_view", "place_tensors", "address_of", "RegionCache"]
+           "region_view", "place_tensors", "place_or_pack", "address_of", "RegionCache"]
 
 #: where POSIX shared memory lives on Linux (shm_open's names)
 SHM_DIR = Path("/dev/shm")
@@ -151,6 +151,19 @@ def place_tensors(arrays: Mapping[str, Any], region: str, buf: Any, start: int, 
         descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), name=name, region=region, offset=offset))
         offset = -(-(offset + a.nbytes) // ALIGN) * ALIGN
     return descs
+
+
+def place_or_pack(arrays: Mapping[str, Any], region: str, buf: Any, start: int, end: int) -> tuple[list[Tensor], list[Any]]:
+    """Outputs to send: placed in the region ``buf`` (``place_tensors``; no frames) when one
+    is given and they fit, else as zero-copy frames (``pack_tensors(zero_copy=True)``: the
+    sender never writes these arrays again)."""
+    if buf is not None:
+        placed = place_tensors(arrays, region, buf, start, end)
+        if placed is not None:
+            return placed, []
+    from ._tensors import pack_tensors
+
+    return pack_tensors(arrays, zero_copy=True)
 
 
 class RegionCache:

@@ -26,8 +26,8 @@ from typing import Any
 
 import anyio
 
-from protocols import DecodeError, pack_tensors
-from protocols.shm import RegionCache, RegionError, place_tensors, region_view
+from protocols import DecodeError
+from protocols.shm import RegionCache, RegionError, place_or_pack, region_view
 from drivers.ops import ModelRunner, RunFailed, RunInputError, fetch_model
 from services import BadMessage, Context, InternalError, Service, run
 
@@ -137,14 +137,10 @@ class AcceleratorDriver(Service):
             raise InternalError(str(exc)) from exc
         except Exception as exc:  # an op's kernel failing some other way: a bug, said as one
             raise InternalError(f"{req.model}: {type(exc).__name__}: {str(exc)[:400]}") from exc
-        placed = None
-        if req.out_region:  # into the client's region, when they fit (else as frames)
-            placed = place_tensors(outputs, req.out_region, self._region(req.out_region, req.regions),
-                                   req.out_offset, req.out_end)
-        if placed is not None:
-            descs, frames = placed, []
-        else:
-            descs, frames = pack_tensors(outputs, zero_copy=True)  # ours (ORT's or the ops' new arrays), never written again
+        # into the client's region when it asked and they fit; else frames of our (ORT's or the
+        # ops' new) arrays, never written again
+        buf = self._region(req.out_region, req.regions) if req.out_region else None
+        descs, frames = place_or_pack(outputs, req.out_region, buf, req.out_offset, req.out_end)
         return RunResult(outputs=descs, compute_ms=run_ms, pre_ms=pre_ms, post_ms=post_ms), frames
 
     def _region(self, name: str, regions: dict[str, int]) -> Any:

@@ -54,7 +54,7 @@ from protocols.scheduler import (
     Schedule,
 )
 from protocols.sensors import SensorFrame
-from protocols.shm import place_tensors
+from protocols.shm import place_or_pack
 from protocols.telemetry import FeatureSamples
 from services import (
     BadMessage,
@@ -224,13 +224,10 @@ class Scheduler(Service):
         await self._run(job, manifest)
         assert job.result is not None
         given = job.outputs if wanted is None else {name: job.outputs[name] for name in wanted}
-        placed = None
         if out is not None:  # where the client asked (the driver may have written them there already)
             region = self.regions.get(owner, out[0])
-            placed = place_tensors(given, region.name, region.buf, out[1], region.size)
-        if placed is not None:
-            out_descs, frames = placed, []
-        else:  # (when they do not fit the client's region: as frames, which it reads as any)
+            out_descs, frames = place_or_pack(given, region.name, region.buf, out[1], region.size)
+        else:
             out_descs, frames = pack_tensors(given, zero_copy=True)  # views of the driver's frames
         job.result.outputs = out_descs
         return job.result, frames
@@ -410,6 +407,21 @@ class Scheduler(Service):
             return dict(zip([s.name for s in manifest.outputs], fallback(manifest, x))), "scheduler", 0.0
         # the input features, for drift detection (not for the clients)
         features = bool(manifest.pre and manifest.reference)
+        runner = self._inline_runner(model, version, variant) if batch[0].pin is None else None
+        if runner is not None:  # a model of microseconds: here, sparing the hops to a driver
+            outputs, took_ms = await self.inline.run(runner, inputs, features, wanted_outputs(batch) or [])
+            where = "scheduler"
+        else:
+            outputs, where, took_ms = await self._on_driver(model, version, variant, batch, inputs, features)
+        if features:
+            fdescs, fframes = pack_tensors([outputs.pop(FEATURES)])
+            await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
+                                                                      tensor=fdescs[0]), frames=fframes)
+        return outputs, where, took_ms
+
+    async def _on_driver(self, model: str, version: str, variant: str, batch: list[Job],
+                         inputs: dict[str, np.ndarray], features: bool) -> tuple[dict[str, np.ndarray], str, float]:
+        """The batch run by a driver: its outputs, the driver's name and its time on the batch."""
         run = self._shared(batch[0], inputs) if len(batch) == 1 and batch[0].owner else None
         if run is None:
             descs, frames = pack_tensors(inputs, zero_copy=True)  # the clients' frames, or their stack
@@ -426,26 +438,15 @@ class Scheduler(Service):
 
         deadline = max(j.deadline for j in batch)
         pin = batch[0].pin
-        runner = self._inline_runner(model, version, variant) if pin is None else None
-        if runner is not None:  # a model of microseconds: here, sparing the hops to a driver
-            outputs, took_ms = await self.inline.run(runner, inputs, features, wanted_outputs(batch) or [])
-            where = "scheduler"
-        else:
-            if pin is None:
-                incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send,
-                                                           failed)
-            else:  # a stream's chunks run where the stream is pinned, or fail (and it is reset there)
-                incoming, driver = await run_pinned(self.drivers, pin, send, failed)
-            result = incoming.decode(RunResult)
-            outputs = {t.name: self.regions.view(batch[0].owner, t) if t.region else incoming.tensor(t)
-                       for t in result.outputs}
-            # the driver's whole work on the batch: its pre ops, the model, its post ops
-            where, took_ms = driver.name, result.pre_ms + result.compute_ms + result.post_ms
-        if features:
-            fdescs, fframes = pack_tensors([outputs.pop(FEATURES)])
-            await self.bus.publish(f"samples.{model}", FeatureSamples(model=model, version=version,
-                                                                      tensor=fdescs[0]), frames=fframes)
-        return outputs, where, took_ms
+        if pin is None:
+            incoming, driver = await run_with_failover(self.drivers, self.settings.hot_c, deadline, model, send, failed)
+        else:  # a stream's chunks run where the stream is pinned, or fail (and it is reset there)
+            incoming, driver = await run_pinned(self.drivers, pin, send, failed)
+        result = incoming.decode(RunResult)
+        outputs = {t.name: self.regions.view(batch[0].owner, t) if t.region else incoming.tensor(t)
+                   for t in result.outputs}
+        # the driver's whole work on the batch: its pre ops, the model, its post ops
+        return outputs, driver.name, result.pre_ms + result.compute_ms + result.post_ms
 
     def _shared(self, job: Job, inputs: dict[str, np.ndarray]) -> Run | None:
         """A Run naming the client's regions for a job whose inputs all lie in them (None:
