@@ -466,9 +466,10 @@ def test_offline_devices_do_not_block_a_quorum_and_converge_when_they_reconnect(
         assert d.state == "complete", d.reason
         status = {p.device: p.state for p in c.state.progress(dep)}
         # the quorum (60%) let it complete: an online device slower than that (a loaded
-        # machine) may still be on its way, none failed; all converge below
+        # machine) may still be on its way (sent, downloading, installing, trial, pending),
+        # none failed or went back; all converge below
         online = [x for x in devices if x not in away]
-        assert all(status[x] in ("succeeded", "pending") for x in online), status
+        assert not [x for x in online if status[x] in ("failed", "refused", "rolled-back", "rolling-back")], status
         assert sum(status[x] == "succeeded" for x in online) >= 0.6 * len(devices), status
         assert [sim.models(x) for x in away] == [("1.0.0", ["1.0.0"])] * 2
         for x in away:
