@@ -29,6 +29,7 @@ import anyio.abc
 import zmq
 
 from protocols import Measurements
+from protocols.transport import recv_frames, recv_user
 
 from ._api import KernelApi
 from ._boundary import (
@@ -140,27 +141,24 @@ class Router(Routing, Sessions, PubSub, KernelApi, Policy):
             self.bind()
         sock = self._sock
         assert sock is not None
-        recv = sock.recv
+        # One call per message (protocols.transport): identity, signature, header, body as
+        # bytes; tensor frames as zero-copy frame objects, forwarded without Python ever
+        # touching their bytes.  With a CURVE listener, the ZAP-authenticated User-Id too.
+        curve = bool(self.config.tcp_endpoint)
         route = self._route
         commands = self._commands
         backlogged = self._backlogged
         tick_every = min(self.config.heartbeat_interval, 0.1)
         next_tick = next_flush = 0.0
+        parts: list[Any] | None
         while not self._stopping:
             if commands:
                 self._run_commands()
             try:
-                # identity, signature, header, body as bytes; tensor frames stay zmq.Frame
-                # objects, forwarded without Python ever touching their bytes.  The
-                # signature's Frame is kept: its metadata names a CURVE peer (User-Id).
-                frame = recv(0, copy=False)
-                parts: list[Any] | None = [frame.bytes]
-                while frame.more:
-                    frame = recv(0, copy=False)
-                    n = len(parts)
-                    if n == 1:
-                        self._sig_frame = frame
-                    parts.append(frame.bytes if n < 4 else frame)
+                if curve:
+                    parts, self._user_id = recv_user(sock, 0, 4)
+                else:
+                    parts = recv_frames(sock, 0, 4)
             except zmq.Again:  # RCVTIMEO: time for the tick
                 parts = None
             except zmq.ContextTerminated:

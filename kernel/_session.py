@@ -6,9 +6,6 @@ from __future__ import annotations
 import collections
 import itertools
 import typing
-from typing import Any
-
-import zmq
 
 from protocols import (
     PROTOCOL_MINOR,
@@ -43,9 +40,9 @@ class Sessions(RouterCore):
     def _init_sessions(self) -> None:
         self._control = BodyDecoder(Control)
         self._shared_ids = itertools.count(1)
-        #: The signature frame of the message being routed: its metadata names a CURVE
-        #: peer (User-Id).  Set by the router thread's receive loop.
-        self._sig_frame: Any = None
+        #: The User-Id (ZAP-authenticated CURVE key) of the message being routed, over tcp.
+        #: Set by the router thread's receive loop.
+        self._user_id: str | None = None
         self._next_beat = 0.0
         self._beat_header = self._enc.encode(Header(kind=Kind.CONTROL, type="Heartbeat", sender=KERNEL))
         self._beat_body = self._enc.encode(Heartbeat())
@@ -151,13 +148,7 @@ class Sessions(RouterCore):
             self.answer(identity, hdr, _ended(why))
 
     def _curve_user_id(self) -> str:
-        frame = self._sig_frame
-        if frame is None:
-            return ""
-        try:
-            return frame.get("User-Id") or ""
-        except zmq.ZMQError:  # no such property: not a ZAP-authenticated connection
-            return ""
+        return self._user_id or ""
 
     def _control_message(self, peer: Peer, hdr: Header, body: bytes) -> None:
         if hdr.type not in _CONTROL_TYPES:

@@ -27,7 +27,7 @@ import anyio
 import sniffio
 import zmq
 
-__all__ = ["AsyncSocket", "Wakeup", "recv_frames", "send_frames", "wakeup_factory"]
+__all__ = ["AsyncSocket", "NATIVE", "Wakeup", "recv_frames", "recv_user", "send_frames", "wakeup_factory"]
 
 # Plain ints: pyzmq's flag enums cost an Enum construction per bitwise operation.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -38,12 +38,7 @@ _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 _send = zmq.backend.Socket.send
 
 
-def recv_frames(sock: zmq.Socket, flags: int = 0, small: int = 4) -> list[Any]:
-    """Receive one multipart message: the first ``small`` frames as bytes, the rest as
-    zero-copy ``zmq.Frame`` objects.  Raises zmq.Again with NOBLOCK when none waits.
-
-    ``frame.more`` is used instead of getsockopt(RCVMORE), which costs several times more
-    per frame in pyzmq."""
+def _recv_frames(sock: zmq.Socket, flags: int = 0, small: int = 4) -> list[Any]:
     frame = sock.recv(flags, copy=False)
     parts: list[Any] = [frame.bytes]
     while frame.more:
@@ -52,10 +47,7 @@ def recv_frames(sock: zmq.Socket, flags: int = 0, small: int = 4) -> list[Any]:
     return parts
 
 
-def send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
-    """Send one multipart message frame by frame (cheaper than send_multipart).  Only the
-    first frame can raise (EAGAIN with NOBLOCK, EHOSTUNREACH on a mandatory ROUTER); after
-    it, libzmq accepts the rest of the message atomically."""
+def _send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
     last = len(parts) - 1
     if last == 0:
         _send(sock, parts[0], flags)
@@ -64,6 +56,66 @@ def send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
     for i in range(1, last):
         _send(sock, parts[i], _MORE)
     _send(sock, parts[last], 0)
+
+
+def _recv_user(sock: zmq.Socket, flags: int = 0, small: int = 4) -> tuple[list[Any], str | None]:
+    frame = sock.recv(flags, copy=False)
+    parts: list[Any] = [frame.bytes]
+    user_id = None
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        if len(parts) == 1:
+            try:
+                user_id = frame.get("User-Id")
+            except zmq.ZMQError:  # no such property: not a ZAP-authenticated connection
+                pass
+        parts.append(frame.bytes if len(parts) < small else frame)
+    return parts, user_id
+
+
+def _zmq_error(errno: int) -> zmq.ZMQError:
+    """The exception pyzmq raises for ``errno``."""
+    if errno == zmq.EAGAIN:
+        return zmq.Again(errno)
+    if errno == zmq.ETERM:
+        return zmq.ContextTerminated(errno)
+    return zmq.ZMQError(errno)
+
+
+def _load_native() -> Any:
+    """protocols._native bound to pyzmq's libzmq, or None (not built, or no such libzmq)."""
+    try:
+        from . import _native  # type: ignore[attr-defined]
+
+        _native.load(_zmq_error, _send)
+    except ImportError:
+        return None
+    return _native
+
+
+_native = _load_native()
+#: Whether the compiled message calls (protocols/_native.c) are in use.
+NATIVE = _native is not None
+
+#: ``recv_frames(sock, flags=0, small=4)``: receive one multipart message, the first
+#: ``small`` frames as bytes and the rest as zero-copy frame objects (``zmq.Frame``, or
+#: ``protocols._native.Msg``: both expose ``.bytes``, ``.buffer``, ``.more``, ``len()`` and
+#: the buffer protocol).  Raises zmq.Again with NOBLOCK when none waits.
+#:
+#: ``send_frames(sock, parts, flags=0)``: send one multipart message (bytes, received
+#: frames, or any buffer: numpy arrays and ``zmq.Frame`` go zero-copy through pyzmq).  Only
+#: the first frame can raise (EAGAIN with NOBLOCK, EHOSTUNREACH on a mandatory ROUTER);
+#: after it, libzmq accepts the rest of the message atomically.
+#:
+#: ``recv_user(sock, flags=0, small=4)``: ``recv_frames`` and the User-Id (the ZAP
+#: authenticated identity) of frame 1, or None.
+#:
+#: One call per message in C where protocols._native is built; else pyzmq frame by frame
+#: (``frame.more`` instead of getsockopt(RCVMORE), which costs several times more).
+if _native is not None:
+    recv_frames, send_frames, recv_user = _native.recv, _native.send, _native.recv_user
+else:
+    recv_frames, send_frames, recv_user = _recv_frames, _send_frames, _recv_user
 
 
 class Wakeup:
