@@ -2,7 +2,8 @@
 
     python -m tools.bench_bus [--runs 5] [--out bench-results/bus.json] [--sdk-only] [--sdk-old DIR]
 
-Three set-ups, measured in one run, alternating, ``--runs`` times each, medians reported:
+Three set-ups, measured in one run, alternating, ``--runs`` times each, medians reported;
+each ratio is the median over runs of the set-up's figure over raw pyzmq's in the same run:
 
 * ``raw``:     client DEALER <-> echo ROUTER, no broker (the baseline);
 * ``relay``:   the same through a minimal Python ROUTER relay (swaps routing frames);
@@ -17,14 +18,16 @@ Three set-ups, measured in one run, alternating, ``--runs`` times each, medians 
 
 Both ends are minimal Python loops written the same way in every set-up, in two styles:
 ``idiomatic`` (``send_multipart``/``recv_multipart``, as most pyzmq code is written; the
-issue's reference figures were taken this way) and ``tuned`` (frame-by-frame sends and
-``frame.more`` receives, as the edgebus SDK and kernel do).  Measures:
+issue's reference figures were taken this way) and ``tuned`` (protocols.transport's
+``recv_frames``/``send_frames``, as the edgebus SDK and kernel do: one call per message, in C
+where protocols._native is built).  Measures:
 
 * round trip:  one small request at a time, median and p99 latency;
 * pipelined:   a window of 200 outstanding small requests, requests per second (SDK ends:
-               200 tasks each calling in a loop);
+               200 tasks each calling in a loop); and the kernel's CPU time (router and
+               I/O threads) per routed message while minimal ends pipeline;
 * tensor:      a 4 MiB frame there and back (copy=False on both ends); the kernel forwards
-               the zmq.Frame it received, so Python never copies the payload.  GB/s, and
+               the frame it received, so Python never copies the payload.  GB/s, and
                the kernel's CPU time per routed MiB;
 * capability check: cost per check with 1,000 rules, uncached and through the per-peer
                cache that the per-message path uses.
@@ -410,6 +413,12 @@ def sdk_run(setup: str, bus_ep: str, creds: Path, args: argparse.Namespace, tmp:
         server.wait()
 
 
+def _ratio(series: dict[str, list[float]], setup: str) -> float:
+    """The median over runs of ``setup`` / raw, each run against the raw figure of the same
+    run (the machine's speed drifts between runs more than set-ups differ within one)."""
+    return statistics.median(x / r for x, r in zip(series[setup], series["raw"]))
+
+
 def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str]) -> dict[str, Any]:
     """Medians of the SDK set-ups and their ratios to raw pyzmq (idiomatic ends), printed."""
     out: dict[str, Any] = {}
@@ -419,14 +428,14 @@ def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str
     relay = {k: statistics.median(results[k]["relay"]) for k in raw}
     print("\nSDK ends (connect/call/on_request) through the kernel, against raw pyzmq (idiomatic ends)")
     print(f"{'set-up':<18} {'rtt us':>9} {'x raw':>7} {'p99 us':>9} {'pipelined/s':>12} {'% raw':>7}")
-    for name, med in (("raw pyzmq", raw), ("python relay", relay)):
-        print(f"{name:<18} {med['rtt_us']:>9.1f} {med['rtt_us'] / raw['rtt_us']:>7.2f} {med['rtt_p99_us']:>9.1f} "
-              f"{med['pipelined_rps']:>12.0f} {100 * med['pipelined_rps'] / raw['pipelined_rps']:>6.1f}%")
+    for name, key, med in (("raw pyzmq", "raw", raw), ("python relay", "relay", relay)):
+        print(f"{name:<18} {med['rtt_us']:>9.1f} {_ratio(results['rtt_us'], key):>7.2f} {med['rtt_p99_us']:>9.1f} "
+              f"{med['pipelined_rps']:>12.0f} {100 * _ratio(results['pipelined_rps'], key):>6.1f}%")
     out["raw"], out["relay"] = raw, relay
     for setup in sdk_setups:
         med = {k: statistics.median(results[k][setup]) for k in raw}
-        med["rtt_ratio"] = med["rtt_us"] / raw["rtt_us"]
-        med["pipelined_share"] = med["pipelined_rps"] / raw["pipelined_rps"]
+        med["rtt_ratio"] = _ratio(results["rtt_us"], setup)
+        med["pipelined_share"] = _ratio(results["pipelined_rps"], setup)
         med["runs"] = {k: results[k][setup] for k in raw}
         out[setup] = med
         print(f"{setup:<18} {med['rtt_us']:>9.1f} {med['rtt_ratio']:>7.2f} {med['rtt_p99_us']:>9.1f} "
@@ -434,10 +443,10 @@ def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str
     for backend in ("", "old-"):
         a, t = out.get(f"{backend}sdk-asyncio"), out.get(f"{backend}sdk-trio")
         if a and t:
-            out[f"{backend}trio_vs_asyncio"] = {"rtt": t["rtt_us"] / a["rtt_us"],
-                                                "pipelined": a["pipelined_rps"] / t["pipelined_rps"]}
-            print(f"{backend}trio / asyncio: round trip {t['rtt_us'] / a['rtt_us']:.2f}x, "
-                  f"pipelined {a['pipelined_rps'] / t['pipelined_rps']:.2f}x slower")
+            rtt = statistics.median(x / y for x, y in zip(t["runs"]["rtt_us"], a["runs"]["rtt_us"]))
+            pipe = statistics.median(y / x for x, y in zip(t["runs"]["pipelined_rps"], a["runs"]["pipelined_rps"]))
+            out[f"{backend}trio_vs_asyncio"] = {"rtt": rtt, "pipelined": pipe}
+            print(f"{backend}trio / asyncio: round trip {rtt:.2f}x, pipelined {pipe:.2f}x slower")
     return out
 
 
@@ -501,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = ("rtt_us", "rtt_p99_us", "pipelined_rps", "tensor_rtt_ms", "tensor_gbps")
         results = {s: {k: {setup: [] for setup in all_setups} for k in keys} for s in STYLES}
         kernel_cpu_per_mib: list[float] = []
+        kernel_cpu_per_msg: dict[str, list[float]] = {style: [] for style in STYLES}
         for run in range(args.runs):
             for style in styles:
                 setups = [s for s in SETUPS if not (args.sdk_only and s == "edgebus")]
@@ -520,7 +530,10 @@ def main(argv: list[str] | None = None) -> None:
                         times = sorted(round_trip(client, args.rtt_n))
                         r["rtt_us"][setup].append(statistics.median(times) * 1e6)
                         r["rtt_p99_us"][setup].append(times[int(len(times) * 0.99)] * 1e6)
+                        cpu0 = _cpu_seconds(kpid)
                         r["pipelined_rps"][setup].append(pipelined(client, args.pipe_n))
+                        if setup == "edgebus":  # each request and its reply: two routed messages
+                            kernel_cpu_per_msg[style].append((_cpu_seconds(kpid) - cpu0) / (2 * args.pipe_n) * 1e6)
                         if style == "tuned":
                             cpu0 = _cpu_seconds(kpid)
                             t = statistics.median(tensor_round_trip(client, args.tensor_n))
@@ -594,10 +607,15 @@ def main(argv: list[str] | None = None) -> None:
             if not series["raw"]:
                 continue
             med = {s: statistics.median(series[s]) for s in SETUPS}
-            out[key] = {**{s: med[s] for s in SETUPS}, "relay_ratio": med["relay"] / med["raw"],
-                        "edgebus_ratio": med["edgebus"] / med["raw"], "runs": series}
+            relay, edgebus = _ratio(series, "relay"), _ratio(series, "edgebus")
+            out[key] = {**{s: med[s] for s in SETUPS}, "relay_ratio": relay, "edgebus_ratio": edgebus,
+                        "runs": series}
             print(f"{label:<34} {med['raw']:>11.1f} {med['relay']:>11.1f} {med['edgebus']:>11.1f} "
-                  f"{med['relay'] / med['raw']:>10.2f} {med['edgebus'] / med['raw']:>12.2f}")
+                  f"{relay:>10.2f} {edgebus:>12.2f}")
+        if kernel_cpu_per_msg[style]:
+            out["kernel_cpu_us_per_routed_message"] = statistics.median(kernel_cpu_per_msg[style])
+            print(f"{'kernel CPU per routed message (us)':<34} {'':>11} {'':>11} "
+                  f"{out['kernel_cpu_us_per_routed_message']:>11.2f}   (pipelined; router and I/O threads)")
         summary["styles"][style] = out
     summary["kernel_cpu_us_per_routed_mib"] = statistics.median(kernel_cpu_per_mib)
     summary["curve"] = {k: {t: statistics.median(v) for t, v in series.items()} | {"runs": series}
