@@ -396,6 +396,46 @@ def test_the_inline_decision() -> None:
     assert decide_inline("auto", 7e-4, 0.3, True, True) is False
 
 
+def test_a_runner_measures_its_own_cpu_not_its_waits_for_the_gil() -> None:
+    """Whether a model runs on an event loop follows ModelRunner.cpu_s: a run in a worker
+    thread beside a thread that holds the GIL takes long on the clock (``last_s``) but not
+    on the CPU, and one slow run does not move the median of the last five."""
+    import threading
+
+    from drivers.ops import ModelRunner
+
+    manifest = msgspec.convert({"name": "mm", "version": "1.0.0", "created": 1.0,
+                                "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 4]}],
+                                "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 4]}],
+                                "variants": {"full": {"file": "full.onnx", "sha256": "", "size": 0}}}, Manifest)
+    runner = ModelRunner(matmul(W_FULL), manifest, {}, ["CPUExecutionProvider"], threads=1)
+    x = {"x": np.ones((1, 4), dtype=np.float32)}
+    for _ in range(5):
+        runner.run(x)
+    assert runner.quick and 0 < runner.cpu_s < 0.5e-3
+
+    stop = threading.Event()
+
+    def hold_the_gil() -> None:  # pure Python: gives the GIL up only every switch interval
+        while not stop.is_set():
+            sum(range(10_000))
+
+    busy = threading.Thread(target=hold_the_gil)
+    busy.start()
+    try:
+        waited = []
+        for _ in range(20):
+            thread = threading.Thread(target=lambda: (runner.run(x), waited.append((runner.last_s, runner.cpu_s))))
+            thread.start()
+            thread.join()
+    finally:
+        stop.set()
+        busy.join()
+    assert max(last for last, _ in waited) > 2e-3  # it waited for the GIL (switch interval: 5 ms)...
+    assert runner.quick and runner.cpu_s < 0.5e-3  # ...which is no work an event loop would do
+    assert all(cpu < 0.5e-3 for _, cpu in waited)
+
+
 async def test_a_run_that_gives_nan_counts_as_an_error_in_the_metrics(make_system) -> None:
     """The scheduler counts requests its model's run failed (here: NaN out of log(-1)) in
     edgebus_inference_errors_total, which a fleet device reports (ModelReport.errors)."""

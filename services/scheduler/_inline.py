@@ -46,8 +46,8 @@ __all__ = ["InlineLane", "decide_inline", "MAX_RUNNERS"]
 
 #: models kept loaded in the scheduler at once
 MAX_RUNNERS = 16
-#: a run that took less than this (seconds) last time runs on the scheduler's event loop;
-#: longer ones in a worker thread, so the loop keeps serving other requests meanwhile
+#: a model whose runs take less than this (CPU seconds, ModelRunner.cpu_s) runs on the event
+#: loop; longer ones in a worker thread, so the loop keeps serving other requests meanwhile
 ON_LOOP_S = 0.1e-3
 
 Key = tuple[str, str, str]  # model, version, variant
@@ -148,7 +148,7 @@ class InlineLane:
 
         try:
             # (on the event loop only when it holds it for less than a thread hand-off would cost)
-            got, (pre, run, post) = compute() if runner.last_s < ON_LOOP_S else await anyio.to_thread.run_sync(compute)
+            got, (pre, run, post) = compute() if runner.cpu_s < ON_LOOP_S else await anyio.to_thread.run_sync(compute)
         except RunInputError as exc:
             raise BadMessage(str(exc)) from exc
         except RunFailed as exc:
