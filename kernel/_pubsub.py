@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import msgspec
-import zmq
 
 from protocols import SIGNATURE, AuditEvent, ErrorCode, Header, Kind, Monitor, Subscribed, Traffic, body_tag
 
@@ -40,7 +39,7 @@ class PubSub(RouterCore):
         #: monitor's identity -> what it watches
         self._monitors: dict[bytes, Monitor] = {}
 
-    def _publish(self, peer: Peer, hdr: Header, parts: list[zmq.Frame], size: int) -> None:
+    def _publish(self, peer: Peer, hdr: Header, parts: list[Any], size: int) -> None:
         topic = hdr.dest
         # Every peer may report its own metrics (metrics.<its name>): no capability needed.
         if not (topic.startswith("metrics.") and topic[8:] == peer.name) and \

@@ -2,8 +2,9 @@
 
 ``_route`` is deliberately plain: decode the header, look up the peer, check the capability
 through a per-peer cache, stamp sender and correlation id, and forward the body and tensor
-frames untouched (zero-copy ``zmq.Frame`` objects).  A request is remembered in the pending
-table under the kernel's own id until its reply, its deadline or its target's departure.
+frames untouched (zero-copy frame objects, see protocols.transport).  A request is
+remembered in the pending table under the kernel's own id until its reply, its deadline or
+its target's departure.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class Routing(RouterCore):
             hdr.id = orig  # monitors see the requester's id, as on the reply
             self._observe(hdr, peer.name, dest, parts)
 
-    def _reply(self, peer: Peer, hdr: Header, parts: list[zmq.Frame], size: int) -> None:
+    def _reply(self, peer: Peer, hdr: Header, parts: list[Any], size: int) -> None:
         kid = hdr.id
         pending = self._pending.get(kid)
         if pending is None or pending.target is not peer:

@@ -90,7 +90,8 @@ def read_credential() -> str:
 
 class Incoming(msgspec.Struct):
     """A message delivered to this peer: header (with the kernel-stamped sender), the body
-    still encoded, and any raw tensor frames (zero-copy ``zmq.Frame`` objects)."""
+    still encoded, and any raw tensor frames (zero-copy frame objects: ``.buffer``, ``.bytes``,
+    the buffer protocol; see protocols.transport.recv_frames)."""
 
     header: Header
     body: Any
