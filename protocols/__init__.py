@@ -9,7 +9,7 @@ specification is ``protocols/PROTOCOL.md``.
 from ._exceptions import DecodeError, FrameError, ProtocolError, TypeMismatch, VersionError
 from ._messages import *  # noqa: F401,F403  (the message types; __all__ is explicit there)
 from ._messages import __all__ as _message_names
-from ._tensors import pack_tensors, unpack_tensor
+from ._tensors import dtype_name, pack_tensors, unpack_tensor
 from ._wire import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -29,7 +29,7 @@ from ._wire import (
 __all__ = [
     "ProtocolError", "FrameError", "VersionError", "DecodeError", "TypeMismatch",
     "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "SIGNATURE", "Kind", "Header", "Codec", "BodyDecoder",
-    "body_tag", "check_signature", "pack_tensors", "unpack_tensor",
+    "body_tag", "check_signature", "dtype_name", "pack_tensors", "unpack_tensor",
     "MessageEncoder", "omit_defaults", "tag_of", "check_tag",
     *_message_names,
 ]

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from ._exceptions import DecodeError
 from ._messages import Tensor
 
-__all__ = ["pack_tensors", "unpack_tensor", "DTYPES", "ZERO_COPY_MIN"]
+__all__ = ["pack_tensors", "unpack_tensor", "dtype_name", "DTYPES", "ZERO_COPY_MIN"]
 
 #: From this size on, ``pack_tensors(..., zero_copy=True)`` hands a tensor's memory to ZeroMQ
 #: instead of copying it; below it a copy costs less than the bookkeeping (pyzmq's default
@@ -49,13 +49,14 @@ def pack_tensors(arrays: Sequence[Any] | Mapping[str, Any], first_frame: int = 0
     named = isinstance(arrays, Mapping)
     for i, (name, arr) in enumerate(arrays.items() if named else zip(itertools.repeat(""), arrays)):
         a = np.asarray(arr)
-        if a.dtype.name not in DTYPES:
-            raise ValueError(f"dtype {a.dtype.name!r} cannot travel as a tensor frame; use one of {', '.join(DTYPES)}")
+        kind = dtype_name(a.dtype)
+        if kind not in DTYPES:
+            raise ValueError(f"dtype {kind!r} cannot travel as a tensor frame; use one of {', '.join(DTYPES)}")
         if not a.flags.c_contiguous:  # (ascontiguousarray would turn a 0-d array 1-d)
             a = a.copy(order="C")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), frame=first_frame + i, name=name))
+        descs.append(Tensor(dtype=kind, shape=list(a.shape), frame=first_frame + i, name=name))
         buf = memoryview(a.reshape(-1)).cast("B") if a.size else b""
         buffers.append(frame_of(buf, copy=False) if frame_of is not None and a.nbytes >= ZERO_COPY_MIN else buf)
     return descs, buffers
@@ -94,4 +95,21 @@ def checked_layout(desc: Tensor) -> tuple[Any, int]:
     count = 1
     for d in desc.shape:
         count *= d
-    return np.dtype(desc.dtype).newbyteorder("<"), count
+    dtype = _little.get(desc.dtype)
+    if dtype is None:
+        dtype = _little[desc.dtype] = np.dtype(desc.dtype).newbyteorder("<")
+    return dtype, count
+
+
+# numpy builds a dtype's name, and a dtype from a name, anew at every use (microseconds
+# each, several per tensor): both are looked up here once per dtype.
+_names: dict[Any, str] = {}
+_little: dict[str, Any] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``dtype.name``, looked up once per dtype."""
+    name = _names.get(dtype)
+    if name is None:
+        name = _names[dtype] = dtype.name
+    return name

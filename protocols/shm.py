@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 from ._exceptions import DecodeError
 from ._messages import Tensor
+from ._tensors import checked_layout, dtype_name, pack_tensors
 
 __all__ = ["SHM_DIR", "ALIGN", "RegionError", "check_region_name", "create_region", "open_region",
            "region_view", "place_tensors", "place_or_pack", "address_of", "RegionCache"]
@@ -113,7 +114,6 @@ def region_view(desc: Tensor, buf: Any, writable: bool = False) -> Any:
     ``writable``).  Raises DecodeError for a descriptor that does not fit the region."""
     import numpy as np
 
-    from ._tensors import checked_layout
 
     dtype, count = checked_layout(desc)
     end = desc.offset + count * dtype.itemsize
@@ -148,7 +148,7 @@ def place_tensors(arrays: Mapping[str, Any], region: str, buf: Any, start: int, 
         target = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)
         if not (a.flags.c_contiguous and a.__array_interface__["data"][0] == base + offset):
             target[...] = a
-        descs.append(Tensor(dtype=a.dtype.name, shape=list(a.shape), name=name, region=region, offset=offset))
+        descs.append(Tensor(dtype=dtype_name(a.dtype), shape=list(a.shape), name=name, region=region, offset=offset))
         offset = -(-(offset + a.nbytes) // ALIGN) * ALIGN
     return descs
 
@@ -161,7 +161,6 @@ def place_or_pack(arrays: Mapping[str, Any], region: str, buf: Any, start: int, 
         placed = place_tensors(arrays, region, buf, start, end)
         if placed is not None:
             return placed, []
-    from ._tensors import pack_tensors
 
     return pack_tensors(arrays, zero_copy=True)
 

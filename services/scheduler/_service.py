@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import anyio
 import numpy as np
 
-from protocols import ListServices, ServiceList, ServiceStateChanged, Tensor, pack_tensors
+from protocols import ListServices, ServiceList, ServiceStateChanged, Tensor, dtype_name, pack_tensors
 from protocols.accel import FEATURES, Run, RunResult
 from protocols.health import Health
 from protocols.modelstore import (
@@ -458,7 +458,7 @@ class Scheduler(Service):
                 return None
             mapped, offset = found
             regions[mapped.name] = mapped.inode
-            descs.append(Tensor(dtype=array.dtype.name, shape=list(array.shape), name=name, region=mapped.name,
+            descs.append(Tensor(dtype=dtype_name(array.dtype), shape=list(array.shape), name=name, region=mapped.name,
                                 offset=offset))
         run = Run(model=job.model, version=job.version, inputs=descs, regions=regions)
         if job.out is not None:

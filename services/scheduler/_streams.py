@@ -25,11 +25,11 @@ from typing import Sequence
 import anyio
 import numpy as np
 
-from protocols import Tensor
+from protocols import Tensor, dtype_name
 from protocols.modelstore import Manifest, TensorSpec, check_tensors
 from services import BadMessage, Forbidden, Overloaded, UnknownDestination
 
-from ._contract import Plan, dtype_name
+from ._contract import Plan
 
 __all__ = ["Stream", "Streams"]
 
