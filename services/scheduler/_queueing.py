@@ -30,9 +30,10 @@ _seq = itertools.count()
 
 
 class Job:
-    """One request waiting for its batch; ``done`` is set with ``result`` or ``error``."""
+    """One request waiting for its batch; ``set_done()`` once ``result`` or ``error`` is
+    there, which ``wait_done()`` waits for."""
 
-    __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "result", "error",
+    __slots__ = ("model", "version", "inputs", "priority", "deadline", "seq", "done", "_done", "result", "error",
                  "enqueued", "cancelled", "outputs", "plan", "variant", "rows", "pin", "want", "owner", "out")
 
     def __init__(self, model: str, version: str, inputs: dict[str, np.ndarray], priority: int, deadline: float,
@@ -52,7 +53,10 @@ class Job:
         self.out: tuple[str, int] | None = None
         #: deadline: wall-clock seconds (the bus header's), 0 for none
         self.priority, self.deadline, self.seq = priority, deadline, next(_seq)
-        self.done = anyio.Event()
+        self.done = False
+        #: made by the first wait_done() before done: a job taken to a driver by its own
+        #: caller (the idle path) is never waited for, and an Event costs microseconds
+        self._done: anyio.Event | None = None
         self.result: InferResult | None = None
         self.error: RemoteError | None = None
         self.enqueued = time.monotonic()
@@ -64,9 +68,20 @@ class Job:
     def key(self) -> tuple[int, float, int]:
         return (self.priority, self.deadline or math.inf, self.seq)
 
+    def set_done(self) -> None:
+        self.done = True
+        if self._done is not None:
+            self._done.set()
+
+    async def wait_done(self) -> None:
+        if not self.done:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
+
     def fail(self, error: RemoteError) -> None:
         self.error = error
-        self.done.set()
+        self.set_done()
 
 
 class ModelQueue:

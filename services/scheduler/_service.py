@@ -272,7 +272,7 @@ class Scheduler(Service):
         else:
             queue.admit(job)
             try:
-                await job.done.wait()
+                await job.wait_done()
             finally:
                 job.cancelled = True  # if we were cancelled (deadline), the batcher skips it
         if job.error is not None:
@@ -378,7 +378,7 @@ class Scheduler(Service):
             job.result = InferResult(model=model, version=version, variant=variant, outputs=[], level=level,
                                      driver=driver, batch=len(batch), queue_ms=(started - job.enqueued) * 1e3,
                                      compute_ms=compute_ms, total_ms=(now - job.enqueued) * 1e3)
-            job.done.set()
+            job.set_done()
         queue.batches += 1
         queue.batched += len(batch)
         queue.served += len(batch) - undefined_for
