@@ -123,29 +123,23 @@ class Sessions(RouterCore):
             "peer_connected", service=name, pid=hello.pid, types=sorted(peer.types))
 
     def _sessionless(self, identity: bytes, hdr: Header) -> None:
-        """A message other than Hello on a connection without a session.  If the kernel
-        ended one there lately, it answers ``unauthenticated`` saying why (the peer learns
-        that its session is over and may say Hello again), as it does to a Heartbeat on a
-        connection it never knew (a kernel started again); else ``bad-message``.  Either is
-        logged at the 1st, 10th, 100th... of the connection (see Summary)."""
+        """A message other than Hello on a connection without a session: answered
+        ``unauthenticated`` (unread), saying why when the kernel ended a session there
+        lately (the peer learns that its session is over and may say Hello again).  On a
+        connection it never knew, the peer skipped its Hello, or had a session with a kernel
+        that has started again since (with fresh credentials: 5.1); either way the answer
+        tells it to say Hello.  Logged at the 1st, 10th, 100th... of the connection (see
+        Summary)."""
         why = self._ended.get(identity)
-        if why is None and hdr.type == "Heartbeat" and hdr.kind == CONTROL:
-            # only a peer that had a session beats: this kernel does not know it, so it
-            # started after that session began (a restart, with new credentials: 5.1)
-            self.answer(identity, hdr, _ended("this kernel has no session on this connection (it started again)"))
-            return
-        if why is None:
-            self._malformed += 1
-            self._reject(identity, hdr, ErrorCode.BAD_MESSAGE,
-                         "this peer has not said Hello; send Hello before anything else")
-            return
-        self._ended.move_to_end(identity)
+        if why is not None:
+            self._ended.move_to_end(identity)
         count = self._rejections.count(identity)
         if count:
-            log.info("message_after_session_end", connection=identity.hex(), reason=why, type=hdr.type,
+            log.info("message_after_session_end" if why else "message_without_session",
+                     connection=identity.hex(), reason=why or "no Hello on this connection", type=hdr.type,
                      count=count, total=self._rejections.total)
         if hdr.kind != ERROR:  # errors are never answered
-            self.answer(identity, hdr, _ended(why))
+            self.answer(identity, hdr, _ended(why) if why is not None else _NO_SESSION)
 
     def _curve_user_id(self) -> str:
         return self._user_id or ""
@@ -228,6 +222,12 @@ class Sessions(RouterCore):
         peer = self._by_name.get(name)
         if peer is not None:
             self.disconnect(peer, why)
+
+
+#: The answer to a message on a connection this kernel never had a session on.
+_NO_SESSION = Error(code=ErrorCode.UNAUTHENTICATED, message=(
+    "this connection has no session with this kernel: it never said Hello, or its kernel started again "
+    "since; say Hello (with the credential the kernel wrote, 5.1) to start one"))
 
 
 def _ended(why: str) -> Error:

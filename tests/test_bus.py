@@ -173,12 +173,15 @@ def test_malformed_frames_are_answered_and_the_kernel_keeps_running(system: Syst
         ([b"EB\x09\x00", b"\x80", b"\x80"], "major version 9"),
         ([SIGNATURE, b"\xc1\xc1", b"\x80"], "header does not decode"),
         ([SIGNATURE, msgspec.msgpack.encode({"k": 99, "t": "X"}), b"\x80"], "header does not decode"),
-        ([SIGNATURE, msgspec.msgpack.encode({"k": 1, "t": "Greet", "d": "greeter"}), b"\x80"], "Hello"),
     ]
     for frames, expected in cases:
         peer.send_frames(frames)
         err = peer.recv_error()
         assert err.code == ErrorCode.BAD_MESSAGE and expected in err.message, (frames, err)
+    # well formed, but before any Hello: refused unread, as a session the kernel does not know
+    peer.send_frames([SIGNATURE, msgspec.msgpack.encode({"k": 1, "t": "Greet", "d": "greeter"}), b"\x80"])
+    err = peer.recv_error()
+    assert err.code == ErrorCode.UNAUTHENTICATED and "say Hello" in err.message, err
     peer.hello("client", system.credential("client"))
     peer.send(Header(kind=Kind.REQUEST, type="Greet", dest="greeter", id=8, deadline=float("nan")), Greet(who="x"))
     err = peer.recv_error()

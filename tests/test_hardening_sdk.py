@@ -140,11 +140,13 @@ async def test_the_next_message_after_a_session_ended_is_told_why(make_system, r
     peer.send(Header(kind=Kind.REQUEST, type="Add", dest="greeter", id=6), Add(a=2, b=2))
     header, body, _ = peer.recv()
     assert header.id == 6 and msgspec.msgpack.decode(body, type=Sum).value == 4
-    # a connection that never had a session is still told to say Hello first
+    # a connection that never had a session is told to say Hello first (unread: as a
+    # client whose kernel started again is)
     stranger = raw_peer(system.endpoint)
     stranger.send(Header(kind=Kind.REQUEST, type="Add", dest="greeter", id=1), Add(a=1, b=1))
     err = stranger.recv_error()
-    assert err.code == ErrorCode.BAD_MESSAGE and "has not said Hello" in err.message
+    assert err.code == ErrorCode.UNAUTHENTICATED and "no session with this kernel" in err.message
+    assert "say Hello" in err.message
 
 
 async def test_a_client_whose_session_was_ended_reconnects_and_resubscribes(make_system) -> None:
