@@ -49,6 +49,7 @@ static size_t (*z_msg_size)(const zmq_msg_t *);
 static int (*z_msg_more)(const zmq_msg_t *);
 static int (*z_msg_close)(zmq_msg_t *);
 static int (*z_msg_copy)(zmq_msg_t *, zmq_msg_t *);
+static int (*z_msg_move)(zmq_msg_t *, zmq_msg_t *);
 static const char *(*z_msg_gets)(const zmq_msg_t *, const char *);
 static int (*z_errno)(void);
 static void (*z_version)(int *, int *, int *);
@@ -222,7 +223,8 @@ static PyObject *recv_message(void *handle, int flags, Py_ssize_t small, PyObjec
         } else {
             MsgObject *m = PyObject_New(MsgObject, &MsgType);
             if (m != NULL) {
-                memcpy(&m->msg, &msg, sizeof msg); /* (a zmq_msg_t may be moved as bytes) */
+                z_msg_init(&m->msg);
+                z_msg_move(&m->msg, &msg); /* (leaves ``msg`` empty: nothing to close) */
                 m->more = more;
             } else {
                 z_msg_close(&msg);
@@ -441,6 +443,7 @@ static PyObject *native_load(PyObject *module, PyObject *args) {
     LOOKUP(z_msg_more, "zmq_msg_more");
     LOOKUP(z_msg_close, "zmq_msg_close");
     LOOKUP(z_msg_copy, "zmq_msg_copy");
+    LOOKUP(z_msg_move, "zmq_msg_move");
     LOOKUP(z_msg_gets, "zmq_msg_gets");
     LOOKUP(z_errno, "zmq_errno");
     Py_XSETREF(error_factory, Py_NewRef(error));
