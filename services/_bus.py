@@ -481,6 +481,8 @@ class BusClient:
             slot.done = True
             calls.pop(header.id, None)
         if slot.error is not None:
+            if self.closed:  # closed by the cancellation of a scope this caller is in: that is its outcome
+                await anyio.lowlevel.checkpoint_if_cancelled()
             raise slot.error
         if slot.value is None:
             waiting = "" if self._up.is_set() else f" (reconnecting to the kernel: {self._ending or 'not connected'})"
@@ -522,7 +524,8 @@ class BusClient:
             # The connection is closing: no call may wait for a deadline nobody watches.
             self._reaper_wake = None
             for entry in [*queue, *(e[2] for e in early)]:
-                if isinstance(entry, _Slot) and not entry.done and entry.error is None:
+                # (a call answered a moment ago keeps its answer: its caller has yet to run)
+                if isinstance(entry, _Slot) and not entry.done and entry.error is None and entry.value is None:
                     entry.error = ConnectionLost("the connection is closed")
                     entry.wake.set()
             queue.clear()
