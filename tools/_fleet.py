@@ -184,36 +184,23 @@ def _device_rows(ctx: Ctx) -> list[dict[str, Any]]:
     now = time.time()
     out = []
     for row in ctx.state.devices():
-        report = None
-        if row.reported:
-            try:
-                report = fleet.decode(row.reported, ReportedState)
-            except fleet.FleetError:
-                report = None
+        report = row.decoded("reported", ReportedState)
         requested: list[str] = []
         attested = "no"
-        if row.enrol:
-            try:
-                enrol = fleet.decode(row.enrol, fleet.Enrolment)
-                requested = list(enrol.groups)  # type: ignore[union-attr]
-                if enrol.attestation is not None:  # type: ignore[union-attr]
-                    attested = "valid" if _attestation_ok(enrol) else "INVALID"
-            except fleet.FleetError:
-                pass
+        enrol = row.decoded("enrol", fleet.Enrolment)
+        if enrol is not None:
+            requested = list(enrol.groups)
+            if enrol.attestation is not None:
+                attested = "valid" if _attestation_ok(enrol) else "INVALID"
         item: dict[str, Any] = {"device": row.id, "groups": row.groups, "requested_groups": requested,
                                 "enrolled": row.enrolled_at is not None, "public_key": row.pubkey,
                                 "attestation": attested, "last_seen": row.last_seen,
                                 "last_seen_ago": _ago(row.last_seen, now)}
-        presence = None
-        if row.presence:
-            try:
-                presence = fleet.decode(row.presence, fleet.Presence)
-            except fleet.FleetError:
-                presence = None
+        presence = row.decoded("presence", fleet.Presence)
         # online: as its presence topic (its MQTT will) says; null: it never published one
-        item.update(online=presence.online if isinstance(presence, fleet.Presence) else None,
+        item.update(online=presence.online if presence is not None else None,
                     presence_changed=row.presence_at if presence is not None else None)
-        if isinstance(report, ReportedState):
+        if report is not None:
             item.update(reported=report.time, reported_ago=_ago(report.time, now),
                         applied_version=report.applied_version,
                         models={m.name: m.active for m in report.models},

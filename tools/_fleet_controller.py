@@ -101,18 +101,12 @@ class Controller:
         #: (deployment, device) -> the (version, state, reason) last written to its progress row
         self._recorded: dict[tuple[int, str], tuple[int, str, str]] = {}
         for row in state.devices():
-            if row.reported:
-                try:
-                    self.reports[row.id] = fleet.decode(row.reported, ReportedState)  # type: ignore[assignment]
-                except fleet.FleetError:
-                    pass
-            if row.presence:
-                try:
-                    found = fleet.decode(row.presence, Presence)
-                    assert isinstance(found, Presence)
-                    self.presence[row.id] = (found, row.presence_at or 0.0)
-                except fleet.FleetError:
-                    pass
+            report = row.decoded("reported", ReportedState)
+            if report is not None:
+                self.reports[row.id] = report
+            found = row.decoded("presence", Presence)
+            if found is not None:
+                self.presence[row.id] = (found, row.presence_at or 0.0)
 
     # -- what the broker delivered ---------------------------------------------------------------
 

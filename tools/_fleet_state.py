@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import msgspec
 
+from protocols import fleet
+
 from ._fleet_rollout import Policy
 
 __all__ = ["State", "StateError", "Deployment", "Progress", "DeviceRow"]
@@ -109,6 +111,17 @@ class DeviceRow(msgspec.Struct):
     presence: bytes | None = None
     presence_at: float | None = None
     groups: list[str] = []
+
+    def decoded(self, field: str, kind: type) -> Any:
+        """The message stored in ``field`` (enrol, reported, presence) as a ``kind``, or None
+        (none stored, or it does not decode: a row written by another version)."""
+        payload = getattr(self, field)
+        if not payload:
+            return None
+        try:
+            return fleet.decode(payload, kind)
+        except fleet.FleetError:
+            return None
 
 
 _DEPLOYMENT_COLUMNS = ("id, grp, artifact, config, policy, state, reason, created_at, updated_at, wave, "
