@@ -39,12 +39,7 @@ _send = zmq.backend.Socket.send
 
 
 def _recv_frames(sock: zmq.Socket, flags: int = 0, small: int = 4) -> list[Any]:
-    frame = sock.recv(flags, copy=False)
-    parts: list[Any] = [frame.bytes]
-    while frame.more:
-        frame = sock.recv(0, copy=False)
-        parts.append(frame.bytes if len(parts) < small else frame)
-    return parts
+    return _recv_user(sock, flags, small, user=False)[0]
 
 
 def _send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
@@ -58,13 +53,14 @@ def _send_frames(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None
     _send(sock, parts[last], 0)
 
 
-def _recv_user(sock: zmq.Socket, flags: int = 0, small: int = 4) -> tuple[list[Any], str | None]:
+def _recv_user(sock: zmq.Socket, flags: int = 0, small: int = 4,
+               user: bool = True) -> tuple[list[Any], str | None]:
     frame = sock.recv(flags, copy=False)
     parts: list[Any] = [frame.bytes]
     user_id = None
     while frame.more:
         frame = sock.recv(0, copy=False)
-        if len(parts) == 1:
+        if user and len(parts) == 1:
             try:
                 user_id = frame.get("User-Id")
             except zmq.ZMQError:  # no such property: not a ZAP-authenticated connection
