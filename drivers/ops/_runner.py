@@ -74,13 +74,19 @@ class ModelRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         #: seconds its last run took (pre ops, model, post ops; 0 before the first)
         self.last_s = 0.0
-        #: the CPU seconds of a run, the median of the last five: what running it on an event
-        #: loop holds the loop for (unlike ``last_s``, not inflated by waits for the GIL in a
-        #: worker thread beside a busy loop, nor moved by one slow run: a collection, a fault)
-        self.cpu_s = 0.0
+        #: this thread's CPU seconds in each of the last five runs (see ``cpu_s``)
         self._cpu_runs: deque[float] = deque(maxlen=5)
         #: the manifest's chains (None without ops: numba stays unimported)
         self.chains: Any = build_chains(manifest, dict(assets)) if (manifest.pre or manifest.post) else None
+
+    @property
+    def cpu_s(self) -> float:
+        """The CPU seconds of a run, the median of the last five (0 before the first): what
+        running it on an event loop holds the loop for (unlike ``last_s``, not inflated by
+        waits for the GIL in a worker thread beside a busy loop, nor moved by one slow run:
+        a collection, a fault)."""
+        runs = self._cpu_runs
+        return sorted(runs)[len(runs) // 2] if runs else 0.0
 
     @property
     def quick(self) -> bool:
@@ -122,9 +128,7 @@ class ModelRunner:
             got[FEATURES] = feed[self.input_names[0]]
         t3 = time.perf_counter()
         self.last_s = t3 - t0
-        runs = self._cpu_runs
-        runs.append(time.thread_time() - c0)
-        self.cpu_s = sorted(runs)[len(runs) // 2]
+        self._cpu_runs.append(time.thread_time() - c0)
         if outputs:
             unknown = [n for n in outputs if n not in got]
             if unknown:
