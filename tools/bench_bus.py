@@ -413,10 +413,10 @@ def sdk_run(setup: str, bus_ep: str, creds: Path, args: argparse.Namespace, tmp:
         server.wait()
 
 
-def _ratio(series: dict[str, list[float]], setup: str) -> float:
-    """The median over runs of ``setup`` / raw, each run against the raw figure of the same
+def _ratio(series: dict[str, list[float]], setup: str, base: str = "raw") -> float:
+    """The median over runs of ``setup`` / ``base``, each run against the figure of the same
     run (the machine's speed drifts between runs more than set-ups differ within one)."""
-    return statistics.median(x / r for x, r in zip(series[setup], series["raw"]))
+    return statistics.median(x / r for x, r in zip(series[setup], series[base]))
 
 
 def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str]) -> dict[str, Any]:
@@ -441,10 +441,10 @@ def sdk_summary(results: dict[str, dict[str, list[float]]], sdk_setups: list[str
         print(f"{setup:<18} {med['rtt_us']:>9.1f} {med['rtt_ratio']:>7.2f} {med['rtt_p99_us']:>9.1f} "
               f"{med['pipelined_rps']:>12.0f} {100 * med['pipelined_share']:>6.1f}%")
     for backend in ("", "old-"):
-        a, t = out.get(f"{backend}sdk-asyncio"), out.get(f"{backend}sdk-trio")
-        if a and t:
-            rtt = statistics.median(x / y for x, y in zip(t["runs"]["rtt_us"], a["runs"]["rtt_us"]))
-            pipe = statistics.median(y / x for x, y in zip(t["runs"]["pipelined_rps"], a["runs"]["pipelined_rps"]))
+        asyncio_, trio_ = f"{backend}sdk-asyncio", f"{backend}sdk-trio"
+        if asyncio_ in out and trio_ in out:
+            rtt = _ratio(results["rtt_us"], trio_, asyncio_)
+            pipe = _ratio(results["pipelined_rps"], asyncio_, trio_)
             out[f"{backend}trio_vs_asyncio"] = {"rtt": rtt, "pipelined": pipe}
             print(f"{backend}trio / asyncio: round trip {rtt:.2f}x, pipelined {pipe:.2f}x slower")
     return out

@@ -24,6 +24,7 @@ from services import BadMessage
 
 __all__ = ["Plan", "contract", "all_finite"]
 
+
 def all_finite(a: np.ndarray) -> bool:
     """No NaN and no infinity in ``a``; for a large ``a`` without the temporary
     ``np.isfinite(a)`` would allocate (a pass of min and max: NaN propagates through both,
