@@ -208,6 +208,19 @@ def test_every_option_has_help_and_the_help_tells_the_exit_codes() -> None:
         assert "==SUPPRESS==" not in proc.stdout, name
 
 
+def test_a_key_that_begins_with_a_dash_is_a_key_not_an_option(tmp_path: Path) -> None:
+    """Z85 has "-" among its characters: one key in 85 begins with it (the random keys of
+    test_revocation met it).  busctl takes it as the KEY of security enroll; anything else
+    unknown stays a usage error (exit 2)."""
+    key = "-!MRtMdmC[-.PaRxpV1X41Nqw6<9QSqxL0^y5YH!"
+    gone = str(tmp_path / "not-running")
+    enroll = busctl("security", "enroll", "remote", key, "--run-dir", gone)
+    assert enroll.returncode == 3 and "is not running" in enroll.stderr, enroll.stderr  # parsed: it went to connect
+    for argv in (("security", "enroll", "remote", "-short"), ("list", key), ("security", "enroll", "a", "b", "c")):
+        proc = busctl(*argv, "--run-dir", gone)
+        assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr, (argv, proc.stderr)
+
+
 def test_json_holds_what_the_human_view_shows(system: System) -> None:
     run = ("--run-dir", str(system.run_dir))
     # call: the reply itself, as the human view prints it, not an envelope

@@ -474,7 +474,13 @@ def _failure(exc: BaseException, command: str) -> tuple[int, str] | None:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if (extras and args.command == "security" and args.action == "enroll" and args.public_key is None
+            and len(extras) == 1 and len(extras[0]) == 40):
+        # A Z85 key may begin with "-", which argparse takes for an unknown option
+        args.public_key = extras.pop()
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:  # as systemctl: no verb lists
         args.command, args.func, args.verb_deadline = "list", cmd_list, DEADLINE
     if args.command == "completion":
